@@ -1,0 +1,1 @@
+"""Command-line interface: one click group whose subcommands are imported lazily."""

@@ -1,0 +1,74 @@
+"""The ``covspec`` click group.
+
+Subcommands are registered by dotted path and imported only when invoked, so
+``covspec device --help`` never imports torch or transformers. A subcommand whose
+implementation has not landed yet says so and exits with status 2; it never pretends.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from covspec import __version__
+
+# name -> ("module:attribute", one-line help shown by `covspec --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("covspec.cli.export_cmd:export", "Export a draft VLM to quantized ONNX device artifacts."),
+    "device": ("covspec.cli.device_cmd:device", "Device side: run the draft and co-infer with an edge."),
+    "edge": ("covspec.cli.edge_cmd:edge", "Edge side: serve a target VLM for verification."),
+    "demo": ("covspec.cli.demo_cmd:demo", "Run the toy end-to-end demo on bundled sample images."),
+    "bench": ("covspec.cli.bench_cmd:bench", "Measure scenarios side by side and write BENCHMARKS.md."),
+    "toy": ("covspec.cli.toy_cmd:toy", "The ShapesVQA toy world: build and evaluate toy models."),
+    "keys": ("covspec.cli.keys_cmd:keys", "Make CurveZMQ key pairs for an edge and its devices."),
+    "link": ("covspec.cli.link_cmd:link", "Emulate a network link (delay, bandwidth) between device and edge."),
+}
+
+
+def _not_built(name: str, help_text: str) -> click.Command:
+    @click.command(name=name, help=f"{help_text}\n\nNot built yet.",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command() -> None:
+        raise click.UsageError(f"`covspec {name}` is not built yet in this version of covspec.")
+
+    return command
+
+
+class LazyGroup(click.Group):
+    """A click group that imports each subcommand's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        target, help_text = SUBCOMMANDS[name]
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return _not_built(name, help_text)
+            raise
+        return getattr(module, attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing uses the static help so that `covspec --help` imports no subcommand.
+        rows = [(name, SUBCOMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="covspec")
+def cli() -> None:
+    """covspec: run a vision-language model on a phone with an edge GPU's help.
+
+    A small draft VLM (quantized ONNX, onnxruntime) drafts tokens on the device; a
+    large target VLM (PyTorch) on the edge verifies them. The output is exactly the
+    target's own output, with far less compute on the edge and tiny messages.
+
+    Start with `covspec demo`, or see `covspec COMMAND --help`.
+    """
