@@ -1,0 +1,330 @@
+"""Protocol v1: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
+
+A message is a list of frames. Frame 0 is a UTF-8 JSON header::
+
+    {"v": 1, "type": "verify", "session": "...", "seq": 3, <scalar fields>,
+     "arrays": [{"name": "tokens", "dtype": "int32", "shape": [4]}, ...]}
+
+and each array listed in ``arrays`` follows as its own raw little-endian frame, in
+that order. Positions count generated tokens only (0 = the first generated token).
+
+``decode`` validates everything (JSON, version, type, every field's presence and
+type, each array's dtype, rank and byte length, size limits, frame count) and raises
+one typed error, ``ProtocolError``, whose ``code`` names the class of problem and
+whose message names the field. Nothing is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_SESSION_ID = 64
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted. ``code`` is a stable machine-readable label."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size bounds enforced while decoding (before any array is materialized)."""
+
+    max_header_bytes: int = 64 * 1024
+    max_array_bytes: int = 32 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+def array_field(dtype: str, ndim: int, optional: bool = False):
+    """A dataclass field holding an ndarray of a fixed dtype and rank."""
+    meta = {"array": True, "dtype": dtype, "ndim": ndim}
+    if optional:
+        return field(default=None, metadata=meta)
+    return field(metadata=meta)
+
+
+@dataclass(kw_only=True)
+class Message:
+    """Base of every wire message: ``session`` names the session, ``seq`` the round."""
+
+    TYPE: ClassVar[str] = ""
+    session: str
+    seq: int
+
+    def check(self) -> None:
+        """Cross-field checks beyond types; raises ProtocolError. Overridden per message."""
+
+
+@dataclass(kw_only=True)
+class Open(Message):
+    """Device -> edge: start (or reopen) a session.
+
+    ``committed`` holds every token already committed, so a restarted edge can
+    rebuild the exact state; it is empty on a first open. ``temperature`` 0 means
+    greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
+    ``speculative`` (the device drafts) or ``target_only`` (the edge generates and
+    streams). ``wire`` is ``compact`` (ids + sparse q) or ``dense`` (full q and p).
+    """
+
+    TYPE: ClassVar[str] = "open"
+    prompt: str = ""
+    image: np.ndarray = array_field("uint8", 1)
+    max_new_tokens: int = 64
+    vocab_hash: str = ""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    mode: str = "speculative"
+    wire: str = "compact"
+    committed: np.ndarray = array_field("int32", 1)
+
+    def check(self) -> None:
+        _require(self.max_new_tokens >= 1, "bad_field", "max_new_tokens must be >= 1")
+        _require(self.temperature >= 0.0, "bad_field", "temperature must be >= 0")
+        _require(self.top_k >= 0, "bad_field", "top_k must be >= 0")
+        _require(0.0 < self.top_p <= 1.0, "bad_field", "top_p must be in (0, 1]")
+        _require(self.mode in ("speculative", "target_only"), "bad_field",
+                 "mode must be 'speculative' or 'target_only'")
+        _require(self.wire in ("compact", "dense"), "bad_field", "wire must be 'compact' or 'dense'")
+        _require(self.image.size > 0, "bad_field", "image is empty")
+
+
+@dataclass(kw_only=True)
+class Opened(Message):
+    """Edge -> device: the session is ready; ``token`` is the next generated token
+    (the first one on a fresh open) at position ``position``; ``done`` when the
+    edge stopped (EOS or max_new_tokens)."""
+
+    TYPE: ClassVar[str] = "opened"
+    token: int = -1
+    position: int = 0
+    done: bool = False
+    prefill_ms: float = 0.0
+    context_len: int = 0
+
+
+@dataclass(kw_only=True)
+class Verify(Message):
+    """Device -> edge: a draft chunk starting at generated position ``start``.
+
+    ``assumed`` is the token the device assumed at ``start - 1`` (-1: none, the
+    chunk follows the last verdict). Sampling mode sends the draft's proposal as a
+    sparse distribution per position (``q_ids``, ``q_probs``: [n, k], the draft
+    sampled from exactly this truncated distribution); the dense wire sends the
+    full distribution ``q_dense`` [n, V] instead. Greedy mode sends ids only.
+    """
+
+    TYPE: ClassVar[str] = "verify"
+    start: int = 0
+    assumed: int = -1
+    tokens: np.ndarray = array_field("int32", 1)
+    q_ids: np.ndarray | None = array_field("int32", 2, optional=True)
+    q_probs: np.ndarray | None = array_field("float16", 2, optional=True)
+    q_dense: np.ndarray | None = array_field("float16", 2, optional=True)
+
+    def check(self) -> None:
+        n = self.tokens.shape[0]
+        _require(n >= 1, "bad_field", "tokens is empty")
+        _require(self.start >= 0, "bad_field", "start must be >= 0")
+        _require((self.q_ids is None) == (self.q_probs is None), "bad_field",
+                 "q_ids and q_probs come together")
+        if self.q_ids is not None:
+            _require(self.q_ids.shape == self.q_probs.shape and self.q_ids.shape[0] == n,
+                     "bad_field", f"q_ids/q_probs must both be [{n}, k]")
+        if self.q_dense is not None:
+            _require(self.q_dense.shape[0] == n, "bad_field", f"q_dense must be [{n}, V]")
+
+
+@dataclass(kw_only=True)
+class Result(Message):
+    """Edge -> device: the verdict on the chunk that started at ``start``.
+
+    ``status`` is ``ok`` or ``stale`` (the chunk's start/assumed token did not match
+    the committed sequence; nothing was committed). On ``ok``, ``accepted`` draft
+    tokens were kept and ``token`` is the correction (first rejection) or the bonus
+    (all accepted); -1 when the edge stopped before it. ``done`` means generation
+    ended (EOS committed or max_new_tokens reached). ``verify_ms`` is the edge's
+    compute time. The dense wire returns the target distribution ``p_dense`` [V] at
+    the correction position instead of a sampled correction (``token`` = -1).
+    In target-only mode each generated token arrives as a Result with
+    ``accepted`` = 0.
+    """
+
+    TYPE: ClassVar[str] = "result"
+    start: int = 0
+    status: str = "ok"
+    accepted: int = 0
+    token: int = -1
+    done: bool = False
+    verify_ms: float = 0.0
+    p_dense: np.ndarray | None = array_field("float16", 1, optional=True)
+
+    def check(self) -> None:
+        _require(self.status in ("ok", "stale"), "bad_field", "status must be 'ok' or 'stale'")
+        _require(self.accepted >= 0, "bad_field", "accepted must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Close(Message):
+    """Device -> edge: the session is over; the edge frees its state. No reply."""
+
+    TYPE: ClassVar[str] = "close"
+
+
+@dataclass(kw_only=True)
+class Error(Message):
+    """Edge -> device: a request could not be served. ``code`` is machine-readable,
+    ``message`` a sentence for a person."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str = ""
+    message: str = ""
+
+
+@dataclass(kw_only=True)
+class Ping(Message):
+    """Device -> edge: liveness probe."""
+
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(kw_only=True)
+class Pong(Message):
+    """Edge -> device: answer to a ping, with the number of live sessions."""
+
+    TYPE: ClassVar[str] = "pong"
+    sessions: int = 0
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Open, Opened, Verify, Result, Close, Error, Ping, Pong)}
+
+_SCALAR_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+# Field annotations are strings (postponed evaluation); scalar fields use these names.
+_TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _require(condition: bool, code: str, message: str) -> None:
+    if not condition:
+        raise ProtocolError(code, message)
+
+
+def _fields(cls: type[Message]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name not in ("session", "seq")]
+
+
+def encode(message: Message) -> list[bytes]:
+    """The frames of ``message``: JSON header, then one raw little-endian frame per array."""
+    message.check()
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": message.TYPE,
+                              "session": message.session, "seq": int(message.seq)}
+    arrays: list[dict[str, Any]] = []
+    frames: list[bytes] = []
+    for f in _fields(type(message)):
+        value = getattr(message, f.name)
+        if f.metadata.get("array"):
+            if value is None:
+                continue
+            array = np.ascontiguousarray(value, dtype=np.dtype(f.metadata["dtype"]).newbyteorder("<"))
+            if array.ndim != f.metadata["ndim"]:
+                raise ProtocolError("bad_array", f"{f.name} must have {f.metadata['ndim']} dimensions")
+            arrays.append({"name": f.name, "dtype": f.metadata["dtype"], "shape": list(array.shape)})
+            frames.append(array.tobytes())
+        else:
+            header[f.name] = value
+    header["arrays"] = arrays
+    return [json.dumps(header, separators=(",", ":")).encode("utf-8")] + frames
+
+
+def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
+    """Validate ``frames`` and build the message; raise ProtocolError on any problem."""
+    _require(len(frames) >= 1, "missing_frames", "a message needs at least a header frame")
+    total = sum(len(f) for f in frames)
+    _require(total <= limits.max_message_bytes, "too_large",
+             f"message is {total} bytes; the limit is {limits.max_message_bytes}")
+    raw = bytes(frames[0])
+    _require(len(raw) <= limits.max_header_bytes, "too_large",
+             f"header is {len(raw)} bytes; the limit is {limits.max_header_bytes}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("bad_json", f"header frame is not UTF-8 JSON ({exc})") from None
+    _require(isinstance(header, dict), "bad_json", "header must be a JSON object")
+    _require(header.get("v") == PROTOCOL_VERSION, "bad_version",
+             f"protocol version {header.get('v')!r} is not supported; this side speaks v{PROTOCOL_VERSION}")
+    kind = header.get("type")
+    _require(kind in MESSAGE_TYPES, "unknown_type",
+             f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
+    cls = MESSAGE_TYPES[kind]
+    values: dict[str, Any] = {
+        "session": _scalar(header, "session", str),
+        "seq": _scalar(header, "seq", int)}
+    _require(len(values["session"]) <= MAX_SESSION_ID, "bad_field",
+             f"session id is longer than {MAX_SESSION_ID} characters")
+    declared = _array_specs(header, cls)
+    _require(len(frames) - 1 == len(declared), "extra_frames" if len(frames) - 1 > len(declared)
+             else "missing_frames", f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
+    for f in _fields(cls):
+        if f.metadata.get("array"):
+            continue
+        values[f.name] = _scalar(header, f.name, _TYPE_NAMES[f.type])
+    for (name, spec), frame in zip(declared.items(), frames[1:]):
+        values[name] = _array(name, spec, bytes(frame), limits)
+    for f in _fields(cls):
+        if f.metadata.get("array") and f.default is dataclasses.MISSING and f.name not in values:
+            raise ProtocolError("missing_field", f"{kind} needs the array {f.name!r}")
+    message = cls(**values)
+    message.check()
+    return message
+
+
+def _scalar(header: dict, name: str, kind: type) -> Any:
+    _require(name in header, "missing_field", f"header needs the field {name!r}")
+    value = header[name]
+    ok = isinstance(value, _SCALAR_TYPES[kind]) and not (kind is not bool and isinstance(value, bool))
+    _require(ok, "bad_field", f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return float(value) if kind is float else value
+
+
+def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
+    specs = header.get("arrays", [])
+    _require(isinstance(specs, list), "bad_field", "'arrays' must be a list")
+    allowed = {f.name: f.metadata for f in _fields(cls) if f.metadata.get("array")}
+    declared: dict[str, dict] = {}
+    for spec in specs:
+        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), "bad_array",
+                 "each entry of 'arrays' needs a name")
+        name = spec["name"]
+        _require(name in allowed, "bad_array", f"{cls.TYPE} has no array {name!r}")
+        _require(name not in declared, "bad_array", f"array {name!r} is declared twice")
+        meta = allowed[name]
+        _require(spec.get("dtype") == meta["dtype"], "bad_array",
+                 f"array {name!r} must be {meta['dtype']}, declared {spec.get('dtype')!r}")
+        shape = spec.get("shape")
+        _require(isinstance(shape, list) and len(shape) == meta["ndim"]
+                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
+                 "bad_array", f"array {name!r} needs a shape of {meta['ndim']} non-negative ints")
+        declared[name] = {"dtype": meta["dtype"], "shape": shape}
+    return declared
+
+
+def _array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:
+    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+    expected = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+    _require(expected <= limits.max_array_bytes, "too_large",
+             f"array {name!r} declares {expected} bytes; the limit is {limits.max_array_bytes}")
+    _require(len(frame) == expected, "bad_array",
+             f"array {name!r} declares {spec['shape']} {spec['dtype']} = {expected} bytes "
+             f"but its frame has {len(frame)}")
+    return np.frombuffer(frame, dtype=dtype).reshape(spec["shape"]).astype(spec["dtype"])

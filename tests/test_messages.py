@@ -1,0 +1,127 @@
+"""Protocol v1 messages: round trips and a table of malformed inputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from covspec.protocol.messages import (
+    Close, Error, Limits, Open, Opened, Ping, Pong, ProtocolError, Result, Verify, decode, encode)
+
+EXAMPLES = [
+    Open(session="s1", seq=0, prompt="what color is the circle ?",
+         image=np.frombuffer(b"\x89PNG fake bytes", np.uint8), max_new_tokens=32, vocab_hash="ab" * 32,
+         temperature=0.7, top_k=20, top_p=0.9, seed=5, committed=np.array([7, 8], np.int32)),
+    Opened(session="s1", seq=0, token=12, position=0, done=False, prefill_ms=3.5, context_len=160),
+    Verify(session="s1", seq=1, start=1, tokens=np.array([4, 5, 6], np.int32)),
+    Verify(session="s1", seq=2, start=4, assumed=9, tokens=np.array([4, 5], np.int32),
+           q_ids=np.array([[4, 1], [5, 2]], np.int32), q_probs=np.array([[0.75, 0.25], [1, 0]], np.float16)),
+    Verify(session="s1", seq=3, start=4, tokens=np.array([4], np.int32),
+           q_dense=np.full((1, 10), 0.1, np.float16)),
+    Result(session="s1", seq=1, start=1, accepted=2, token=11, done=False, verify_ms=4.25),
+    Result(session="s1", seq=2, start=4, status="stale"),
+    Result(session="s1", seq=3, start=4, accepted=0, p_dense=np.full(10, 0.1, np.float16)),
+    Close(session="s1", seq=9),
+    Error(session="s1", seq=2, code="stale", message="chunk does not follow the committed tokens"),
+    Ping(session="", seq=0),
+    Pong(session="", seq=0, sessions=3),
+]
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, np.ndarray):
+            assert value.dtype == other.dtype and np.array_equal(value, other), name
+        else:
+            assert value == other, name
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
+def test_round_trip(message):
+    frames = encode(message)
+    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == 1
+    assert_same(message, decode(frames))
+
+
+def test_arrays_travel_raw_little_endian():
+    frames = encode(Verify(session="s", seq=0, start=0, tokens=np.array([1, 256], np.int32)))
+    assert frames[1] == b"\x01\x00\x00\x00\x00\x01\x00\x00"
+
+
+def good_verify_frames():
+    return encode(Verify(session="s", seq=1, start=0, tokens=np.array([1, 2], np.int32)))
+
+
+def with_header(frames, **changes):
+    header = json.loads(frames[0])
+    for key, value in changes.items():
+        if value is KeyError:
+            header.pop(key)
+        else:
+            header[key] = value
+    return [json.dumps(header).encode()] + frames[1:]
+
+
+MALFORMED = {
+    "not json": ([b"{not json"], "bad_json"),
+    "not utf8": ([b"\xff\xfe"], "bad_json"),
+    "json list": ([b"[1, 2]"], "bad_json"),
+    "no frames": ([], "missing_frames"),
+    "wrong version": (with_header(good_verify_frames(), v=2), "bad_version"),
+    "unknown type": (with_header(good_verify_frames(), type="explode"), "unknown_type"),
+    "missing seq": (with_header(good_verify_frames(), seq=KeyError), "missing_field"),
+    "missing start": (with_header(good_verify_frames(), start=KeyError), "missing_field"),
+    "string seq": (with_header(good_verify_frames(), seq="1"), "bad_field"),
+    "bool start": (with_header(good_verify_frames(), start=True), "bad_field"),
+    "long session": (with_header(good_verify_frames(), session="x" * 100), "bad_field"),
+    "missing array": (with_header(good_verify_frames()[:1], arrays=[]), "missing_field"),
+    "wrong dtype": (with_header(good_verify_frames(),
+                                arrays=[{"name": "tokens", "dtype": "int64", "shape": [1]}]), "bad_array"),
+    "shape vs bytes": (with_header(good_verify_frames(),
+                                   arrays=[{"name": "tokens", "dtype": "int32", "shape": [3]}]), "bad_array"),
+    "negative shape": (with_header(good_verify_frames(),
+                                   arrays=[{"name": "tokens", "dtype": "int32", "shape": [-2]}]), "bad_array"),
+    "wrong rank": (with_header(good_verify_frames(),
+                               arrays=[{"name": "tokens", "dtype": "int32", "shape": [1, 2]}]), "bad_array"),
+    "unknown array": (with_header(good_verify_frames(),
+                                  arrays=[{"name": "secret", "dtype": "int32", "shape": [2]}]), "bad_array"),
+    "huge declared shape": (with_header(good_verify_frames(),
+                                        arrays=[{"name": "tokens", "dtype": "int32", "shape": [1 << 40]}]),
+                            "too_large"),
+    "extra frame": (good_verify_frames() + [b"\x00" * 4], "extra_frames"),
+    "missing frame": (good_verify_frames()[:1], "missing_frames"),
+    "empty chunk": (with_header([good_verify_frames()[0], b""],
+                                arrays=[{"name": "tokens", "dtype": "int32", "shape": [0]}]), "bad_field"),
+    "q without probs": (with_header(good_verify_frames() + [b"\x00" * 8],
+                                    arrays=[{"name": "tokens", "dtype": "int32", "shape": [2]},
+                                            {"name": "q_ids", "dtype": "int32", "shape": [2, 1]}]),
+                        "bad_field"),
+    "bad top_p": (with_header(encode(EXAMPLES[0]), top_p=1.5), "bad_field"),
+    "bad mode": (with_header(encode(EXAMPLES[0]), mode="draft_only"), "bad_field"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_messages_are_rejected_with_a_named_error(name):
+    frames, code = MALFORMED[name]
+    with pytest.raises(ProtocolError) as info:
+        decode(frames, Limits(max_array_bytes=1 << 20))
+    assert info.value.code == code, info.value
+    assert str(info.value)
+
+
+def test_message_size_limit():
+    frames = encode(EXAMPLES[0])
+    with pytest.raises(ProtocolError, match="too_large"):
+        decode(frames, Limits(max_message_bytes=64))
+
+
+def test_mismatched_sparse_shapes_rejected():
+    frames = encode(Verify(session="s", seq=1, start=0, tokens=np.array([1, 2], np.int32),
+                           q_ids=np.zeros((2, 3), np.int32), q_probs=np.ones((2, 3), np.float16)))
+    header = json.loads(frames[0])
+    header["arrays"][1]["shape"] = [1, 6]
+    with pytest.raises(ProtocolError, match="q_ids/q_probs"):
+        decode([json.dumps(header).encode()] + frames[1:])
