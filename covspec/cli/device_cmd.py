@@ -1,0 +1,88 @@
+"""`covspec device run`: co-infer with an edge from a draft artifact. Never imports torch."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def device() -> None:
+    """Device side: the draft VLM in onnxruntime, verified by an edge server."""
+
+
+@device.command()
+@click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact folder written by `covspec export`.")
+@click.option("--edge", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ address of the edge.")
+@click.option("--image", "image_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Image file (PNG, JPEG).")
+@click.option("--prompt", required=True, help="The question about the image.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy (exactly the target's greedy output).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+@click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Tokens drafted per chunk.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="onnxruntime intra-op threads.")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds to wait for each edge reply before resending.")
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and statistics as JSON.")
+def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
+        temperature: float, top_k: int, top_p: float, seed: int, draft_len: int, threads: int,
+        timeout: float, retries: int, as_json: bool) -> None:
+    """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
+
+    The text is streamed as the edge commits it and equals the target model's own
+    output (greedy: token for token).
+    """
+    from covspec.protocol.manifest import ArtifactError
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
+    from covspec.runtime_device.engine import CoInference, GenerationSettings, GenerationStats
+    from covspec.runtime_device.preprocess import ImageError, load_image
+    from covspec.runtime_device.stream import TextStream
+
+    if not image_file.is_file():
+        raise click.BadParameter(f"{image_file} does not exist.", param_hint="--image")
+    image_bytes = image_file.read_bytes()
+    try:
+        load_image(image_bytes)
+        artifact = DraftArtifact.load(artifacts_dir, threads=threads)
+    except (ImageError, ArtifactError) as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, draft_len=draft_len)
+    client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries))
+    stats = GenerationStats()
+    stream = TextStream(artifact.decode_text)
+    try:
+        for tokens in CoInference(artifact, client).generate(image_bytes, prompt, settings, stats):
+            increment = stream.push(tokens)
+            if not as_json:
+                click.echo(increment, nl=False)
+                sys.stdout.flush()
+    except (EdgeUnreachable, EdgeError) as exc:
+        click.echo("", err=True)
+        click.echo(f"error: {exc}", err=True)
+        click.echo(f"committed so far ({len(stream.tokens)} tokens): {stream.text}", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+    if as_json:
+        report = {"answer": stream.text.strip(), "token_ids": stream.tokens, **stats.as_dict(),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        click.echo(json.dumps(report))
+    else:
+        click.echo("")
+        click.echo(f"[{stats.tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {stats.rounds} rounds, "
+                   f"mean accepted {stats.mean_accepted:.2f}, up {stats.bytes_up} B, down {stats.bytes_down} B, "
+                   f"first token {stats.ttft_s * 1000:.0f} ms]", err=True)

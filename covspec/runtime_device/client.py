@@ -1,0 +1,103 @@
+"""The device's connection to the edge: a ZeroMQ DEALER with timeouts and retries.
+
+``EdgeClient.request`` sends one message and waits for the reply with the same
+session and seq, resending the identical message (the edge answers a repeated seq
+idempotently) with exponential backoff. It raises ``EdgeUnreachable`` when no reply
+comes after every retry and ``EdgeError`` when the edge answers with an error.
+Replies to older rounds (duplicates from retries) are dropped. Every byte sent and
+received on the socket is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from covspec.protocol.messages import Error, Limits, Message, ProtocolError, decode, encode
+
+
+class EdgeUnreachable(ConnectionError):
+    """No reply from the edge after every retry."""
+
+
+class EdgeError(RuntimeError):
+    """The edge answered with an ``error`` message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"edge error {code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Per-attempt receive timeout, number of resends, and backoff between them."""
+
+    timeout_s: float = 5.0
+    retries: int = 3
+    backoff_s: float = 0.2
+
+
+@dataclass
+class CurveKeys:
+    """CurveZMQ keys of the device (its pair) and of the edge (its public key)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+class EdgeClient:
+    def __init__(self, address: str, policy: RetryPolicy = RetryPolicy(), curve: CurveKeys | None = None,
+                 context: zmq.Context | None = None):
+        self.address = address
+        self.policy = policy
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_secretkey = curve.secret
+            self.socket.curve_serverkey = curve.server_public
+        self.socket.connect(address)
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def send(self, message: Message) -> None:
+        frames = encode(message)
+        self.bytes_up += sum(len(f) for f in frames)
+        self.socket.send_multipart(frames, copy=False)
+
+    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
+        """The reply to (session, seq), or None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.socket.poll(int(left * 1000) + 1):
+                return None
+            frames = self.socket.recv_multipart()
+            self.bytes_down += sum(len(f) for f in frames)
+            try:
+                reply = decode(frames, Limits())
+            except ProtocolError:
+                continue                       # garbage on the wire: not our reply
+            if reply.session == session and reply.seq == seq:
+                return reply
+        return None
+
+    def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        """Send ``message`` and return its reply, resending on timeout."""
+        timeout = timeout_s or self.policy.timeout_s
+        for attempt in range(self.policy.retries + 1):
+            self.send(message)
+            reply = self.receive(message.session, message.seq, timeout)
+            if reply is not None:
+                if isinstance(reply, Error):
+                    raise EdgeError(reply.code, reply.message)
+                return reply
+            time.sleep(self.policy.backoff_s * (2 ** attempt))
+        raise EdgeUnreachable(f"no reply from the edge at {self.address} after "
+                              f"{self.policy.retries + 1} attempts of {timeout:.1f} s")
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
