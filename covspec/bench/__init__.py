@@ -1,0 +1,1 @@
+"""Benchmark harness: link emulation, scenarios, reports (DESIGN.md section 11)."""
