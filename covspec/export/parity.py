@@ -1,0 +1,133 @@
+"""The parity checks that are part of every export (stored in the manifest).
+
+- fp32: logits of the ONNX chain (vision -> embeddings -> decoder, the prompt run as
+  two chunks so the KV-cache path is exercised) against the PyTorch model on the
+  same input: ``max_abs_diff_logits <= FP32_LOGITS_BOUND`` else ``ParityError``;
+  the vision outputs and the scorer are compared too.
+- greedy: ``GREEDY_TOKENS`` tokens decoded through the fp32 graphs with the KV cache
+  (numpy) must equal PyTorch ``generate(do_sample=False)``, else ``ParityError``.
+- int8/int4: top-1 agreement of the quantized chain with fp32, teacher-forced over at
+  least ``AGREEMENT_POSITIONS`` text positions (the prompt's text after the image and
+  an fp32 greedy continuation).
+
+The sample input is a ShapesVQA image and question when the toy world is available
+and the model is a toy model, otherwise a fixed random image and a fixed question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from covspec.export.errors import ParityError
+from covspec.export.onnx_run import OnnxVLM, session
+from covspec.export.scorer import TokenScorer
+
+FP32_LOGITS_BOUND = 1e-4
+GREEDY_TOKENS = 16
+AGREEMENT_POSITIONS = 64
+DEFAULT_QUESTION = "what color is the circle ?"
+SAMPLE_SEED = 0
+
+
+@dataclass
+class Sample:
+    """One prompt for parity: ``input_ids [1,T]`` (image tokens expanded), ``pixel_values``."""
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    description: str
+
+
+def sample_input(processor, template: str, image=None, question: str = DEFAULT_QUESTION,
+                 description: str | None = None) -> Sample:
+    """Tokenize ``question`` with one image through the model's own processor.
+
+    Without ``image``, a fixed random RGB image at the processor's input size.
+    """
+    from PIL import Image
+
+    if image is None:
+        crop = processor.image_processor.crop_size
+        size = (crop["width"], crop["height"]) if crop else (224, 224)
+        pixels = np.random.default_rng(SAMPLE_SEED).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        description = description or f"fixed random {size[0]}x{size[1]} image (seed {SAMPLE_SEED})"
+    prompt = template.replace("{question}", question)
+    batch = processor(images=image, text=prompt, return_tensors="pt")
+    return Sample(batch["input_ids"].numpy().astype(np.int64), batch["pixel_values"].numpy().astype(np.float32),
+                  f"{description or 'image'}; question {question!r}")
+
+
+def _max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def check_fp32(model, adapter, runner: OnnxVLM, scorer_path, sample: Sample) -> dict:
+    """fp32 ONNX vs PyTorch on ``sample``: logits, vision outputs, scorer, greedy tokens."""
+    input_ids = torch.from_numpy(sample.input_ids)
+    pixel_values = torch.from_numpy(sample.pixel_values)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, pixel_values=pixel_values).logits.numpy()
+        features, activity = adapter.vision(pixel_values)
+    split = min(3, sample.input_ids.shape[1] - 1)
+    logits = runner.prefill_logits(sample.input_ids, sample.pixel_values, split=split)
+    onnx_features, onnx_activity = runner.encode_image(sample.pixel_values)
+
+    question = runner.embed_tokens[sample.input_ids[0, -6:]]
+    with torch.no_grad():
+        relevance, score = TokenScorer()(features[0], activity[0], torch.from_numpy(question))
+    onnx_relevance, onnx_score = session(scorer_path).run(None, {
+        "image_features": onnx_features[0], "activity": onnx_activity[0], "question_embeds": question})
+
+    report = {
+        "sample": sample.description,
+        "positions": int(sample.input_ids.shape[1]),
+        "max_abs_diff_logits": _max_diff(logits, reference),
+        "max_abs_diff_image_features": _max_diff(onnx_features, features.numpy()),
+        "max_abs_diff_activity": _max_diff(onnx_activity, activity.numpy()),
+        "max_abs_diff_scorer": max(_max_diff(onnx_relevance, relevance.numpy()),
+                                   _max_diff(onnx_score, score.numpy())),
+        "bound": FP32_LOGITS_BOUND,
+    }
+    worst = max(report["max_abs_diff_logits"], report["max_abs_diff_image_features"])
+    if not worst <= FP32_LOGITS_BOUND:
+        raise ParityError(f"fp32 ONNX disagrees with PyTorch: max abs diff {worst:.3g} "
+                          f"(logits {report['max_abs_diff_logits']:.3g}) > {FP32_LOGITS_BOUND:g}.")
+
+    with torch.no_grad():
+        generated = model.generate(input_ids=input_ids, pixel_values=pixel_values,
+                                   attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                   max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS)
+    expected = generated[0, input_ids.shape[1]:].tolist()
+    tokens = runner.greedy(sample.input_ids, sample.pixel_values, GREEDY_TOKENS, GREEDY_TOKENS)
+    matched = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(expected))
+    report["greedy_tokens"] = len(expected)
+    report["greedy_match_tokens"] = matched
+    if tokens != expected:
+        raise ParityError(f"greedy decode through the fp32 ONNX graphs diverges from PyTorch generate at "
+                          f"token {matched}: {tokens} vs {expected}.")
+    return report
+
+
+def agreement_sequence(runner: OnnxVLM, sample: Sample) -> tuple[np.ndarray, int]:
+    """``(input_ids [1,L], first)``: the prompt plus an fp32 greedy continuation long
+    enough that positions ``first..L-2`` (each predicting a text token) number at least
+    ``AGREEMENT_POSITIONS``."""
+    ids = sample.input_ids
+    first = int(np.flatnonzero(ids[0] == runner.image_token_id).max())
+    continuation = max(GREEDY_TOKENS, AGREEMENT_POSITIONS - (ids.shape[1] - 1 - first))
+    tokens = runner.greedy(ids, sample.pixel_values, continuation, continuation)
+    return np.concatenate([ids, np.array([tokens], np.int64)], axis=1), first
+
+
+def top1_agreement(reference: OnnxVLM, candidate: OnnxVLM, sample: Sample) -> dict:
+    """Teacher-forced top-1 agreement of ``candidate`` with ``reference`` on text positions."""
+    sequence, first = agreement_sequence(reference, sample)
+    want = reference.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
+    got = candidate.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
+    return {"top1_agreement": float((want.argmax(-1) == got.argmax(-1)).mean()),
+            "positions": int(want.shape[0]),
+            "max_abs_diff_logits": _max_diff(got, want)}
