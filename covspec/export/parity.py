@@ -61,6 +61,21 @@ def sample_input(processor, template: str, image=None, question: str = DEFAULT_Q
                   f"{description or 'image'}; question {question!r}")
 
 
+def toy_sample(processor, template: str, vocab_hash: str) -> Sample | None:
+    """A held-out ShapesVQA scene and its description question, if the model speaks the
+    toy vocabulary (its vocabulary hash equals the toy tokenizer's); else None."""
+    from covspec.hf.folder import build_word_tokenizer
+    from covspec.protocol.vocab import vocab_hash as hash_of
+    from covspec.toy import shapes
+
+    toy_vocab = build_word_tokenizer(shapes.vocabulary()).get_vocab(with_added_tokens=True)
+    if hash_of(toy_vocab) != vocab_hash:
+        return None
+    scene = shapes.sample("test", 0)
+    return sample_input(processor, template, scene.image(), shapes.DESCRIBE_QUESTION,
+                        "ShapesVQA test scene 0")
+
+
 def _max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 

@@ -232,7 +232,8 @@ def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, 
     tokenizer = tokenizer_section(model, processor, folder / "tokenizer.json")
 
     progress("fp32 parity")
-    sample = sample or parity.sample_input(processor, template)
+    sample = (sample or parity.toy_sample(processor, template, tokenizer["vocab_hash"])
+              or parity.sample_input(processor, template))
     runner = _runner(folder, adapter, tokenizer)
     report = {"fp32": parity.check_fp32(model, adapter, runner, folder / "scorer.onnx", sample)}
     num_visual_tokens = int(runner.encode_image(sample.pixel_values)[0].shape[1])

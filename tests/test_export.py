@@ -1,0 +1,262 @@
+"""`covspec export`: tiny random LLaVA -> artifacts, parity, manifest checks, CLI errors,
+torch-free execution of the artifacts, and (when trained) the toy draft in int8/int4."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from covspec.cli.main import cli
+from covspec.export.adapters import adapter_for
+from covspec.export.onnx_run import OnnxVLM, session
+from covspec.export.parity import GREEDY_TOKENS, sample_input
+from covspec.export.scorer import TokenScorer
+from covspec.hf.folder import load_llava, prompt_template
+from covspec.hf.tiny import save_tiny_llava
+from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_DRAFT = REPO / "covspec" / "toy" / "models" / "draft"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp("model") / "tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-fp32"
+    result = run_cli(str(tiny), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "greedy 16/16 tokens equal to PyTorch" in result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_ort_artifact(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-int8"
+    result = run_cli(str(tiny), "--out", str(out), "--quant", "int8", "--format", "ort")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fp32_export_passes_parity_and_manifest_validates(fp32_artifact, tiny):
+    manifest = load_manifest(fp32_artifact)
+    assert sorted(manifest.files) == ["decoder.onnx", "embed_tokens.npy", "scorer.onnx", "tokenizer.json",
+                                      "vision.onnx"]
+    parity = manifest.parity["fp32"]
+    assert parity["max_abs_diff_logits"] <= 1e-4
+    assert parity["greedy_match_tokens"] == parity["greedy_tokens"] >= 16
+    assert manifest.quantization["scheme"] == "fp32" and manifest.graph_format == "onnx"
+    assert manifest.num_visual_tokens == 16  # 32x32 image, patch 8, CLS dropped
+    assert manifest.prompt_template.count("{question}") == 1 and "<image>" in manifest.prompt_template
+    assert manifest.decoder["past_input_names"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest.graphs["decoder"]["outputs"][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert manifest.embedding["shape"] == list(np.load(fp32_artifact / "embed_tokens.npy").shape)
+    assert manifest.image["size"] == [32, 32] and manifest.image["resample"] == "bicubic"
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    names = {i.name for i in session(fp32_artifact / "decoder.onnx").get_inputs()}
+    assert names == {"inputs_embeds", "attention_mask", "position_ids", *manifest.decoder["past_input_names"]}
+
+
+def test_decoder_graph_is_dynamic_and_keeps_position_gaps(fp32_artifact, tiny):
+    """Batch 3, past 5, query 4, positions with gaps (pruned visual tokens): ONNX == PyTorch."""
+    model, _ = load_llava(tiny)
+    adapter = adapter_for(model)
+    spec = adapter.decoder_spec
+    decoder = session(fp32_artifact / "decoder.onnx")
+    generator = torch.Generator().manual_seed(1)
+    for batch, past, query in [(3, 5, 4), (1, 0, 6), (2, 9, 1)]:
+        embeds = torch.randn(batch, query, spec.hidden_size, generator=generator)
+        mask = torch.ones(batch, past + query, dtype=torch.int64)
+        positions = (torch.arange(past, past + query) * 3 + 2).expand(batch, -1).contiguous()
+        caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=generator)
+                  for _ in range(2 * spec.num_layers)]
+        with torch.no_grad():
+            expected = adapter.decoder(embeds, mask, positions, *caches)
+        names = ["inputs_embeds", "attention_mask", "position_ids", *spec.to_dict()["past_input_names"]]
+        got = decoder.run(None, dict(zip(names, [t.numpy() for t in (embeds, mask, positions, *caches)])))
+        assert got[1].shape == (batch, spec.num_kv_heads, past + query, spec.head_dim)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e.numpy(), atol=1e-5)
+
+
+def test_int8_ort_export_quantizes_and_runs(int8_ort_artifact, fp32_artifact):
+    manifest = load_manifest(int8_ort_artifact)
+    report = manifest.parity["int8"]
+    assert report["positions"] >= 64 and report["top1_agreement"] >= report["bound"] == 0.9
+    assert set(report["candidates"]) == {"int8_per_channel", "int8_per_tensor"}
+    assert manifest.quantization["scheme"] == "int8" and "decoder" in manifest.quantization["graphs"]
+    assert manifest.graph_format == "ort"
+    assert {"vision.ort", "scorer.ort", "decoder.ort"} <= set(manifest.files)
+    ops = {node.op_type for node in __import__("onnx").load(str(int8_ort_artifact / "decoder.onnx")).graph.node}
+    assert "MatMulInteger" in ops
+    fp32 = load_manifest(fp32_artifact)
+    assert manifest.files["decoder.onnx"]["sha256"] != fp32.files["decoder.onnx"]["sha256"]
+    runner = OnnxVLM.from_artifact(int8_ort_artifact)  # runs the .ort graphs
+    assert str(runner.decoder._model_path).endswith("decoder.ort")
+    ids = np.array([[1, 5, 6, 7, 4, 8, 9]])
+    pixels = np.zeros((1, 3, 32, 32), np.float32)
+    assert len(runner.greedy(ids, pixels, 4, 4)) == 4
+
+
+def test_corrupted_or_incompatible_artifact_is_refused(fp32_artifact, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(fp32_artifact, broken)
+    data = bytearray((broken / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    (broken / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="decoder.onnx.*sha256"):
+        load_manifest(broken)
+    load_manifest(broken, verify_hashes=False)  # sizes still match
+
+    (broken / "vision.onnx").unlink()
+    with pytest.raises(ArtifactError, match="'vision.onnx'.*missing"):
+        load_manifest(broken, verify_hashes=False)
+
+    for field, value, message in [("format_version", 2, "format_version"), ("tokenizer", {"file": "x"}, "vocab_size")]:
+        folder = tmp_path / field
+        shutil.copytree(fp32_artifact, folder)
+        data = json.loads((folder / "manifest.json").read_text())
+        data[field] = value
+        (folder / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=message):
+            load_manifest(folder)
+    data = load_manifest(fp32_artifact).to_dict()
+    del data["graphs"]
+    with pytest.raises(ArtifactError, match="'graphs'"):
+        Manifest.from_dict(data)
+
+
+def test_write_manifest_round_trip(fp32_artifact, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_artifact, copy)
+    manifest = load_manifest(copy)
+    manifest.pruning = {"keep_ratio": 0.5}
+    write_manifest(copy, manifest)
+    assert load_manifest(copy).pruning == {"keep_ratio": 0.5}
+
+
+def test_cli_errors(tiny, fp32_artifact, tmp_path):
+    result = run_cli(str(tmp_path), "--out", str(tmp_path / "a"))
+    assert result.exit_code == 2 and "not a model folder" in result.output
+
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    result = run_cli(str(other), "--out", str(tmp_path / "b"))
+    assert result.exit_code == 2 and "LlavaForConditionalGeneration" in result.output
+
+    before = load_manifest(fp32_artifact).files
+    result = run_cli(str(tiny), "--out", str(fp32_artifact))
+    assert result.exit_code == 1 and "--force" in result.output
+    assert load_manifest(fp32_artifact).files == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantization_below_its_bound_fails(tiny, tmp_path):
+    result = run_cli(str(tiny), "--out", str(tmp_path / "q"), "--quant", "int4", "--min-agreement", "1.0")
+    if result.exit_code == 0:  # int4 happened to agree everywhere: nothing to refuse
+        pytest.skip("int4 agreed on every position")
+    assert result.exit_code == 1 and "ParityError" in result.output and "bound 100%" in result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+CHILD = r"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import json
+from pathlib import Path
+import numpy as np
+from covspec.export.onnx_run import OnnxVLM, session
+from covspec.protocol.manifest import load_manifest
+folder, work, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+try:
+    import torch
+    raise SystemExit("torch imported")
+except ImportError:
+    pass
+manifest = load_manifest(folder)
+runner = OnnxVLM.from_artifact(folder)
+inputs = np.load(work / "inputs.npz")
+features, activity = runner.encode_image(inputs["pixel_values"])
+scorer = session(manifest.graph_path(folder, "scorer"))
+relevance, score = scorer.run(None, {"image_features": features[0], "activity": activity[0],
+                                     "question_embeds": runner.embed_tokens[inputs["question_ids"]]})
+tokens = runner.greedy(inputs["input_ids"], inputs["pixel_values"], n, n)
+np.savez(work / "outputs.npz", features=features, activity=activity, relevance=relevance, score=score,
+         tokens=np.array(tokens))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") and sys.modules[m])))
+"""
+
+
+def test_artifacts_run_without_torch(fp32_artifact, tiny, tmp_path):
+    model, processor = load_llava(tiny)
+    adapter = adapter_for(model)
+    sample = sample_input(processor, prompt_template(processor))
+    question_ids = sample.input_ids[0, -6:]
+    np.savez(tmp_path / "inputs.npz", input_ids=sample.input_ids, pixel_values=sample.pixel_values,
+             question_ids=question_ids)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(fp32_artifact), str(tmp_path), str(GREEDY_TOKENS)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    out = np.load(tmp_path / "outputs.npz")
+
+    pixel_values, input_ids = torch.from_numpy(sample.pixel_values), torch.from_numpy(sample.input_ids)
+    with torch.no_grad():
+        features, activity = adapter.vision(pixel_values)
+        reference = model.get_image_features(pixel_values=pixel_values).pooler_output[0]
+        question = model.get_input_embeddings()(torch.from_numpy(question_ids))
+        relevance, score = TokenScorer()(features[0], activity[0], question)
+        generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, do_sample=False,
+                                   attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS)
+    np.testing.assert_allclose(out["features"][0], reference.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["activity"], activity.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["relevance"], relevance.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["score"], score.numpy(), rtol=1e-5, atol=1e-5)
+    assert out["tokens"].tolist() == generated[0, input_ids.shape[1]:].tolist()
+
+
+def test_activity_is_cls_attention_of_the_last_used_layer(tiny):
+    """The activity output equals the eager attention probabilities of the CLS query."""
+    model, _ = load_llava(tiny)
+    adapter = adapter_for(model)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = tower(pixel_values, output_attentions=True, return_dict=True).attentions
+        _, activity = adapter.vision(pixel_values)
+    expected = attentions[-1][:, :, 0, 1:].mean(dim=1)  # layer used by vision_feature_layer=-1
+    torch.testing.assert_close(activity, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TOY_DRAFT / "config.json").is_file(), reason="the toy draft is not trained yet")
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_toy_draft_exports(quant, tmp_path):
+    out = tmp_path / f"toy-draft-{quant}"
+    result = run_cli(str(TOY_DRAFT), "--out", str(out), "--quant", quant)
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    assert manifest.num_visual_tokens == 144
+    assert manifest.parity["fp32"]["sample"].startswith("ShapesVQA")
+    report = manifest.parity[quant]
+    assert report["positions"] >= 64
+    if quant == "int8":
+        assert report["top1_agreement"] >= 0.90
