@@ -1,0 +1,84 @@
+"""``covspec edge``: serve a target VLM for verification (imports torch only when serving)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+READY_PREFIX = "covspec edge: listening on "
+
+
+def _default_model() -> Path:
+    return Path(__file__).resolve().parent.parent / "toy" / "models" / "target"
+
+
+@click.group()
+def edge() -> None:
+    """Edge side: serve a target VLM for verification."""
+
+
+@edge.command()
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
+              help="ZeroMQ endpoint to bind (tcp://HOST:PORT; port * or 0 picks a free one).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--max-sessions", type=int, default=64, show_default=True, help="Live sessions at most.")
+@click.option("--max-context", type=int, default=4096, show_default=True,
+              help="Tokens per session at most (context + generated).")
+@click.option("--max-message-bytes", type=int, default=16 * 1024 * 1024, show_default=True,
+              help="Largest request accepted (also the socket's MAXMSGSIZE).")
+@click.option("--idle-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds after which a silent session is dropped and its memory freed.")
+@click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="The edge's CurveZMQ secret key file (NAME.key_secret from `covspec keys new`).")
+@click.option("--allow-keys", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of device public keys (*.key) admitted; needs --secret-key.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without CurveZMQ keys.")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessions: int, max_context: int,
+          max_message_bytes: int, idle_timeout: float, secret_key: Path | None, allow_keys: Path | None,
+          insecure: bool, threads: int | None, log_level: str) -> None:
+    """Serve MODEL_DIR (default: the bundled toy target) to devices until Ctrl-C or SIGTERM.
+
+    Prints one line `covspec edge: listening on ADDRESS` once requests are served,
+    and logs one line per session when it ends.
+    """
+    from covspec.runtime_edge.config import ConfigError, ServerConfig
+
+    config = ServerConfig(bind=bind, device=device, dtype=dtype, max_sessions=max_sessions,
+                          max_context=max_context, max_message_bytes=max_message_bytes,
+                          idle_timeout_s=idle_timeout, secret_key=secret_key, allow_keys=allow_keys,
+                          insecure=insecure, threads=threads)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    model_dir = model_dir or _default_model()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from covspec.hf.folder import ModelFolderError
+    from covspec.runtime_edge.server import EdgeServer
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = EdgeServer(model_dir, config)
+    try:
+        server.start()
+    except (ConfigError, ModelFolderError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(READY_PREFIX + server.address)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    click.echo("covspec edge: stopped")

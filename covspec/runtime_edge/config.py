@@ -1,0 +1,99 @@
+"""Typed configuration of the edge server, validated once before any work starts.
+
+``ServerConfig`` holds every knob of ``covspec edge serve``; ``validate()`` raises
+``ConfigError`` with one precise sentence per problem. Nothing here imports torch or
+touches a socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda")
+LOCAL_TRANSPORTS = ("inproc://", "ipc://")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+class ConfigError(ValueError):
+    """A server configuration that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the edge server needs besides the model folder.
+
+    Limits bound memory: ``max_sessions`` live sessions (each holds a KV cache),
+    ``max_context`` tokens per session (context + generated), ``max_message_bytes``
+    per request (also set on the socket as ``zmq.MAXMSGSIZE``: a peer that sends more
+    is disconnected), ``idle_timeout_s`` after which a silent session is dropped and
+    its cache freed, ``max_image_pixels`` per decoded image, ``max_queue`` requests
+    waiting for the model. ``threads`` sets torch's intra-op threads (None: torch's
+    default; on a CPU shared with other work, fewer threads are often much faster).
+    """
+
+    bind: str = "tcp://127.0.0.1:5555"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_sessions: int = 64
+    max_context: int = 4096
+    max_message_bytes: int = 16 * 1024 * 1024
+    idle_timeout_s: float = 300.0
+    max_image_pixels: int = 4096 * 4096
+    max_queue: int = 1024
+    secret_key: Path | None = None
+    allow_keys: Path | None = None
+    insecure: bool = False
+    threads: int | None = None
+
+    def validate(self) -> "ServerConfig":
+        """Return self if usable; raise ConfigError naming the first problem."""
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device {self.device!r} is not supported; use one of {', '.join(DEVICES)} (or cuda:N).")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+        for name in ("max_sessions", "max_context", "max_message_bytes", "max_image_pixels", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}.")
+        if self.idle_timeout_s <= 0:
+            raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}.")
+        if self.max_message_bytes < 4096:
+            raise ConfigError("max_message_bytes below 4096 cannot carry an open request; raise it.")
+        if not re.match(r"^(tcp|ipc|inproc)://.+", self.bind):
+            raise ConfigError(f"bind address {self.bind!r} must look like tcp://HOST:PORT (or ipc://, inproc://).")
+        if self.allow_keys is not None and self.secret_key is None:
+            raise ConfigError("--allow-keys needs --secret-key: CurveZMQ admits clients only on an encrypted socket.")
+        if self.secret_key is not None and not Path(self.secret_key).is_file():
+            raise ConfigError(f"secret key file {self.secret_key} does not exist; make one with `covspec keys new DIR --name edge`.")
+        if self.allow_keys is not None and not Path(self.allow_keys).is_dir():
+            raise ConfigError(f"--allow-keys {self.allow_keys} is not a folder of client public keys (*.key).")
+        if self.secret_key is None and not self.insecure and not is_local_bind(self.bind):
+            raise ConfigError(
+                f"binding {self.bind} without keys would expose the edge unencrypted on the network; "
+                "pass --secret-key (and --allow-keys), or --insecure if that is really intended.")
+        return self
+
+    @property
+    def curve(self) -> bool:
+        return self.secret_key is not None
+
+
+def is_local_bind(bind: str) -> bool:
+    """True when ``bind`` is reachable from this machine only (loopback tcp, ipc, inproc)."""
+    if bind.startswith(LOCAL_TRANSPORTS):
+        return True
+    match = re.match(r"^tcp://(.+):([0-9]+|\*)$", bind)
+    if not match:
+        return False
+    host = match.group(1)
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # an interface name or '*': not provably loopback

@@ -1,0 +1,407 @@
+"""The edge server: a ZeroMQ ROUTER in front of one model-owner thread.
+
+Python API (used by ``covspec edge serve``, the device tests and the demo)::
+
+    from covspec.runtime_edge import EdgeServer, ServerConfig
+
+    with EdgeServer("covspec/toy/models/target", ServerConfig(bind="tcp://127.0.0.1:*")) as server:
+        print(server.address)          # the bound endpoint, e.g. tcp://127.0.0.1:40123
+        ...                            # devices talk protocol v1 to server.address
+
+``EdgeServer(model, config)`` takes a model folder (or an already loaded
+``TargetModel``, so tests can share one) and a ``ServerConfig``; ``start()`` loads
+the model, binds and starts two threads and returns once requests are served;
+``stop()`` shuts down cleanly (every live session leaves its log line);
+``wait()`` blocks until stopped. ``covspec.runtime_edge.process.EdgeProcess`` runs
+the same server in a child process.
+
+Threads: the *I/O thread* owns the ROUTER socket. It decodes every request
+(``covspec.protocol.messages.decode`` with the configured limits), answers
+malformed ones and pings itself, and queues the rest for the *model owner thread*,
+which alone touches the model and the sessions. The owner alternates between
+queued requests and one-token steps of target-only sessions, so a long target-only
+generation never blocks other sessions. Its replies travel back to the I/O thread
+over an inproc PUSH/PULL pair. The server never crashes on a request: every
+refusal is an ``Error`` reply with a code and a sentence.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Message, Open, Ping, Pong,
+                                       ProtocolError, Verify, decode, encode)
+from covspec.runtime_edge import errors
+from covspec.runtime_edge.config import ConfigError, ServerConfig
+from covspec.runtime_edge.errors import EdgeError
+from covspec.runtime_edge.session import Session
+from covspec.runtime_edge.target import TargetModel, decode_image
+
+log = logging.getLogger("covspec.edge")
+
+_POLL_MS = 100
+
+
+@dataclass
+class _Request:
+    """A decoded request waiting for the model owner."""
+
+    identity: bytes
+    message: Message
+    nbytes: int
+
+
+@dataclass
+class _Step:
+    """One target-only token to generate for ``session`` (skipped if it was closed or replaced)."""
+
+    session: Session
+    seq: int
+
+
+class EdgeServer:
+    """Serves one target model to many device sessions over protocol v1."""
+
+    def __init__(self, model: str | Path | TargetModel, config: ServerConfig = ServerConfig()):
+        self.config = config.validate()
+        self._model_source = model
+        self.target: TargetModel | None = model if isinstance(model, TargetModel) else None
+        self.address: str | None = None
+        self._sessions: dict[str, Session] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self._steps: collections.deque[_Step] = collections.deque()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._context: zmq.Context | None = None
+        self._auth = None
+        self._limits = Limits(max_array_bytes=config.max_message_bytes,
+                              max_message_bytes=config.max_message_bytes)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> "EdgeServer":
+        """Load the model (if given a folder), bind, start the threads; returns self."""
+        if self.config.threads is not None:
+            import torch
+            torch.set_num_threads(self.config.threads)
+        if self.target is None:
+            self.target = TargetModel.load(self._model_source, device=self.config.device, dtype=self.config.dtype)
+        context = self._context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        if self.config.curve:
+            self._setup_curve(context, router)
+        try:
+            router.bind(_wildcard_port(self.config.bind))
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            self._close_context()
+            raise ConfigError(f"cannot bind {self.config.bind} ({exc}); pick another address or port.") from None
+        self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        pull = context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        inproc = f"inproc://covspec-edge-replies-{id(self)}"
+        pull.bind(inproc)
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(inproc)
+        # Each socket is used by one thread only from here on (thread start is the memory barrier).
+        self._threads = [threading.Thread(target=self._io_loop, args=(router, pull), name="edge-io", daemon=True),
+                         threading.Thread(target=self._owner_loop, args=(push,), name="edge-model", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        target = self.target
+        log.info("serving %s on %s (device=%s dtype=%s vocab=%d eos=%s curve=%s max_sessions=%d "
+                 "max_context=%d idle_timeout_s=%g)", _model_name(self._model_source), self.address,
+                 self.config.device, self.config.dtype, target.vocab_size, sorted(target.eos_ids),
+                 "on" if self.config.curve else "off", self.config.max_sessions, self.config.max_context,
+                 self.config.idle_timeout_s)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving: finish the request in progress, log every live session, close sockets."""
+        if self._stopping.is_set():
+            self._stopped.wait(timeout)
+            return
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        for session in list(self._sessions.values()):
+            self._end(session, "shutdown")
+        self._close_context()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``stop()`` finished (or ``timeout``); True if stopped."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def __enter__(self) -> "EdgeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _setup_curve(self, context: zmq.Context, router: zmq.Socket) -> None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = zmq.auth.load_certificate(str(self.config.secret_key))
+        if secret is None:
+            raise ConfigError(f"{self.config.secret_key} holds no secret key; pass the NAME.key_secret file "
+                              "written by `covspec keys new`.")
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("covspec.edge.auth"))
+        self._auth.start()
+        if self.config.allow_keys is not None:
+            self._auth.configure_curve(domain="*", location=str(self.config.allow_keys))
+        else:
+            log.warning("CurveZMQ without --allow-keys: traffic is encrypted but any client key is admitted")
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        router.curve_secretkey = secret
+        router.curve_publickey = public
+        router.curve_server = True
+
+    def _close_context(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    # --- I/O thread ----------------------------------------------------------------------
+
+    def _io_loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                ready = dict(poller.poll(_POLL_MS))
+                if pull in ready:
+                    while pull.poll(0):
+                        _send(router, pull.recv_multipart())
+                if router in ready:
+                    while router.poll(0):
+                        self._receive(router, router.recv_multipart(copy=True))
+        finally:
+            router.close(linger=0)
+            pull.close(linger=0)
+
+    def _receive(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        identity, payload = frames[0], frames[1:]
+        try:
+            message = decode(payload, self._limits)
+        except ProtocolError as exc:
+            session, seq = _reply_address(payload, self._limits)
+            log.debug("refused a malformed request: %s", exc)
+            _send(router, [identity] + encode(Error(session=session, seq=seq, code=exc.code, message=exc.message)))
+            return
+        if isinstance(message, Ping):
+            _send(router, [identity] + encode(Pong(session=message.session, seq=message.seq,
+                                                   sessions=len(self._sessions))))
+            return
+        if not isinstance(message, (Open, Verify, Close)):
+            _send(router, [identity] + encode(Error(
+                session=message.session, seq=message.seq, code="unexpected_type",
+                message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
+            return
+        try:
+            self._queue.put_nowait(_Request(identity, message, sum(len(f) for f in payload)))
+        except queue.Full:
+            _send(router, [identity] + encode(Error(
+                session=message.session, seq=message.seq, code=errors.BUSY,
+                message=f"the edge has {self.config.max_queue} requests waiting; retry with backoff.")))
+
+    # --- model owner thread ------------------------------------------------------------------
+
+    def _owner_loop(self, push: zmq.Socket) -> None:
+        import torch
+
+        self._push = push
+        check_every = min(1.0, self.config.idle_timeout_s / 4)
+        next_check = time.monotonic() + check_every
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    work_done = False
+                    try:
+                        self._handle(self._queue.get(block=not self._steps, timeout=_POLL_MS / 1000))
+                        work_done = True
+                    except queue.Empty:
+                        pass
+                    if self._steps:                      # alternate: one request, one target-only token
+                        self._run_step(self._steps.popleft())
+                        work_done = True
+                    now = time.monotonic()
+                    if now >= next_check or not work_done:
+                        self._expire(now)
+                        next_check = now + check_every
+        finally:
+            push.close(linger=0)
+
+    def _handle(self, request: _Request) -> None:
+        message = request.message
+        session = self._sessions.get(message.session)
+        try:
+            if isinstance(message, Open):
+                self._open(request)
+            elif isinstance(message, Close):
+                if session is not None:
+                    session.stats.bytes_in += request.nbytes
+                    self._end(session, "closed")
+            else:
+                self._verify(request, session)
+        except EdgeError as exc:
+            self._reply(request, Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message),
+                        self._sessions.get(message.session), remember=False)
+        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
+            log.exception("session %s: request %s failed", message.session, message.TYPE)
+            broken = self._sessions.get(message.session)
+            if broken is not None:
+                self._end(broken, "dropped after an internal error")
+            self._reply(request, Error(
+                session=message.session, seq=message.seq, code=errors.INTERNAL,
+                message=f"the edge failed on this request ({type(exc).__name__}: {exc}); the session was dropped, "
+                        "reopen it with your committed tokens."), None, remember=False)
+
+    def _open(self, request: _Request) -> None:
+        message: Open = request.message
+        target = self.target
+        if message.wire == "dense":
+            raise EdgeError(errors.UNSUPPORTED, "wire='dense' is not served by this edge yet; open with wire='compact'.")
+        if message.vocab_hash != target.vocab_hash:
+            raise EdgeError(errors.VOCAB_MISMATCH, f"the device's vocabulary hash {message.vocab_hash[:12]!r}... differs "
+                                                   f"from the target's {target.vocab_hash[:12]!r}...; device and edge "
+                                                   "must use the same tokenizer.")
+        old = self._sessions.get(message.session)
+        if old is not None:
+            self._end(old, "replaced")
+        if len(self._sessions) >= self.config.max_sessions:
+            self._expire(time.monotonic())
+            if len(self._sessions) >= self.config.max_sessions:
+                raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
+                                             "retry later or ask the operator to raise --max-sessions.")
+        image = decode_image(message.image.tobytes(), self.config.max_image_pixels)
+        session, opened = Session.open(target, message, image, max_context=self.config.max_context)
+        session.identity = request.identity
+        session.stats.bytes_in += request.nbytes
+        self._sessions[session.id] = session
+        self._reply(request, opened, session)
+        if session.mode == "target_only" and not session.done:
+            self._steps.append(_Step(session, message.seq))
+
+    def _verify(self, request: _Request, session: Session | None) -> None:
+        message: Verify = request.message
+        if session is None:
+            raise EdgeError(errors.UNKNOWN_SESSION, f"no session {message.session!r} on this edge (never opened, "
+                                                    "closed, expired after being idle, or the edge restarted); "
+                                                    "reopen it with Open carrying your committed tokens.")
+        session.stats.bytes_in += request.nbytes
+        session.identity = request.identity
+        session.last_active = time.monotonic()
+        if message.seq == session.last_seq and session.last_reply is not None:
+            self._send_frames(request.identity, session.last_reply, session)   # idempotent repeat
+            return
+        if message.seq < session.last_seq:
+            raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
+                                             f"({session.last_seq}); use a new, higher seq for each round.")
+        if session.mode == "target_only":
+            raise EdgeError(errors.WRONG_MODE, "this session is target_only: the edge streams its tokens; "
+                                               "open a speculative session to verify drafts.")
+        self._reply(request, session.verify(self.target, message), session)
+
+    def _run_step(self, step: _Step) -> None:
+        session = step.session
+        if self._sessions.get(session.id) is not session or session.done:
+            return
+        try:
+            result = session.step(self.target, step.seq)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("session %s: target-only step failed", session.id)
+            self._end(session, "dropped after an internal error")
+            self._send_frames(session.identity, encode(Error(
+                session=session.id, seq=step.seq, code=errors.INTERNAL,
+                message=f"the edge failed while generating ({type(exc).__name__}: {exc}); reopen the session.")), None)
+            return
+        session.last_active = time.monotonic()
+        self._send_frames(session.identity, encode(result), session)
+        if not session.done:
+            self._steps.append(step)
+
+    def _expire(self, now: float) -> None:
+        limit = self.config.idle_timeout_s
+        for session in list(self._sessions.values()):
+            if now - session.last_active > limit:
+                self._end(session, f"expired after {limit:g} s idle")
+
+    def _end(self, session: Session, reason: str) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        session.free()
+        log.info("%s", session.log_line(reason))
+
+    def _reply(self, request: _Request, message: Message, session: Session | None, *, remember: bool = True) -> None:
+        """Send ``message``; with ``remember`` it becomes the session's idempotent answer to its seq."""
+        frames = encode(message)
+        if session is not None and remember:
+            session.last_seq = message.seq
+            session.last_reply = frames
+            session.last_active = time.monotonic()
+        self._send_frames(request.identity, frames, session)
+
+    def _send_frames(self, identity: bytes, frames: list[bytes], session: Session | None) -> None:
+        if session is not None:
+            session.stats.bytes_out += sum(len(f) for f in frames)
+        self._push.send_multipart([identity] + frames)
+
+
+def _send(router: zmq.Socket, frames: list[bytes]) -> None:
+    """Send to a peer; a peer that is gone or not reading loses the reply (never blocks)."""
+    try:
+        router.send_multipart(frames, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        log.warning("dropped a reply: the peer is not reading")
+    except zmq.ZMQError as exc:
+        log.warning("dropped a reply: %s", exc)
+
+
+def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int]:
+    """Best effort (session, seq) of a request that failed to decode, for its error reply."""
+    if not payload or len(payload[0]) > limits.max_header_bytes:
+        return "", 0
+    try:
+        header = json.loads(bytes(payload[0]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "", 0
+    if not isinstance(header, dict):
+        return "", 0
+    session = header.get("session")
+    seq = header.get("seq")
+    session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+    return session, seq
+
+
+def _wildcard_port(bind: str) -> str:
+    """Accept ``tcp://HOST:0`` as 'any free port' (zmq spells it ``*``)."""
+    return bind[:-2] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind
+
+
+def _model_name(source) -> str:
+    return str(source) if not isinstance(source, TargetModel) else "a loaded target"
