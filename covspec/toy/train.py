@@ -1,0 +1,192 @@
+"""Train the toy target on ShapesVQA and distill the toy draft from it (CPU, seeded).
+
+Recipe (the naive one plateaus near 55%, see PLATFORM.md):
+1. the image prefix (``<s> question :`` + visual tokens) runs once per image and its
+   KV cache is shared by that image's questions (descriptions and short answers run
+   as two suffix groups);
+2. an auxiliary per-cell loss: the visual tokens of each 3x3 grid cell are pooled and
+   linear heads classify the cell's kind (or empty) and color; it supervises the
+   vision tower directly and the heads are discarded after training;
+3. loss on answer tokens only; AdamW, linear warmup then cosine decay;
+4. the draft's loss is KL(target || draft) on answer positions (teacher logits on
+   the fly, no grad) plus cross-entropy on the reference, plus the per-cell loss.
+
+The learning curve (loss, per-cell accuracy, validation exact match per type,
+teacher-forced) is returned row by row; this module writes no files itself.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from covspec.toy import shapes
+from covspec.toy.batches import PROMPT_HEAD, Batch, encode, make_batch
+from covspec.toy.models import PATCH_SIZE
+
+CELL_PATCHES = shapes.CELL // PATCH_SIZE
+PATCHES_PER_SIDE = shapes.IMAGE_SIZE // PATCH_SIZE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    images_per_step: int = 16
+    short_per_image: int = 3
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    aux_weight: float = 1.0
+    kl_weight: float = 1.0        # draft only
+    eval_every: int = 100
+    validation_images: int = 48
+    seed: int = 0
+
+
+class CellHeads(torch.nn.Module):
+    """Per-cell kind and color classifiers over pooled visual tokens (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, len(shapes.KINDS) + 1)
+        self.color = torch.nn.Linear(hidden, len(shapes.COLORS) + 1)
+
+    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # visual: (B, P*P, D) -> cells (B, 9, D)
+        b, _, d = visual.shape
+        grid = visual.view(b, shapes.GRID, CELL_PATCHES, shapes.GRID, CELL_PATCHES, d)
+        cells = grid.mean(dim=(2, 4)).reshape(b, shapes.GRID * shapes.GRID, d)
+        return self.kind(cells), self.color(cells)
+
+
+def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) projector outputs, CLS dropped, as the model feeds them to its LM."""
+    out = model.model.get_image_features(pixels, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="default")
+    return torch.stack(list(out.pooler_output))
+
+
+def answer_logits(model, tokenizer, batch: Batch, visual: torch.Tensor) -> list[torch.Tensor]:
+    """Per suffix group, logits (N, S, V) of every suffix position after its image prefix."""
+    lm = model.model.language_model
+    embed = lm.get_input_embeddings()
+    head_ids = torch.tensor(encode(tokenizer, PROMPT_HEAD))
+    b = visual.shape[0]
+    prefix = torch.cat([embed(head_ids).unsqueeze(0).expand(b, -1, -1), visual], dim=1)
+    cache = lm(inputs_embeds=prefix, use_cache=True).cache
+    prefix_len = prefix.shape[1]
+    outputs = []
+    for group in batch.groups:
+        shared = DynamicCache([(layer.keys[group.rows], layer.values[group.rows]) for layer in cache.layers])
+        positions = torch.arange(prefix_len, prefix_len + group.ids.shape[1]).unsqueeze(0)
+        hidden = lm(inputs_embeds=embed(group.ids), cache=shared, use_cache=True,
+                    position_ids=positions).last_hidden_state
+        outputs.append(model.lm_head(hidden))
+    return outputs
+
+
+def cell_loss(heads: CellHeads, visual: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
+    kind_logits, color_logits = heads(visual)
+    loss = F.cross_entropy(kind_logits.flatten(0, 1), batch.cell_kinds.flatten()) + \
+        F.cross_entropy(color_logits.flatten(0, 1), batch.cell_colors.flatten())
+    kind_accuracy = (kind_logits.argmax(-1) == batch.cell_kinds).float().mean().item()
+    return loss, kind_accuracy
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_exact_match(model, tokenizer, batches: list[Batch]) -> dict[str, float]:
+    """Teacher-forced exact match per type: every answer token (and </s>) is the argmax.
+
+    This equals greedy-decoding exact match, since greedy decoding reproduces the
+    reference exactly when each step's argmax is the reference token.
+    """
+    model.eval()
+    hits, totals = defaultdict(int), defaultdict(int)
+    for batch in batches:
+        for group, logits in zip(batch.groups, answer_logits(model, tokenizer, batch,
+                                                             visual_tokens(model, batch.pixels))):
+            mask = group.labels != -100
+            right = ((logits.argmax(-1) == group.labels) | ~mask).all(dim=1)
+            for qtype, ok in zip(group.types, right.tolist()):
+                hits[qtype] += ok
+                totals[qtype] += 1
+    model.train()
+    return {t: hits[t] / totals[t] for t in shapes.QUESTION_TYPES if totals[t]}
+
+
+def validation_batches(tokenizer, count: int) -> list[Batch]:
+    samples = [shapes.sample("validation", i) for i in range(count)]
+    return [make_batch(tokenizer, samples[i:i + 16], None, random.Random(0)) for i in range(0, count, 16)]
+
+
+def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None):
+    """Train ``model`` in place; with ``teacher``, distill from it. Yields learning-curve rows."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    heads = CellHeads(model.config.text_config.hidden_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    validation = validation_batches(tokenizer, config.validation_images)
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    next_image = 0
+    started = time.monotonic()
+    running = defaultdict(float)
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        samples = [shapes.sample("train", next_image + i) for i in range(config.images_per_step)]
+        next_image += config.images_per_step
+        batch = make_batch(tokenizer, samples, config.short_per_image, rng)
+        visual = visual_tokens(model, batch.pixels)
+        aux, kind_accuracy = cell_loss(heads, visual, batch)
+        logits = answer_logits(model, tokenizer, batch, visual)
+        labels = torch.cat([g.labels[g.labels != -100] for g in batch.groups])
+        picked = torch.cat([lg[g.labels != -100] for lg, g in zip(logits, batch.groups)])
+        ce = F.cross_entropy(picked, labels)
+        loss = ce + config.aux_weight * aux
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = answer_logits(teacher, tokenizer, batch, visual_tokens(teacher, batch.pixels))
+                teacher_picked = torch.cat([lg[g.labels != -100] for lg, g in zip(teacher_logits, batch.groups)])
+            kl = F.kl_div(F.log_softmax(picked, -1), F.log_softmax(teacher_picked, -1),
+                          log_target=True, reduction="batchmean")
+            loss = loss + config.kl_weight * kl
+            running["kl"] += kl.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        running["loss"] += loss.item()
+        running["ce"] += ce.item()
+        running["aux"] += aux.item()
+        running["cell_kind_acc"] += kind_accuracy
+        running["n"] += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(ce=f"{ce.item():.3f}", kind=f"{kind_accuracy:.2f}")
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            n = running.pop("n")
+            row = {"step": step + 1, "seconds": round(time.monotonic() - started, 1),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            row.update({k: round(v / n, 4) for k, v in running.items()})
+            row.update({f"val_{t}": round(a, 3) for t, a in
+                        validation_exact_match(model, tokenizer, validation).items()})
+            running.clear()
+            yield row
