@@ -18,6 +18,7 @@ from covspec.cli.main import cli
 from covspec.export.adapters import adapter_for
 from covspec.export.onnx_run import OnnxVLM, session
 from covspec.export.parity import GREEDY_TOKENS, sample_input
+from covspec.export.pipeline import ExportOptions, export_model
 from covspec.export.scorer import TokenScorer
 from covspec.hf.folder import load_llava, prompt_template
 from covspec.hf.tiny import save_tiny_llava
@@ -244,6 +245,50 @@ def test_activity_is_cls_attention_of_the_last_used_layer(tiny):
         _, activity = adapter.vision(pixel_values)
     expected = attentions[-1][:, :, 0, 1:].mean(dim=1)  # layer used by vision_feature_layer=-1
     torch.testing.assert_close(activity, expected, atol=1e-6, rtol=1e-5)
+
+
+def save_siglip_qwen2_llava(path: Path) -> Path:
+    """A tiny LLaVA with a SigLIP tower (no CLS: "full" selection, feature norm as
+    activity), a Qwen2 language model and feature layer -2."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config
+    from transformers import SiglipVisionConfig
+
+    from covspec.hf.folder import SPECIAL_TOKENS, build_word_tokenizer, save_llava_folder
+    from covspec.hf.tiny import BASE_WORDS
+
+    tokenizer = build_word_tokenizer(BASE_WORDS)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    text = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=SPECIAL_TOKENS.index("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="full", image_seq_length=16)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    save_llava_folder(model, tokenizer, path, image_size=32)
+    processor = LlavaProcessor.from_pretrained(path)
+    processor.num_additional_image_tokens = 0  # no CLS token to account for
+    processor.save_pretrained(path)
+    return path
+
+
+def test_siglip_qwen2_llava_exports(tmp_path):
+    model_dir = save_siglip_qwen2_llava(tmp_path / "siglip-qwen2")
+    result = export_model(model_dir, tmp_path / "art", ExportOptions())
+    manifest = load_manifest(result.folder)
+    assert manifest.source["vision_model_type"] == "siglip_vision_model"
+    assert manifest.source["text_model_type"] == "qwen2"
+    assert manifest.num_visual_tokens == 16
+    assert manifest.parity["fp32"]["greedy_match_tokens"] == 16
+    model, _ = load_llava(model_dir)
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values).pooler_output[0]
+    got, activity = OnnxVLM.from_artifact(result.folder).encode_image(pixel_values.numpy())
+    np.testing.assert_allclose(got[0], features.numpy(), atol=1e-5)
+    np.testing.assert_allclose(activity[0], np.linalg.norm(got[0], axis=-1), rtol=1e-5)
 
 
 @pytest.mark.slow

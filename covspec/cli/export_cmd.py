@@ -73,13 +73,9 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
                             exporter=exporter, min_agreement=min_agreement)
     names = stages(options)
     started = time.monotonic()
-    last = [started]
 
     def progress(stage: str) -> None:
-        now = time.monotonic()
-        index = names.index(stage) + 1
-        click.echo(f"[{index}/{len(names)}] {stage} ... (+{now - last[0]:.1f} s)", err=True)
-        last[0] = now
+        click.echo(f"[{names.index(stage) + 1}/{len(names)}] {time.monotonic() - started:6.1f} s  {stage}", err=True)
 
     try:
         result = export_model(model_dir, out, options, progress=progress)

@@ -10,8 +10,9 @@
   least ``AGREEMENT_POSITIONS`` text positions (the prompt's text after the image and
   an fp32 greedy continuation).
 
-The sample input is a ShapesVQA image and question when the toy world is available
-and the model is a toy model, otherwise a fixed random image and a fixed question.
+The sample input is a held-out ShapesVQA scene with its description question when
+the model uses the toy vocabulary (a toy draft or target), otherwise a fixed random
+image and a fixed question.
 """
 
 from __future__ import annotations
