@@ -79,7 +79,8 @@ def noise_image(seed: int, size: int = 40) -> Image.Image:
 def open_message(target: TargetModel, session: str, image: Image.Image, **fields) -> Open:
     fields.setdefault("prompt", QUESTION)
     fields.setdefault("max_new_tokens", 16)
-    return Open(session=session, seq=fields.pop("seq", 0), image=png(image), vocab_hash=target.vocab_hash,
+    fields.setdefault("vocab_hash", target.vocab_hash)
+    return Open(session=session, seq=fields.pop("seq", 0), image=png(image),
                 committed=np.asarray(fields.pop("committed", []), np.int32), **fields)
 
 
@@ -357,3 +358,268 @@ def test_sampling_follows_the_target_distribution(tiny, server):
     assert counts.sum() == n
     assert chi_square_p(counts, p1) > 1e-3
     assert chi_square_p(proposals, p1) < 1e-6           # negative control: the test has power
+
+
+# --- bad requests -------------------------------------------------------------------------------
+
+def raw(header: dict, *frames: bytes) -> list[bytes]:
+    import json
+
+    base = {"v": 1, "type": "verify", "session": "victim", "seq": 50, "start": 1, "assumed": -1}
+    return [json.dumps({**base, **header}).encode()] + list(frames)
+
+
+def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str, list[bytes], str]]:
+    tokens = {"name": "tokens", "dtype": "int32"}
+    v = target.vocab_size
+    return [
+        ("header is not JSON", [b"\xff{not json"], "bad_json"),
+        ("empty header frame", [b""], "bad_json"),
+        ("wrong protocol version", raw({"v": 2}), "bad_version"),
+        ("unknown message type", raw({"type": "hello"}), "unknown_type"),
+        ("seq of the wrong type", raw({"seq": "7", "arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4), "bad_field"),
+        ("truncated array frame", raw({"arrays": [{**tokens, "shape": [4]}]}, b"\0" * 8), "bad_array"),
+        ("missing array frame", raw({"arrays": [{**tokens, "shape": [2]}]}), "missing_frames"),
+        ("extra frame", raw({"arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4, b"junk"), "extra_frames"),
+        ("missing required array", raw({"arrays": []}), "missing_field"),
+        ("huge declared shape", raw({"arrays": [{**tokens, "shape": [1 << 40]}]}, b"\0" * 4), "too_large"),
+        ("huge declared image", [encode(open_message(target, "big", image))[0].replace(
+            b'"shape":[', b'"shape":[1000000000000') ] + encode(open_message(target, "big", image))[1:], "too_large"),
+        ("unknown session", encode(Verify(session="nobody", seq=1, start=1, tokens=np.asarray([3], np.int32))),
+         "unknown_session"),
+        ("token id too large", encode(Verify(session="victim", seq=50, start=1, tokens=np.asarray([3, v + 5], np.int32))),
+         "bad_token"),
+        ("negative token id", encode(Verify(session="victim", seq=50, start=1, tokens=np.asarray([-3], np.int32))),
+         "bad_token"),
+        ("wrong vocab hash", encode(open_message(target, "vh", image, vocab_hash="0" * 64)), "vocab_mismatch"),
+        ("dense wire", encode(open_message(target, "dense", image, wire="dense")), "unsupported"),
+        ("image bytes that are no image", encode(Open(session="img", seq=0, image=np.frombuffer(b"GIF89a-no", np.uint8),
+                                                      vocab_hash=target.vocab_hash, committed=np.zeros(0, np.int32))), "bad_image"),
+        ("prompt places its own image", encode(open_message(target, "p", image, prompt="<image> what ?")), "bad_field"),
+        ("context + max_new_tokens over the limit", encode(open_message(target, "long", image, max_new_tokens=500)),
+         "too_long"),
+        ("committed tokens out of range", encode(open_message(target, "reo", image, committed=[v + 1])), "bad_token"),
+        ("edge-only message type", encode(Pong(session="victim", seq=50, sessions=3)), "unexpected_type"),
+    ]
+
+
+def test_bad_requests_get_errors_while_a_good_session_completes(tiny, server):
+    image = noise_image(9)
+    ref = reference(tiny, image, 24)
+    outcome: dict = {}
+
+    def good_session():
+        c = Client(server.address)
+        try:
+            outcome["committed"] = drive_greedy(c, tiny, "good", image, ref, "mix", 24, width=2)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+        finally:
+            c.close()
+
+    thread = threading.Thread(target=good_session)
+    thread.start()
+    bad = Client(server.address)
+    try:
+        opened = bad.request(open_message(tiny, "victim", image, max_new_tokens=24, seq=40))
+        assert opened.token == ref[0]
+        for name, frames, code in bad_request_cases(tiny, image):
+            bad.send_frames(frames)
+            reply = bad.recv()
+            assert isinstance(reply, Error) and reply.code == code, (name, reply)
+            assert len(reply.message) > 20, name
+        # The victim session is intact: rounds, idempotent repeats, replays, stale chunks.
+        first = bad.request(Verify(session="victim", seq=51, start=1, tokens=np.asarray(ref[1:3], np.int32)))
+        assert (first.status, first.accepted, first.token) == ("ok", 2, ref[3])
+        again = bad.request(Verify(session="victim", seq=51, start=1, tokens=np.asarray(ref[1:3], np.int32)))
+        assert again == first                                           # same reply, no recomputation
+        replayed = bad.request(Verify(session="victim", seq=45, start=4, tokens=np.asarray([ref[4]], np.int32)))
+        assert isinstance(replayed, Error) and replayed.code == "replayed"
+        stale = bad.request(Verify(session="victim", seq=52, start=1, tokens=np.asarray([ref[1]], np.int32)))
+        assert (stale.status, stale.start) == ("stale", 1)
+        wrong_assumption = bad.request(Verify(session="victim", seq=53, start=4, assumed=(ref[3] + 1) % tiny.vocab_size,
+                                              tokens=np.asarray([ref[4]], np.int32)))
+        assert wrong_assumption.status == "stale"
+        going_on = bad.request(Verify(session="victim", seq=54, start=4, assumed=ref[3],
+                                      tokens=np.asarray(ref[4:6], np.int32)))
+        assert (going_on.status, going_on.accepted, going_on.token) == ("ok", 2, ref[6])
+        # Sampling sessions need the draft's q, and q must give the draft token mass.
+        bad.request(open_message(tiny, "sampler", image, temperature=1.0, seed=1))
+        no_q = bad.request(Verify(session="sampler", seq=1, start=1, tokens=np.asarray([3], np.int32)))
+        assert isinstance(no_q, Error) and no_q.code == "missing_field"
+        zero_q = bad.request(Verify(session="sampler", seq=2, start=1, tokens=np.asarray([3], np.int32),
+                                    q_ids=np.asarray([[4, 5]], np.int32), q_probs=np.asarray([[0.5, 0.5]], np.float16)))
+        assert isinstance(zero_q, Error) and zero_q.code == "bad_field"
+        ok_q = bad.request(Verify(session="sampler", seq=3, start=1, tokens=np.asarray([3], np.int32),
+                                  q_ids=np.asarray([[3, 5]], np.int32), q_probs=np.asarray([[0.5, 0.5]], np.float16)))
+        assert ok_q.status == "ok"
+    finally:
+        bad.close()
+        thread.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["committed"] == ref
+
+
+def test_message_size_limits(tiny):
+    image = noise_image(10, size=8)
+    with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_message_bytes=64 * 1024)) as small:
+        c = Client(small.address)
+        try:
+            # Two frames under the socket's per-frame limit but over the total: refused by decode.
+            many = np.zeros((1, 12_000), np.int32)
+            c.send(Verify(session="x", seq=1, start=1, tokens=np.asarray([3], np.int32),
+                          q_ids=many, q_probs=many.astype(np.float16) + 1))
+            assert c.recv().code == "too_large"
+            # One frame over MAXMSGSIZE: the socket drops the peer, nothing comes back.
+            c.send(Open(session="x", seq=2, image=np.zeros(100_000, np.uint8), vocab_hash=tiny.vocab_hash,
+                        committed=np.zeros(0, np.int32)))
+            with pytest.raises(TimeoutError):
+                c.recv(timeout_ms=1000)
+        finally:
+            c.close()
+        fresh = Client(small.address)
+        try:
+            assert isinstance(fresh.request(Ping(session="", seq=0)), Pong)   # the server is fine
+        finally:
+            fresh.close()
+
+
+# --- sessions: expiry, limits ----------------------------------------------------------------------
+
+def wait_for_sessions(client: Client, count: int, deadline_s: float = 10.0) -> int:
+    """Ping until the edge reports ``count`` sessions (or the deadline passes); the last count."""
+    end, seq, seen = time.monotonic() + deadline_s, 0, -1
+    while time.monotonic() < end:
+        seq += 1
+        seen = client.request(Ping(session="", seq=seq)).sessions
+        if seen == count:
+            return seen
+        client.socket.poll(50)          # a short pause between probes, nothing to synchronize on
+    return seen
+
+
+def test_idle_session_expires_and_frees_its_cache(tiny):
+    image = noise_image(11)
+    with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, idle_timeout_s=0.3)) as quick:
+        c = Client(quick.address)
+        try:
+            c.request(open_message(tiny, "idle", image))
+            session = quick._sessions.get("idle")
+            assert session is not None and session.cache is not None
+            assert wait_for_sessions(c, 0) == 0
+            assert session.cache is None                                 # the KV cache was freed
+            reply = c.request(Verify(session="idle", seq=1, start=1, tokens=np.asarray([3], np.int32)))
+            assert isinstance(reply, Error) and reply.code == "unknown_session"
+        finally:
+            c.close()
+
+
+def test_max_sessions(tiny):
+    image = noise_image(12)
+    with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_sessions=2)) as full:
+        c = Client(full.address)
+        try:
+            assert isinstance(c.request(open_message(tiny, "a", image)), Opened)
+            assert isinstance(c.request(open_message(tiny, "b", image)), Opened)
+            refused = c.request(open_message(tiny, "c", image))
+            assert isinstance(refused, Error) and refused.code == "busy"
+            assert isinstance(c.request(open_message(tiny, "a", image, seq=5)), Opened)   # replacing is fine
+            c.send(Close(session="b", seq=1))
+            assert isinstance(c.request(open_message(tiny, "c", image)), Opened)
+        finally:
+            c.close()
+
+
+# --- CurveZMQ and configuration ------------------------------------------------------------------
+
+def make_keys(directory: Path, name: str) -> tuple[bytes, bytes]:
+    import zmq.auth
+
+    result = CliRunner().invoke(cli, ["keys", "new", str(directory), "--name", name])
+    assert result.exit_code == 0, result.output
+    assert (directory / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+    return zmq.auth.load_certificate(str(directory / f"{name}.key_secret"))
+
+
+def test_curve_admits_allowed_keys_only(tiny, tmp_path):
+    edge_public, _ = make_keys(tmp_path / "edge", "edge")
+    allowed = make_keys(tmp_path / "allowed", "phone")
+    stranger = make_keys(tmp_path / "strangers", "stranger")
+    config = ServerConfig(bind=ANY_PORT, secret_key=tmp_path / "edge" / "edge.key_secret",
+                          allow_keys=tmp_path / "allowed")
+    with EdgeServer(tiny, config) as secure:
+        clients = {
+            "allowed": Client(secure.address, curve=(*allowed, edge_public)),
+            "stranger": Client(secure.address, curve=(*stranger, edge_public)),
+            "wrong server key": Client(secure.address, curve=(*allowed, stranger[0])),
+            "plaintext": Client(secure.address),
+        }
+        try:
+            for name in ("stranger", "wrong server key", "plaintext"):
+                clients[name].send(Ping(session="", seq=1))
+            assert isinstance(clients["allowed"].request(Ping(session="", seq=1)), Pong)
+            opened = clients["allowed"].request(open_message(tiny, "secure", noise_image(13)))
+            assert isinstance(opened, Opened)
+            for name in ("stranger", "wrong server key", "plaintext"):
+                with pytest.raises(TimeoutError):
+                    clients[name].recv(timeout_ms=500)
+        finally:
+            for c in clients.values():
+                c.close()
+
+
+def test_keys_new_refuses_to_overwrite(tmp_path):
+    make_keys(tmp_path, "edge")
+    result = CliRunner().invoke(cli, ["keys", "new", str(tmp_path), "--name", "edge"])
+    assert result.exit_code == 2 and "--force" in result.output
+
+
+@pytest.mark.parametrize("bind, ok", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://localhost:*", True), ("tcp://[::1]:5555", True),
+    ("ipc:///tmp/edge", True), ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False),
+    ("tcp://192.168.1.20:5555", False)])
+def test_non_loopback_bind_needs_keys_or_insecure(bind, ok):
+    if ok:
+        ServerConfig(bind=bind).validate()
+    else:
+        with pytest.raises(ConfigError, match="--insecure"):
+            ServerConfig(bind=bind).validate()
+        ServerConfig(bind=bind, insecure=True).validate()
+
+
+def test_cli_refuses_public_bind_before_loading_anything():
+    result = CliRunner().invoke(cli, ["edge", "serve", "/nonexistent", "--bind", "tcp://0.0.0.0:5555"])
+    assert result.exit_code == 2 and "--insecure" in result.output
+
+
+def test_cli_reports_a_bad_model_folder(tmp_path):
+    result = CliRunner().invoke(cli, ["edge", "serve", str(tmp_path), "--bind", "tcp://127.0.0.1:*"])
+    assert result.exit_code == 1 and "config.json" in result.output
+
+
+def test_edge_help_is_light(no_torch):
+    result = no_torch("from covspec.cli.main import cli\ncli()\n", "edge", "serve", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--allow-keys" in result.stdout
+
+
+# --- the CLI in a child process: serve, SIGTERM, session log line ----------------------------------
+
+def test_edge_process_serves_and_stops_cleanly_on_sigterm(tiny, tiny_dir, tmp_path):
+    from covspec.runtime_edge.process import EdgeProcess
+
+    log = tmp_path / "edge.log"
+    edge = EdgeProcess(tiny_dir, ServerConfig(bind=ANY_PORT, threads=1), log_path=log).start()
+    try:
+        c = Client(edge.address)
+        try:
+            opened = c.request(open_message(tiny, "child", noise_image(14), max_new_tokens=6))
+            result = c.request(Verify(session="child", seq=1, start=1, tokens=np.asarray([3, 4], np.int32)))
+            assert isinstance(opened, Opened) and isinstance(result, Result)
+        finally:
+            c.close()
+    finally:
+        code = edge.stop()
+    assert code == 0
+    text = log.read_text()
+    assert "session child shutdown: mode=speculative" in text and "rounds=1" in text and "bytes_in=" in text
