@@ -128,22 +128,31 @@ def check_fp32(model, adapter, runner: OnnxVLM, scorer_path, sample: Sample) -> 
     return report
 
 
-def agreement_sequence(runner: OnnxVLM, sample: Sample) -> tuple[np.ndarray, int]:
-    """``(input_ids [1,L], first)``: the prompt plus an fp32 greedy continuation long
-    enough that positions ``first..L-2`` (each predicting a text token) number at least
-    ``AGREEMENT_POSITIONS``."""
+@dataclass
+class AgreementReference:
+    """The fp32 side of top-1 agreement: ``sequence [1,L]`` (prompt + fp32 greedy
+    continuation), its logits at positions ``first..L-2`` (each predicting a text token;
+    at least ``AGREEMENT_POSITIONS`` of them) and the sample's pixels."""
+
+    sequence: np.ndarray
+    first: int
+    logits: np.ndarray
+    pixel_values: np.ndarray
+
+
+def agreement_reference(reference: OnnxVLM, sample: Sample) -> AgreementReference:
     ids = sample.input_ids
-    first = int(np.flatnonzero(ids[0] == runner.image_token_id).max())
+    first = int(np.flatnonzero(ids[0] == reference.image_token_id).max())
     continuation = max(GREEDY_TOKENS, AGREEMENT_POSITIONS - (ids.shape[1] - 1 - first))
-    tokens = runner.greedy(ids, sample.pixel_values, continuation, continuation)
-    return np.concatenate([ids, np.array([tokens], np.int64)], axis=1), first
+    tokens = reference.greedy(ids, sample.pixel_values, continuation, continuation)
+    sequence = np.concatenate([ids, np.array([tokens], np.int64)], axis=1)
+    logits = reference.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
+    return AgreementReference(sequence, first, logits, sample.pixel_values)
 
 
-def top1_agreement(reference: OnnxVLM, candidate: OnnxVLM, sample: Sample) -> dict:
-    """Teacher-forced top-1 agreement of ``candidate`` with ``reference`` on text positions."""
-    sequence, first = agreement_sequence(reference, sample)
-    want = reference.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
-    got = candidate.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
-    return {"top1_agreement": float((want.argmax(-1) == got.argmax(-1)).mean()),
-            "positions": int(want.shape[0]),
-            "max_abs_diff_logits": _max_diff(got, want)}
+def top1_agreement(candidate: OnnxVLM, reference: AgreementReference) -> dict:
+    """Teacher-forced top-1 agreement of ``candidate`` with the fp32 reference."""
+    got = candidate.prefill_logits(reference.sequence, reference.pixel_values)[0, reference.first:-1]
+    return {"top1_agreement": float((reference.logits.argmax(-1) == got.argmax(-1)).mean()),
+            "positions": int(got.shape[0]),
+            "max_abs_diff_logits": _max_diff(got, reference.logits)}

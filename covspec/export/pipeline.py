@@ -118,25 +118,25 @@ def _runner(folder: Path, adapter, tokenizer: dict, vision="vision.onnx", decode
 
 
 def _quantize_stage(folder: Path, scheme: str, adapter, tokenizer: dict, sample, bound: float) -> tuple[dict, dict]:
-    """Quantize decoder (and vision if it keeps agreement); returns (quantization, parity)."""
-    from covspec.export.parity import top1_agreement
+    """Quantize the decoder (int8: per-channel and per-tensor, ties keep per-channel), then
+    the vision graph too if that does not lower agreement; returns (quantization, parity)."""
+    from covspec.export.parity import agreement_reference, top1_agreement
     from covspec.export.quantize import quantize
 
-    reference = _runner(folder, adapter, tokenizer)
+    reference = agreement_reference(_runner(folder, adapter, tokenizer), sample)
     variants = [True, False] if scheme == "int8" else [True]
     measured, best = {}, None
     for per_channel in variants:
         tag = f"{scheme}{'' if scheme == 'int4' else ('_per_channel' if per_channel else '_per_tensor')}"
         details = quantize(scheme, folder / "decoder.onnx", folder / f"decoder.{tag}.onnx", per_channel)
-        result = top1_agreement(reference, _runner(folder, adapter, tokenizer, decoder=f"decoder.{tag}.onnx"),
-                                sample)
+        result = top1_agreement(_runner(folder, adapter, tokenizer, decoder=f"decoder.{tag}.onnx"), reference)
         measured[tag] = result
         if best is None or result["top1_agreement"] > measured[best[0]]["top1_agreement"]:
             best = (tag, details)
     tag, details = best
     quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("per_channel", True))
-    with_vision = top1_agreement(reference, _runner(folder, adapter, tokenizer, vision="vision.quant.onnx",
-                                                    decoder=f"decoder.{tag}.onnx"), sample)
+    with_vision = top1_agreement(_runner(folder, adapter, tokenizer, vision="vision.quant.onnx",
+                                         decoder=f"decoder.{tag}.onnx"), reference)
     vision_quantized = with_vision["top1_agreement"] >= measured[tag]["top1_agreement"]
     final = with_vision if vision_quantized else measured[tag]
     if vision_quantized:
