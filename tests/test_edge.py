@@ -623,3 +623,33 @@ def test_edge_process_serves_and_stops_cleanly_on_sigterm(tiny, tiny_dir, tmp_pa
     assert code == 0
     text = log.read_text()
     assert "session child shutdown: mode=speculative" in text and "rounds=1" in text and "bytes_in=" in text
+
+
+def test_padded_target_vocabulary(tmp_path):
+    """A target whose logits are wider than its tokenizer: same vocab hash, ids checked against the logits."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from covspec.hf.folder import build_word_tokenizer, save_llava_folder
+    from covspec.hf.tiny import BASE_WORDS, tiny_llava_config
+
+    tokenizer = build_word_tokenizer(BASE_WORDS)
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer.get_vocab_size() + 7)).eval()
+    model.generation_config.eos_token_id = 2
+    folder = save_llava_folder(model, tokenizer, tmp_path / "padded", image_size=32)
+    target = TargetModel.load(folder)
+    assert target.vocab_size == tokenizer.get_vocab_size() + 7
+    image = noise_image(15)
+    ref = reference(target, image, 10)
+    with EdgeServer(target, ServerConfig(bind=ANY_PORT)) as padded:
+        c = Client(padded.address)
+        try:
+            assert drive_greedy(c, target, "pad", image, ref, "mix", 10) == ref
+            c.request(open_message(target, "pad2", image))
+            top = target.vocab_size - 1                      # a padding id: valid for the target
+            assert c.request(Verify(session="pad2", seq=1, start=1, tokens=np.asarray([top], np.int32))).status == "ok"
+            beyond = c.request(Verify(session="pad2", seq=2, start=2, tokens=np.asarray([top + 1], np.int32)))
+            assert beyond.code == "bad_token"
+        finally:
+            c.close()

@@ -70,12 +70,11 @@ def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessio
     server = EdgeServer(model_dir, config)
     try:
         server.start()
-    except (ConfigError, ModelFolderError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(READY_PREFIX + server.address)
-    try:
+        click.echo(READY_PREFIX + server.address)
         while not stop.wait(0.5):
             pass
+    except (ConfigError, ModelFolderError) as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
     finally:

@@ -49,6 +49,7 @@ from covspec.runtime_edge.target import TargetModel, decode_image
 log = logging.getLogger("covspec.edge")
 
 _POLL_MS = 100
+_BURST = 64          # messages moved per socket per I/O iteration, so neither direction starves
 
 
 @dataclass
@@ -137,9 +138,13 @@ class EdgeServer:
         self._stopping.set()
         for thread in self._threads:
             thread.join(timeout)
+        hung = [t.name for t in self._threads if t.is_alive()]
         for session in list(self._sessions.values()):
             self._end(session, "shutdown")
-        self._close_context()
+        if hung:   # a forward still running: leave its sockets to the daemon thread and the process exit
+            log.warning("threads %s did not stop within %g s; not waiting for them", hung, timeout)
+        else:
+            self._close_context()
         self._stopped.set()
         log.info("stopped")
 
@@ -193,12 +198,17 @@ class EdgeServer:
         try:
             while not self._stopping.is_set():
                 ready = dict(poller.poll(_POLL_MS))
-                if pull in ready:
-                    while pull.poll(0):
-                        _send(router, pull.recv_multipart())
-                if router in ready:
-                    while router.poll(0):
-                        self._receive(router, router.recv_multipart(copy=True))
+                for _ in range(_BURST if pull in ready else 0):
+                    try:
+                        _send(router, pull.recv_multipart(flags=zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                for _ in range(_BURST if router in ready else 0):
+                    try:
+                        frames = router.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._receive(router, frames)
         finally:
             router.close(linger=0)
             pull.close(linger=0)

@@ -111,8 +111,7 @@ class Session:
                                       f"ask for at most {max(0, max_context - context.length)} new tokens.")
         session.context_len = context.length
         session.committed = committed
-        if committed and (committed[-1] in target.eos_ids or len(committed) >= msg.max_new_tokens
-                          or any(t in target.eos_ids for t in committed)):
+        if len(committed) >= msg.max_new_tokens or any(t in target.eos_ids for t in committed):
             session.done = True                     # the reopen already ended generation
             return session, session._opened(msg.seq, spec.NO_TOKEN)
         begin = time.perf_counter()
