@@ -66,10 +66,12 @@ def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessio
     from covspec.runtime_edge.server import EdgeServer
 
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server = EdgeServer(model_dir, config)
+    previous = {}
     try:
-        server.start()
+        server.start()      # Ctrl-C while loading raises KeyboardInterrupt; nothing to clean up yet
+        # From here Ctrl-C and SIGTERM both stop cleanly (SIGINT too when a shell started us ignoring it).
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         click.echo(READY_PREFIX + server.address)
         while not stop.wait(0.5):
             pass
@@ -79,5 +81,6 @@ def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessio
         pass
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     click.echo("covspec edge: stopped")

@@ -16,6 +16,7 @@ MISSING_FIELD = "missing_field"       # sampling mode without q_ids/q_probs
 BAD_FIELD = "bad_field"               # a field with an unusable value (e.g. q without mass)
 BAD_IMAGE = "bad_image"               # image bytes that do not decode, or too many pixels
 REPLAYED = "replayed"                 # a seq older than the session's last handled round
+UNEXPECTED_TYPE = "unexpected_type"   # a message only the edge sends (opened, result, pong, error)
 WRONG_MODE = "wrong_mode"             # verify sent to a target_only session
 TOO_LONG = "too_long"                 # context + max_new_tokens beyond max_context
 BUSY = "busy"                         # max_sessions or the request queue is full

@@ -101,13 +101,15 @@ class EdgeServer:
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        if self.config.curve:
-            self._setup_curve(context, router)
         try:
+            if self.config.curve:
+                self._setup_curve(context, router)
             router.bind(_wildcard_port(self.config.bind))
-        except zmq.ZMQError as exc:
+        except (ConfigError, zmq.ZMQError) as exc:
             router.close(linger=0)
             self._close_context()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"cannot bind {self.config.bind} ({exc}); pick another address or port.") from None
         self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         pull = context.socket(zmq.PULL)
@@ -208,7 +210,10 @@ class EdgeServer:
                         frames = router.recv_multipart(flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._receive(router, frames)
+                    try:
+                        self._receive(router, frames)
+                    except Exception:  # noqa: BLE001 - the I/O thread must outlive any request
+                        log.exception("failed to handle an incoming message")
         finally:
             router.close(linger=0)
             pull.close(linger=0)
@@ -228,7 +233,7 @@ class EdgeServer:
             return
         if not isinstance(message, (Open, Verify, Close)):
             _send(router, [identity] + encode(Error(
-                session=message.session, seq=message.seq, code="unexpected_type",
+                session=message.session, seq=message.seq, code=errors.UNEXPECTED_TYPE,
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
