@@ -14,6 +14,10 @@ no size collapses to a constant (PLATFORM.md, ONNX export):
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 from torch.export import Dim
 
 from covspec.export.adapters import LlavaAdapter, past_names, present_names
+from covspec.export.errors import ExportError
 from covspec.export.scorer import INPUTS as SCORER_INPUTS
 from covspec.export.scorer import OUTPUTS as SCORER_OUTPUTS
 from covspec.export.scorer import TokenScorer
@@ -38,21 +43,40 @@ TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
 EXPORTERS = ("torchscript", "dynamo")
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1: the exporters print whole graphs from C++ on failure."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _export(module, args, path: Path, input_names, output_names, axes: dict[str, dict[int, str]],
             dims: tuple, opset: int, exporter: str) -> dict:
     """Export ``module`` on ``args``. ``axes`` names each dynamic axis (torchscript, and the
     names written into the ONNX file); ``dims`` mirrors ``args`` with ``Dim``s (dynamo)."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
-                              output_names=output_names, dynamic_axes=axes, opset_version=opset)
-        else:
-            program = torch.onnx.export(
-                module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dims, opset_version=opset, external_data=False, optimize=True, verbose=False)
-            program.save(str(path))
-            _name_dims(path, axes)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
+            warnings.simplefilter("ignore")
+            if exporter == "torchscript":
+                torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
+                                  output_names=output_names, dynamic_axes=axes, opset_version=opset)
+            else:
+                program = torch.onnx.export(
+                    module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                    dynamic_shapes=dims, opset_version=opset, external_data=False, optimize=True, verbose=False)
+                program.save(str(path))
+                _name_dims(path, axes)
+    except Exception as exc:  # the exporters raise many unrelated types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path.name}: torch.onnx.export ({exporter}, opset {opset}) failed: {first_line}") from exc
     return {"file": path.name, "inputs": list(input_names), "outputs": list(output_names)}
 
 
