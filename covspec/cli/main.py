@@ -72,3 +72,7 @@ def cli() -> None:
 
     Start with `covspec demo`, or see `covspec COMMAND --help`.
     """
+
+
+if __name__ == "__main__":
+    cli()

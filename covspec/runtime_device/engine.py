@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covspec.protocol.messages import Open, Opened, Result, Verify
+from covspec.protocol.messages import Close, Open, Opened, Result, Verify
 from covspec.protocol.speculative import NO_TOKEN, sample, sparse_proposal, sparse_q, target_probs
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.preprocess import load_image, pixel_values
+
+
+DRAFT_STREAM = 0x6472616674  # "draft": keys the device's random stream apart from the edge's
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,9 @@ class CoInference:
         stats = stats if stats is not None else GenerationStats()
         began = time.perf_counter()
         up0, down0 = self.client.bytes_up, self.client.bytes_down
-        rng = np.random.default_rng(settings.seed)
+        # The draft's randomness must be independent of the edge's (seeded with the
+        # same user seed), or the joint output is biased: derive a separate stream.
+        rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
         session = uuid.uuid4().hex
         seq = 0
         committed: list[int] = []
@@ -167,6 +172,7 @@ class CoInference:
                 done = result.done
                 yield new
         finally:
+            self.client.send(Close(session=session, seq=seq + 1))
             stats.tokens = len(committed)
             stats.wall_s = time.perf_counter() - began
             stats.bytes_up += self.client.bytes_up - up0
@@ -229,3 +235,42 @@ class CoInference:
         if settings.greedy:
             return draft, None, None
         return draft, np.stack(ids_rows), np.stack(prob_rows)
+
+
+def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, settings: GenerationSettings,
+                         stats: GenerationStats | None = None) -> Iterator[list[int]]:
+    """The baseline without a draft: the edge generates alone and streams each token.
+
+    Needs no artifact; ``vocab_hash`` is left empty (the device tokenizes nothing).
+    """
+    stats = stats if stats is not None else GenerationStats()
+    began = time.perf_counter()
+    up0, down0 = client.bytes_up, client.bytes_down
+    message = Open(session=uuid.uuid4().hex, seq=0, prompt=question, image=np.frombuffer(image_bytes, np.uint8),
+                   max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                   top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, mode="target_only",
+                   committed=np.zeros(0, np.int32))
+    tokens = 0
+    try:
+        opened = client.request(message, timeout_s=client.policy.timeout_s * 2)
+        tokens = 1
+        stats.ttft_s = time.perf_counter() - began
+        yield [opened.token]
+        done = opened.done
+        while not done:
+            reply = client.receive(message.session, message.seq, client.policy.timeout_s)
+            if reply is None:
+                raise EdgeUnreachable(f"the edge at {client.address} stopped streaming")
+            if not isinstance(reply, Result):
+                raise EdgeError(getattr(reply, "code", "unexpected"), getattr(reply, "message", repr(reply)))
+            stats.edge_verify_ms += reply.verify_ms
+            done = reply.done
+            if reply.token != NO_TOKEN:
+                tokens += 1
+                yield [reply.token]
+    finally:
+        client.send(Close(session=message.session, seq=1))
+        stats.tokens = tokens
+        stats.wall_s = time.perf_counter() - began
+        stats.bytes_up += client.bytes_up - up0
+        stats.bytes_down += client.bytes_down - down0
