@@ -234,7 +234,8 @@ def test_target_only_streams_generate_and_interleaves(tiny, server):
     ref = reference(tiny, image, 60)
     streamer, other = Client(server.address), Client(server.address)
     try:
-        streamer.send(open_message(tiny, "stream", image, max_new_tokens=60, mode="target_only"))
+        # A target-only device tokenizes nothing: it may leave the vocabulary hash empty.
+        streamer.send(open_message(tiny, "stream", image, max_new_tokens=60, mode="target_only", vocab_hash=""))
         opened_other = other.request(open_message(tiny, "other", noise_image(7), max_new_tokens=4))
         assert isinstance(opened_other, Opened)
         # Fairness: the other session's open was served while the stream had far to go.

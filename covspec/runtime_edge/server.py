@@ -300,7 +300,9 @@ class EdgeServer:
         target = self.target
         if message.wire == "dense":
             raise EdgeError(errors.UNSUPPORTED, "wire='dense' is not served by this edge yet; open with wire='compact'.")
-        if message.vocab_hash != target.vocab_hash:
+        # A target_only device tokenizes nothing, so it may leave the hash empty.
+        hash_needed = not (message.mode == "target_only" and message.vocab_hash == "")
+        if hash_needed and message.vocab_hash != target.vocab_hash:
             raise EdgeError(errors.VOCAB_MISMATCH, f"the device's vocabulary hash {message.vocab_hash[:12]!r}... differs "
                                                    f"from the target's {target.vocab_hash[:12]!r}...; device and edge "
                                                    "must use the same tokenizer.")
