@@ -265,7 +265,7 @@ def shapes_images() -> list[tuple[Image.Image, str]]:
     try:
         from covspec.toy import shapes
         samples = [shapes.sample("test", i) for i in range(2)]
-        return [(s.image(), s.qas[0].question) for s in samples]
+        return [(s.image(), s.qas[-1].question) for s in samples]     # "describe" when it applies: long answers
     except ImportError:
         images = []
         for i, (color, box) in enumerate([("red", (10, 10, 40, 40)), ("blue", (50, 20, 90, 60))]):

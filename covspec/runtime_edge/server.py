@@ -23,6 +23,25 @@ queued requests and one-token steps of target-only sessions, so a long target-on
 generation never blocks other sessions. Its replies travel back to the I/O thread
 over an inproc PUSH/PULL pair. The server never crashes on a request: every
 refusal is an ``Error`` reply with a code and a sentence.
+
+What a device can rely on (the round logic itself lives in ``session.py``):
+
+- ``open`` creates the session (an open for an existing id replaces it) and is
+  answered ``opened`` with the first token, or the next one after ``committed`` on
+  a reopen (``token`` -1 and ``done`` when those already ended generation). The
+  vocabulary hash must match the target's tokenizer (``vocab_mismatch``); a
+  ``target_only`` open may leave it empty. ``wire="dense"`` is ``unsupported``.
+- ``verify`` is answered ``result``: ``stale`` (nothing changed) unless ``start``
+  is the committed length and ``assumed`` is -1 or the last committed token. A
+  repeated ``seq`` gets the session's last reply again without recomputation; an
+  older one gets ``replayed``. Errors are not remembered as replies.
+- ``target_only``: after ``opened`` the edge streams one ``result`` per token, each
+  with the open's ``seq``, ``start`` = the token's position and ``accepted`` 0.
+- ``close`` frees the session without a reply; ``ping`` gets ``pong`` with the
+  number of live sessions. A session silent for ``idle_timeout_s`` is dropped
+  (``unknown_session`` afterwards: reopen with the committed tokens).
+- Each session leaves one log line when it ends (closed, replaced, expired,
+  shutdown): tokens, rounds, accepted mean, bytes in/out, prefill and verify time.
 """
 
 from __future__ import annotations
