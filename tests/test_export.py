@@ -166,6 +166,10 @@ def test_cli_errors(tiny, fp32_artifact, tmp_path):
     result = run_cli(str(tiny), "--out", str(fp32_artifact))
     assert result.exit_code == 1 and "--force" in result.output
     assert load_manifest(fp32_artifact).files == before
+
+    result = run_cli(str(tiny), "--out", str(tiny), "--force")  # not an artifact folder: never deleted
+    assert result.exit_code == 1 and "not an artifact folder" in result.output
+    assert (tiny / "config.json").is_file()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

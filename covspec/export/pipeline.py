@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.export.errors import OutputExistsError, ParityError
+from covspec.export.errors import ExportError, OutputExistsError, ParityError
 from covspec.export.quantize import SCHEMES
 
 # Minimum top-1 agreement with fp32 per scheme (the int8 bound is the 90%).
@@ -162,13 +162,13 @@ def _convert_to_ort(folder: Path, graphs: dict) -> None:
                "--output_dir", str(folder), "--optimization_style", "Fixed"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"ORT conversion failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise ExportError(f"ORT conversion failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     for leftover in folder.glob("*.config"):
         leftover.unlink()  # required-operator lists for custom builds; not part of the artifact
     for spec in graphs.values():
         ort_file = Path(spec["file"]).with_suffix(".ort").name
         if not (folder / ort_file).is_file():
-            raise RuntimeError(f"ORT conversion produced no {ort_file}.")
+            raise ExportError(f"ORT conversion produced no {ort_file}.")
         spec["ort_file"] = ort_file
 
 
@@ -188,6 +188,9 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     config = read_config(model_dir)
     if out.exists() and not options.force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it.")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
+        raise OutputExistsError(f"{out} exists and is not an artifact folder (no manifest.json); "
+                                "--force only replaces artifact folders. Choose another --out.")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
