@@ -137,6 +137,14 @@ def test_corrupted_or_incompatible_artifact_is_refused(fp32_artifact, tmp_path):
         (folder / "manifest.json").write_text(json.dumps(data))
         with pytest.raises(ArtifactError, match=message):
             load_manifest(folder)
+    folder = tmp_path / "escape"
+    shutil.copytree(fp32_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"]["../outside"] = {"sha256": "0", "bytes": 0}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="outside the artifact folder"):
+        load_manifest(folder)
+
     data = load_manifest(fp32_artifact).to_dict()
     del data["graphs"]
     with pytest.raises(ArtifactError, match="'graphs'"):

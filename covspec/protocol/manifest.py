@@ -151,6 +151,10 @@ def load_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
         if name not in manifest.files:
             raise ArtifactError(f"manifest.json: file {name!r} is used but not listed in 'files'.")
     for name, entry in manifest.files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"manifest.json: file name {name!r} points outside the artifact folder.")
+        if not isinstance(entry, dict) or not {"sha256", "bytes"} <= entry.keys():
+            raise ArtifactError(f"manifest.json: field 'files.{name}' needs sha256 and bytes.")
         file = folder / name
         if not file.is_file():
             raise ArtifactError(f"{folder}: file {name!r} listed in the manifest is missing.")
