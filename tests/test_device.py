@@ -17,7 +17,7 @@ from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, RetryPolicy
-from covspec.runtime_device.engine import CoInference, GenerationSettings, GenerationStats
+from covspec.runtime_device.engine import CoInference, DraftingOptions, GenerationSettings, GenerationStats
 from covspec.runtime_device.preprocess import pixel_values
 from covspec.runtime_edge import EdgeServer, ServerConfig
 
@@ -58,12 +58,16 @@ def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[in
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def co_generate(artifact_dir, address, image, question, settings, policy=RetryPolicy(timeout_s=5)):
+BASELINE = DraftingOptions(policy="fixed", pipeline=False, branches=0)
+
+
+def co_generate(artifact_dir, address, image, question, settings, policy=RetryPolicy(timeout_s=5),
+                options=BASELINE):
     client = EdgeClient(address, policy)
     stats = GenerationStats()
     try:
         tokens = [t for chunk in CoInference(DraftArtifact.load(artifact_dir), client)
-                  .generate(image, question, settings, stats) for t in chunk]
+                  .generate(image, question, settings, options, stats) for t in chunk]
     finally:
         client.close()
     return tokens, stats
@@ -75,7 +79,9 @@ def test_greedy_output_equals_target_generate(tiny_pair, edge, artifact, draft_l
     for seed, question in enumerate(QUESTIONS):
         image = png_bytes(seed)
         tokens, stats = co_generate(tiny_pair["root"] / artifact, edge.address, image, question,
-                                    GenerationSettings(max_new_tokens=24, draft_len=draft_len))
+                                    GenerationSettings(max_new_tokens=24),
+                                    options=DraftingOptions(policy="fixed", draft_len=draft_len, pipeline=False,
+                                                            branches=0))
         assert tokens == reference(tiny_pair, image, question, 24)
         if artifact == "self-fp32":            # the target drafting for itself is always accepted
             assert sum(stats.accepted) == stats.drafted
@@ -83,14 +89,14 @@ def test_greedy_output_equals_target_generate(tiny_pair, edge, artifact, draft_l
 
 def test_statistics_are_reported(tiny_pair, edge):
     _, stats = co_generate(tiny_pair["root"] / "self-fp32", edge.address, png_bytes(0), QUESTIONS[0],
-                           GenerationSettings(max_new_tokens=16, draft_len=4))
+                           GenerationSettings(max_new_tokens=16))
     report = stats.as_dict()
     assert report["tokens"] == 16 and report["rounds"] == 3        # 1 + 3 rounds x (4 accepted + bonus)
     assert report["bytes_up"] > 0 and report["bytes_down"] > 0 and report["ttft_s"] > 0
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_pair, edge):
-    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=11, draft_len=3)
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=11)
     first, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(3), QUESTIONS[1], settings)
     second, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(3), QUESTIONS[1], settings)
     assert first == second
@@ -127,9 +133,8 @@ def test_sampling_follows_target_distribution(tiny_pair, edge):
     try:
         engine = CoInference(artifact, client)
         for seed in range(runs):
-            settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed,
-                                          draft_len=2)
-            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings) for t in chunk]
+            settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
+            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, BASELINE) for t in chunk]
             counts[tuple(tokens)] += 1
     finally:
         client.close()
@@ -154,7 +159,8 @@ def test_edge_restart_loses_no_committed_token(tiny_pair):
     restarted = None
     try:
         stream = CoInference(DraftArtifact.load(tiny_pair["root"] / "draft-fp32"), client).generate(
-            image, question, GenerationSettings(max_new_tokens=30, draft_len=2), stats)
+            image, question, GenerationSettings(max_new_tokens=30),
+            DraftingOptions(policy="fixed", draft_len=2, pipeline=False, branches=0), stats)
         for chunk in stream:
             tokens += chunk
             if restarted is None:                 # right after the first committed token
@@ -229,3 +235,32 @@ def test_unreachable_edge_raises_in_the_api(tiny_pair):
     with pytest.raises(EdgeUnreachable):
         co_generate(tiny_pair["root"] / "draft-fp32", "tcp://127.0.0.1:9", png_bytes(0), "hi",
                     GenerationSettings(max_new_tokens=4), RetryPolicy(timeout_s=0.1, retries=1, backoff_s=0.01))
+
+
+SWITCHES = [DraftingOptions(policy=policy, pipeline=pipeline, branches=branches, keep_ratio=keep)
+            for policy in ("fixed", "adaptive") for pipeline in (False, True) for branches in (0, 2)
+            for keep in (1.0, 0.125)]
+
+
+@pytest.mark.parametrize("artifact", ["draft-int8", "self-fp32"])
+def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
+    """Greedy equality with every combination of policy, pipelining, branching and
+    pruning. The random draft forces stale pipelined chunks and branch misses; the
+    self-draft forces pipelined and branch hits."""
+    cases = [(seed, question) for seed, question in enumerate(QUESTIONS)]
+    references = {case: reference(tiny_pair, png_bytes(case[0]), case[1], 20) for case in cases}
+    totals = Counter()
+    for options in SWITCHES:
+        for seed, question in cases:
+            tokens, stats = co_generate(tiny_pair["root"] / artifact, edge.address, png_bytes(seed), question,
+                                        GenerationSettings(max_new_tokens=20), options=options)
+            assert tokens == references[(seed, question)], options
+            totals.update(misses=stats.pipelined_misses, pipelined_hits=stats.pipelined_hits, branch_hits=stats.branch_hits,
+                          branches=stats.branches_drafted)
+            if options.keep_ratio < 1:
+                assert stats.kept_visual_tokens == 2            # 12.5% of 16 visual tokens
+    assert totals["branches"] > 0
+    if artifact == "draft-int8":
+        assert totals["misses"] > 0                             # wrong assumptions happened and were survived
+    else:
+        assert totals["pipelined_hits"] > 0

@@ -28,8 +28,26 @@ def device() -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+@click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(["adaptive", "fixed"]),
+              help="adaptive: chunk length from draft confidence and measured costs; fixed: --draft-len.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Tokens drafted per chunk.")
+              help="Tokens per chunk for --draft-policy fixed.")
+@click.option("--max-draft-len", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Hard maximum chunk length of the adaptive policy.")
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+              help="Send the next chunk before the verdict on the current one arrives.")
+@click.option("--branches", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Continuations drafted while waiting for a verdict (0 = off).")
+@click.option("--wire", default="compact", show_default=True, type=click.Choice(["compact", "dense"]),
+              help="compact: ids (+ sparse q); dense: full distributions both ways (baseline).")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True),
+              help="Share of visual tokens the draft keeps (default: the artifact's).")
+@click.option("--keep-tokens", type=click.IntRange(min=1), help="Number of visual tokens the draft keeps.")
+@click.option("--selection", default="covspec", show_default=True,
+              type=click.Choice(["covspec", "relevance", "activity", "diversity", "random"]),
+              help="How the kept visual tokens are chosen.")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append one JSON line per drafting decision to this file.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="onnxruntime intra-op threads.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
@@ -37,7 +55,9 @@ def device() -> None:
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and statistics as JSON.")
 def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
-        temperature: float, top_k: int, top_p: float, seed: int, draft_len: int, threads: int,
+        temperature: float, top_k: int, top_p: float, seed: int, draft_policy: str, draft_len: int,
+        max_draft_len: int, pipeline: bool, branches: int, wire: str, keep_ratio: float | None,
+        keep_tokens: int | None, selection: str, trace_file: Path | None, threads: int,
         timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
 
@@ -47,7 +67,8 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     from covspec.protocol.manifest import ArtifactError
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
-    from covspec.runtime_device.engine import CoInference, GenerationSettings, GenerationStats
+    from covspec.runtime_device.engine import (CoInference, DraftingOptions, GenerationSettings,
+                                               GenerationStats, trace_to_file)
     from covspec.runtime_device.preprocess import ImageError, load_image
     from covspec.runtime_device.stream import TextStream
 
@@ -60,12 +81,16 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, draft_len=draft_len)
+                                  top_p=top_p, seed=seed)
+    options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
+                              pipeline=pipeline, branches=branches, wire=wire, keep_ratio=keep_ratio,
+                              keep_tokens=keep_tokens, selection=selection)
+    trace, close_trace = trace_to_file(trace_file) if trace_file else (None, lambda: None)
     client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries))
     stats = GenerationStats()
     stream = TextStream(artifact.decode_text)
     try:
-        for tokens in CoInference(artifact, client).generate(image_bytes, prompt, settings, stats):
+        for tokens in CoInference(artifact, client).generate(image_bytes, prompt, settings, options, stats, trace):
             increment = stream.push(tokens)
             if not as_json:
                 click.echo(increment, nl=False)
@@ -77,6 +102,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         sys.exit(1)
     finally:
         client.close()
+        close_trace()
     if as_json:
         report = {"answer": stream.text.strip(), "token_ids": stream.tokens, **stats.as_dict(),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

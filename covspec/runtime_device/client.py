@@ -85,6 +85,10 @@ class EdgeClient:
                 return reply
         return None
 
+    def reply_ready(self) -> bool:
+        """Whether a reply is waiting to be received (never blocks)."""
+        return bool(self.socket.poll(0))
+
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
         """Send ``message`` and return its reply, resending on timeout."""
         timeout = timeout_s or self.policy.timeout_s

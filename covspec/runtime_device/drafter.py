@@ -5,16 +5,29 @@ generated tokens. Positions of generated tokens continue from the *full* context
 length (as if no visual token was pruned), so the draft sees the same position ids
 as the target would. Everything after the context is addressed by generated
 position (0 = first generated token), the protocol's unit: ``truncate(m)`` keeps the
-KV of the first ``m`` generated tokens.
+KV of the first ``m`` generated tokens. The drafter remembers which tokens it fed
+(``fed``), so ``extend_to(sequence)`` reuses the longest valid prefix of its cache
+and feeds only the rest. ``snapshot``/``restore`` fork the cache for branches:
+onnxruntime returns fresh arrays and truncation only slices, so a snapshot is a
+list of references, not a copy.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from covspec.runtime_device.artifact import DraftArtifact
+
+
+@dataclass(frozen=True)
+class DrafterState:
+    """A fork point: the cache arrays and the generated tokens they hold."""
+
+    cache: tuple
+    fed: tuple
 
 
 class Drafter:
@@ -27,8 +40,12 @@ class Drafter:
         self.cache: list[np.ndarray] = []
         self.context_len = 0           # cache entries of the context
         self.full_context_len = 0      # context length had no visual token been pruned
-        self.generated = 0             # generated tokens whose KV is in the cache
+        self.fed: list[int] = []       # generated tokens whose KV is in the cache
         self.step_seconds: list[float] = []
+
+    @property
+    def generated(self) -> int:
+        return len(self.fed)
 
     def prefill(self, embeds: np.ndarray, positions: np.ndarray, full_context_len: int) -> np.ndarray:
         """Run the context. embeds: [S, D], positions: [S] -> logits [V] after the context."""
@@ -37,7 +54,7 @@ class Drafter:
         logits = self._run(embeds, positions)
         self.context_len = embeds.shape[0]
         self.full_context_len = full_context_len
-        self.generated = 0
+        self.fed = []
         return logits[-1]
 
     def feed(self, tokens: list[int]) -> np.ndarray:
@@ -45,8 +62,27 @@ class Drafter:
         start = self.full_context_len + self.generated
         positions = np.arange(start, start + len(tokens), dtype=np.int64)
         logits = self._run(self.artifact.embed(tokens), positions)
-        self.generated += len(tokens)
+        self.fed += [int(t) for t in tokens]
         return logits
+
+    def extend_to(self, sequence: list[int]) -> np.ndarray:
+        """Make the cache hold ``sequence`` (generated tokens) and return the logits [V]
+        after its last token, reusing the longest cached prefix."""
+        common = 0
+        for cached, wanted in zip(self.fed, sequence):
+            if cached != wanted:
+                break
+            common += 1
+        keep = min(common, len(sequence) - 1)
+        self.truncate(keep)
+        return self.feed(sequence[keep:])[-1]
+
+    def snapshot(self) -> DrafterState:
+        return DrafterState(tuple(self.cache), tuple(self.fed))
+
+    def restore(self, state: DrafterState) -> None:
+        self.cache = list(state.cache)
+        self.fed = list(state.fed)
 
     def truncate(self, generated: int) -> None:
         """Forget the KV of generated tokens at positions >= ``generated``."""
@@ -54,7 +90,7 @@ class Drafter:
             raise ValueError(f"cannot keep {generated} generated tokens; the cache has {self.generated}")
         keep = self.context_len + generated
         self.cache = [kv[:, :, :keep] for kv in self.cache]
-        self.generated = generated
+        del self.fed[generated:]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         past_len = self.cache[0].shape[2]

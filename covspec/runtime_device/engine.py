@@ -5,50 +5,62 @@ of tokens each verdict commits, so a caller can stream text as it is committed. 
 knows nothing about text or terminals.
 
 The committed sequence is owned by the edge (it verifies, corrects and stops); the
-device only ever appends what a verdict says. When the edge restarts or stops
-answering, the device reopens the session with every committed token, so no
-committed token is lost and the output is unchanged (greedy); if the edge stays
-away it raises ``EdgeUnreachable`` after the committed tokens were yielded.
+device only ever appends what a verdict says. Everything else the device does is
+speculation that can only save time, never change the output:
+
+- *pruning*: the draft sees only the kept visual tokens (the target sees all);
+- *drafting policy*: fixed chunk length, or adaptive (``policy.py``);
+- *pipelining*: a second chunk, drafted assuming the first is fully accepted and the
+  bonus equals the draft's own guess (``assumed``), is sent before the first verdict;
+  the edge answers ``stale`` if the assumption fails and the device drafts afresh;
+- *branching*: while waiting, the device drafts continuations after the most likely
+  verdicts (all accepted; rejection at the least confident position with the
+  draft's second choice as correction) and sends the matching one at once;
+- *wire*: ``compact`` sends ids (+ sparse q when sampling), ``dense`` the full q per
+  drafted position and gets the full p back (the conventional baseline).
+
+When the edge restarts or stops answering, the device reopens the session with every
+committed token, so no committed token is lost and the output is unchanged (greedy);
+if the edge stays away it raises ``EdgeUnreachable`` after the committed tokens were
+yielded.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from covspec.protocol.messages import Close, Open, Opened, Result, Verify
+from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.protocol.speculative import NO_TOKEN, sample, sparse_proposal, sparse_q, target_probs
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
-from covspec.runtime_device.drafter import Drafter
+from covspec.runtime_device.drafter import Drafter, DrafterState
+from covspec.runtime_device.policy import AdaptivePolicy, FixedPolicy
 from covspec.runtime_device.preprocess import load_image, pixel_values
-
+from covspec.runtime_device.pruning import METHODS, TokenScores, keep_count, select
 
 DRAFT_STREAM = 0x6472616674  # "draft": keys the device's random stream apart from the edge's
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What the user asked for. ``temperature`` 0 is greedy."""
+    """What the user asked for (these decide the output). ``temperature`` 0 is greedy."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    draft_len: int = 4
-    q_top_k: int = 16
-    reopen_attempts: int = 5
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.draft_len < 1:
-            raise ValueError("draft_len must be >= 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -59,6 +71,43 @@ class GenerationSettings:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class DraftingOptions:
+    """How the device drafts (these decide only the speed, never the output)."""
+
+    policy: str = "adaptive"
+    draft_len: int = 4                     # the chunk length of the fixed policy
+    max_draft_len: int = 12                # the adaptive policy's hard maximum
+    pipeline: bool = True
+    branches: int = 2
+    wire: str = "compact"
+    keep_ratio: float | None = None       # None: the artifact's default
+    keep_tokens: int | None = None
+    selection: str = "covspec"
+    positions: str = "original"            # kept visual tokens keep their original positions
+    q_top_k: int = 16
+    reopen_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fixed", "adaptive"):
+            raise ValueError("policy must be 'fixed' or 'adaptive'")
+        if self.draft_len < 1 or self.max_draft_len < 1:
+            raise ValueError("draft lengths must be >= 1")
+        if self.branches < 0:
+            raise ValueError("branches must be >= 0")
+        if self.wire not in ("compact", "dense"):
+            raise ValueError("wire must be 'compact' or 'dense'")
+        if self.selection not in METHODS:
+            raise ValueError(f"selection must be one of {', '.join(METHODS)}")
+        if self.positions not in ("original", "contiguous"):
+            raise ValueError("positions must be 'original' or 'contiguous'")
+
+    def make_policy(self):
+        if self.policy == "adaptive":
+            return AdaptivePolicy(max_len=self.max_draft_len, pipeline=self.pipeline)
+        return FixedPolicy(self.draft_len, pipeline=self.pipeline)
+
+
 @dataclass
 class GenerationStats:
     """What one generation cost; filled in as it runs."""
@@ -67,7 +116,13 @@ class GenerationStats:
     rounds: int = 0
     accepted: list[int] = field(default_factory=list)
     drafted: int = 0
+    stale: int = 0
+    branch_hits: int = 0
+    branches_drafted: int = 0
+    pipelined_hits: int = 0
+    pipelined_misses: int = 0
     reopens: int = 0
+    kept_visual_tokens: int = 0
     wall_s: float = 0.0
     ttft_s: float = 0.0
     device_prefill_s: float = 0.0
@@ -86,10 +141,42 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "wall_s": round(self.wall_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2), "rounds": self.rounds,
-                "mean_accepted": round(self.mean_accepted, 3), "drafted": self.drafted,
+                "mean_accepted": round(self.mean_accepted, 3), "drafted": self.drafted, "stale": self.stale,
+                "branch_hits": self.branch_hits, "branches_drafted": self.branches_drafted,
+                "pipelined_hits": self.pipelined_hits, "pipelined_misses": self.pipelined_misses,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "ttft_s": round(self.ttft_s, 4), "device_prefill_s": round(self.device_prefill_s, 4),
+                "kept_visual_tokens": self.kept_visual_tokens,
                 "edge_verify_ms": round(self.edge_verify_ms, 2), "reopens": self.reopens}
+
+
+@dataclass
+class Chunk:
+    """A drafted chunk: its tokens, what travels with them, and the draft's view of them.
+
+    ``confidences[i]`` is the draft probability of ``tokens[i]``; ``alternatives[i]`` the
+    draft's best other token there (the likeliest correction if ``tokens[i]`` is rejected);
+    ``state`` the drafter fork after drafting (for branches).
+    """
+
+    tokens: list[int]
+    confidences: list[float]
+    alternatives: list[int]
+    q_ids: list[np.ndarray] = field(default_factory=list)
+    q_probs: list[np.ndarray] = field(default_factory=list)
+    q_dense: list[np.ndarray] = field(default_factory=list)
+    start: int = 0
+    assumed: int = -1
+    seq: int = -1
+    sent_at: float = 0.0
+    state: DrafterState | None = None
+
+    def message(self, session: str) -> Verify:
+        return Verify(session=session, seq=self.seq, start=self.start, assumed=self.assumed,
+                      tokens=np.asarray(self.tokens, np.int32),
+                      q_ids=np.stack(self.q_ids) if self.q_ids else None,
+                      q_probs=np.stack(self.q_probs) if self.q_probs else None,
+                      q_dense=np.stack(self.q_dense) if self.q_dense else None)
 
 
 class CoInference:
@@ -101,140 +188,322 @@ class CoInference:
         self.drafter = Drafter(artifact)
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
-                 stats: GenerationStats | None = None) -> Iterator[list[int]]:
-        stats = stats if stats is not None else GenerationStats()
-        began = time.perf_counter()
-        up0, down0 = self.client.bytes_up, self.client.bytes_down
+                 options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
+                 trace: Callable[[dict], None] | None = None) -> Iterator[list[int]]:
+        run = _Run(self, image_bytes, question, settings, options,
+                   stats if stats is not None else GenerationStats(), trace or (lambda event: None))
+        return run.tokens()
+
+
+class _Run:
+    """The state of one generation (one session)."""
+
+    def __init__(self, owner: CoInference, image_bytes: bytes, question: str, settings: GenerationSettings,
+                 options: DraftingOptions, stats: GenerationStats, trace: Callable[[dict], None]):
+        self.artifact, self.client, self.drafter = owner.artifact, owner.client, owner.drafter
+        self.image_bytes, self.question = image_bytes, question
+        self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
+        self.policy = options.make_policy()
         # The draft's randomness must be independent of the edge's (seeded with the
         # same user seed), or the joint output is biased: derive a separate stream.
-        rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
-        session = uuid.uuid4().hex
-        seq = 0
-        committed: list[int] = []
-        image = load_image(image_bytes)
+        self.rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
+        self.session = uuid.uuid4().hex
+        self.seq = 0
+        self.committed: list[int] = []
+        self.done = False
+        self.in_flight: deque[Chunk] = deque()
+        self.branches: dict[tuple[int, int], Chunk] = {}
 
-        def open_session(seq: int) -> Opened:
-            message = Open(session=session, seq=seq, prompt=question,
-                           image=np.frombuffer(image_bytes, np.uint8), max_new_tokens=settings.max_new_tokens,
-                           vocab_hash=self.artifact.vocab_hash, temperature=settings.temperature,
-                           top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed,
-                           committed=np.asarray(committed, np.int32))
-            self.client.send(message)
-            return message
+    # -- the loop ---------------------------------------------------------------------------
 
+    def tokens(self) -> Iterator[list[int]]:
+        stats = self.stats
+        began = time.perf_counter()
+        up0, down0 = self.client.bytes_up, self.client.bytes_down
+        image = load_image(self.image_bytes)
         try:
             # 1. Open the session; the edge prefills the target with the full image.
-            pending_open = open_session(seq)
-            # 2. Meanwhile, prefill the draft: vision -> visual tokens -> decoder.
+            opening = self._open_message()
+            self.client.send(opening)
+            # 2. Meanwhile, prefill the draft: vision -> scorer -> kept tokens -> decoder.
             prefill_began = time.perf_counter()
-            logits = self._prefill(image, question)
+            self._prefill(image)
             stats.device_prefill_s = time.perf_counter() - prefill_began
             # 3. The edge's first token (from its prefill logits) is committed.
-            opened = self._await_open(pending_open, settings)
-            committed.append(opened.token)
+            first = self._commit_opened(self._await_open(opening))
             stats.ttft_s = time.perf_counter() - began
-            yield [opened.token]
-            done = opened.done
-            while not done:
-                # 4a. Draft a chunk after the committed tokens.
-                seq += 1
-                remaining = settings.max_new_tokens - len(committed)
-                draft, q_ids, q_probs = self._draft(committed, settings, min(settings.draft_len, remaining), rng)
-                stats.drafted += len(draft)
-                verify = Verify(session=session, seq=seq, start=len(committed),
-                                tokens=np.asarray(draft, np.int32), q_ids=q_ids, q_probs=q_probs)
-                # 4b. The edge verifies; on a lost session, reopen with everything committed.
-                try:
-                    result = self.client.request(verify)
-                except (EdgeUnreachable, EdgeError) as exc:
-                    if isinstance(exc, EdgeError) and exc.code != "unknown_session":
-                        raise
-                    seq += 1
-                    opened = self._reopen(open_session, seq, settings, stats)
-                    new = [] if opened.token == NO_TOKEN else [opened.token]
-                    committed.extend(new)
-                    done = opened.done
-                    self.drafter.truncate(min(self.drafter.generated, len(committed) - len(new)))
+            yield first
+            while not self.done:
+                # 4a. Keep a chunk in flight.
+                if not self.in_flight:
+                    self._send(self._draft_after(self.committed, start=len(self.committed)))
+                # 4b. Use the wait: pipeline the next chunk, or draft branches.
+                self._speculate()
+                # 4c. The verdict on the oldest chunk in flight (reopen if the edge is lost).
+                result = self._await_verdict()
+                if result is None:
+                    opened = self._reopen()
+                    new = self._commit_opened(opened)
                     if new:
                         yield new
                     continue
-                assert isinstance(result, Result) and result.status == "ok", result
-                # 4c. Commit the verdict and roll the draft cache back to what stays valid.
-                new = [int(t) for t in draft[: result.accepted]]
-                if result.token != NO_TOKEN:
-                    new.append(result.token)
-                kept = min(result.accepted, len(draft) - 1)
-                self.drafter.truncate(len(committed) + kept)
-                committed.extend(new)
-                stats.rounds += 1
-                stats.accepted.append(result.accepted)
-                stats.edge_verify_ms += result.verify_ms
-                done = result.done
-                yield new
+                # 4d. Commit, keep what stays valid, and send a ready branch at once.
+                new = self._apply(result)
+                if new:
+                    yield new
         finally:
-            self.client.send(Close(session=session, seq=seq + 1))
-            stats.tokens = len(committed)
+            self.client.send(Close(session=self.session, seq=self._next_seq()))
+            stats.tokens = len(self.committed)
             stats.wall_s = time.perf_counter() - began
             stats.bytes_up += self.client.bytes_up - up0
             stats.bytes_down += self.client.bytes_down - down0
 
-    # -- phases ---------------------------------------------------------------------------
+    # -- session ----------------------------------------------------------------------------
 
-    def _prefill(self, image, question: str) -> np.ndarray:
-        artifact = self.artifact
-        features, _activity = artifact.vision.run(
-            ["image_features", "activity"], {"pixel_values": pixel_values(image, artifact.manifest.image)})
-        visual = features[0]                                                    # [N, D]
-        layout = artifact.prompt_layout(question)
-        embeds = np.concatenate([artifact.embed(layout.before), visual, artifact.embed(layout.after)])
-        full_len = embeds.shape[0]
-        positions = np.arange(full_len, dtype=np.int64)
-        return self.drafter.prefill(embeds, positions, full_len)
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
-    def _await_open(self, message: Open, settings: GenerationSettings) -> Opened:
+    def _open_message(self) -> Open:
+        """Open (or reopen) the session, carrying every committed token."""
+        s = self.settings
+        return Open(session=self.session, seq=self._next_seq(), prompt=self.question,
+                    image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
+                    vocab_hash=self.artifact.vocab_hash, temperature=s.temperature, top_k=s.top_k,
+                    top_p=s.top_p, seed=s.seed, wire=self.options.wire,
+                    committed=np.asarray(self.committed, np.int32))
+
+    def _await_open(self, message: Open) -> Opened:
         reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
         if reply is None:
-            return self.client.request(message)
-        if not isinstance(reply, Opened):
-            raise EdgeError(getattr(reply, "code", "unexpected"), getattr(reply, "message", repr(reply)))
+            reply = self.client.request(message)
+        if isinstance(reply, Error):
+            raise EdgeError(reply.code, reply.message)
         return reply
 
-    def _reopen(self, open_session, seq: int, settings: GenerationSettings, stats: GenerationStats) -> Opened:
+    def _commit_opened(self, opened: Opened) -> list[int]:
+        self.done = opened.done
+        if opened.token == NO_TOKEN:
+            return []
+        self.committed.append(opened.token)
+        return [opened.token]
+
+    def _reopen(self) -> Opened:
+        """Open the session again with every committed token (the edge restarted)."""
+        self.in_flight.clear()
+        self.branches.clear()
         last: Exception | None = None
-        for attempt in range(settings.reopen_attempts):
-            stats.reopens += 1
+        for attempt in range(self.options.reopen_attempts):
+            self.stats.reopens += 1
+            self.trace({"event": "reopen", "committed": len(self.committed), "attempt": attempt})
             try:
-                message = open_session(seq)
-                return self.client.request(message)
+                return self.client.request(self._open_message())
             except EdgeUnreachable as exc:
                 last = exc
                 time.sleep(self.client.policy.backoff_s * (2 ** attempt))
         raise EdgeUnreachable(f"the edge at {self.client.address} stayed unreachable: {last}")
 
-    def _draft(self, committed: list[int], settings: GenerationSettings, n: int,
-               rng: np.random.Generator) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
-        """Draft up to ``n`` tokens after ``committed``; in sampling mode also the sparse q."""
-        drafter = self.drafter
-        logits = drafter.feed(committed[drafter.generated:])[-1]
-        draft: list[int] = []
-        ids_rows, prob_rows = [], []
-        eos = self.artifact.eos_ids
-        for i in range(n):
-            if settings.greedy:
-                token = int(np.argmax(logits))
+    def _send(self, chunk: Chunk) -> None:
+        chunk.seq = self._next_seq()
+        chunk.sent_at = time.perf_counter()
+        self.client.send(chunk.message(self.session))
+        self.in_flight.append(chunk)
+        self.stats.drafted += len(chunk.tokens)
+        self.trace({"event": "chunk", "seq": chunk.seq, "start": chunk.start, "assumed": chunk.assumed,
+                    "len": len(chunk.tokens), **self.policy.explain(chunk.confidences)})
+
+    def _await_verdict(self) -> Result | None:
+        """The reply to the oldest chunk in flight, resending on timeout; None when the
+        session is lost (unknown to the edge, or no reply after every retry)."""
+        chunk = self.in_flight[0]
+        policy = self.client.policy
+        for attempt in range(policy.retries + 1):
+            reply = self.client.receive(self.session, chunk.seq, policy.timeout_s)
+            if isinstance(reply, Error):
+                if reply.code == "unknown_session":
+                    return None
+                raise EdgeError(reply.code, reply.message)
+            if reply is not None:
+                return reply
+            for pending in self.in_flight:          # the edge answers a repeated seq idempotently
+                self.client.send(pending.message(self.session))
+            time.sleep(policy.backoff_s * (2 ** attempt))
+        return None
+
+    # -- verdicts ---------------------------------------------------------------------------
+
+    def _apply(self, result: Result) -> list[int]:
+        chunk = self.in_flight.popleft()
+        if result.status == "stale":
+            self.stats.stale += 1
+            self.trace({"event": "stale", "seq": chunk.seq, "start": chunk.start})
+            return []
+        new = chunk.tokens[: result.accepted] + ([] if result.token == NO_TOKEN else [result.token])
+        self.committed += new
+        self.done = result.done
+        round_s = time.perf_counter() - chunk.sent_at
+        self.policy.observe_round(chunk.confidences, result.accepted, round_s, result.verify_ms / 1000)
+        self.stats.rounds += 1
+        self.stats.accepted.append(result.accepted)
+        self.stats.edge_verify_ms += result.verify_ms
+        key = (result.accepted, result.token)
+        # A pipelined chunk stays valid only if its assumption came true.
+        if self.in_flight:
+            follower = self.in_flight[0]
+            if not self.done and result.accepted == len(chunk.tokens) and result.token == follower.assumed:
+                self.stats.pipelined_hits += 1
             else:
-                q = target_probs(logits, settings.temperature, settings.top_k, settings.top_p)
-                ids, probs = sparse_proposal(q, settings.q_top_k)
-                token = int(ids[sample(sparse_q(probs), rng)])
-                ids_rows.append(ids)
-                prob_rows.append(probs)
-            draft.append(token)
-            if token in eos or i == n - 1:
+                self.stats.pipelined_misses += len(self.in_flight)
+                self.in_flight.clear()              # the edge answers it stale; the reply is ignored
+        hit = None if self.in_flight or self.done else self.branches.get(key)
+        self.trace({"event": "verdict", "seq": chunk.seq, "accepted": result.accepted, "token": result.token,
+                    "done": result.done, "round_ms": round(round_s * 1000, 3), "verify_ms": round(result.verify_ms, 3),
+                    "pipelined": bool(self.in_flight), "branch_hit": hit is not None})
+        self.branches.clear()
+        if hit is not None:
+            # Drafted with its start at len(committed), so it fits max_new_tokens.
+            self.stats.branch_hits += 1
+            self.drafter.restore(hit.state)
+            hit.start, hit.assumed = len(self.committed), -1
+            self._send(hit)
+        return new
+
+    # -- speculation while waiting ------------------------------------------------------------
+
+    def _speculate(self) -> None:
+        last = self.in_flight[-1]
+        end = last.start + len(last.tokens)                 # generated position after the chunk
+        ends_generation = last.tokens[-1] in self.artifact.eos_ids or \
+            end + 1 >= self.settings.max_new_tokens
+        if len(self.in_flight) < self.policy.in_flight() and not ends_generation:
+            prefix = self._assumed_prefix()
+            bonus = int(np.argmax(self.drafter.extend_to(prefix)))
+            if bonus not in self.artifact.eos_ids:
+                chunk = self._draft_after(prefix + [bonus], start=end + 1)
+                chunk.assumed = bonus
+                self._send(chunk)
+                return
+        if self.options.branches and len(self.in_flight) == 1:
+            self._draft_branches(last, ends_generation)
+
+    def _assumed_prefix(self) -> list[int]:
+        """Committed tokens plus every in-flight chunk assumed fully accepted."""
+        prefix = list(self.committed)
+        for chunk in self.in_flight:
+            if chunk.assumed != -1:
+                prefix.append(chunk.assumed)
+            prefix += chunk.tokens
+        return prefix
+
+    def _draft_branches(self, chunk: Chunk, ends_generation: bool) -> None:
+        """Draft continuations after the likeliest verdicts until the reply is ready."""
+        base = self.committed[: chunk.start]
+        candidates: list[tuple[int, int]] = []
+        if not ends_generation:
+            bonus = int(np.argmax(self.drafter.extend_to(base + chunk.tokens)))
+            candidates.append((len(chunk.tokens), bonus))
+        order = np.argsort(chunk.confidences, kind="stable")     # least confident first
+        candidates += [(int(j), chunk.alternatives[j]) for j in order]
+        for accepted, token in candidates[: self.options.branches]:
+            if self.client.reply_ready() or token in self.artifact.eos_ids:
                 break
-            logits = drafter.feed([token])[-1]
-        if settings.greedy:
-            return draft, None, None
-        return draft, np.stack(ids_rows), np.stack(prob_rows)
+            prefix = base + chunk.tokens[:accepted] + [token]
+            if len(prefix) >= self.settings.max_new_tokens:
+                continue
+            branch = self._draft_after(prefix, start=len(prefix), interrupt=self.client.reply_ready)
+            if branch is None:
+                break
+            branch.state = self.drafter.snapshot()
+            self.branches[(accepted, token)] = branch
+            self.stats.branches_drafted += 1
+            self.trace({"event": "branch", "accepted": accepted, "token": token, "len": len(branch.tokens)})
+
+    # -- drafting ---------------------------------------------------------------------------
+
+    def _draft_after(self, prefix: list[int], start: int,
+                     interrupt: Callable[[], bool] | None = None) -> Chunk | None:
+        """Draft a chunk after the generated tokens ``prefix`` (its first token at ``start``).
+        With ``interrupt``, returns None as soon as it says so (a reply is waiting)."""
+        s, o = self.settings, self.options
+        limit = min(o.max_draft_len if o.policy == "adaptive" else o.draft_len,
+                    s.max_new_tokens - start)
+        limit = max(limit, 1)
+        logits = self.drafter.extend_to(prefix)
+        chunk = Chunk(tokens=[], confidences=[], alternatives=[], start=start)
+        eos = self.artifact.eos_ids
+        while True:
+            step_began = time.perf_counter()
+            q = _softmax(logits) if s.greedy else target_probs(logits, s.temperature, s.top_k, s.top_p)
+            if o.wire == "dense":
+                q16 = q.astype(np.float16)
+                token = int(np.argmax(q)) if s.greedy else sample(q16.astype(np.float64), self.rng)
+                chunk.q_dense.append(q16)
+            elif s.greedy:
+                token = int(np.argmax(q))
+            else:
+                ids, probs = sparse_proposal(q, o.q_top_k)
+                token = int(ids[sample(sparse_q(probs), self.rng)])
+                chunk.q_ids.append(ids)
+                chunk.q_probs.append(probs)
+            chunk.tokens.append(token)
+            chunk.confidences.append(float(q[token]))
+            second = np.argpartition(-q, 1)[:2]
+            chunk.alternatives.append(int(second[1] if second[0] == token else second[0]))
+            if token in eos or len(chunk.tokens) >= limit or not self.policy.continue_chunk(chunk.confidences):
+                return chunk
+            if interrupt is not None and interrupt():
+                return None
+            logits = self.drafter.feed([token])[-1]
+            self.policy.observe_draft_step(time.perf_counter() - step_began)
+
+    # -- prefill ----------------------------------------------------------------------------
+
+    def _prefill(self, image) -> None:
+        artifact, options = self.artifact, self.options
+        features, activity = artifact.vision.run(
+            ["image_features", "activity"], {"pixel_values": pixel_values(image, artifact.manifest.image)})
+        visual = features[0]                                                     # [N, D]
+        n = visual.shape[0]
+        ratio = options.keep_ratio if options.keep_ratio is not None else \
+            artifact.manifest.pruning.get("keep_ratio", 1.0)
+        k = keep_count(n, ratio, options.keep_tokens)
+        kept = np.arange(n)
+        if k < n:
+            question_ids = artifact.tokenizer.encode(self.question.strip(), add_special_tokens=False).ids
+            relevance, score = artifact.scorer.run(["relevance", "score"], {
+                "image_features": visual, "activity": activity[0],
+                "question_embeds": artifact.embed(question_ids or [artifact.manifest.tokenizer["pad_id"]])})
+            kept = select(options.selection, visual, TokenScores(relevance, activity[0], score), k,
+                          seed=self.settings.seed)
+        self.stats.kept_visual_tokens = int(len(kept))
+        layout = artifact.prompt_layout(self.question)
+        before, after = len(layout.before), len(layout.after)
+        embeds = np.concatenate([artifact.embed(layout.before), visual[kept], artifact.embed(layout.after)])
+        if options.positions == "original":
+            positions = np.concatenate([np.arange(before), before + kept, before + n + np.arange(after)])
+            full = before + n + after
+        else:
+            positions = np.arange(embeds.shape[0])
+            full = embeds.shape[0]
+        self.drafter.prefill(embeds, positions.astype(np.int64), full)
+        self.trace({"event": "prefill", "visual_tokens": n, "kept": int(len(kept)),
+                    "selection": options.selection if k < n else "none"})
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits.astype(np.float64) - logits.max())
+    return e / e.sum()
+
+
+def trace_to_file(path) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """A trace sink writing one JSON line per event, and its closer."""
+    handle = open(path, "a", encoding="utf-8")
+    began = time.perf_counter()
+
+    def write(event: dict) -> None:
+        handle.write(json.dumps({"t_ms": round((time.perf_counter() - began) * 1000, 3), **event}) + "\n")
+
+    return write, handle.close
 
 
 def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, settings: GenerationSettings,

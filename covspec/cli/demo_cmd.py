@@ -1,0 +1,101 @@
+"""`covspec demo`: the toy world end to end, on bundled sample images.
+
+Builds the toy draft artifacts if missing (``covspec export``, int8), starts an edge
+server with the toy target in a child process, asks questions about the bundled
+ShapesVQA images with co-inference (streaming the answer), asks the same with the
+edge alone (target-only), and prints both with their statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_ARTIFACTS = Path("artifacts/toy-draft-int8")
+
+
+def ensure_toy_artifacts(folder: Path) -> Path:
+    """The toy draft's int8 artifact folder, exported now if it is missing or stale."""
+    from covspec.protocol.manifest import ArtifactError, load_manifest
+
+    try:
+        load_manifest(folder)
+        return folder
+    except ArtifactError:
+        pass
+    from covspec.export.pipeline import ExportOptions, export_model
+    from covspec.toy.models import bundled_model_dir
+
+    click.echo(f"exporting the toy draft to {folder} (int8, once) ...", err=True)
+    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="int8", force=True),
+                 progress=lambda stage: click.echo(f"  export: {stage}", err=True))
+    return folder
+
+
+@click.command()
+@click.option("--artifacts", "artifacts_dir", default=DEFAULT_ARTIFACTS, show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Draft artifact folder (built if missing).")
+@click.option("--questions", "per_image", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Questions per sample image (the description question is always asked).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
+    """Ask the toy VLM pair about bundled sample images, co-inference vs target alone.
+
+    Everything runs on this machine: an edge server with the toy target in a child
+    process, and the device side (onnxruntime draft) in this process.
+    """
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.runtime_device.client import EdgeClient
+    from covspec.runtime_device.engine import (CoInference, GenerationSettings, GenerationStats,
+                                               generate_target_only)
+    from covspec.runtime_device.stream import TextStream
+    from covspec.runtime_edge import EdgeProcess, ServerConfig
+    from covspec.toy.demo_samples import load_samples
+    from covspec.toy.models import bundled_model_dir
+
+    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir), threads=1)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    click.echo("starting the edge (toy target) ...", err=True)
+    with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1)) as edge:
+        client = EdgeClient(edge.address)
+        engine = CoInference(artifact, client)
+        speedups, identical, total = [], 0, 0
+        try:
+            for sample in load_samples():
+                image = Path(sample["image"]).read_bytes()
+                click.secho(f"\n{Path(sample['image']).name}", bold=True)
+                for qa in _pick(sample["questions"], per_image):
+                    click.echo(f"Q: {qa['question']}")
+                    click.echo("  covspec:     ", nl=False)
+                    co_stats = GenerationStats()
+                    stream = TextStream(artifact.decode_text)
+                    for tokens in engine.generate(image, qa["question"], settings, co_stats):
+                        click.echo(stream.push(tokens), nl=False)
+                    click.echo("")
+                    co_tokens = stream.tokens
+                    target_stats = GenerationStats()
+                    target_tokens = [t for chunk in generate_target_only(client, image, qa["question"], settings,
+                                                                         target_stats) for t in chunk]
+                    same = target_tokens == co_tokens
+                    identical += same
+                    total += 1
+                    speedups.append(co_stats.tokens_per_s / max(target_stats.tokens_per_s, 1e-9))
+                    click.echo(f"  target only: {artifact.decode_text(target_tokens)}")
+                    click.echo(f"  reference:   {qa['answer']}")
+                    click.echo(f"  {'identical' if same else 'DIFFERENT'} | covspec {co_stats.tokens_per_s:.0f} tok/s "
+                               f"(mean accepted {co_stats.mean_accepted:.2f}, {co_stats.rounds} rounds, "
+                               f"{co_stats.bytes_up + co_stats.bytes_down} B) vs target only "
+                               f"{target_stats.tokens_per_s:.0f} tok/s -> {speedups[-1]:.2f}x")
+        finally:
+            client.close()
+    speedups.sort()
+    click.secho(f"\n{identical}/{total} answers identical to the target's own; median speedup "
+                f"{speedups[len(speedups) // 2]:.2f}x over target-only (this machine, loopback).", bold=True)
+
+
+def _pick(questions: list[dict], count: int) -> list[dict]:
+    """The description question plus the first ``count - 1`` others."""
+    describe = [q for q in questions if q["type"] == "describe"][:1]
+    others = [q for q in questions if q["type"] != "describe"][: max(count - len(describe), 0)]
+    return others + describe
