@@ -12,29 +12,9 @@ from pathlib import Path
 
 import click
 
-DEFAULT_ARTIFACTS = Path("artifacts/toy-draft-int8")
-
-
-def ensure_toy_artifacts(folder: Path) -> Path:
-    """The toy draft's int8 artifact folder, exported now if it is missing or stale."""
-    from covspec.protocol.manifest import ArtifactError, load_manifest
-
-    try:
-        load_manifest(folder)
-        return folder
-    except ArtifactError:
-        pass
-    from covspec.export.pipeline import ExportOptions, export_model
-    from covspec.toy.models import bundled_model_dir
-
-    click.echo(f"exporting the toy draft to {folder} (int8, once) ...", err=True)
-    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="int8", force=True),
-                 progress=lambda stage: click.echo(f"  export: {stage}", err=True))
-    return folder
-
 
 @click.command()
-@click.option("--artifacts", "artifacts_dir", default=DEFAULT_ARTIFACTS, show_default=True,
+@click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Draft artifact folder (built if missing).")
 @click.option("--questions", "per_image", default=2, show_default=True, type=click.IntRange(min=1),
               help="Questions per sample image (the description question is always asked).")
@@ -51,10 +31,12 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
                                                generate_target_only)
     from covspec.runtime_device.stream import TextStream
     from covspec.runtime_edge import EdgeProcess, ServerConfig
+    from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.demo_samples import load_samples
     from covspec.toy.models import bundled_model_dir
 
-    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir), threads=1)
+    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)),
+                                  threads=1)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     click.echo("starting the edge (toy target) ...", err=True)
     with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1)) as edge:

@@ -127,6 +127,7 @@ class GenerationStats:
     ttft_s: float = 0.0
     device_prefill_s: float = 0.0
     edge_verify_ms: float = 0.0
+    edge_prefill_ms: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -147,7 +148,8 @@ class GenerationStats:
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "ttft_s": round(self.ttft_s, 4), "device_prefill_s": round(self.device_prefill_s, 4),
                 "kept_visual_tokens": self.kept_visual_tokens,
-                "edge_verify_ms": round(self.edge_verify_ms, 2), "reopens": self.reopens}
+                "edge_verify_ms": round(self.edge_verify_ms, 2), "edge_prefill_ms": round(self.edge_prefill_ms, 2),
+                "reopens": self.reopens}
 
 
 @dataclass
@@ -283,6 +285,7 @@ class _Run:
 
     def _commit_opened(self, opened: Opened) -> list[int]:
         self.done = opened.done
+        self.stats.edge_prefill_ms += opened.prefill_ms
         if opened.token == NO_TOKEN:
             return []
         self.committed.append(opened.token)
@@ -522,6 +525,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
     tokens = 0
     try:
         opened = client.request(message, timeout_s=client.policy.timeout_s * 2)
+        stats.edge_prefill_ms += opened.prefill_ms
         tokens = 1
         stats.ttft_s = time.perf_counter() - began
         yield [opened.token]

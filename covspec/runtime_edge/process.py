@@ -83,6 +83,11 @@ class EdgeProcess:
             self._lines.put(line)
         self._lines.put(None)
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id once started (e.g. to pin it to a core)."""
+        return None if self._child is None else self._child.pid
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait for the clean shutdown (kill after ``timeout``); the exit status."""
         if self._child is None:

@@ -1,0 +1,43 @@
+"""The scenarios `covspec bench` compares, each a name and how the device runs it.
+
+- ``target-only``: the baseline of the paper: the device sends question and image,
+  the edge generates alone and streams the tokens.
+- ``vanilla``: conventional device-edge speculative decoding: fixed draft length 4,
+  dense distributions on the wire, no pruning, no pipelining, no branching.
+- ``covspec``: every feature on (the device's defaults).
+- ``covspec-no-<feature>``: CoVSpec with one feature switched off.
+- ``assisted``: transformers' assisted generation with the same draft and target in
+  PyTorch on one machine (the single-machine anchor; no link involved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from covspec.runtime_device.engine import DraftingOptions
+
+COVSPEC = DraftingOptions()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str                                   # "target_only", "speculative" or "assisted"
+    options: DraftingOptions | None = None
+
+
+def standard_scenarios(keep_ratio: float) -> list[Scenario]:
+    full = dataclasses.replace(COVSPEC, keep_ratio=keep_ratio)
+    return [
+        Scenario("target-only", "target_only"),
+        Scenario("vanilla", "speculative", DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,
+                                                           wire="dense", keep_ratio=1.0)),
+        Scenario("covspec", "speculative", full),
+        Scenario("covspec-no-pruning", "speculative", dataclasses.replace(full, keep_ratio=1.0)),
+        Scenario("covspec-no-adaptive", "speculative", dataclasses.replace(full, policy="fixed", draft_len=4)),
+        Scenario("covspec-no-pipeline", "speculative", dataclasses.replace(full, pipeline=False)),
+        Scenario("covspec-no-branches", "speculative", dataclasses.replace(full, branches=0)),
+        Scenario("covspec-dense-wire", "speculative", dataclasses.replace(full, wire="dense")),
+        Scenario("assisted", "assisted"),
+    ]
