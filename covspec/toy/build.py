@@ -26,18 +26,20 @@ class BuildPlan:
 
 
 FULL = BuildPlan(
-    target=TrainConfig(steps=900, lr=1e-3, warmup=60, eval_every=50),
-    draft=TrainConfig(steps=700, lr=2e-3, warmup=40, eval_every=50, seed=1),
+    target=TrainConfig(steps=1800, lr=2e-3, warmup=60, vision_steps=150, curriculum=0.25, eval_every=100),
+    draft=TrainConfig(steps=600, lr=3e-3, warmup=40, vision_steps=100, eval_every=100, seed=1),
 )
 QUICK = BuildPlan(
-    target=TrainConfig(steps=2, images_per_step=2, warmup=1, eval_every=2, validation_images=2),
-    draft=TrainConfig(steps=2, images_per_step=2, warmup=1, eval_every=2, validation_images=2, seed=1),
+    target=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
+                       eval_every=2, validation_images=2),
+    draft=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
+                      eval_every=2, validation_images=2, seed=1),
 )
 
 
 def _run(role: str, model, config: TrainConfig, log, teacher=None) -> list[dict]:
     rows = []
-    with tqdm(total=config.steps, desc=f"train {role}", unit="step") as progress:
+    with tqdm(total=config.vision_steps + config.steps, desc=f"train {role}", unit="step") as progress:
         for row in train(model, toy_tokenizer(), config, teacher=teacher, progress=progress):
             row = {"model": role, **row}
             rows.append(row)
@@ -54,9 +56,10 @@ def write_curve(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
 
 
-def build(out: str | Path, plan: BuildPlan, *, log=print, target_dir: str | Path | None = None) -> Path:
+def build(out: str | Path, plan: BuildPlan, *, log=print, target_dir: str | Path | None = None,
+          threads: int = 1) -> Path:
     """Train (or, with ``target_dir``, reuse) the target, distill the draft, save everything."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log({"plan": {"target": asdict(plan.target), "draft": asdict(plan.draft)}})

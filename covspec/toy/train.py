@@ -1,14 +1,18 @@
 """Train the toy target on ShapesVQA and distill the toy draft from it (CPU, seeded).
 
 Recipe (the naive one plateaus near 55%, see PLATFORM.md):
+0. a short vision-only phase: the per-cell loss of (2) alone, on larger image
+   batches, so shape kinds are recognized before the language model starts reading;
 1. the image prefix (``<s> question :`` + visual tokens) runs once per image and its
    KV cache is shared by that image's questions (descriptions and short answers run
    as two suffix groups);
 2. an auxiliary per-cell loss: the visual tokens of each 3x3 grid cell are pooled and
    linear heads classify the cell's kind (or empty) and color; it supervises the
    vision tower directly and the heads are discarded after training;
-3. loss on answer tokens only; AdamW, linear warmup then cosine decay;
-4. the draft's loss is KL(target || draft) on answer positions (teacher logits on
+3. an optional curriculum: scenes grow from two to six shapes over the first steps;
+4. loss on answer tokens only, descriptions and short answers weighted equally;
+   AdamW, linear warmup then cosine decay;
+5. the draft's loss is KL(target || draft) on answer positions (teacher logits on
    the fly, no grad) plus cross-entropy on the reference, plus the per-cell loss.
 
 The learning curve (loss, per-cell accuracy, validation exact match per type,
@@ -23,23 +27,26 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from covspec.toy import shapes
-from covspec.toy.batches import PROMPT_HEAD, Batch, encode, make_batch
+from covspec.toy.batches import PROMPT_HEAD, Batch, encode, make_batch, pixel_values
 from covspec.toy.models import PATCH_SIZE
 
 CELL_PATCHES = shapes.CELL // PATCH_SIZE
 PATCHES_PER_SIDE = shapes.IMAGE_SIZE // PATCH_SIZE
+_rows, _cols = torch.meshgrid(torch.arange(PATCHES_PER_SIDE), torch.arange(PATCHES_PER_SIDE), indexing="ij")
+PATCH_CELLS = ((_rows // CELL_PATCHES) * shapes.GRID + _cols // CELL_PATCHES).flatten()  # (P*P,) row-major
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
-    images_per_step: int = 16
-    short_per_image: int = 3
+    images_per_step: int = 8
+    short_per_image: int | None = None  # None: every applicable short question
     lr: float = 1e-3
     warmup: int = 100
     min_lr_ratio: float = 0.05
@@ -47,24 +54,29 @@ class TrainConfig:
     aux_weight: float = 1.0
     kl_weight: float = 1.0        # draft only
     eval_every: int = 100
+    vision_steps: int = 0         # aux-only steps first (vision tower + projector)
+    vision_images_per_step: int = 32
+    curriculum: float = 0.0       # fraction of answer steps over which scenes grow from 2 to 6 shapes
     validation_images: int = 48
     seed: int = 0
 
 
 class CellHeads(torch.nn.Module):
-    """Per-cell kind and color classifiers over pooled visual tokens (training only)."""
+    """Training-only probes on the visual tokens: each cell's kind and color from its
+    pooled tokens, and each token's own cell (so positions survive the projector)."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.kind = torch.nn.Linear(hidden, len(shapes.KINDS) + 1)
         self.color = torch.nn.Linear(hidden, len(shapes.COLORS) + 1)
+        self.cell = torch.nn.Linear(hidden, shapes.GRID * shapes.GRID)
 
-    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # visual: (B, P*P, D) -> cells (B, 9, D)
         b, _, d = visual.shape
         grid = visual.view(b, shapes.GRID, CELL_PATCHES, shapes.GRID, CELL_PATCHES, d)
         cells = grid.mean(dim=(2, 4)).reshape(b, shapes.GRID * shapes.GRID, d)
-        return self.kind(cells), self.color(cells)
+        return self.kind(cells), self.color(cells), self.cell(visual)
 
 
 def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -94,9 +106,10 @@ def answer_logits(model, tokenizer, batch: Batch, visual: torch.Tensor) -> list[
 
 
 def cell_loss(heads: CellHeads, visual: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
-    kind_logits, color_logits = heads(visual)
+    kind_logits, color_logits, cell_logits = heads(visual)
     loss = F.cross_entropy(kind_logits.flatten(0, 1), batch.cell_kinds.flatten()) + \
-        F.cross_entropy(color_logits.flatten(0, 1), batch.cell_colors.flatten())
+        F.cross_entropy(color_logits.flatten(0, 1), batch.cell_colors.flatten()) + \
+        F.cross_entropy(cell_logits.flatten(0, 1), PATCH_CELLS.repeat(visual.shape[0]))
     kind_accuracy = (kind_logits.argmax(-1) == batch.cell_kinds).float().mean().item()
     return loss, kind_accuracy
 
@@ -106,6 +119,12 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def max_shapes_at(step: int, config: TrainConfig) -> int:
+    if config.curriculum <= 0:
+        return 6
+    return 2 + round(4 * min(1.0, step / (config.curriculum * config.steps)))
 
 
 @torch.no_grad()
@@ -134,11 +153,46 @@ def validation_batches(tokenizer, count: int) -> list[Batch]:
     return [make_batch(tokenizer, samples[i:i + 16], None, random.Random(0)) for i in range(0, count, 16)]
 
 
+def pretrain_vision(model, heads: CellHeads, config: TrainConfig, progress=None):
+    """Phase 0: the per-cell loss alone on the vision tower and projector. Yields curve rows."""
+    params = list(model.model.vision_tower.parameters()) + \
+        list(model.model.multi_modal_projector.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    started = time.monotonic()
+    running = defaultdict(float)
+    for step in range(config.vision_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+        # negative indices: scenes of their own, disjoint from the answer phase's
+        samples = [shapes.sample("train", -1 - step * config.vision_images_per_step - i)
+                   for i in range(config.vision_images_per_step)]
+        kinds, colors = zip(*(shapes.cell_targets(s.scene) for s in samples))
+        batch = Batch(pixel_values([s.image() for s in samples]), torch.from_numpy(np.stack(kinds)),
+                      torch.from_numpy(np.stack(colors)), [])
+        aux, kind_accuracy = cell_loss(heads, visual_tokens(model, batch.pixels), batch)
+        optimizer.zero_grad(set_to_none=True)
+        aux.backward()
+        optimizer.step()
+        running["aux"] += aux.item()
+        running["cell_kind_acc"] += kind_accuracy
+        running["n"] += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(aux=f"{aux.item():.3f}", kind=f"{kind_accuracy:.2f}")
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.vision_steps:
+            n = running.pop("n")
+            yield {"phase": "vision", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
+                   **{k: round(v / n, 4) for k, v in running.items()}}
+            running.clear()
+
+
 def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None):
     """Train ``model`` in place; with ``teacher``, distill from it. Yields learning-curve rows."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     heads = CellHeads(model.config.text_config.hidden_size)
+    model.train()
+    yield from pretrain_vision(model, heads, config, progress)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     validation = validation_batches(tokenizer, config.validation_images)
@@ -151,15 +205,18 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        samples = [shapes.sample("train", next_image + i) for i in range(config.images_per_step)]
+        samples = [shapes.sample("train", next_image + i, max_shapes_at(step, config))
+                   for i in range(config.images_per_step)]
         next_image += config.images_per_step
         batch = make_batch(tokenizer, samples, config.short_per_image, rng)
         visual = visual_tokens(model, batch.pixels)
         aux, kind_accuracy = cell_loss(heads, visual, batch)
         logits = answer_logits(model, tokenizer, batch, visual)
-        labels = torch.cat([g.labels[g.labels != -100] for g in batch.groups])
-        picked = torch.cat([lg[g.labels != -100] for lg, g in zip(logits, batch.groups)])
-        ce = F.cross_entropy(picked, labels)
+        picks = [lg[g.labels != -100] for lg, g in zip(logits, batch.groups)]
+        # descriptions and short answers weigh the same, whatever their token counts
+        ce = torch.stack([F.cross_entropy(p, g.labels[g.labels != -100])
+                          for p, g in zip(picks, batch.groups)]).mean()
+        picked = torch.cat(picks)
         loss = ce + config.aux_weight * aux
         if teacher is not None:
             with torch.no_grad():
@@ -183,7 +240,7 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
             progress.set_postfix(ce=f"{ce.item():.3f}", kind=f"{kind_accuracy:.2f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             n = running.pop("n")
-            row = {"step": step + 1, "seconds": round(time.monotonic() - started, 1),
+            row = {"phase": "answers", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
                    "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: round(v / n, 4) for k, v in running.items()})
             row.update({f"val_{t}": round(a, 3) for t, a in
