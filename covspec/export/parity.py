@@ -7,12 +7,12 @@
 - greedy: ``GREEDY_TOKENS`` tokens decoded through the fp32 graphs with the KV cache
   (numpy) must equal PyTorch ``generate(do_sample=False)``, else ``ParityError``.
 - int8/int4: top-1 agreement of the quantized chain with fp32, teacher-forced over at
-  least ``AGREEMENT_POSITIONS`` text positions (the prompt's text after the image and
-  an fp32 greedy continuation).
+  least ``AGREEMENT_POSITIONS`` text positions per sample (the prompt's text after the
+  image and an fp32 greedy continuation with EOS suppressed), summed over samples.
 
-The sample input is a held-out ShapesVQA scene with its description question when
-the model uses the toy vocabulary (a toy draft or target), otherwise a fixed random
-image and a fixed question.
+The samples are ``TOY_SAMPLES`` held-out ShapesVQA scenes with the description
+question when the model uses the toy vocabulary (a toy draft or target), otherwise
+one fixed random image with a fixed question. fp32 checks use the first sample.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ GREEDY_TOKENS = 16
 AGREEMENT_POSITIONS = 64
 DEFAULT_QUESTION = "what color is the circle ?"
 SAMPLE_SEED = 0
+TOY_SAMPLES = 4
 
 
 @dataclass
@@ -62,19 +63,18 @@ def sample_input(processor, template: str, image=None, question: str = DEFAULT_Q
                   f"{description or 'image'}; question {question!r}")
 
 
-def toy_sample(processor, template: str, vocab_hash: str) -> Sample | None:
-    """A held-out ShapesVQA scene and its description question, if the model speaks the
-    toy vocabulary (its vocabulary hash equals the toy tokenizer's); else None."""
+def toy_samples(processor, template: str, vocab_hash: str, count: int = TOY_SAMPLES) -> list[Sample]:
+    """Held-out ShapesVQA scenes 0..count-1 with the description question, if the model
+    speaks the toy vocabulary (its vocabulary hash equals the toy tokenizer's); else []."""
     from covspec.hf.folder import build_word_tokenizer
     from covspec.protocol.vocab import vocab_hash as hash_of
     from covspec.toy import shapes
 
     toy_vocab = build_word_tokenizer(shapes.vocabulary()).get_vocab(with_added_tokens=True)
     if hash_of(toy_vocab) != vocab_hash:
-        return None
-    scene = shapes.sample("test", 0)
-    return sample_input(processor, template, scene.image(), shapes.DESCRIBE_QUESTION,
-                        "ShapesVQA test scene 0")
+        return []
+    return [sample_input(processor, template, shapes.sample("test", i).image(), shapes.DESCRIBE_QUESTION,
+                         f"ShapesVQA test scene {i}") for i in range(count)]
 
 
 def _max_diff(a, b) -> float:
@@ -130,9 +130,9 @@ def check_fp32(model, adapter, runner: OnnxVLM, scorer_path, sample: Sample) -> 
 
 @dataclass
 class AgreementReference:
-    """The fp32 side of top-1 agreement: ``sequence [1,L]`` (prompt + fp32 greedy
-    continuation), its logits at positions ``first..L-2`` (each predicting a text token;
-    at least ``AGREEMENT_POSITIONS`` of them) and the sample's pixels."""
+    """The fp32 side of top-1 agreement for one sample: ``sequence [1,L]`` (prompt + fp32
+    greedy continuation), its logits at positions ``first..L-2`` (each predicting a text
+    token; at least ``AGREEMENT_POSITIONS`` of them) and the sample's pixels."""
 
     sequence: np.ndarray
     first: int
@@ -140,19 +140,26 @@ class AgreementReference:
     pixel_values: np.ndarray
 
 
-def agreement_reference(reference: OnnxVLM, sample: Sample) -> AgreementReference:
-    ids = sample.input_ids
-    first = int(np.flatnonzero(ids[0] == reference.image_token_id).max())
-    continuation = max(GREEDY_TOKENS, AGREEMENT_POSITIONS - (ids.shape[1] - 1 - first))
-    tokens = reference.greedy(ids, sample.pixel_values, continuation, continuation)
-    sequence = np.concatenate([ids, np.array([tokens], np.int64)], axis=1)
-    logits = reference.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
-    return AgreementReference(sequence, first, logits, sample.pixel_values)
+def agreement_references(reference: OnnxVLM, samples: list[Sample]) -> list[AgreementReference]:
+    references = []
+    for sample in samples:
+        ids = sample.input_ids
+        first = int(np.flatnonzero(ids[0] == reference.image_token_id).max())
+        continuation = max(GREEDY_TOKENS, AGREEMENT_POSITIONS - (ids.shape[1] - 1 - first))
+        tokens = reference.greedy(ids, sample.pixel_values, continuation, continuation)
+        sequence = np.concatenate([ids, np.array([tokens], np.int64)], axis=1)
+        logits = reference.prefill_logits(sequence, sample.pixel_values)[0, first:-1]
+        references.append(AgreementReference(sequence, first, logits, sample.pixel_values))
+    return references
 
 
-def top1_agreement(candidate: OnnxVLM, reference: AgreementReference) -> dict:
-    """Teacher-forced top-1 agreement of ``candidate`` with the fp32 reference."""
-    got = candidate.prefill_logits(reference.sequence, reference.pixel_values)[0, reference.first:-1]
-    return {"top1_agreement": float((reference.logits.argmax(-1) == got.argmax(-1)).mean()),
-            "positions": int(got.shape[0]),
-            "max_abs_diff_logits": _max_diff(got, reference.logits)}
+def top1_agreement(candidate: OnnxVLM, references: list[AgreementReference]) -> dict:
+    """Teacher-forced top-1 agreement of ``candidate`` with the fp32 references."""
+    agree, diff = [], 0.0
+    for ref in references:
+        got = candidate.prefill_logits(ref.sequence, ref.pixel_values)[0, ref.first:-1]
+        agree.append(ref.logits.argmax(-1) == got.argmax(-1))
+        diff = max(diff, _max_diff(got, ref.logits))
+    agree = np.concatenate(agree)
+    return {"top1_agreement": float(agree.mean()), "positions": int(agree.size), "samples": len(references),
+            "max_abs_diff_logits": diff}

@@ -117,13 +117,13 @@ def _runner(folder: Path, adapter, tokenizer: dict, vision="vision.onnx", decode
                    spec.num_kv_heads, spec.head_dim)
 
 
-def _quantize_stage(folder: Path, scheme: str, adapter, tokenizer: dict, sample, bound: float) -> tuple[dict, dict]:
+def _quantize_stage(folder: Path, scheme: str, adapter, tokenizer: dict, samples, bound: float) -> tuple[dict, dict]:
     """Quantize the decoder (int8: per-channel and per-tensor, ties keep per-channel), then
     the vision graph too if that does not lower agreement; returns (quantization, parity)."""
-    from covspec.export.parity import agreement_reference, top1_agreement
+    from covspec.export.parity import agreement_references, top1_agreement
     from covspec.export.quantize import quantize
 
-    reference = agreement_reference(_runner(folder, adapter, tokenizer), sample)
+    reference = agreement_references(_runner(folder, adapter, tokenizer), samples)
     variants = [True, False] if scheme == "int8" else [True]
     measured, best = {}, None
     for per_channel in variants:
@@ -152,7 +152,7 @@ def _quantize_stage(folder: Path, scheme: str, adapter, tokenizer: dict, sample,
         raise ParityError(f"{scheme} keeps only {final['top1_agreement']:.1%} top-1 agreement with fp32 over "
                           f"{final['positions']} positions (bound {bound:.0%}).")
     quantization = {"scheme": scheme, **details, "graphs": ["decoder"] + (["vision"] if vision_quantized else []),
-                    "selected_by": "top-1 agreement with fp32 on the parity sample"}
+                    "selected_by": "top-1 agreement with fp32 on the parity samples"}
     return quantization, parity
 
 
@@ -173,10 +173,10 @@ def _convert_to_ort(folder: Path, graphs: dict) -> None:
 
 
 def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
-                 progress: Callable[[str], None] = lambda stage: None, sample=None) -> ExportResult:
+                 progress: Callable[[str], None] = lambda stage: None, samples=None) -> ExportResult:
     """Export ``model_dir`` into the artifact folder ``out``; see the module docstring.
 
-    ``sample`` (a ``parity.Sample``) overrides the parity input.
+    ``samples`` (a list of ``parity.Sample``) overrides the parity inputs.
     """
     from covspec.hf.folder import read_config
     from covspec.protocol.manifest import Manifest, describe_files, load_manifest, write_manifest
@@ -195,7 +195,7 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        manifest = _build(model_dir, partial, config, options, progress, sample)
+        manifest = _build(model_dir, partial, config, options, progress, samples)
         progress("manifest")
         manifest["files"] = describe_files(partial)
         write_manifest(partial, Manifest.from_dict(manifest))
@@ -208,7 +208,7 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     return ExportResult(out, json.loads((out / "manifest.json").read_text()))
 
 
-def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, progress, sample) -> dict:
+def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, progress, samples) -> dict:
     import torch
 
     from covspec import __version__
@@ -235,8 +235,9 @@ def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, 
     tokenizer = tokenizer_section(model, processor, folder / "tokenizer.json")
 
     progress("fp32 parity")
-    sample = (sample or parity.toy_sample(processor, template, tokenizer["vocab_hash"])
-              or parity.sample_input(processor, template))
+    samples = (samples or parity.toy_samples(processor, template, tokenizer["vocab_hash"])
+               or [parity.sample_input(processor, template)])
+    sample = samples[0]
     runner = _runner(folder, adapter, tokenizer)
     report = {"fp32": parity.check_fp32(model, adapter, runner, folder / "scorer.onnx", sample)}
     num_visual_tokens = int(runner.encode_image(sample.pixel_values)[0].shape[1])
@@ -246,7 +247,7 @@ def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, 
     if options.quant != "fp32":
         progress("quantize")
         bound = options.min_agreement if options.min_agreement is not None else DEFAULT_MIN_AGREEMENT[options.quant]
-        quantization, report[options.quant] = _quantize_stage(folder, options.quant, adapter, tokenizer, sample,
+        quantization, report[options.quant] = _quantize_stage(folder, options.quant, adapter, tokenizer, samples,
                                                               bound)
     if options.graph_format == "ort":
         progress("convert to ORT")
