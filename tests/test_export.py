@@ -260,6 +260,28 @@ def test_activity_is_cls_attention_of_the_last_used_layer(tiny):
     torch.testing.assert_close(activity, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_scorer_graph_matches_pytorch(exporter, tmp_path):
+    """Both exporters: dynamic N and M with named dims; ONNX == the PyTorch TokenScorer."""
+    from covspec.export.graphs import export_scorer
+
+    spec = export_scorer(16, tmp_path, 18, exporter)
+    scorer = session(tmp_path / spec["file"])
+    assert [i.shape for i in scorer.get_inputs()] == [["tokens", 16], ["tokens"], ["question", 16]]
+    generator = torch.Generator().manual_seed(0)
+    for tokens, question in [(1, 1), (144, 7), (30, 40)]:
+        features = torch.randn(tokens, 16, generator=generator)
+        activity = torch.rand(tokens, generator=generator)
+        question_embeds = torch.randn(question, 16, generator=generator)
+        with torch.no_grad():
+            relevance, score = TokenScorer()(features, activity, question_embeds)
+        got = scorer.run(None, {"image_features": features.numpy(), "activity": activity.numpy(),
+                                "question_embeds": question_embeds.numpy()})
+        np.testing.assert_allclose(got[0], relevance.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[1], score.numpy(), rtol=1e-5, atol=1e-6)
+        assert abs(float(got[0].sum()) - 1) < 1e-5
+
+
 def save_siglip_qwen2_llava(path: Path) -> Path:
     """A tiny LLaVA with a SigLIP tower (no CLS: "full" selection, feature norm as
     activity), a Qwen2 language model and feature layer -2."""
