@@ -38,8 +38,10 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
     artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)),
                                   threads=1)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    click.echo("starting the edge (toy target) ...", err=True)
-    with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1)) as edge:
+    edge_log = artifacts_dir.parent / "demo-edge.log"
+    click.echo(f"starting the edge (toy target; its log: {edge_log}) ...", err=True)
+    with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1),
+                     log_path=edge_log) as edge:
         client = EdgeClient(edge.address)
         engine = CoInference(artifact, client)
         speedups, identical, total = [], 0, 0
@@ -52,7 +54,7 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
                     click.echo("  covspec:     ", nl=False)
                     co_stats = GenerationStats()
                     stream = TextStream(artifact.decode_text)
-                    for tokens in engine.generate(image, qa["question"], settings, co_stats):
+                    for tokens in engine.generate(image, qa["question"], settings, stats=co_stats):
                         click.echo(stream.push(tokens), nl=False)
                     click.echo("")
                     co_tokens = stream.tokens
