@@ -13,7 +13,8 @@ Mistral or Qwen2 language model. An adapter exposes
   past_key_values.{i}.key/value [B,KVH,P,HD] -> logits [B,S,V], present.{i}.key/value
   [B,KVH,P+S,HD]``. The causal mask is built from cache positions (queries sit at
   P..P+S-1), so ``position_ids`` may skip values (pruned visual tokens keep their
-  original positions).
+  original positions). Sliding-window attention (Mistral, Qwen2 with
+  ``use_sliding_window``) is not applied: contexts must stay within the window.
 - ``embed_tokens``: the LM's input embedding table ``[V, D]``.
 - ``decoder_spec``: layer count, KV heads, head size, hidden size, vocabulary rows.
 """

@@ -9,7 +9,8 @@ no size collapses to a constant (PLATFORM.md, ONNX export):
 - ``scorer.onnx``: dynamic token count N and question length M;
 - ``decoder.onnx``: dynamic batch B, query length S and past length P.
 
-``export_graph`` returns ``{"file", "inputs", "outputs"}`` for the manifest.
+Each ``export_*`` function writes one file into the artifact folder and returns its
+manifest entry ``{"file", "inputs", "outputs"}``.
 """
 
 from __future__ import annotations
@@ -34,13 +35,8 @@ from covspec.export.scorer import TokenScorer
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_features", "activity"]
 DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids"]
-DEFAULT_OPSET = 18
-
 # Tracing sizes: batch >= 2, past and query lengths that are neither 0 nor 1.
 TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
-
-
-EXPORTERS = ("torchscript", "dynamo")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from covspec.export.quantize import SCHEMES
 # Minimum top-1 agreement with fp32 per scheme (the int8 bound is the 90%).
 DEFAULT_MIN_AGREEMENT = {"int8": 0.90, "int4": 0.75}
 GRAPH_FORMATS = ("onnx", "ort")
+EXPORTERS = ("torchscript", "dynamo")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -182,8 +183,10 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     from covspec.protocol.manifest import Manifest, describe_files, load_manifest, write_manifest
 
     options = options or ExportOptions()
-    if options.quant not in SCHEMES or options.graph_format not in GRAPH_FORMATS:
-        raise ValueError(f"quant must be one of {SCHEMES} and format one of {GRAPH_FORMATS}.")
+    if (options.quant not in SCHEMES or options.graph_format not in GRAPH_FORMATS
+            or options.exporter not in EXPORTERS):
+        raise ValueError(f"quant must be one of {SCHEMES}, format one of {GRAPH_FORMATS} and exporter "
+                         f"one of {EXPORTERS}.")
     model_dir, out = Path(model_dir), Path(out)
     config = read_config(model_dir)
     if out.exists() and not options.force:
