@@ -56,7 +56,7 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
               show_default=True, help="torch.onnx exporter (both pass the same parity checks).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="Minimum top-1 agreement with fp32 for int8/int4 [default: 0.90 int8, 0.75 int4].")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it holds an earlier artifact.")
 def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int, exporter: str,
            min_agreement: float | None, force: bool) -> None:
     """Export the draft VLM in MODEL_DIR (a local transformers folder) to ONNX artifacts.
