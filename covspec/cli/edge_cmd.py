@@ -39,7 +39,9 @@ def edge() -> None:
 @click.option("--allow-keys", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of device public keys (*.key) admitted; needs --secret-key.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without CurveZMQ keys.")
-X
+@click.option("--threads", type=int,
+              help="torch CPU threads (default: torch's choice). On a CPU shared with the device, 1 is often "
+                   "much faster.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessions: int, max_context: int,
           max_message_bytes: int, idle_timeout: float, secret_key: Path | None, allow_keys: Path | None,
