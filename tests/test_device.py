@@ -122,7 +122,8 @@ def target_joint(pair, image, question, temperature, top_k):
     return joint
 
 
-def test_sampling_follows_target_distribution(tiny_pair, edge):
+@pytest.mark.parametrize("wire", ["compact", "dense"])
+def test_sampling_follows_target_distribution(tiny_pair, edge, wire):
     """The first two committed tokens (the second from draft + verify) follow p."""
     image, question = png_bytes(5), QUESTIONS[0]
     temperature, top_k, runs = 1.5, 4, 1200
@@ -134,7 +135,8 @@ def test_sampling_follows_target_distribution(tiny_pair, edge):
         engine = CoInference(artifact, client)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
-            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, BASELINE) for t in chunk]
+            options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire)
+            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, options) for t in chunk]
             counts[tuple(tokens)] += 1
     finally:
         client.close()
@@ -264,3 +266,28 @@ def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
         assert totals["misses"] > 0                             # wrong assumptions happened and were survived
     else:
         assert totals["pipelined_hits"] > 0
+
+
+def test_dense_wire_is_exact_and_carries_full_distributions(tiny_pair, edge):
+    image, question = png_bytes(0), QUESTIONS[0]
+    dense = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire="dense")
+    tokens, dense_stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
+                                      GenerationSettings(max_new_tokens=20), options=dense)
+    assert tokens == reference(tiny_pair, image, question, 20)
+    compact = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0)
+    _, compact_stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
+                                   GenerationSettings(max_new_tokens=20), options=compact)
+    vocab = 64
+    # Every drafted position uploads V float16 values; every verdict downloads V more.
+    assert dense_stats.bytes_up - compact_stats.bytes_up >= dense_stats.drafted * vocab * 2
+    assert dense_stats.bytes_down - compact_stats.bytes_down >= dense_stats.rounds * vocab * 2
+
+
+def test_dense_wire_sampling_is_reproducible(tiny_pair, edge):
+    dense = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, wire="dense")
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.8, seed=4)
+    first, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(1), QUESTIONS[1], settings,
+                           options=dense)
+    second, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(1), QUESTIONS[1], settings,
+                            options=dense)
+    assert first == second and len(first) > 1

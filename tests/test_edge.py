@@ -397,7 +397,6 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
         ("negative token id", encode(Verify(session="victim", seq=50, start=1, tokens=np.asarray([-3], np.int32))),
          "bad_token"),
         ("wrong vocab hash", encode(open_message(target, "vh", image, vocab_hash="0" * 64)), "vocab_mismatch"),
-        ("dense wire", encode(open_message(target, "dense", image, wire="dense")), "unsupported"),
         ("image bytes that are no image", encode(Open(session="img", seq=0, image=np.frombuffer(b"GIF89a-no", np.uint8),
                                                       vocab_hash=target.vocab_hash, committed=np.zeros(0, np.int32))), "bad_image"),
         ("prompt places its own image", encode(open_message(target, "p", image, prompt="<image> what ?")), "bad_field"),

@@ -42,6 +42,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "bytes_up_per_token": sum(r["bytes_up"] for r in group) / tokens,
             "bytes_down_per_token": sum(r["bytes_down"] for r in group) / tokens,
             "ttft_ms": float(np.median([r["ttft_s"] for r in group])) * 1000,
+            "device_prefill_ms": float(np.median([r["device_prefill_s"] for r in group])) * 1000,
             "edge_ms_per_token": sum(r["edge_ms"] for r in group) / tokens,
             "accuracy": float(np.mean([r["correct"] for r in group])),
             "description_f1": float(np.mean(described)) if described else None,
@@ -131,6 +132,42 @@ def plot_bytes(rows: list[dict], path: Path, link: str) -> None:
     axis.set_title(f"Traffic per generated token ({link})")
     axis.tick_params(axis="x", rotation=35, labelsize=7)
     axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def pruning_table(rows: list[dict]) -> str:
+    """Rows named ``method@ratio``: draft prefill, acceptance and speed per selection."""
+    lines = ["| keep ratio | selection | draft prefill ms | mean accepted | tok/s | accuracy (target on kept) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        method, _, ratio = r["scenario"].partition("@")
+        lines.append(f"| {ratio} | {method} | {r['device_prefill_ms']:.2f} | {r['mean_accepted']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {_fmt(r.get('pruned_target_accuracy'), '.0%')} |")
+    return "\n".join(lines)
+
+
+def plot_pruning(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    methods = list(dict.fromkeys(r["scenario"].partition("@")[0] for r in rows))
+    for method in methods:
+        mine = sorted(((float(r["scenario"].partition("@")[2]), r) for r in rows
+                       if r["scenario"].partition("@")[0] == method), key=lambda pair: pair[0])
+        ratios = [ratio for ratio, _ in mine]
+        left.plot(ratios, [r["mean_accepted"] for _, r in mine], marker="o", label=method)
+        right.plot(ratios, [r["device_prefill_ms"] for _, r in mine], marker="o", label=method)
+    for axis, label in ((left, "mean accepted length"), (right, "draft prefill (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("keep ratio")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=7)
+    figure.suptitle("Visual token reduction on the draft")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -84,3 +84,59 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
                 f"![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)")
         report.append_markdown(Path("BENCHMARKS.md"), "Side by side (`covspec bench run`)", command.strip(), body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
+
+
+@bench.command("pruning")
+@click.option("--questions", "count", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--ratios", default="1,0.5,0.25,0.125", show_default=True, help="Comma-separated keep ratios.")
+@click.option("--methods", default="covspec,random,relevance,activity,diversity", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--markdown/--no-markdown", default=True, show_default=True)
+def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifacts_dir: Path, out: Path,
+            markdown: bool) -> None:
+    """Visual token reduction: keep ratios x selection methods, measured on loopback with
+    a fixed draft length of 4 (no pipelining, no branches), so acceptance is comparable."""
+    from tqdm import tqdm
+
+    from covspec.bench import report
+    from covspec.bench.link import profile_named
+    from covspec.bench.runner import Bench, records_to_json
+    from covspec.bench.scenarios import Scenario
+    from covspec.bench.workload import toy_questions
+    from covspec.runtime_device.engine import DraftingOptions, GenerationSettings
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    keep = [float(r) for r in ratios.split(",")]
+    chosen = [m.strip() for m in methods.split(",")]
+    scenarios = [Scenario(f"{m}@{r:g}", "speculative",
+                          DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=r,
+                                          selection=m))
+                 for r in keep for m in (chosen if r < 1 else chosen[:1])]
+    scenarios += [Scenario(f"covspec-contiguous@{r:g}", "speculative",
+                           DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=r,
+                                           positions="contiguous")) for r in keep if r < 1]
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
+    questions = toy_questions(count)
+    out.mkdir(parents=True, exist_ok=True)
+    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens))
+    try:
+        with tqdm(total=len(scenarios) * len(questions), desc="pruning", unit="run", file=sys.stderr) as bar:
+            records = bench_run.run([profile_named("loopback")], scenarios, questions, tick=bar.update)
+    finally:
+        bench_run.close()
+    raw = records_to_json(records)
+    rows = report.summarize(raw)
+    (out / "pruning.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    report.plot_pruning([r for r in rows if "contiguous" not in r["scenario"]], out / "pruning.png")
+    table = report.pruning_table(rows)
+    click.echo(table)
+    if markdown:
+        body = (f"{len(questions)} held-out ShapesVQA questions, greedy, fixed draft length 4, loopback. "
+                f"`covspec-contiguous` re-numbers kept tokens contiguously instead of keeping their "
+                f"original positions.\n\n{table}\n\n![pruning](benchmarks/pruning.png)")
+        report.append_markdown(Path("BENCHMARKS.md"), "Visual token reduction (`covspec bench pruning`)",
+                               "covspec bench pruning " + " ".join(sys.argv[3:]), body)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 UNKNOWN_SESSION = "unknown_session"   # no such session (never opened, closed, expired, edge restarted)
 VOCAB_MISMATCH = "vocab_mismatch"     # the device's tokenizer differs from the target's
-UNSUPPORTED = "unsupported"           # a valid request this edge does not serve (e.g. wire="dense")
 BAD_TOKEN = "bad_token"               # a token id outside the target's vocabulary
 MISSING_FIELD = "missing_field"       # sampling mode without q_ids/q_probs
 BAD_FIELD = "bad_field"               # a field with an unusable value (e.g. q without mass)

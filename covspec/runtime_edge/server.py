@@ -30,7 +30,9 @@ What a device can rely on (the round logic itself lives in ``session.py``):
   answered ``opened`` with the first token, or the next one after ``committed`` on
   a reopen (``token`` -1 and ``done`` when those already ended generation). The
   vocabulary hash must match the target's tokenizer (``vocab_mismatch``); a
-  ``target_only`` open may leave it empty. ``wire="dense"`` is ``unsupported``.
+  ``target_only`` open may leave it empty. ``wire="dense"`` (the conventional baseline)
+  takes the draft's full q per drafted position and returns the full p at the
+  correction/bonus position beside the sampled token.
 - ``verify`` is answered ``result``: ``stale`` (nothing changed) unless ``start``
   is the committed length and ``assumed`` is -1 or the last committed token. A
   repeated ``seq`` gets the session's last reply again without recomputation; an
@@ -317,8 +319,6 @@ class EdgeServer:
     def _open(self, request: _Request) -> None:
         message: Open = request.message
         target = self.target
-        if message.wire == "dense":
-            raise EdgeError(errors.UNSUPPORTED, "wire='dense' is not served by this edge yet; open with wire='compact'.")
         # A target_only device tokenizes nothing, so it may leave the hash empty.
         hash_needed = not (message.mode == "target_only" and message.vocab_hash == "")
         if hash_needed and message.vocab_hash != target.vocab_hash:

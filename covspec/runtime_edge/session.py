@@ -75,6 +75,7 @@ class Session:
     id: str
     mode: str
     max_new_tokens: int
+    wire: str
     decoding: Decoding
     rng: np.random.Generator
     context_len: int = 0
@@ -96,7 +97,7 @@ class Session:
         On a reopen ``msg.committed`` holds every token the device already committed;
         they are prefilled after the context and generation continues after them.
         """
-        session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
+        session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens, wire=msg.wire,
                       decoding=Decoding(msg.temperature, msg.top_k, msg.top_p),
                       rng=np.random.default_rng(msg.seed))
         committed = [int(t) for t in msg.committed]
@@ -139,7 +140,14 @@ class Session:
         # 2. Validate it completely before anything changes.
         tokens = np.asarray(msg.tokens, dtype=np.int64)                          # [n]
         _check_tokens(tokens, target.vocab_size, "tokens")
-        if not self.decoding.greedy:
+        dense = self.wire == "dense"
+        if dense and msg.q_dense is None:
+            raise EdgeError(MISSING_FIELD, "this session uses the dense wire, so verify needs q_dense: the "
+                                           "draft's full distribution per drafted position.")
+        if dense and msg.q_dense.shape[1] > target.vocab_size:
+            raise EdgeError(BAD_FIELD, f"q_dense has {msg.q_dense.shape[1]} columns, more than the target "
+                                       f"vocabulary ({target.vocab_size}).")
+        if not self.decoding.greedy and not dense:
             if msg.q_ids is None:
                 raise EdgeError(MISSING_FIELD, "this session samples (temperature > 0), so verify needs "
                                                "q_ids and q_probs: the draft's sparse proposal per position.")
@@ -151,7 +159,12 @@ class Session:
         remaining = self.max_new_tokens - len(self.committed)
         n = min(len(tokens), remaining)
         tokens = tokens[:n]
-        q = None if self.decoding.greedy else _dense_q(msg.q_ids[:n], msg.q_probs[:n], tokens, target.vocab_size)
+        if self.decoding.greedy:
+            q = None
+        elif dense:
+            q = _padded_q(msg.q_dense[:n], tokens, target.vocab_size)
+        else:
+            q = _dense_q(msg.q_ids[:n], msg.q_probs[:n], tokens, target.vocab_size)
         begin = time.perf_counter()
         # 4. One forward over [pending] + chunk.
         logits = target.extend(self.cache, [self.committed[-1]] + tokens.tolist())  # [n + 1, V]
@@ -173,8 +186,15 @@ class Session:
         self.stats.drafted += n
         self.stats.accepted += verdict.accepted
         self.stats.verify_ms += verify_ms
+        # The dense wire (the conventional baseline) also returns the full target
+        # distribution where the correction or bonus was drawn.
+        p_dense = None
+        if dense and verdict.token != spec.NO_TOKEN:
+            row = logits[verdict.accepted]
+            p_row = spec.target_probs(row, 1.0) if self.decoding.greedy else self.decoding.p(row)
+            p_dense = p_row.astype(np.float16)
         return Result(session=self.id, seq=msg.seq, start=msg.start, accepted=verdict.accepted,
-                      token=verdict.token, done=verdict.done, verify_ms=verify_ms)
+                      token=verdict.token, done=verdict.done, verify_ms=verify_ms, p_dense=p_dense)
 
     # --- target-only decoding -------------------------------------------------------
 
@@ -220,6 +240,25 @@ def _check_tokens(tokens, vocab_size: int, name: str) -> None:
                                    f"[0, {vocab_size}); check that device and edge use the same tokenizer.")
 
 
+def _padded_q(q_dense: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The draft's full distributions [n, V_draft] (float16), normalized and padded to [n, V]."""
+    weights = np.asarray(q_dense, dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or np.any(weights.sum(axis=-1) <= 0):
+        raise EdgeError(BAD_FIELD, "q_dense must be finite, non-negative, with positive mass in every row.")
+    q = np.zeros((weights.shape[0], vocab_size))
+    q[:, : weights.shape[1]] = weights / weights.sum(axis=-1, keepdims=True)
+    _check_q_covers(q, tokens)
+    return q
+
+
+def _check_q_covers(q: np.ndarray, tokens: np.ndarray) -> None:
+    zero = np.nonzero(q[np.arange(len(tokens)), tokens] <= 0)[0]
+    if zero.size:
+        i = int(zero[0])
+        raise EdgeError(BAD_FIELD, f"draft token {int(tokens[i])} at chunk position {i} has zero probability in "
+                                   "its q; the draft must sample from exactly the q it sends.")
+
+
 def _dense_q(ids: np.ndarray, probs: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     """The draft's proposals [n, k] as dense distributions [n, V], checked to be usable."""
     weights = np.asarray(probs, dtype=np.float64)                                  # [n, k]
@@ -229,9 +268,5 @@ def _dense_q(ids: np.ndarray, probs: np.ndarray, tokens: np.ndarray, vocab_size:
         if len(np.unique(row)) != len(row):
             raise EdgeError(BAD_FIELD, f"q_ids row {i} repeats an id; send each proposed id once.")
     q = spec.dense_q(ids, probs, vocab_size)                                        # [n, V]
-    zero = np.nonzero(q[np.arange(len(tokens)), tokens] <= 0)[0]
-    if zero.size:
-        i = int(zero[0])
-        raise EdgeError(BAD_FIELD, f"draft token {int(tokens[i])} at chunk position {i} has zero probability in "
-                                   "its q; the draft must sample from exactly the q it sends.")
+    _check_q_covers(q, tokens)
     return q
