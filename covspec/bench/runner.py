@@ -67,17 +67,16 @@ def core_split() -> tuple[set[int], set[int]]:
 class Bench:
     """Owns the edge process and the device's artifact for one benchmark run."""
 
-    def __init__(self, artifacts: Path, target_dir: Path, settings: GenerationSettings,
-                 log: Callable[[str], None] = lambda line: None):
+    def __init__(self, artifacts: Path, target_dir: Path, settings: GenerationSettings, edge_log: Path):
         from covspec.runtime_edge import EdgeProcess, ServerConfig
 
         self.settings = settings
         self.device_cores, self.edge_cores = core_split()
-        self.edge = EdgeProcess(target_dir, ServerConfig(bind="tcp://127.0.0.1:*", threads=1)).start()
+        self.edge = EdgeProcess(target_dir, ServerConfig(bind="tcp://127.0.0.1:*", threads=1),
+                                log_path=edge_log).start()
         pin_to_cores(self.edge.pid, self.edge_cores)
         pin_to_cores(0, self.device_cores)
         self.artifact = DraftArtifact.load(artifacts, threads=1)
-        self.log = log
 
     def close(self) -> None:
         self.edge.stop()

@@ -52,8 +52,7 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
         profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--links") from None
-    log = lambda line: click.echo(line, err=True)  # noqa: E731
-    artifacts = ensure_toy_artifacts(artifacts_dir, log)
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     ratio = keep_ratio if keep_ratio is not None else load_manifest(artifacts).pruning.get("keep_ratio", 1.0)
     scenarios = standard_scenarios(ratio)
     questions = toy_questions(count)
@@ -63,7 +62,7 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
         records = run_assisted(bundled_model_dir("draft"), bundled_model_dir("target"), questions, settings,
                                tick=bar.update)
-        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, log)
+        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, out / "edge.log")
         try:
             records += bench_run.run(profiles, scenarios, questions, tick=bar.update)
         finally:
@@ -122,7 +121,8 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     questions = toy_questions(count)
     out.mkdir(parents=True, exist_ok=True)
-    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens))
+    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
+                      out / "edge.log")
     try:
         with tqdm(total=len(scenarios) * len(questions), desc="pruning", unit="run", file=sys.stderr) as bar:
             records = bench_run.run([profile_named("loopback")], scenarios, questions, tick=bar.update)

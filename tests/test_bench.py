@@ -1,0 +1,25 @@
+"""`covspec bench run --quick` produces a valid report with every scenario."""
+
+import json
+import subprocess
+import sys
+
+from covspec.bench.scenarios import standard_scenarios
+
+
+def test_quick_bench_reports_every_scenario(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "covspec.cli.main", "bench", "run", "--quick", "--no-markdown", "--out", str(out),
+         "--artifacts", str(tmp_path / "artifacts")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "bench-quick.json").read_text())
+    scenarios = {row["scenario"] for row in report["rows"]}
+    assert scenarios == {s.name for s in standard_scenarios(1.0)}
+    by_name = {row["scenario"]: row for row in report["rows"]}
+    for name, row in by_name.items():
+        assert row["tokens_per_s"] > 0, name
+        assert row["identical"] == 1.0, f"{name} changed the target's output"
+    # The compact wire sends far fewer bytes per token than the dense baseline.
+    assert by_name["covspec"]["bytes_up_per_token"] < by_name["covspec-dense-wire"]["bytes_up_per_token"]
