@@ -140,3 +140,89 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
                 f"original positions.\n\n{table}\n\n![pruning](benchmarks/pruning.png)")
         report.append_markdown(Path("BENCHMARKS.md"), "Visual token reduction (`covspec bench pruning`)",
                                "covspec bench pruning " + " ".join(sys.argv[3:]), body)
+
+
+@bench.command("wire")
+@click.option("--vocab", "vocab_sizes", default="32000,151936", show_default=True,
+              help="Comma-separated vocabulary sizes of the tiny random model pairs.")
+@click.option("--sessions", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--markdown/--no-markdown", default=True, show_default=True)
+def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
+    """Bytes per drafted position and per verdict, compact vs dense wire, at real
+    vocabulary sizes (tiny random models, real sessions, bytes counted on the socket)."""
+    from tqdm import tqdm
+
+    from covspec.bench import report
+    from covspec.bench.wire import measure_wire, wire_table
+
+    sizes = [int(v) for v in vocab_sizes.split(",")]
+    with tqdm(total=len(sizes) * 4, desc="wire", unit="config", file=sys.stderr) as bar:
+        rows = measure_wire(sizes, sessions=sessions, tick=bar.update)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "wire.json").write_text(json.dumps(rows, indent=1))
+    table = wire_table(rows)
+    click.echo(table)
+    if markdown:
+        body = (f"Tiny random LLaVA pairs, {sessions} sessions x 16 new tokens per configuration, fixed draft "
+                f"length 4. Bytes are verify/result frame payloads counted by the device's socket.\n\n{table}")
+        report.append_markdown(Path("BENCHMARKS.md"), "Wire traffic at real vocabulary sizes (`covspec bench wire`)",
+                               "covspec bench wire " + " ".join(sys.argv[3:]), body)
+
+
+@bench.command("drafting")
+@click.option("--links", default=",".join(LINKS), show_default=True, help="Comma-separated link profiles.")
+@click.option("--questions", "count", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--markdown/--no-markdown", default=True, show_default=True)
+def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, out: Path, markdown: bool) -> None:
+    """Fixed draft lengths 2/4/6/8 vs adaptive, and pipelining / branching on and off,
+    on every link profile (no pruning, compact wire)."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from covspec.bench import report
+    from covspec.bench.link import profile_named
+    from covspec.bench.runner import Bench, records_to_json
+    from covspec.bench.scenarios import Scenario
+    from covspec.bench.workload import toy_questions
+    from covspec.runtime_device.engine import DraftingOptions, GenerationSettings
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    plain = DraftingOptions(keep_ratio=1.0, pipeline=False, branches=0)
+    scenarios = [Scenario("target-only", "target_only")]
+    scenarios += [Scenario(f"fixed-{n}", "speculative", dataclasses.replace(plain, policy="fixed", draft_len=n))
+                  for n in (2, 4, 6, 8)]
+    scenarios += [Scenario("adaptive", "speculative", plain),
+                  Scenario("adaptive+pipeline", "speculative", dataclasses.replace(plain, pipeline=True)),
+                  Scenario("adaptive+branches", "speculative", dataclasses.replace(plain, branches=2)),
+                  Scenario("adaptive+pipeline+branches", "speculative",
+                           dataclasses.replace(plain, pipeline=True, branches=2))]
+    profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
+    questions = toy_questions(count, describe_share=1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
+                      out / "edge.log")
+    try:
+        total = len(profiles) * len(scenarios) * len(questions)
+        with tqdm(total=total, desc="drafting", unit="run", file=sys.stderr) as bar:
+            records = bench_run.run(profiles, scenarios, questions, tick=bar.update)
+    finally:
+        bench_run.close()
+    raw = records_to_json(records)
+    rows = report.summarize(raw)
+    (out / "drafting.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    report.plot_speedup(rows, out / "drafting_speedup_vs_link.png")
+    table = report.markdown_table(rows)
+    click.echo(table)
+    if markdown:
+        body = (f"{len(questions)} held-out ShapesVQA descriptions, greedy, max {max_new_tokens} new tokens, no "
+                f"pruning, compact wire.\n\n{table}\n\n![drafting](benchmarks/drafting_speedup_vs_link.png)")
+        report.append_markdown(Path("BENCHMARKS.md"), "Drafting policy, pipelining, branching (`covspec bench drafting`)",
+                               "covspec bench drafting " + " ".join(sys.argv[3:]), body)

@@ -5,12 +5,15 @@ session and seq, resending the identical message (the edge answers a repeated se
 idempotently) with exponential backoff. It raises ``EdgeUnreachable`` when no reply
 comes after every retry and ``EdgeError`` when the edge answers with an error.
 Replies to older rounds (duplicates from retries) are dropped. Every byte sent and
-received on the socket is counted.
+received on the socket is counted
+(frame payloads; ZeroMQ adds a few bytes of framing per frame), in total and per
+message type.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import zmq
@@ -63,10 +66,13 @@ class EdgeClient:
         self.socket.connect(address)
         self.bytes_up = 0
         self.bytes_down = 0
+        self.bytes_by_type: Counter[str] = Counter()     # e.g. "up:verify", "down:result"
 
     def send(self, message: Message) -> None:
         frames = encode(message)
-        self.bytes_up += sum(len(f) for f in frames)
+        size = sum(len(f) for f in frames)
+        self.bytes_up += size
+        self.bytes_by_type[f"up:{message.TYPE}"] += size
         self.socket.send_multipart(frames, copy=False)
 
     def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
@@ -76,11 +82,13 @@ class EdgeClient:
             if not self.socket.poll(int(left * 1000) + 1):
                 return None
             frames = self.socket.recv_multipart()
-            self.bytes_down += sum(len(f) for f in frames)
+            size = sum(len(f) for f in frames)
+            self.bytes_down += size
             try:
                 reply = decode(frames, Limits())
             except ProtocolError:
                 continue                       # garbage on the wire: not our reply
+            self.bytes_by_type[f"down:{reply.TYPE}"] += size
             if reply.session == session and reply.seq == seq:
                 return reply
         return None

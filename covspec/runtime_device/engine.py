@@ -209,7 +209,7 @@ class _Run:
         # The draft's randomness must be independent of the edge's (seeded with the
         # same user seed), or the joint output is biased: derive a separate stream.
         self.rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
-        self.session = uuid.uuid4().hex
+        self.session = new_session_id()
         self.seq = 0
         self.committed: list[int] = []
         self.done = False
@@ -493,6 +493,11 @@ class _Run:
                     "selection": options.selection if k < n else "none"})
 
 
+def new_session_id() -> str:
+    """64 random bits in hex: unique enough per edge, and short on every message."""
+    return uuid.uuid4().hex[:16]
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits.astype(np.float64) - logits.max())
     return e / e.sum()
@@ -518,7 +523,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
     stats = stats if stats is not None else GenerationStats()
     began = time.perf_counter()
     up0, down0 = client.bytes_up, client.bytes_down
-    message = Open(session=uuid.uuid4().hex, seq=0, prompt=question, image=np.frombuffer(image_bytes, np.uint8),
+    message = Open(session=new_session_id(), seq=0, prompt=question, image=np.frombuffer(image_bytes, np.uint8),
                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                    top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, mode="target_only",
                    committed=np.zeros(0, np.int32))

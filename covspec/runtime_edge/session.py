@@ -181,7 +181,7 @@ class Session:
             self.free()
         else:
             target.rollback(self.cache, self.context_len + len(self.committed) - 1)
-        verify_ms = (time.perf_counter() - begin) * 1e3
+        verify_ms = round((time.perf_counter() - begin) * 1e3, 3)
         self.stats.rounds += 1
         self.stats.drafted += n
         self.stats.accepted += verdict.accepted
@@ -210,7 +210,7 @@ class Session:
         self.done = verdict.done
         if self.done:
             self.free()
-        verify_ms = (time.perf_counter() - begin) * 1e3
+        verify_ms = round((time.perf_counter() - begin) * 1e3, 3)
         self.stats.rounds += 1
         self.stats.verify_ms += verify_ms
         return Result(session=self.id, seq=seq, start=len(self.committed) - 1, accepted=0,
