@@ -291,3 +291,18 @@ def test_dense_wire_sampling_is_reproducible(tiny_pair, edge):
     second, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(1), QUESTIONS[1], settings,
                             options=dense)
     assert first == second and len(first) > 1
+
+
+def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
+    """--prune-target is not exact in general; keeping every token it must be."""
+    image, question = png_bytes(0), QUESTIONS[0]
+    everything = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=1.0,
+                                 prune_target=True)
+    tokens, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
+                            GenerationSettings(max_new_tokens=16), options=everything)
+    assert tokens == reference(tiny_pair, image, question, 16)
+    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5,
+                           prune_target=True)
+    tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
+                                GenerationSettings(max_new_tokens=16), options=half)
+    assert 1 <= len(tokens) <= 16 and stats.kept_visual_tokens == 8

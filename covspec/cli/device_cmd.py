@@ -46,6 +46,9 @@ def device() -> None:
 @click.option("--selection", default="covspec", show_default=True,
               type=click.Choice(["covspec", "relevance", "activity", "diversity", "random"]),
               help="How the kept visual tokens are chosen.")
+@click.option("--prune-target", is_flag=True,
+              help="NOT EXACT (opt-in): the edge target also sees only the kept visual tokens, "
+                   "trading accuracy for edge prefill time.")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Append one JSON line per drafting decision to this file.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
@@ -57,7 +60,7 @@ def device() -> None:
 def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, seed: int, draft_policy: str, draft_len: int,
         max_draft_len: int, pipeline: bool, branches: int, wire: str, keep_ratio: float | None,
-        keep_tokens: int | None, selection: str, trace_file: Path | None, threads: int,
+        keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int,
         timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
 
@@ -84,7 +87,10 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
                                   top_p=top_p, seed=seed)
     options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
                               pipeline=pipeline, branches=branches, wire=wire, keep_ratio=keep_ratio,
-                              keep_tokens=keep_tokens, selection=selection)
+                              keep_tokens=keep_tokens, selection=selection, prune_target=prune_target)
+    if prune_target:
+        click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
+                    fg="yellow", err=True)
     trace, close_trace = trace_to_file(trace_file) if trace_file else (None, lambda: None)
     client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries))
     stats = GenerationStats()

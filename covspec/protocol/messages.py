@@ -74,6 +74,8 @@ class Open(Message):
     greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
     ``speculative`` (the device drafts) or ``target_only`` (the edge generates and
     streams). ``wire`` is ``compact`` (ids + sparse q) or ``dense`` (full q and p).
+    ``target_keep`` (opt-in, NOT exact) lists the visual tokens the target keeps too
+    (indices into its visual token grid), trading accuracy for edge prefill time.
     """
 
     TYPE: ClassVar[str] = "open"
@@ -88,8 +90,10 @@ class Open(Message):
     mode: str = "speculative"
     wire: str = "compact"
     committed: np.ndarray = array_field("int32", 1)
+    target_keep: np.ndarray | None = array_field("int32", 1, optional=True)
 
     def check(self) -> None:
+        _require(self.target_keep is None or self.target_keep.size > 0, "bad_field", "target_keep is empty")
         _require(self.max_new_tokens >= 1, "bad_field", "max_new_tokens must be >= 1")
         _require(self.temperature >= 0.0, "bad_field", "temperature must be >= 0")
         _require(self.top_k >= 0, "bad_field", "top_k must be >= 0")

@@ -16,6 +16,8 @@ speculation that can only save time, never change the output:
 - *branching*: while waiting, the device drafts continuations after the most likely
   verdicts (all accepted; rejection at the least confident position with the
   draft's second choice as correction) and sends the matching one at once;
+- *prune_target* (opt-in, labelled NOT exact): the target also keeps only the draft's
+  kept visual tokens, trading accuracy for edge prefill time;
 - *wire*: ``compact`` sends ids (+ sparse q when sampling), ``dense`` the full q per
   drafted position and gets the full p back (the conventional baseline).
 
@@ -85,6 +87,7 @@ class DraftingOptions:
     keep_tokens: int | None = None
     selection: str = "covspec"
     positions: str = "original"            # kept visual tokens keep their original positions
+    prune_target: bool = False             # opt-in, NOT exact: the target keeps only those tokens too
     q_top_k: int = 16
     reopen_attempts: int = 5
 
@@ -215,6 +218,7 @@ class _Run:
         self.done = False
         self.in_flight: deque[Chunk] = deque()
         self.branches: dict[tuple[int, int], Chunk] = {}
+        self.kept: np.ndarray | None = None     # visual tokens the draft kept (after prefill)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -225,12 +229,17 @@ class _Run:
         image = load_image(self.image_bytes)
         try:
             # 1. Open the session; the edge prefills the target with the full image.
-            opening = self._open_message()
-            self.client.send(opening)
             # 2. Meanwhile, prefill the draft: vision -> scorer -> kept tokens -> decoder.
+            #    (A pruned target needs the kept tokens first, so it opens afterwards.)
+            opening = None if self.options.prune_target else self._open_message()
+            if opening is not None:
+                self.client.send(opening)
             prefill_began = time.perf_counter()
             self._prefill(image)
             stats.device_prefill_s = time.perf_counter() - prefill_began
+            if opening is None:
+                opening = self._open_message()
+                self.client.send(opening)
             # 3. The edge's first token (from its prefill logits) is committed.
             first = self._commit_opened(self._await_open(opening))
             stats.ttft_s = time.perf_counter() - began
@@ -273,7 +282,8 @@ class _Run:
                     image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
                     vocab_hash=self.artifact.vocab_hash, temperature=s.temperature, top_k=s.top_k,
                     top_p=s.top_p, seed=s.seed, wire=self.options.wire,
-                    committed=np.asarray(self.committed, np.int32))
+                    committed=np.asarray(self.committed, np.int32),
+                    target_keep=self.kept.astype(np.int32) if self.options.prune_target else None)
 
     def _await_open(self, message: Open) -> Opened:
         reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
@@ -478,6 +488,7 @@ class _Run:
                 "question_embeds": artifact.embed(question_ids or [artifact.manifest.tokenizer["pad_id"]])})
             kept = select(options.selection, visual, TokenScores(relevance, activity[0], score), k,
                           seed=self.settings.seed)
+        self.kept = kept
         self.stats.kept_visual_tokens = int(len(kept))
         layout = artifact.prompt_layout(self.question)
         before, after = len(layout.before), len(layout.after)

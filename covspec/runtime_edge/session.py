@@ -105,7 +105,7 @@ class Session:
         if len(committed) > msg.max_new_tokens:
             raise EdgeError(BAD_FIELD, f"committed holds {len(committed)} tokens but max_new_tokens is "
                                        f"{msg.max_new_tokens}; send at most max_new_tokens committed tokens.")
-        context: Context = target.context(msg.prompt, image)
+        context: Context = target.context(msg.prompt, image, keep=msg.target_keep)
         if context.length + msg.max_new_tokens > max_context:
             raise EdgeError(TOO_LONG, f"the context is {context.length} tokens and max_new_tokens is "
                                       f"{msg.max_new_tokens}, beyond this edge's max context of {max_context}; "

@@ -32,7 +32,8 @@ class Context:
     """The processed prompt of one session: model inputs on the model's device."""
 
     inputs: dict[str, Any]   # input_ids [1, L], attention_mask [1, L], pixel_values [1, 3, H, W]
-    length: int              # L: prompt tokens with the image placeholder expanded
+    length: int              # L: prompt tokens with the image placeholder expanded (kept tokens only)
+    keep: Any = None         # opt-in pruned target: LongTensor [K] of kept visual token indices
 
 
 def decode_image(data: bytes, max_pixels: int):
@@ -79,8 +80,12 @@ class TargetModel:
         model, processor = load_llava(path, device=device, dtype=dtype)
         return cls(model, processor, device)
 
-    def context(self, question: str, image) -> Context:
-        """Fill the chat template with ``question`` and process it with ``image``."""
+    def context(self, question: str, image, keep: Sequence[int] | None = None) -> Context:
+        """Fill the chat template with ``question`` and process it with ``image``.
+
+        With ``keep`` (the opt-in pruned target, not exact), only those visual tokens
+        enter the context, renumbered contiguously.
+        """
         if IMAGE_TOKEN in question:
             raise EdgeError(BAD_FIELD, f"the prompt contains {IMAGE_TOKEN!r}; send the question text only, "
                                        "the edge places the image itself.")
@@ -92,7 +97,18 @@ class TargetModel:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return Context(inputs=inputs, length=int(inputs["input_ids"].shape[1]))
+        length = int(inputs["input_ids"].shape[1])
+        if keep is None:
+            return Context(inputs=inputs, length=length)
+        import torch
+
+        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        keep = sorted({int(i) for i in keep})
+        if keep[0] < 0 or keep[-1] >= visual:
+            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[0]}..{keep[-1]} "
+                                       "(the target's visual grid must match the draft's).")
+        return Context(inputs=inputs, length=length - visual + len(keep),
+                       keep=torch.tensor(keep, dtype=torch.long, device=self.device))
 
     def prefill(self, context: Context, committed: Sequence[int] = ()) -> tuple[Any, np.ndarray]:
         """Run image + prompt (+ ``committed`` tokens, on a reopen) -> (cache, logits [V]).
@@ -102,12 +118,37 @@ class TargetModel:
         import torch
 
         inputs = dict(context.inputs)
-        if committed:
+        if context.keep is not None:
+            inputs = self._pruned_inputs(inputs, context.keep)
+        if committed and "inputs_embeds" in inputs:
+            extra = torch.tensor([list(committed)], dtype=torch.long, device=self.device)
+            embeds = self.model.get_input_embeddings()(extra)
+            inputs["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], embeds], dim=1)
+            inputs["attention_mask"] = torch.ones(inputs["inputs_embeds"].shape[:2], dtype=torch.long,
+                                                  device=self.device)
+        elif committed:
             extra = torch.tensor([list(committed)], dtype=inputs["input_ids"].dtype, device=self.device)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.cache, _to_numpy(out.logits[0, -1])
+
+    def _pruned_inputs(self, inputs: dict[str, Any], keep) -> dict[str, Any]:
+        """inputs_embeds with only the kept visual tokens (positions renumbered contiguously)."""
+        import torch
+
+        ids = inputs["input_ids"][0]
+        is_image = ids == self.model.config.image_token_id
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+        features = features.reshape(-1, features.shape[-1])[keep]                       # [K, D]
+        start = int(torch.nonzero(is_image)[0])
+        text = self.model.get_input_embeddings()(ids[None])[0]                          # [L, D]
+        visual = int(is_image.sum())
+        embeds = torch.cat([text[:start], features.to(text.dtype), text[start + visual:]])[None]
+        return {"inputs_embeds": embeds,
+                "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)}
 
     def extend(self, cache, tokens: Sequence[int]) -> np.ndarray:
         """One cached forward over ``tokens`` -> logits [len(tokens), V]; the cache grows by len(tokens)."""
