@@ -12,6 +12,34 @@ RESULTS = Path("benchmarks")
 LINKS = ["loopback", "lan", "wifi", "5g", "4g"]
 
 
+def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios: list, questions: list,
+            max_new_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge; write
+    ``out/NAME.json`` and return (raw records, summary rows)."""
+    from tqdm import tqdm
+
+    from covspec.bench import report
+    from covspec.bench.runner import Bench, records_to_json
+    from covspec.runtime_device.engine import GenerationSettings
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
+                      out / "edge.log")
+    try:
+        total = len(profiles) * len(scenarios) * len(questions)
+        with tqdm(total=total, desc=name, unit="run", file=sys.stderr) as bar:
+            records = bench_run.run(profiles, scenarios, questions, tick=bar.update)
+    finally:
+        bench_run.close()
+    raw = records_to_json(records)
+    rows = report.summarize(raw)
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    return raw, rows
+
+
 @click.group()
 def bench() -> None:
     """Measure covspec against its baselines on the toy pair; results go to
@@ -98,16 +126,11 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
             markdown: bool) -> None:
     """Visual token reduction: keep ratios x selection methods, measured on loopback with
     a fixed draft length of 4 (no pipelining, no branches), so acceptance is comparable."""
-    from tqdm import tqdm
-
     from covspec.bench import report
     from covspec.bench.link import profile_named
-    from covspec.bench.runner import Bench, records_to_json
     from covspec.bench.scenarios import Scenario
     from covspec.bench.workload import toy_questions
-    from covspec.runtime_device.engine import DraftingOptions, GenerationSettings
-    from covspec.toy.artifacts import ensure_toy_artifacts
-    from covspec.toy.models import bundled_model_dir
+    from covspec.runtime_device.engine import DraftingOptions
 
     keep = [float(r) for r in ratios.split(",")]
     chosen = [m.strip() for m in methods.split(",")]
@@ -122,25 +145,14 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
     scenarios += [Scenario(f"covspec-contiguous@{r:g}", "speculative",
                            DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=r,
                                            positions="contiguous")) for r in keep if r < 1]
-    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
-    questions = toy_questions(count)
-    out.mkdir(parents=True, exist_ok=True)
-    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
-                      out / "edge.log")
-    try:
-        with tqdm(total=len(scenarios) * len(questions), desc="pruning", unit="run", file=sys.stderr) as bar:
-            records = bench_run.run([profile_named("loopback")], scenarios, questions, tick=bar.update)
-    finally:
-        bench_run.close()
-    raw = records_to_json(records)
-    rows = report.summarize(raw)
-    (out / "pruning.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    _, rows = measure("pruning", artifacts_dir, out, [profile_named("loopback")], scenarios, toy_questions(count),
+                      max_new_tokens)
     report.plot_pruning([r for r in rows if "contiguous" not in r["scenario"] and "+target" not in r["scenario"]],
                         out / "pruning.png")
     table = report.pruning_table(rows)
     click.echo(table)
     if markdown:
-        body = (f"{len(questions)} held-out ShapesVQA questions, greedy, fixed draft length 4, loopback. "
+        body = (f"{count} held-out ShapesVQA questions, greedy, fixed draft length 4, loopback. "
                 f"`covspec-contiguous` re-numbers kept tokens contiguously instead of keeping their "
                 f"original positions. The last column is the opt-in, NOT exact mode where the target keeps "
                 f"only the same tokens (`--prune-target`): its task accuracy.\n\n{table}\n\n"
@@ -190,16 +202,11 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
     on every link profile (no pruning, compact wire)."""
     import dataclasses
 
-    from tqdm import tqdm
-
     from covspec.bench import report
     from covspec.bench.link import profile_named
-    from covspec.bench.runner import Bench, records_to_json
     from covspec.bench.scenarios import Scenario
     from covspec.bench.workload import toy_questions
-    from covspec.runtime_device.engine import DraftingOptions, GenerationSettings
-    from covspec.toy.artifacts import ensure_toy_artifacts
-    from covspec.toy.models import bundled_model_dir
+    from covspec.runtime_device.engine import DraftingOptions
 
     plain = DraftingOptions(keep_ratio=1.0, pipeline=False, branches=0)
     scenarios = [Scenario("target-only", "target_only")]
@@ -211,25 +218,13 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
                   Scenario("adaptive+pipeline+branches", "speculative",
                            dataclasses.replace(plain, pipeline=True, branches=2))]
     profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
-    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
-    questions = toy_questions(count, describe_share=1.0)
-    out.mkdir(parents=True, exist_ok=True)
-    bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
-                      out / "edge.log")
-    try:
-        total = len(profiles) * len(scenarios) * len(questions)
-        with tqdm(total=total, desc="drafting", unit="run", file=sys.stderr) as bar:
-            records = bench_run.run(profiles, scenarios, questions, tick=bar.update)
-    finally:
-        bench_run.close()
-    raw = records_to_json(records)
-    rows = report.summarize(raw)
-    (out / "drafting.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    _, rows = measure("drafting", artifacts_dir, out, profiles, scenarios, toy_questions(count, describe_share=1.0),
+                      max_new_tokens)
     report.plot_speedup(rows, out / "drafting_speedup_vs_link.png")
     table = report.markdown_table(rows)
     click.echo(table)
     if markdown:
-        body = (f"{len(questions)} held-out ShapesVQA descriptions, greedy, max {max_new_tokens} new tokens, no "
+        body = (f"{count} held-out ShapesVQA descriptions, greedy, max {max_new_tokens} new tokens, no "
                 f"pruning, compact wire.\n\n{table}\n\n![drafting](benchmarks/drafting_speedup_vs_link.png)")
         report.append_markdown(Path("BENCHMARKS.md"), "Drafting policy, pipelining, branching (`covspec bench drafting`)",
                                "covspec bench drafting " + " ".join(sys.argv[3:]), body)
