@@ -73,7 +73,7 @@ class EdgeClient:
         size = sum(len(f) for f in frames)
         self.bytes_up += size
         self.bytes_by_type[f"up:{message.TYPE}"] += size
-        self.socket.send_multipart(frames, copy=False)
+        self.socket.send_multipart(frames)
 
     def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
         """The reply to (session, seq), or None after ``timeout_s``."""
