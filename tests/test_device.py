@@ -306,3 +306,26 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
     tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
                                 GenerationSettings(max_new_tokens=16), options=half)
     assert 1 <= len(tokens) <= 16 and stats.kept_visual_tokens == 8
+
+
+def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
+    """The product promise on the trained toy pair: int8 draft on the device, toy target
+    on the edge, every CoVSpec feature on; 50 held-out questions, token for token."""
+    from covspec.bench.workload import toy_questions
+    from covspec.toy.models import bundled_model_dir
+
+    export_model(bundled_model_dir("draft"), tmp_path / "toy-int8", ExportOptions(quant="int8"))
+    model, processor = load_llava(bundled_model_dir("target"))
+    pair = {"model": model, "processor": processor}
+    artifact = DraftArtifact.load(tmp_path / "toy-int8")
+    with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*")) as server:
+        client = EdgeClient(server.address, RetryPolicy(timeout_s=10))
+        engine = CoInference(artifact, client)
+        try:
+            for question in toy_questions(50):
+                tokens = [t for chunk in engine.generate(question.image_png, question.question,
+                                                         GenerationSettings(max_new_tokens=64),
+                                                         DraftingOptions(keep_ratio=0.25)) for t in chunk]
+                assert tokens == reference(pair, question.image_png, question.question, 64), question
+        finally:
+            client.close()
