@@ -25,12 +25,23 @@ def toy() -> None:
 @click.option("--quick", is_flag=True, help="Train a few steps only (seconds), to prove the pipeline.")
 @click.option("--target-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reuse a trained target folder; only distill the draft.")
+@click.option("--continue-target", is_flag=True,
+              help="With --target-from: train that target further before distilling.")
+@click.option("--target-steps", type=click.IntRange(min=1), default=None, help="Override the target's step count.")
+@click.option("--draft-steps", type=click.IntRange(min=1), default=None, help="Override the draft's step count.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads (1 is fastest when other processes share the cores).")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also append the loss log (JSON lines) to this file.")
-def build(out: Path | None, quick: bool, target_from: Path | None, log_file: Path | None) -> None:
+def build(out: Path | None, quick: bool, target_from: Path | None, continue_target: bool, target_steps: int | None,
+          draft_steps: int | None, threads: int, log_file: Path | None) -> None:
     """Train the target, distill the draft, save both with the learning curve."""
+    from dataclasses import replace
+
     from covspec.toy.build import FULL, QUICK, build as run_build
 
+    if continue_target and target_from is None:
+        raise click.UsageError("--continue-target needs --target-from DIR.")
     out = out or bundled_model_dir("target").parent
 
     def log(row: dict) -> None:
@@ -40,7 +51,13 @@ def build(out: Path | None, quick: bool, target_from: Path | None, log_file: Pat
             with open(log_file, "a") as f:
                 f.write(line + "\n")
 
-    run_build(out, QUICK if quick else FULL, log=log, target_dir=target_from)
+    plan = QUICK if quick else FULL
+    if target_steps is not None:
+        plan = replace(plan, target=replace(plan.target, steps=target_steps),
+                       target_continued=replace(plan.target_continued, steps=target_steps))
+    if draft_steps is not None:
+        plan = replace(plan, draft=replace(plan.draft, steps=draft_steps))
+    run_build(out, plan, log=log, target_dir=target_from, continue_target=continue_target, threads=threads)
     click.echo(f"saved target and draft under {out}")
 
 
@@ -55,15 +72,17 @@ def build(out: Path | None, quick: bool, target_from: Path | None, log_file: Pat
               help="Target for the agreement measurement.")
 @click.option("--draft", "draft_model", default="draft", show_default=True,
               help="Draft for the agreement measurement.")
+@click.option("--timing/--no-timing", default=True, show_default=True,
+              help="Also time greedy decode per token (eager, KV cache) of target and draft.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def evaluate(model: str, n_scenes: int, agreement: bool, target_model: str, draft_model: str,
-             as_json: bool) -> None:
+             timing: bool, as_json: bool) -> None:
     """Per-question-type exact match, description F1, and draft/target agreement."""
     import torch
 
     from covspec.hf.folder import ModelFolderError, load_llava
     from covspec.toy import shapes
-    from covspec.toy.evaluate import accuracy_report, draft_agreement
+    from covspec.toy.evaluate import accuracy_report, decode_ms_per_token, draft_agreement, parameter_count
 
     torch.set_num_threads(2)
     if n_scenes < 1:
@@ -75,12 +94,17 @@ def evaluate(model: str, n_scenes: int, agreement: bool, target_model: str, draf
     questions = shapes.held_out_questions(n_scenes)
     result = {"model": model, "questions": len(questions),
               "accuracy": accuracy_report(subject, processor, questions)}
-    if agreement:
+    if agreement or timing:
         target, _ = load_llava(_model_dir(target_model))
         draft, _ = load_llava(_model_dir(draft_model))
+    if agreement:
         described = [s for s in (shapes.sample("test", i) for i in range(min(n_scenes, 100)))
                      if any(qa.type == "describe" for qa in s.qas)]
         result["agreement"] = draft_agreement(target, draft, processor, described)
+    if timing:
+        probe = shapes.sample("test", 0)
+        result["timing"] = {role: {"params": parameter_count(m), **decode_ms_per_token(m, processor, probe)}
+                            for role, m in (("target", target), ("draft", draft))}
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -91,3 +115,6 @@ def evaluate(model: str, n_scenes: int, agreement: bool, target_model: str, draf
         click.echo(f"{qtype:<12} {row['n']:>5} {row['exact_match']:>7.1%}{extra}")
     if agreement:
         click.echo(f"draft/target top-1 agreement (descriptions, teacher-forced): {result['agreement']:.1%}")
+    for role, row in result.get("timing", {}).items():
+        click.echo(f"{role}: {row['params'] / 1e6:.2f}M params, decode {row['decode_ms']:.2f} ms/token, "
+                   f"prefill {row['prefill_ms']:.1f} ms (eager, KV cache, median)")

@@ -23,17 +23,20 @@ from covspec.toy.train import TrainConfig, train
 class BuildPlan:
     target: TrainConfig
     draft: TrainConfig
+    target_continued: TrainConfig  # more steps on an already trained target (--continue-target)
 
 
 FULL = BuildPlan(
-    target=TrainConfig(steps=1800, lr=2e-3, warmup=60, vision_steps=150, curriculum=0.25, eval_every=100),
-    draft=TrainConfig(steps=600, lr=3e-3, warmup=40, vision_steps=100, eval_every=100, seed=1),
+    target=TrainConfig(steps=1200, lr=1.5e-3, warmup=60, vision_steps=150, eval_every=100),
+    draft=TrainConfig(steps=450, lr=3e-3, warmup=40, vision_steps=100, eval_every=50, seed=1),
+    target_continued=TrainConfig(steps=500, lr=6e-4, warmup=20, eval_every=100, seed=2),
 )
 QUICK = BuildPlan(
     target=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
                        eval_every=2, validation_images=2),
     draft=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
                       eval_every=2, validation_images=2, seed=1),
+    target_continued=TrainConfig(steps=2, images_per_step=2, warmup=1, eval_every=2, validation_images=2, seed=2),
 )
 
 
@@ -57,21 +60,31 @@ def write_curve(rows: list[dict], out: Path) -> None:
 
 
 def build(out: str | Path, plan: BuildPlan, *, log=print, target_dir: str | Path | None = None,
-          threads: int = 1) -> Path:
-    """Train (or, with ``target_dir``, reuse) the target, distill the draft, save everything."""
+          continue_target: bool = False, threads: int = 1) -> Path:
+    """Train the target (or reuse the one in ``target_dir``, optionally training it further),
+    distill the draft from it, and save both with the learning curve.
+
+    With ``target_dir``, the target's rows of ``target_dir/../learning_curve.json`` (when
+    present) open the new curve."""
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log({"plan": {"target": asdict(plan.target), "draft": asdict(plan.draft)}})
+    log({"plan": asdict(plan)})
     rows = []
     if target_dir is None:
         target = new_model("target", seed=plan.target.seed)
         rows += _run("target", target, plan.target, log)
-        save_toy_model(target, out / "target")
     else:
         from transformers import LlavaForConditionalGeneration
+
+        target_dir = Path(target_dir)
+        previous = target_dir.parent / "learning_curve.json"
+        if previous.is_file():
+            rows += [row for row in json.loads(previous.read_text()) if row["model"] != "draft"]
         target = LlavaForConditionalGeneration.from_pretrained(target_dir)
-        save_toy_model(target, out / "target")
+        if continue_target:
+            rows += _run("target (continued)", target, plan.target_continued, log)
+    save_toy_model(target, out / "target")
     draft = new_model("draft", seed=plan.draft.seed)
     rows += _run("draft", draft, plan.draft, log, teacher=target)
     save_toy_model(draft, out / "draft")

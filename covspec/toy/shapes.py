@@ -161,14 +161,12 @@ class Sample:
         return render(self.scene)
 
 
-def sample(split: str, index: int, max_shapes: int = 6) -> Sample:
-    """Scene ``index`` of ``split`` (deterministic); ``describe`` applies from two shapes on.
-
-    A smaller ``max_shapes`` (a training curriculum) gives other, simpler scenes."""
+def sample(split: str, index: int) -> Sample:
+    """Scene ``index`` of ``split`` (deterministic); ``describe`` applies from two shapes on."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    rng = random.Random(f"{split}:{index}" if max_shapes == 6 else f"{split}:{index}:{max_shapes}")
-    scene = make_scene(rng, max_shapes=max_shapes)
+    rng = random.Random(f"{split}:{index}")
+    scene = make_scene(rng)
     qas = tuple(qa for t in QUESTION_TYPES if (qa := question_of_type(t, rng, scene)) is not None)
     return Sample(split, index, scene, qas)
 

@@ -6,13 +6,15 @@ Recipe (the naive one plateaus near 55%, see PLATFORM.md):
 1. the image prefix (``<s> question :`` + visual tokens) runs once per image and its
    KV cache is shared by that image's questions (descriptions and short answers run
    as two suffix groups);
-2. an auxiliary per-cell loss: the visual tokens of each 3x3 grid cell are pooled and
-   linear heads classify the cell's kind (or empty) and color; it supervises the
-   vision tower directly and the heads are discarded after training;
-3. an optional curriculum: scenes grow from two to six shapes over the first steps;
-4. loss on answer tokens only, descriptions and short answers weighted equally;
+2. auxiliary probe losses: the visual tokens of each 3x3 grid cell are pooled and
+   linear heads classify the cell's kind (or empty) and color; the mean of all visual
+   tokens must give every cell's kind and color (so a plain average, which is what
+   an untrained attention computes, already carries the whole scene); each token
+   must give its own cell. They supervise the vision tower directly; the heads are
+   discarded after training;
+3. loss on answer tokens only, descriptions and short answers weighted equally;
    AdamW, linear warmup then cosine decay;
-5. the draft's loss is KL(target || draft) on answer positions (teacher logits on
+4. the draft's loss is KL(target || draft) on answer positions (teacher logits on
    the fly, no grad) plus cross-entropy on the reference, plus the per-cell loss.
 
 The learning curve (loss, per-cell accuracy, validation exact match per type,
@@ -56,27 +58,35 @@ class TrainConfig:
     eval_every: int = 100
     vision_steps: int = 0         # aux-only steps first (vision tower + projector)
     vision_images_per_step: int = 32
-    curriculum: float = 0.0       # fraction of answer steps over which scenes grow from 2 to 6 shapes
     validation_images: int = 48
     seed: int = 0
 
 
 class CellHeads(torch.nn.Module):
     """Training-only probes on the visual tokens: each cell's kind and color from its
-    pooled tokens, and each token's own cell (so positions survive the projector)."""
+    pooled tokens, the whole scene (every cell's kind and color) from the mean of all
+    tokens, and each token's own cell (so positions survive the projector)."""
 
     def __init__(self, hidden: int):
         super().__init__()
+        cells = shapes.GRID * shapes.GRID
         self.kind = torch.nn.Linear(hidden, len(shapes.KINDS) + 1)
         self.color = torch.nn.Linear(hidden, len(shapes.COLORS) + 1)
-        self.cell = torch.nn.Linear(hidden, shapes.GRID * shapes.GRID)
+        self.scene_kind = torch.nn.Linear(hidden, cells * (len(shapes.KINDS) + 1))
+        self.scene_color = torch.nn.Linear(hidden, cells * (len(shapes.COLORS) + 1))
+        self.cell = torch.nn.Linear(hidden, cells)
 
-    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         # visual: (B, P*P, D) -> cells (B, 9, D)
         b, _, d = visual.shape
+        cells = shapes.GRID * shapes.GRID
         grid = visual.view(b, shapes.GRID, CELL_PATCHES, shapes.GRID, CELL_PATCHES, d)
-        cells = grid.mean(dim=(2, 4)).reshape(b, shapes.GRID * shapes.GRID, d)
-        return self.kind(cells), self.color(cells), self.cell(visual)
+        pooled = grid.mean(dim=(2, 4)).reshape(b, cells, d)
+        scene = visual.mean(dim=1)
+        return {"kind": self.kind(pooled), "color": self.color(pooled),
+                "scene_kind": self.scene_kind(scene).view(b, cells, -1),
+                "scene_color": self.scene_color(scene).view(b, cells, -1),
+                "cell": self.cell(visual)}
 
 
 def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -106,11 +116,12 @@ def answer_logits(model, tokenizer, batch: Batch, visual: torch.Tensor) -> list[
 
 
 def cell_loss(heads: CellHeads, visual: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, float]:
-    kind_logits, color_logits, cell_logits = heads(visual)
-    loss = F.cross_entropy(kind_logits.flatten(0, 1), batch.cell_kinds.flatten()) + \
-        F.cross_entropy(color_logits.flatten(0, 1), batch.cell_colors.flatten()) + \
-        F.cross_entropy(cell_logits.flatten(0, 1), PATCH_CELLS.repeat(visual.shape[0]))
-    kind_accuracy = (kind_logits.argmax(-1) == batch.cell_kinds).float().mean().item()
+    """Sum of the probes' cross-entropies, and the per-cell kind accuracy."""
+    logits = heads(visual)
+    targets = {"kind": batch.cell_kinds, "color": batch.cell_colors, "scene_kind": batch.cell_kinds,
+               "scene_color": batch.cell_colors, "cell": PATCH_CELLS.expand(visual.shape[0], -1)}
+    loss = sum(F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten()) for name in targets)
+    kind_accuracy = (logits["kind"].argmax(-1) == batch.cell_kinds).float().mean().item()
     return loss, kind_accuracy
 
 
@@ -119,12 +130,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def max_shapes_at(step: int, config: TrainConfig) -> int:
-    if config.curriculum <= 0:
-        return 6
-    return 2 + round(4 * min(1.0, step / (config.curriculum * config.steps)))
 
 
 @torch.no_grad()
@@ -205,8 +210,7 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        samples = [shapes.sample("train", next_image + i, max_shapes_at(step, config))
-                   for i in range(config.images_per_step)]
+        samples = [shapes.sample("train", next_image + i) for i in range(config.images_per_step)]
         next_image += config.images_per_step
         batch = make_batch(tokenizer, samples, config.short_per_image, rng)
         visual = visual_tokens(model, batch.pixels)
