@@ -58,7 +58,7 @@ def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[in
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-BASELINE = DraftingOptions(policy="fixed", pipeline=False, branches=0)
+BASELINE = DraftingOptions(policy="fixed", pipeline=False, branches=0, keep_ratio=1.0)
 
 
 def co_generate(artifact_dir, address, image, question, settings, policy=RetryPolicy(timeout_s=5),
@@ -81,7 +81,7 @@ def test_greedy_output_equals_target_generate(tiny_pair, edge, artifact, draft_l
         tokens, stats = co_generate(tiny_pair["root"] / artifact, edge.address, image, question,
                                     GenerationSettings(max_new_tokens=24),
                                     options=DraftingOptions(policy="fixed", draft_len=draft_len, pipeline=False,
-                                                            branches=0))
+                                                            branches=0, keep_ratio=1.0))
         assert tokens == reference(tiny_pair, image, question, 24)
         if artifact == "self-fp32":            # the target drafting for itself is always accepted
             assert sum(stats.accepted) == stats.drafted

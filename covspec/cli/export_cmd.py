@@ -56,9 +56,12 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
               show_default=True, help="torch.onnx exporter (both pass the same parity checks).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="Minimum top-1 agreement with fp32 for int8/int4 [default: 0.90 int8, 0.75 int4].")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Default share of visual tokens the draft keeps, written into the manifest "
+                   "[default: 0.25, chosen by `covspec bench pruning`; `device run --keep-ratio` overrides].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds an earlier artifact.")
 def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int, exporter: str,
-           min_agreement: float | None, force: bool) -> None:
+           min_agreement: float | None, keep_ratio: float | None, force: bool) -> None:
     """Export the draft VLM in MODEL_DIR (a local transformers folder) to ONNX artifacts.
 
     Writes vision.onnx, scorer.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json and
@@ -66,11 +69,12 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
     against PyTorch and fails if the graphs disagree. Nothing is downloaded.
     """
     from covspec.export.errors import ExportError
-    from covspec.export.pipeline import ExportOptions, export_model, stages
+    from covspec.export.pipeline import DEFAULT_KEEP_RATIO, ExportOptions, export_model, stages
     from covspec.hf.folder import ModelFolderError
 
     options = ExportOptions(quant=quant, graph_format=graph_format, opset=opset, force=force,
-                            exporter=exporter, min_agreement=min_agreement)
+                            exporter=exporter, min_agreement=min_agreement,
+                            keep_ratio=DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)
     names = stages(options)
     started = time.monotonic()
 

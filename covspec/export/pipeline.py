@@ -33,6 +33,12 @@ EXPORTERS = ("torchscript", "dynamo")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+# The draft's default share of visual tokens, written into the manifest; chosen from
+# `covspec bench pruning` (BENCHMARKS.md, "Visual token reduction"). It never
+# changes the output, only the draft's prefill time and acceptance.
+DEFAULT_KEEP_RATIO = 0.25
+
+
 @dataclass
 class ExportOptions:
     quant: str = "fp32"
@@ -41,6 +47,7 @@ class ExportOptions:
     force: bool = False
     exporter: str = "torchscript"
     min_agreement: float | None = None  # None: DEFAULT_MIN_AGREEMENT[quant]
+    keep_ratio: float = DEFAULT_KEEP_RATIO
 
 
 @dataclass
@@ -270,5 +277,5 @@ def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, 
         "embedding": {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)},
         "tokenizer": tokenizer, "image": image_section(processor, vision.image_size),
         "num_visual_tokens": num_visual_tokens, "prompt_template": template,
-        "pruning": {"keep_ratio": 1.0}, "parity": report,
+        "pruning": {"keep_ratio": options.keep_ratio, "selection": "covspec"}, "parity": report,
     }
