@@ -122,6 +122,7 @@ class GenerationStats:
     stale: int = 0
     branch_hits: int = 0
     branches_drafted: int = 0
+    hidden_draft_s: float = 0.0            # drafting done while waiting that a hit put to use
     pipelined_hits: int = 0
     pipelined_misses: int = 0
     reopens: int = 0
@@ -147,6 +148,7 @@ class GenerationStats:
                 "tokens_per_s": round(self.tokens_per_s, 2), "rounds": self.rounds,
                 "mean_accepted": round(self.mean_accepted, 3), "drafted": self.drafted, "stale": self.stale,
                 "branch_hits": self.branch_hits, "branches_drafted": self.branches_drafted,
+                "hidden_draft_ms": round(self.hidden_draft_s * 1000, 3),
                 "pipelined_hits": self.pipelined_hits, "pipelined_misses": self.pipelined_misses,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "ttft_s": round(self.ttft_s, 4), "device_prefill_s": round(self.device_prefill_s, 4),
@@ -175,6 +177,7 @@ class Chunk:
     seq: int = -1
     sent_at: float = 0.0
     state: DrafterState | None = None
+    draft_s: float = 0.0
 
     def message(self, session: str) -> Verify:
         return Verify(session=session, seq=self.seq, start=self.start, assumed=self.assumed,
@@ -365,6 +368,7 @@ class _Run:
             follower = self.in_flight[0]
             if not self.done and result.accepted == len(chunk.tokens) and result.token == follower.assumed:
                 self.stats.pipelined_hits += 1
+                self.stats.hidden_draft_s += follower.draft_s
             else:
                 self.stats.pipelined_misses += len(self.in_flight)
                 self.in_flight.clear()              # the edge answers it stale; the reply is ignored
@@ -376,6 +380,7 @@ class _Run:
         if hit is not None:
             # Drafted with its start at len(committed), so it fits max_new_tokens.
             self.stats.branch_hits += 1
+            self.stats.hidden_draft_s += hit.draft_s
             self.drafter.restore(hit.state)
             hit.start, hit.assumed = len(self.committed), -1
             self._send(hit)
@@ -389,11 +394,13 @@ class _Run:
         ends_generation = last.tokens[-1] in self.artifact.eos_ids or \
             end + 1 >= self.settings.max_new_tokens
         if len(self.in_flight) < self.policy.in_flight() and not ends_generation:
+            began = time.perf_counter()
             prefix = self._assumed_prefix()
             bonus = int(np.argmax(self.drafter.extend_to(prefix)))
             if bonus not in self.artifact.eos_ids:
                 chunk = self._draft_after(prefix + [bonus], start=end + 1)
                 chunk.assumed = bonus
+                chunk.draft_s = time.perf_counter() - began
                 self._send(chunk)
                 return
         if self.options.branches and len(self.in_flight) == 1:
@@ -423,9 +430,11 @@ class _Run:
             prefix = base + chunk.tokens[:accepted] + [token]
             if len(prefix) >= self.settings.max_new_tokens:
                 continue
+            began = time.perf_counter()
             branch = self._draft_after(prefix, start=len(prefix), interrupt=self.client.reply_ready)
             if branch is None:
                 break
+            branch.draft_s = time.perf_counter() - began
             branch.state = self.drafter.snapshot()
             self.branches[(accepted, token)] = branch
             self.stats.branches_drafted += 1
