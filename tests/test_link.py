@@ -49,7 +49,7 @@ def round_trips(address, size, count):
     return statistics.median(times)
 
 
-@pytest.mark.parametrize("profile,size", [(profile_named("wifi"), 64),
+@pytest.mark.parametrize("profile,size", [(profile_named("5g"), 64),
                                           (LinkProfile("custom", 20.0, 10.0), 100_000)])
 def test_round_trip_matches_profile(echo_edge, profile, size):
     """The delay the link adds (over the same path on loopback) is the profile's."""

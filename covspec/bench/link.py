@@ -122,9 +122,12 @@ class LinkEmulator:
                 times = [t for t in (up.next_time(), down.next_time()) if t is not None]
                 wait_s = 0.05 if not times else min(times) - time.monotonic()
                 if wait_s < 0.002:
-                    # zmq polls in whole milliseconds: sleep the last stretch precisely.
+                    # zmq polls in whole milliseconds and may overshoot by one: sleep the
+                    # last stretch precisely instead.
                     time.sleep(max(wait_s, 0.0))
                     wait_s = 0.0
+                elif times:
+                    wait_s -= 0.002                    # wake early, finish with the precise sleep
                 for socket, _ in poller.poll(int(min(wait_s, 0.05) * 1000)):
                     frames = socket.recv_multipart()
                     now = time.monotonic()
