@@ -465,7 +465,6 @@ def test_bad_requests_get_errors_while_a_good_session_completes(tiny, server):
 
 
 def test_message_size_limits(tiny):
-    image = noise_image(10, size=8)
     with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_message_bytes=64 * 1024)) as small:
         c = Client(small.address)
         try:

@@ -162,7 +162,8 @@ class Chunk:
     """A drafted chunk: its tokens, what travels with them, and the draft's view of them.
 
     ``confidences[i]`` is the draft probability of ``tokens[i]``; ``alternatives[i]`` the
-    draft's best other token there (the likeliest correction if ``tokens[i]`` is rejected);
+    draft's best other token there (the likeliest correction if ``tokens[i]`` is rejected;
+    computed only when branches are drafted);
     ``state`` the drafter fork after drafting (for branches).
     """
 
@@ -469,8 +470,9 @@ class _Run:
                 chunk.q_probs.append(probs)
             chunk.tokens.append(token)
             chunk.confidences.append(float(q[token]))
-            second = np.argpartition(-q, 1)[:2]
-            chunk.alternatives.append(int(second[1] if second[0] == token else second[0]))
+            if o.branches:                       # the likeliest correction, for branch drafting
+                second = np.argpartition(-q, 1)[:2]
+                chunk.alternatives.append(int(second[1] if second[0] == token else second[0]))
             if token in eos or len(chunk.tokens) >= limit or not self.policy.continue_chunk(chunk.confidences):
                 return chunk
             if interrupt is not None and interrupt():
