@@ -327,5 +327,8 @@ def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
                                                          GenerationSettings(max_new_tokens=64),
                                                          DraftingOptions(keep_ratio=0.25)) for t in chunk]
                 assert tokens == reference(pair, question.image_png, question.question, 64), question
+            # one policy served all 50 generations and kept what it learned
+            policy = engine.policy_for(DraftingOptions(keep_ratio=0.25))
+            assert policy.calibration.total.sum() > 100 and policy.verify.observed
         finally:
             client.close()

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from covspec.runtime_device.policy import AcceptanceCalibration, AdaptivePolicy, FixedPolicy
+from covspec.runtime_device.policy import AcceptanceCalibration, AdaptivePolicy, FixedPolicy, VerifyModel
 
 
 def replay(policy, trace):
@@ -63,3 +63,34 @@ def test_adaptive_pipelines_only_when_drafting_hides_in_the_wait():
     slow_draft.observe_draft_step(0.050)
     slow_draft.observe_round([0.9] * 4, 4, round_s=0.006, verify_s=0.005)
     assert slow_draft.in_flight() == 1
+
+
+def test_verify_model_finds_no_slope_in_flat_noisy_timings():
+    """Flat verify time (6-12 ms of noise) over chunks of 3-5 tokens: the slope stays
+    near zero (an unregularized online fit drifted upward and cut chunks to 1 token)."""
+    rng = np.random.default_rng(0)
+    model = VerifyModel()
+    for _ in range(200):
+        model.observe(int(rng.integers(3, 6)), float(rng.uniform(0.006, 0.012)))
+    base, per_token = model.line()
+    assert per_token < 0.0005 and abs(base + per_token * 4 - 0.009) < 0.002
+
+
+def test_verify_model_recovers_a_real_slope():
+    rng = np.random.default_rng(1)
+    model = VerifyModel()
+    for _ in range(300):
+        n = int(rng.integers(1, 13))
+        model.observe(n, 0.004 + 0.002 * n + float(rng.normal(0, 0.0005)))
+    base, per_token = model.line()
+    assert abs(per_token - 0.002) < 0.0006 and abs(model.seconds(10) - 0.024) < 0.003
+
+
+def test_next_token_acceptance_is_calibrated_apart_from_the_current_one():
+    """A hesitant token that is rejected half the time but always followed by an
+    accepted one: the token after it is predicted likely, not as likely as it."""
+    calibration = AcceptanceCalibration()
+    for i in range(200):
+        calibration.observe([0.95, 0.35, 0.95], accepted=3 if i % 2 else 1)
+    assert calibration.probability(0.35) < 0.6
+    assert calibration.next_probability(0.35) > 0.9

@@ -195,6 +195,15 @@ class CoInference:
         self.artifact = artifact
         self.client = client
         self.drafter = Drafter(artifact)
+        self._policies: dict[tuple, FixedPolicy | AdaptivePolicy] = {}
+
+    def policy_for(self, options: DraftingOptions):
+        """The drafting policy for ``options``, kept across generations so that what it
+        learns (acceptance by confidence, draft, link and verify timings) carries over."""
+        key = (options.policy, options.draft_len, options.max_draft_len, options.pipeline)
+        if key not in self._policies:
+            self._policies[key] = options.make_policy()
+        return self._policies[key]
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
@@ -212,7 +221,7 @@ class _Run:
         self.artifact, self.client, self.drafter = owner.artifact, owner.client, owner.drafter
         self.image_bytes, self.question = image_bytes, question
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
-        self.policy = options.make_policy()
+        self.policy = owner.policy_for(options)
         # The draft's randomness must be independent of the edge's (seeded with the
         # same user seed), or the joint output is biased: derive a separate stream.
         self.rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
