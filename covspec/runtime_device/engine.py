@@ -162,14 +162,15 @@ class Chunk:
     """A drafted chunk: its tokens, what travels with them, and the draft's view of them.
 
     ``confidences[i]`` is the draft probability of ``tokens[i]``; ``alternatives[i]`` the
-    draft's best other token there (the likeliest correction if ``tokens[i]`` is rejected;
-    computed only when branches are drafted);
+    draft's best other token there (the likeliest correction if ``tokens[i]`` is rejected)
+    and ``alternative_probs[i]`` its draft probability (both only when branches are drafted);
     ``state`` the drafter fork after drafting (for branches).
     """
 
     tokens: list[int]
     confidences: list[float]
     alternatives: list[int]
+    alternative_probs: list[float] = field(default_factory=list)
     q_ids: list[np.ndarray] = field(default_factory=list)
     q_probs: list[np.ndarray] = field(default_factory=list)
     q_dense: list[np.ndarray] = field(default_factory=list)
@@ -398,23 +399,28 @@ class _Run:
 
     # -- speculation while waiting ------------------------------------------------------------
 
+    def _ends_generation(self, chunk: Chunk) -> bool:
+        """Whether no token can follow ``chunk`` if it is fully accepted."""
+        end = chunk.start + len(chunk.tokens)                # generated position after the chunk
+        return chunk.tokens[-1] in self.artifact.eos_ids or end + 1 >= self.settings.max_new_tokens
+
     def _speculate(self) -> None:
+        """Pipeline the next chunk if the policy allows one more in flight; then draft
+        branches for the oldest chunk's likeliest verdicts (a pipelined follower already
+        covers the all-accepted one) until its reply is ready."""
         last = self.in_flight[-1]
-        end = last.start + len(last.tokens)                 # generated position after the chunk
-        ends_generation = last.tokens[-1] in self.artifact.eos_ids or \
-            end + 1 >= self.settings.max_new_tokens
-        if len(self.in_flight) < self.policy.in_flight() and not ends_generation:
+        if len(self.in_flight) < self.policy.in_flight() and not self._ends_generation(last):
             began = time.perf_counter()
             prefix = self._assumed_prefix()
             bonus = int(np.argmax(self.drafter.extend_to(prefix)))
             if bonus not in self.artifact.eos_ids:
-                chunk = self._draft_after(prefix + [bonus], start=end + 1)
+                chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
                 chunk.assumed = bonus
                 chunk.draft_s = time.perf_counter() - began
                 self._send(chunk)
-                return
-        if self.options.branches and len(self.in_flight) == 1:
-            self._draft_branches(last, ends_generation)
+        if self.options.branches:
+            oldest = self.in_flight[0]
+            self._draft_branches(oldest, all_accepted=len(self.in_flight) == 1 and not self._ends_generation(oldest))
 
     def _assumed_prefix(self) -> list[int]:
         """Committed tokens plus every in-flight chunk assumed fully accepted."""
@@ -425,16 +431,30 @@ class _Run:
             prefix += chunk.tokens
         return prefix
 
-    def _draft_branches(self, chunk: Chunk, ends_generation: bool) -> None:
+    def _branch_outcomes(self, chunk: Chunk, all_accepted: bool) -> list[tuple[int, int]]:
+        """The verdicts (accepted, token) worth a branch, likeliest first: rejection at j
+        with the draft's second choice as the correction has probability
+        ``prod_{i<j} a_i * (1 - a_j) * q(alt_j) / (1 - q(token_j))``, full acceptance with
+        the draft's guess as the bonus ``prod a_i * a(bonus)`` (a: the policy's
+        acceptance estimate)."""
+        acceptance = [self.policy.acceptance(c) for c in chunk.confidences]
+        outcomes: list[tuple[float, int, int]] = []
+        reach = 1.0
+        for j, (a, alt, q_alt, q_token) in enumerate(zip(acceptance, chunk.alternatives, chunk.alternative_probs,
+                                                          chunk.confidences)):
+            outcomes.append((reach * (1 - a) * min(q_alt / max(1 - q_token, 1e-9), 1.0), j, alt))
+            reach *= a
+        if all_accepted:
+            q = _softmax(self.drafter.extend_to(self.committed[: chunk.start] + chunk.tokens))
+            bonus = int(np.argmax(q))
+            outcomes.append((reach * self.policy.acceptance(float(q[bonus])), len(chunk.tokens), bonus))
+        outcomes.sort(key=lambda outcome: -outcome[0])
+        return [(accepted, token) for _, accepted, token in outcomes]
+
+    def _draft_branches(self, chunk: Chunk, all_accepted: bool) -> None:
         """Draft continuations after the likeliest verdicts until the reply is ready."""
         base = self.committed[: chunk.start]
-        candidates: list[tuple[int, int]] = []
-        if not ends_generation:
-            bonus = int(np.argmax(self.drafter.extend_to(base + chunk.tokens)))
-            candidates.append((len(chunk.tokens), bonus))
-        order = np.argsort(chunk.confidences, kind="stable")     # least confident first
-        candidates += [(int(j), chunk.alternatives[j]) for j in order]
-        for accepted, token in candidates[: self.options.branches]:
+        for accepted, token in self._branch_outcomes(chunk, all_accepted)[: self.options.branches]:
             if self.client.reply_ready() or token in self.artifact.eos_ids:
                 break
             prefix = base + chunk.tokens[:accepted] + [token]
@@ -481,7 +501,9 @@ class _Run:
             chunk.confidences.append(float(q[token]))
             if o.branches:                       # the likeliest correction, for branch drafting
                 second = np.argpartition(-q, 1)[:2]
-                chunk.alternatives.append(int(second[1] if second[0] == token else second[0]))
+                alternative = int(second[1] if second[0] == token else second[0])
+                chunk.alternatives.append(alternative)
+                chunk.alternative_probs.append(float(q[alternative]))
             if token in eos or len(chunk.tokens) >= limit or not self.policy.continue_chunk(chunk.confidences):
                 return chunk
             if interrupt is not None and interrupt():

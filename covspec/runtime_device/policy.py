@@ -49,6 +49,10 @@ class FixedPolicy:
         """With pipelining, always a second chunk in flight."""
         return 2 if self.pipeline else 1
 
+    def acceptance(self, confidence: float) -> float:
+        """Uncalibrated: the draft's own probability."""
+        return confidence
+
     def observe_round(self, confidences: list[float], accepted: int, round_s: float, verify_s: float) -> None:
         """Fixed drafting learns nothing."""
 
@@ -179,6 +183,10 @@ class AdaptivePolicy:
 
     def verify_s(self, n: int) -> float:
         return self.verify.seconds(n)
+
+    def acceptance(self, confidence: float) -> float:
+        """Calibrated P(accepted) of a drafted token of this confidence."""
+        return self.calibration.probability(confidence)
 
     def expected_rate(self, acceptance: list[float]) -> float:
         """Expected committed tokens per second of a round drafting len(acceptance) tokens."""
