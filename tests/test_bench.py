@@ -23,3 +23,15 @@ def test_quick_bench_reports_every_scenario(tmp_path):
         assert row["identical"] == 1.0, f"{name} changed the target's output"
     # The compact wire sends far fewer bytes per token than the dense baseline.
     assert by_name["covspec"]["bytes_up_per_token"] < by_name["covspec-dense-wire"]["bytes_up_per_token"]
+
+
+def test_markdown_section_is_replaced_on_rerun(tmp_path):
+    from covspec.bench.report import append_markdown
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nold b\n")
+    append_markdown(path, "A", "covspec bench a", "new a")
+    append_markdown(path, "C", "covspec bench c", "new c")
+    text = path.read_text()
+    assert text.count("## A\n") == 1 and "old a" not in text and "new a" in text
+    assert text.index("## A") < text.index("## B") < text.index("## C") and "old b" in text

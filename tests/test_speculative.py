@@ -6,7 +6,7 @@ from scipy.stats import chisquare
 
 from covspec.protocol import speculative
 from covspec.protocol.speculative import (
-    NO_TOKEN, apply_stops, dense_q, sample, sparse_proposal, sparse_q, target_probs, verify_greedy,
+    NO_TOKEN, apply_stops, dense_q, sample, sparse_proposal, sparse_q, target_probs, trim_proposals, verify_greedy,
     verify_sampling)
 
 V = 8
@@ -74,6 +74,22 @@ def test_sparse_proposal_round_trip():
     np.testing.assert_allclose(sparse_q(probs), [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9], rtol=1e-3)
     dense = dense_q(ids[None], probs[None], 5)
     assert dense.shape == (1, 5) and dense[0, 0] == 0 and abs(dense.sum() - 1) < 1e-12
+
+
+def test_sparse_proposal_nucleus_and_trim():
+    """Past the ids holding ``mass`` of q the probs are 0; columns 0 in every row of a
+    chunk are trimmed, and what remains samples the same distribution."""
+    peaked = np.array([0.001, 0.95, 0.0005, 0.045, 0.0035])
+    flat = np.array([0.3, 0.2, 0.1, 0.25, 0.15])
+    ids_a, probs_a = sparse_proposal(peaked, 4, mass=0.99)
+    assert ids_a.tolist() == [1, 3, 4, 0] and probs_a[2:].tolist() == [0, 0]
+    ids_b, probs_b = sparse_proposal(flat, 4, mass=0.99)
+    assert (probs_b > 0).all()
+    ids, probs = trim_proposals(np.stack([ids_a, ids_a]), np.stack([probs_a, probs_a]))
+    assert ids.shape == (2, 2) and (probs > 0).all()
+    np.testing.assert_array_equal(sparse_q(probs[0]), sparse_q(probs_a)[:2])
+    ids, probs = trim_proposals(np.stack([ids_a, ids_b]), np.stack([probs_a, probs_b]))
+    assert ids.shape == (2, 4)
 
 
 def random_dist(rng, vocab, concentration=1.0):

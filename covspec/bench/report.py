@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,9 +87,16 @@ def environment() -> str:
 
 
 def append_markdown(path: Path, title: str, command: str, body: str) -> None:
-    section = f"\n## {title}\n\nCommand: `{command}`  \nMachine: {environment()}\n\n{body}\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(section)
+    """Write the section ``## title`` into ``path``: in place of an earlier section of
+    that title (a re-run replaces its old numbers), else at the end."""
+    section = f"## {title}\n\nCommand: `{command}`  \nMachine: {environment()}\n\n{body}\n\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    earlier = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if earlier.search(text):
+        text = earlier.sub(lambda _: section, text, count=1)
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def plot_speedup(rows: list[dict], path: Path) -> None:

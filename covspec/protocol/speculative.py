@@ -80,19 +80,30 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 # --- the draft's sparse proposal ----------------------------------------------------
 
-def sparse_proposal(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def sparse_proposal(q: np.ndarray, k: int, mass: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The top-k truncation of a draft distribution, in wire form.
 
-    q: [V] -> (ids [k] int32, probs [k] float16), most likely first. The draft must
-    then sample from ``sparse_q(ids, probs)``, never from q itself.
+    q: [V] -> (ids [k] int32, probs [k] float16), most likely first. Past the first ids
+    that hold ``mass`` of q, probs are 0 (a nucleus within the top k), so trailing
+    columns that are 0 in every row of a chunk need not travel (``trim_proposals``).
+    The draft must then sample from ``sparse_q(ids, probs)``, never from q itself.
     """
     k = min(k, q.shape[-1])
     ids = np.argpartition(-q, k - 1)[:k]
     ids = ids[np.argsort(-q[ids], kind="stable")]
     probs = q[ids].astype(np.float16)
+    if mass < 1.0:
+        nucleus = int(np.searchsorted(np.cumsum(q[ids]), mass)) + 1
+        probs[nucleus:] = 0
     if probs.astype(np.float64).sum() <= 0:
         probs[0] = np.float16(1.0)
     return ids.astype(np.int32), probs
+
+
+def trim_proposals(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, k] proposals without the trailing columns that are 0 in every row."""
+    width = max(int(np.max(np.flatnonzero(row)) + 1) if row.any() else 1 for row in probs)
+    return ids[:, :width], probs[:, :width]
 
 
 def sparse_q(probs: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
-from covspec.protocol.speculative import NO_TOKEN, sample, sparse_proposal, sparse_q, target_probs
+from covspec.protocol.speculative import NO_TOKEN, sample, sparse_proposal, sparse_q, target_probs, trim_proposals
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.drafter import Drafter, DrafterState
@@ -88,7 +88,8 @@ class DraftingOptions:
     selection: str = "covspec"
     positions: str = "original"            # kept visual tokens keep their original positions
     prune_target: bool = False             # opt-in, NOT exact: the target keeps only those tokens too
-    q_top_k: int = 16
+    q_top_k: int = 8                       # sampling: at most this many proposed ids per position,
+    q_mass: float = 0.999                  # fewer once they hold this much of the draft's mass
     reopen_attempts: int = 5
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class DraftingOptions:
             raise ValueError("draft lengths must be >= 1")
         if self.branches < 0:
             raise ValueError("branches must be >= 0")
+        if self.q_top_k < 1 or not 0 < self.q_mass <= 1:
+            raise ValueError("q_top_k must be >= 1 and q_mass in (0, 1]")
         if self.wire not in ("compact", "dense"):
             raise ValueError("wire must be 'compact' or 'dense'")
         if self.selection not in METHODS:
@@ -182,10 +185,9 @@ class Chunk:
     draft_s: float = 0.0
 
     def message(self, session: str) -> Verify:
+        q_ids, q_probs = trim_proposals(np.stack(self.q_ids), np.stack(self.q_probs)) if self.q_ids else (None, None)
         return Verify(session=session, seq=self.seq, start=self.start, assumed=self.assumed,
-                      tokens=np.asarray(self.tokens, np.int32),
-                      q_ids=np.stack(self.q_ids) if self.q_ids else None,
-                      q_probs=np.stack(self.q_probs) if self.q_probs else None,
+                      tokens=np.asarray(self.tokens, np.int32), q_ids=q_ids, q_probs=q_probs,
                       q_dense=np.stack(self.q_dense) if self.q_dense else None)
 
 
@@ -493,7 +495,7 @@ class _Run:
             elif s.greedy:
                 token = int(np.argmax(q))
             else:
-                ids, probs = sparse_proposal(q, o.q_top_k)
+                ids, probs = sparse_proposal(q, o.q_top_k, o.q_mass)
                 token = int(ids[sample(sparse_q(probs), self.rng)])
                 chunk.q_ids.append(ids)
                 chunk.q_probs.append(probs)
