@@ -27,7 +27,7 @@ class BuildPlan:
 
 
 FULL = BuildPlan(
-    target=TrainConfig(steps=1200, lr=1.5e-3, warmup=60, vision_steps=150, eval_every=100),
+    target=TrainConfig(steps=2500, lr=1e-3, warmup=60, vision_steps=400, eval_every=250),
     draft=TrainConfig(steps=450, lr=3e-3, warmup=40, vision_steps=100, eval_every=50, seed=1),
     target_continued=TrainConfig(steps=500, lr=6e-4, warmup=20, eval_every=100, seed=2),
 )

@@ -10,7 +10,9 @@ Recipe (the naive one plateaus near 55%, see PLATFORM.md):
    linear heads classify the cell's kind (or empty) and color; the mean of all visual
    tokens must give every cell's kind and color (so a plain average, which is what
    an untrained attention computes, already carries the whole scene); each token
-   must give its own cell. They supervise the vision tower directly; the heads are
+   must give its own cell, and its own cell's kind and color (one head shared by all
+   tokens, so a shape's kind reads the same wherever it is: without it a token's kind
+   was entangled with its cell and the LM could not look a shape up by content). They supervise the vision tower directly; the heads are
    discarded after training;
 3. loss on answer tokens only, descriptions and short answers weighted equally;
    AdamW, linear warmup then cosine decay;
@@ -75,6 +77,8 @@ class CellHeads(torch.nn.Module):
         self.scene_kind = torch.nn.Linear(hidden, cells * (len(shapes.KINDS) + 1))
         self.scene_color = torch.nn.Linear(hidden, cells * (len(shapes.COLORS) + 1))
         self.cell = torch.nn.Linear(hidden, cells)
+        self.token_kind = torch.nn.Linear(hidden, len(shapes.KINDS) + 1)
+        self.token_color = torch.nn.Linear(hidden, len(shapes.COLORS) + 1)
 
     def forward(self, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         # visual: (B, P*P, D) -> cells (B, 9, D)
@@ -86,7 +90,8 @@ class CellHeads(torch.nn.Module):
         return {"kind": self.kind(pooled), "color": self.color(pooled),
                 "scene_kind": self.scene_kind(scene).view(b, cells, -1),
                 "scene_color": self.scene_color(scene).view(b, cells, -1),
-                "cell": self.cell(visual)}
+                "cell": self.cell(visual),
+                "token_kind": self.token_kind(visual), "token_color": self.token_color(visual)}
 
 
 def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -119,9 +124,10 @@ def cell_loss(heads: CellHeads, visual: torch.Tensor, batch: Batch) -> tuple[tor
     """Sum of the probes' cross-entropies, and the per-cell kind accuracy."""
     logits = heads(visual)
     targets = {"kind": batch.cell_kinds, "color": batch.cell_colors, "scene_kind": batch.cell_kinds,
-               "scene_color": batch.cell_colors, "cell": PATCH_CELLS.expand(visual.shape[0], -1)}
+               "scene_color": batch.cell_colors, "cell": PATCH_CELLS.expand(visual.shape[0], -1),
+               "token_kind": batch.cell_kinds[:, PATCH_CELLS], "token_color": batch.cell_colors[:, PATCH_CELLS]}
     loss = sum(F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten()) for name in targets)
-    kind_accuracy = (logits["kind"].argmax(-1) == batch.cell_kinds).float().mean().item()
+    kind_accuracy = (logits["token_kind"].argmax(-1) == targets["token_kind"]).float().mean().item()
     return loss, kind_accuracy
 
 
