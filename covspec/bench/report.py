@@ -91,10 +91,9 @@ def append_markdown(path: Path, title: str, command: str, body: str) -> None:
     that title (a re-run replaces its old numbers), else at the end."""
     section = f"## {title}\n\nCommand: `{command}`  \nMachine: {environment()}\n\n{body}\n\n"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    earlier = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if earlier.search(text):
-        text = earlier.sub(lambda _: section, text, count=1)
-    else:
+    earlier = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    text, replaced = earlier.subn(lambda _: section, text, count=1)
+    if not replaced:
         text = (text.rstrip("\n") + "\n\n" if text else "") + section
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
@@ -147,8 +146,8 @@ def plot_bytes(rows: list[dict], path: Path, link: str) -> None:
 
 def pruning_table(rows: list[dict]) -> str:
     """Rows named ``method@ratio``: draft prefill, acceptance and speed per selection."""
-    lines = ["| keep ratio | selection | draft prefill ms | mean accepted | tok/s | accuracy (exact) "
-             "| accuracy with --prune-target (not exact) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| keep ratio | selection | draft prefill ms | mean accepted | tok/s | accuracy (exact) "
+             "| accuracy with --prune-target (not exact) |"), "|---|---|---|---|---|---|---|"]
     pruned_target = {r["scenario"].removesuffix("+target"): r["accuracy"] for r in rows
                      if r["scenario"].endswith("+target")}
     for r in rows:

@@ -12,6 +12,15 @@ RESULTS = Path("benchmarks")
 LINKS = ["loopback", "lan", "wifi", "5g", "4g"]
 
 
+def write_section(command: str, title: str, body: str) -> None:
+    """Put ``body`` under ``## title (`covspec bench command`)`` in BENCHMARKS.md (replacing
+    an earlier run's numbers), with the command line that produced it."""
+    from covspec.bench import report
+
+    line = " ".join(["covspec bench", command, *sys.argv[3:]])
+    report.append_markdown(Path("BENCHMARKS.md"), f"{title} (`covspec bench {command}`)", line, body)
+
+
 def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios: list, questions: list,
             max_new_tokens: int) -> tuple[list[dict], list[dict]]:
     """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge; write
@@ -105,11 +114,10 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
         report.plot_speedup(rows, out / "speedup_vs_link.png")
         report.plot_bytes(rows, out / "bytes_per_token.png", profiles[0].name)
     if markdown and not quick:
-        command = "covspec bench run " + " ".join(sys.argv[3:])
         body = (f"{len(questions)} held-out ShapesVQA questions (half descriptions), greedy, max {max_new_tokens} "
                 f"new tokens, CoVSpec keep ratio {ratio}.\n\n{table}\n\n"
                 f"![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)")
-        report.append_markdown(Path("BENCHMARKS.md"), "Side by side (`covspec bench run`)", command.strip(), body)
+        write_section("run", "Side by side", body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
 
 
@@ -157,8 +165,7 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
                 f"original positions. The last column is the opt-in, NOT exact mode where the target keeps "
                 f"only the same tokens (`--prune-target`): its task accuracy.\n\n{table}\n\n"
                 f"![pruning](benchmarks/pruning.png)")
-        report.append_markdown(Path("BENCHMARKS.md"), "Visual token reduction (`covspec bench pruning`)",
-                               "covspec bench pruning " + " ".join(sys.argv[3:]), body)
+        write_section("pruning", "Visual token reduction", body)
 
 
 @bench.command("wire")
@@ -185,8 +192,7 @@ def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
     if markdown:
         body = (f"Tiny random LLaVA pairs, {sessions} sessions x 16 new tokens per configuration, fixed draft "
                 f"length 4. Bytes are verify/result frame payloads counted by the device's socket.\n\n{table}")
-        report.append_markdown(Path("BENCHMARKS.md"), "Wire traffic at real vocabulary sizes (`covspec bench wire`)",
-                               "covspec bench wire " + " ".join(sys.argv[3:]), body)
+        write_section("wire", "Wire traffic at real vocabulary sizes", body)
 
 
 @bench.command("drafting")
@@ -226,5 +232,4 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
     if markdown:
         body = (f"{count} held-out ShapesVQA descriptions, greedy, max {max_new_tokens} new tokens, no "
                 f"pruning, compact wire.\n\n{table}\n\n![drafting](benchmarks/drafting_speedup_vs_link.png)")
-        report.append_markdown(Path("BENCHMARKS.md"), "Drafting policy, pipelining, branching (`covspec bench drafting`)",
-                               "covspec bench drafting " + " ".join(sys.argv[3:]), body)
+        write_section("drafting", "Drafting policy, pipelining, branching", body)

@@ -102,7 +102,8 @@ def sparse_proposal(q: np.ndarray, k: int, mass: float = 1.0) -> tuple[np.ndarra
 
 def trim_proposals(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n, k] proposals without the trailing columns that are 0 in every row."""
-    width = max(int(np.max(np.flatnonzero(row)) + 1) if row.any() else 1 for row in probs)
+    columns = np.flatnonzero(probs.any(axis=0))
+    width = int(columns[-1]) + 1 if columns.size else 1
     return ids[:, :width], probs[:, :width]
 
 

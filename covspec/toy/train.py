@@ -164,13 +164,38 @@ def validation_batches(tokenizer, count: int) -> list[Batch]:
     return [make_batch(tokenizer, samples[i:i + 16], None, random.Random(0)) for i in range(0, count, 16)]
 
 
+class RunningMeans:
+    """Means of named training scalars since the last learning-curve row; ticks the
+    progress bar once per step."""
+
+    def __init__(self, progress=None):
+        self.progress = progress
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def step(self, shown: dict[str, str], **values: float) -> None:
+        for name, value in values.items():
+            self.sums[name] += value
+        self.steps += 1
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(**shown)
+
+    def take(self) -> dict[str, float]:
+        """The means so far (rounded), and start over."""
+        means = {name: round(total / self.steps, 4) for name, total in self.sums.items()}
+        self.sums.clear()
+        self.steps = 0
+        return means
+
+
 def pretrain_vision(model, heads: CellHeads, config: TrainConfig, progress=None):
     """Phase 0: the per-cell loss alone on the vision tower and projector. Yields curve rows."""
     params = list(model.model.vision_tower.parameters()) + \
         list(model.model.multi_modal_projector.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     started = time.monotonic()
-    running = defaultdict(float)
+    running = RunningMeans(progress)
     for step in range(config.vision_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
@@ -184,17 +209,11 @@ def pretrain_vision(model, heads: CellHeads, config: TrainConfig, progress=None)
         optimizer.zero_grad(set_to_none=True)
         aux.backward()
         optimizer.step()
-        running["aux"] += aux.item()
-        running["cell_kind_acc"] += kind_accuracy
-        running["n"] += 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(aux=f"{aux.item():.3f}", kind=f"{kind_accuracy:.2f}")
+        running.step({"aux": f"{aux.item():.3f}", "kind": f"{kind_accuracy:.2f}"},
+                     aux=aux.item(), cell_kind_acc=kind_accuracy)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.vision_steps:
-            n = running.pop("n")
             yield {"phase": "vision", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
-                   **{k: round(v / n, 4) for k, v in running.items()}}
-            running.clear()
+                   **running.take()}
 
 
 def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None):
@@ -212,7 +231,7 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
     model.train()
     next_image = 0
     started = time.monotonic()
-    running = defaultdict(float)
+    running = RunningMeans(progress)
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
@@ -228,6 +247,7 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
                           for p, g in zip(picks, batch.groups)]).mean()
         picked = torch.cat(picks)
         loss = ce + config.aux_weight * aux
+        values = {}
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = answer_logits(teacher, tokenizer, batch, visual_tokens(teacher, batch.pixels))
@@ -235,25 +255,16 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
             kl = F.kl_div(F.log_softmax(picked, -1), F.log_softmax(teacher_picked, -1),
                           log_target=True, reduction="batchmean")
             loss = loss + config.kl_weight * kl
-            running["kl"] += kl.item()
+            values["kl"] = kl.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        running["loss"] += loss.item()
-        running["ce"] += ce.item()
-        running["aux"] += aux.item()
-        running["cell_kind_acc"] += kind_accuracy
-        running["n"] += 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(ce=f"{ce.item():.3f}", kind=f"{kind_accuracy:.2f}")
+        running.step({"ce": f"{ce.item():.3f}", "kind": f"{kind_accuracy:.2f}"}, **values, loss=loss.item(),
+                     ce=ce.item(), aux=aux.item(), cell_kind_acc=kind_accuracy)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            n = running.pop("n")
             row = {"phase": "answers", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
-                   "lr": optimizer.param_groups[0]["lr"]}
-            row.update({k: round(v / n, 4) for k, v in running.items()})
+                   "lr": optimizer.param_groups[0]["lr"], **running.take()}
             row.update({f"val_{t}": round(a, 3) for t, a in
                         validation_exact_match(model, tokenizer, validation).items()})
-            running.clear()
             yield row
