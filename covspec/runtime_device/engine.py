@@ -198,15 +198,14 @@ class CoInference:
         self.artifact = artifact
         self.client = client
         self.drafter = Drafter(artifact)
-        self._policies: dict[tuple, FixedPolicy | AdaptivePolicy] = {}
+        self._policies: dict[DraftingOptions, FixedPolicy | AdaptivePolicy] = {}
 
     def policy_for(self, options: DraftingOptions):
         """The drafting policy for ``options``, kept across generations so that what it
         learns (acceptance by confidence, draft, link and verify timings) carries over."""
-        key = (options.policy, options.draft_len, options.max_draft_len, options.pipeline)
-        if key not in self._policies:
-            self._policies[key] = options.make_policy()
-        return self._policies[key]
+        if options not in self._policies:
+            self._policies[options] = options.make_policy()
+        return self._policies[options]
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
