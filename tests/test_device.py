@@ -247,8 +247,8 @@ SWITCHES = [DraftingOptions(policy=policy, pipeline=pipeline, branches=branches,
 @pytest.mark.parametrize("artifact", ["draft-int8", "self-fp32"])
 def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
     """Greedy equality with every combination of policy, pipelining, branching and
-    pruning. The random draft forces stale pipelined chunks and branch misses; the
-    self-draft forces pipelined and branch hits."""
+    pruning. The random draft forces stale pipelined chunks (up to three behind a
+    chunk) and branch misses; the self-draft forces pipelined and branch hits."""
     cases = [(seed, question) for seed, question in enumerate(QUESTIONS)]
     references = {case: reference(tiny_pair, png_bytes(case[0]), case[1], 20) for case in cases}
     totals = Counter()
@@ -259,9 +259,11 @@ def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
             assert tokens == references[(seed, question)], options
             totals.update(misses=stats.pipelined_misses, pipelined_hits=stats.pipelined_hits, branch_hits=stats.branch_hits,
                           branches=stats.branches_drafted)
+            totals["deepest"] = max(totals["deepest"], stats.deepest_in_flight)
             if options.keep_ratio < 1:
                 assert stats.kept_visual_tokens == 2            # 12.5% of 16 visual tokens
     assert totals["branches"] > 0
+    assert totals["deepest"] == DraftingOptions().max_in_flight    # pipelines deeper than two were exercised
     if artifact == "draft-int8":
         assert totals["misses"] > 0                             # wrong assumptions happened and were survived
     else:

@@ -229,6 +229,32 @@ def test_pipelined_chunk_on_a_wrong_assumption_is_stale(tiny, client):
     assert opened.token == ref[0]
 
 
+def test_device_client_awaits_its_own_reply_past_stale_ones(tiny, server):
+    """``EdgeClient.reply_ready(session, seq)`` drops the replies to chunks given up on
+    (a verdict already used, a ``stale``) and keeps the awaited one for ``receive``."""
+    from covspec.runtime_device.client import EdgeClient
+
+    image = noise_image(6)
+    ref = reference(tiny, image, 16)
+    device = EdgeClient(server.address)
+    try:
+        device.request(open_message(tiny, "ready", image))
+        wrong = (ref[2] + 1) % tiny.vocab_size
+        device.send(Verify(session="ready", seq=1, start=1, tokens=np.asarray([ref[1], wrong], np.int32)))
+        device.send(Verify(session="ready", seq=2, start=3, assumed=wrong, tokens=np.asarray([ref[3]], np.int32)))
+        device.send(Verify(session="ready", seq=3, start=3, assumed=ref[2], tokens=np.asarray(ref[3:5], np.int32)))
+        deadline = time.monotonic() + 10
+        while not device.reply_ready("ready", 3):
+            assert time.monotonic() < deadline, "no reply to seq 3"
+            time.sleep(0.005)
+        assert not device.socket.poll(0)            # the replies to seq 1 and 2 were read and dropped
+        third = device.receive("ready", 3, timeout_s=0.0)
+        assert (third.status, third.accepted, third.token) == ("ok", 2, ref[5])
+        assert not device.reply_ready("ready", 4)
+    finally:
+        device.close()
+
+
 def test_target_only_streams_generate_and_interleaves(tiny, server):
     image = noise_image(6)
     ref = reference(tiny, image, 60)

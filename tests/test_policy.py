@@ -52,17 +52,21 @@ def test_fixed_policy():
     policy = FixedPolicy(3, pipeline=True)
     assert [policy.continue_chunk([0.5] * n) for n in (1, 2, 3)] == [True, True, False]
     assert policy.in_flight() == 2 and FixedPolicy(3).in_flight() == 1
+    assert FixedPolicy(3, pipeline=True, max_in_flight=4).in_flight() == 4
 
 
-def test_adaptive_pipelines_only_when_drafting_hides_in_the_wait():
-    policy = AdaptivePolicy(max_len=8, pipeline=True)
-    policy.observe_draft_step(0.0005)
-    policy.observe_round([0.9] * 4, 4, round_s=0.030, verify_s=0.005)
-    assert policy.in_flight() == 2
-    slow_draft = AdaptivePolicy(max_len=8, pipeline=True)
-    slow_draft.observe_draft_step(0.050)
-    slow_draft.observe_round([0.9] * 4, 4, round_s=0.006, verify_s=0.005)
-    assert slow_draft.in_flight() == 1
+def test_adaptive_keeps_as_many_chunks_in_flight_as_the_wait_hides():
+    """A round of 30 ms (25 ms link + 5 ms verify) hides 15 chunks of 4 tokens drafted at
+    0.5 ms a token (capped at ``max_in_flight``), one at 5 ms a token, none at 50 ms."""
+    def in_flight(draft_step_s: float) -> int:
+        policy = AdaptivePolicy(max_len=8, pipeline=True)
+        policy.observe_draft_step(draft_step_s)
+        policy.observe_round([0.9] * 4, 4, round_s=0.030, verify_s=0.005)
+        return policy.in_flight()
+
+    assert in_flight(0.0005) == AdaptivePolicy().max_in_flight == 4
+    assert in_flight(0.005) == 2
+    assert in_flight(0.050) == 1
 
 
 def test_verify_model_finds_no_slope_in_flat_noisy_timings():

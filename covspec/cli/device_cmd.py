@@ -36,6 +36,9 @@ def device() -> None:
               help="Hard maximum chunk length of the adaptive policy.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="Send the next chunk before the verdict on the current one arrives.")
+@click.option("--max-in-flight", default=4, show_default=True, type=click.IntRange(min=2),
+              help="With --pipeline, chunks awaiting a verdict at most (the fixed policy always "
+                   "keeps this many; the adaptive one as many as the wait for a verdict hides).")
 @click.option("--branches", default=2, show_default=True, type=click.IntRange(min=0),
               help="Continuations drafted while waiting for a verdict (0 = off).")
 @click.option("--wire", default="compact", show_default=True, type=click.Choice(["compact", "dense"]),
@@ -59,7 +62,7 @@ def device() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and statistics as JSON.")
 def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, seed: int, draft_policy: str, draft_len: int,
-        max_draft_len: int, pipeline: bool, branches: int, wire: str, keep_ratio: float | None,
+        max_draft_len: int, pipeline: bool, max_in_flight: int, branches: int, wire: str, keep_ratio: float | None,
         keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int,
         timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
@@ -86,7 +89,8 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed)
     options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
-                              pipeline=pipeline, branches=branches, wire=wire, keep_ratio=keep_ratio,
+                              pipeline=pipeline, max_in_flight=max_in_flight, branches=branches, wire=wire,
+                              keep_ratio=keep_ratio,
                               keep_tokens=keep_tokens, selection=selection, prune_target=prune_target)
     if prune_target:
         click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",

@@ -67,6 +67,7 @@ class EdgeClient:
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_by_type: Counter[str] = Counter()     # e.g. "up:verify", "down:result"
+        self._held: Message | None = None                # an awaited reply seen by reply_ready
 
     def send(self, message: Message) -> None:
         frames = encode(message)
@@ -75,27 +76,44 @@ class EdgeClient:
         self.bytes_by_type[f"up:{message.TYPE}"] += size
         self.socket.send_multipart(frames)
 
+    def _read(self) -> Message | None:
+        """One waiting message off the socket (counted), or None if it does not decode."""
+        frames = self.socket.recv_multipart()
+        size = sum(len(f) for f in frames)
+        self.bytes_down += size
+        try:
+            reply = decode(frames, Limits())
+        except ProtocolError:
+            return None                            # garbage on the wire: not our reply
+        self.bytes_by_type[f"down:{reply.TYPE}"] += size
+        return reply
+
+    def _take_held(self, session: str, seq: int) -> Message | None:
+        held, self._held = self._held, None
+        return held if held is not None and held.session == session and held.seq == seq else None
+
     def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
         """The reply to (session, seq), or None after ``timeout_s``."""
+        if (held := self._take_held(session, seq)) is not None:
+            return held
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not self.socket.poll(int(left * 1000) + 1):
                 return None
-            frames = self.socket.recv_multipart()
-            size = sum(len(f) for f in frames)
-            self.bytes_down += size
-            try:
-                reply = decode(frames, Limits())
-            except ProtocolError:
-                continue                       # garbage on the wire: not our reply
-            self.bytes_by_type[f"down:{reply.TYPE}"] += size
-            if reply.session == session and reply.seq == seq:
+            reply = self._read()
+            if reply is not None and reply.session == session and reply.seq == seq:
                 return reply
         return None
 
-    def reply_ready(self) -> bool:
-        """Whether a reply is waiting to be received (never blocks)."""
-        return bool(self.socket.poll(0))
+    def reply_ready(self, session: str, seq: int) -> bool:
+        """Whether the reply to (session, seq) has arrived (never blocks). Other replies
+        read on the way (to chunks already given up, answered ``stale``) are dropped, so
+        they do not cut speculation short; the awaited one is kept for ``receive``."""
+        while self._held is None and self.socket.poll(0):
+            reply = self._read()
+            if reply is not None and reply.session == session and reply.seq == seq:
+                self._held = reply
+        return self._held is not None
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
         """Send ``message`` and return its reply, resending on timeout."""

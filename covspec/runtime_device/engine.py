@@ -10,9 +10,10 @@ speculation that can only save time, never change the output:
 
 - *pruning*: the draft sees only the kept visual tokens (the target sees all);
 - *drafting policy*: fixed chunk length, or adaptive (``policy.py``);
-- *pipelining*: a second chunk, drafted assuming the first is fully accepted and the
-  bonus equals the draft's own guess (``assumed``), is sent before the first verdict;
-  the edge answers ``stale`` if the assumption fails and the device drafts afresh;
+- *pipelining*: further chunks, each drafted assuming the ones before it are fully
+  accepted and each bonus equals the draft's own guess (``assumed``), are sent before
+  the first verdict (as many as the policy says the wait hides); the edge answers
+  ``stale`` if an assumption fails and the device drafts afresh;
 - *branching*: while waiting, the device drafts continuations after the most likely
   verdicts (all accepted; rejection at the least confident position with the
   draft's second choice as correction) and sends the matching one at once;
@@ -81,6 +82,7 @@ class DraftingOptions:
     draft_len: int = 4                     # the chunk length of the fixed policy
     max_draft_len: int = 12                # the adaptive policy's hard maximum
     pipeline: bool = True
+    max_in_flight: int = 4                 # with pipelining: chunks awaiting a verdict at most
     branches: int = 2
     wire: str = "compact"
     keep_ratio: float | None = None       # None: the artifact's default
@@ -99,6 +101,8 @@ class DraftingOptions:
             raise ValueError("draft lengths must be >= 1")
         if self.branches < 0:
             raise ValueError("branches must be >= 0")
+        if self.max_in_flight < 2:
+            raise ValueError("max_in_flight must be >= 2 (one chunk and one pipelined)")
         if self.q_top_k < 1 or not 0 < self.q_mass <= 1:
             raise ValueError("q_top_k must be >= 1 and q_mass in (0, 1]")
         if self.wire not in ("compact", "dense"):
@@ -110,8 +114,9 @@ class DraftingOptions:
 
     def make_policy(self):
         if self.policy == "adaptive":
-            return AdaptivePolicy(max_len=self.max_draft_len, pipeline=self.pipeline)
-        return FixedPolicy(self.draft_len, pipeline=self.pipeline)
+            return AdaptivePolicy(max_len=self.max_draft_len, pipeline=self.pipeline,
+                                  max_in_flight=self.max_in_flight)
+        return FixedPolicy(self.draft_len, pipeline=self.pipeline, max_in_flight=self.max_in_flight)
 
 
 @dataclass
@@ -128,6 +133,7 @@ class GenerationStats:
     hidden_draft_s: float = 0.0            # drafting done while waiting that a hit put to use
     pipelined_hits: int = 0
     pipelined_misses: int = 0
+    deepest_in_flight: int = 0             # most chunks awaiting a verdict at once
     reopens: int = 0
     kept_visual_tokens: int = 0
     wall_s: float = 0.0
@@ -153,6 +159,7 @@ class GenerationStats:
                 "branch_hits": self.branch_hits, "branches_drafted": self.branches_drafted,
                 "hidden_draft_ms": round(self.hidden_draft_s * 1000, 3),
                 "pipelined_hits": self.pipelined_hits, "pipelined_misses": self.pipelined_misses,
+                "deepest_in_flight": self.deepest_in_flight,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "ttft_s": round(self.ttft_s, 4), "device_prefill_s": round(self.device_prefill_s, 4),
                 "kept_visual_tokens": self.kept_visual_tokens,
@@ -336,6 +343,7 @@ class _Run:
         chunk.sent_at = time.perf_counter()
         self.client.send(chunk.message(self.session))
         self.in_flight.append(chunk)
+        self.stats.deepest_in_flight = max(self.stats.deepest_in_flight, len(self.in_flight))
         self.stats.drafted += len(chunk.tokens)
         self.trace({"event": "chunk", "seq": chunk.seq, "start": chunk.start, "assumed": chunk.assumed,
                     "len": len(chunk.tokens), **self.policy.explain(chunk.confidences)})
@@ -406,22 +414,29 @@ class _Run:
         return chunk.tokens[-1] in self.artifact.eos_ids or end + 1 >= self.settings.max_new_tokens
 
     def _speculate(self) -> None:
-        """Pipeline the next chunk if the policy allows one more in flight; then draft
+        """Pipeline further chunks while the policy allows more in flight; then draft
         branches for the oldest chunk's likeliest verdicts (a pipelined follower already
         covers the all-accepted one) until its reply is ready."""
-        last = self.in_flight[-1]
-        if len(self.in_flight) < self.policy.in_flight() and not self._ends_generation(last):
+        while len(self.in_flight) < self.policy.in_flight() and not self._verdict_ready():
+            last = self.in_flight[-1]
+            if self._ends_generation(last):
+                break
             began = time.perf_counter()
             prefix = self._assumed_prefix()
             bonus = int(np.argmax(self.drafter.extend_to(prefix)))
-            if bonus not in self.artifact.eos_ids:
-                chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
-                chunk.assumed = bonus
-                chunk.draft_s = time.perf_counter() - began
-                self._send(chunk)
+            if bonus in self.artifact.eos_ids:
+                break
+            chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
+            chunk.assumed = bonus
+            chunk.draft_s = time.perf_counter() - began
+            self._send(chunk)
         if self.options.branches:
             oldest = self.in_flight[0]
             self._draft_branches(oldest, all_accepted=len(self.in_flight) == 1 and not self._ends_generation(oldest))
+
+    def _verdict_ready(self) -> bool:
+        """Whether the verdict on the oldest chunk in flight has arrived."""
+        return self.client.reply_ready(self.session, self.in_flight[0].seq)
 
     def _assumed_prefix(self) -> list[int]:
         """Committed tokens plus every in-flight chunk assumed fully accepted."""
@@ -456,13 +471,13 @@ class _Run:
         """Draft continuations after the likeliest verdicts until the reply is ready."""
         base = self.committed[: chunk.start]
         for accepted, token in self._branch_outcomes(chunk, all_accepted)[: self.options.branches]:
-            if self.client.reply_ready() or token in self.artifact.eos_ids:
+            if self._verdict_ready() or token in self.artifact.eos_ids:
                 break
             prefix = base + chunk.tokens[:accepted] + [token]
             if len(prefix) >= self.settings.max_new_tokens:
                 continue
             began = time.perf_counter()
-            branch = self._draft_after(prefix, start=len(prefix), interrupt=self.client.reply_ready)
+            branch = self._draft_after(prefix, start=len(prefix), interrupt=self._verdict_ready)
             if branch is None:
                 break
             branch.draft_s = time.perf_counter() - began

@@ -3,7 +3,8 @@
 A policy sees only numbers it is given (draft confidences, measured timings,
 verdicts), never a clock, so its decisions are deterministic given a recorded trace.
 
-- ``FixedPolicy``: every chunk has ``draft_len`` tokens (the classic fixed gamma).
+- ``FixedPolicy``: every chunk has ``draft_len`` tokens (the classic fixed gamma); with
+  pipelining, always ``max_in_flight`` chunks in flight.
 - ``AdaptivePolicy`` (CoVSpec): keeps online estimates of the acceptance probability
   as a function of draft confidence (calibrated from verdicts), the draft step time,
   the round trip and the edge's verify time (linear in the chunk length), and drafts
@@ -16,8 +17,9 @@ verdicts), never a clock, so its decisions are deterministic given a recorded tr
   P(accepted | the previous token's confidence), from verdicts: reusing the last
   token's acceptance under-drafts, because a hesitant word (a color in a
   description) is mostly followed by confident ones. A hard maximum bounds the
-  chunk. It allows a second chunk in flight (pipelining) when drafting a chunk takes
-  less time than waiting for a verdict, so the wait hides the drafting.
+  chunk. With pipelining it keeps as many chunks in flight as drafting them hides in
+  the wait for a verdict (one more per typical chunk's drafting time that fits in a
+  round trip plus verify, up to ``max_in_flight``).
 
   ``t_verify(n)`` is a weighted least-squares line with a ridge prior on its slope
   (``VerifyModel``): verify time is nearly flat in n on an edge accelerator, and an
@@ -38,16 +40,17 @@ import numpy as np
 class FixedPolicy:
     name = "fixed"
 
-    def __init__(self, draft_len: int, pipeline: bool = False):
+    def __init__(self, draft_len: int, pipeline: bool = False, max_in_flight: int = 2):
         self.draft_len = draft_len
         self.pipeline = pipeline
+        self.max_in_flight = max_in_flight
 
     def continue_chunk(self, confidences: list[float]) -> bool:
         return len(confidences) < self.draft_len
 
     def in_flight(self) -> int:
-        """With pipelining, always a second chunk in flight."""
-        return 2 if self.pipeline else 1
+        """With pipelining, always ``max_in_flight`` chunks in flight."""
+        return self.max_in_flight if self.pipeline else 1
 
     def acceptance(self, confidence: float) -> float:
         """Uncalibrated: the draft's own probability."""
@@ -161,10 +164,12 @@ class VerifyModel:
 class AdaptivePolicy:
     name = "adaptive"
 
-    def __init__(self, max_len: int = 12, pipeline: bool = False, ema: float = 0.2):
+    def __init__(self, max_len: int = 12, pipeline: bool = False, ema: float = 0.2, max_in_flight: int = 4):
         self.max_len = max_len
         self.pipeline = pipeline
         self.ema = ema
+        self.max_in_flight = max_in_flight
+        self.chunk_len: float | None = None     # drafted tokens per chunk (EMA)
         self.calibration = AcceptanceCalibration()
         self.draft_step_s: float | None = None
         self.rtt_s: float | None = None          # round trip excluding the edge's compute
@@ -178,6 +183,7 @@ class AdaptivePolicy:
     def observe_round(self, confidences: list[float], accepted: int, round_s: float, verify_s: float) -> None:
         """One verdict: calibrate acceptance and update link and edge timings."""
         self.calibration.observe(confidences, accepted)
+        self.chunk_len = _ema(self.chunk_len, len(confidences), self.ema)
         self.rtt_s = _ema(self.rtt_s, max(round_s - verify_s, 0.0), self.ema)
         self.verify.observe(len(confidences), verify_s)
 
@@ -210,12 +216,13 @@ class AdaptivePolicy:
         return self.expected_rate(with_next) > self.expected_rate(acceptance)
 
     def in_flight(self) -> int:
-        """With pipelining allowed, two chunks in flight when a chunk drafts faster than a
-        verdict comes back (the wait hides the drafting); otherwise one."""
-        if not self.pipeline or self.draft_step_s is None or self.rtt_s is None:
+        """With pipelining allowed, one chunk plus as many as drafting hides in the wait
+        for a verdict (at most ``max_in_flight``); otherwise one."""
+        if not self.pipeline or self.draft_step_s is None or self.rtt_s is None or self.chunk_len is None:
             return 1
-        wait = self.rtt_s + self.verify_s(self.max_len // 2)
-        return 2 if self.draft_step_s * (self.max_len // 2) < wait else 1
+        length = max(self.chunk_len, 1.0)
+        wait = self.rtt_s + self.verify_s(round(length))
+        return int(min(self.max_in_flight, 1 + wait // (self.draft_step_s * length)))
 
     def explain(self, confidences: list[float]) -> dict:
         acceptance = [round(self.calibration.probability(c), 3) for c in confidences]
