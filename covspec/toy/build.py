@@ -29,20 +29,21 @@ class BuildPlan:
 FULL = BuildPlan(
     target=TrainConfig(steps=2500, lr=1e-3, warmup=60, vision_steps=400, eval_every=250),
     draft=TrainConfig(steps=450, lr=3e-3, warmup=40, vision_steps=100, eval_every=50, seed=1),
-    target_continued=TrainConfig(steps=500, lr=6e-4, warmup=20, eval_every=100, seed=2),
+    target_continued=TrainConfig(steps=2000, lr=8e-4, warmup=50, probe_steps=100, eval_every=250, seed=2),
 )
 QUICK = BuildPlan(
     target=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
                        eval_every=2, validation_images=2),
     draft=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,
                       eval_every=2, validation_images=2, seed=1),
-    target_continued=TrainConfig(steps=2, images_per_step=2, warmup=1, eval_every=2, validation_images=2, seed=2),
+    target_continued=TrainConfig(steps=2, images_per_step=2, warmup=1, probe_steps=1, vision_images_per_step=2,
+                                  eval_every=2, validation_images=2, seed=2),
 )
 
 
 def _run(role: str, model, config: TrainConfig, log, teacher=None) -> list[dict]:
     rows = []
-    with tqdm(total=config.vision_steps + config.steps, desc=f"train {role}", unit="step") as progress:
+    with tqdm(total=config.vision_steps + config.probe_steps + config.steps, desc=f"train {role}", unit="step") as progress:
         for row in train(model, toy_tokenizer(), config, teacher=teacher, progress=progress):
             row = {"model": role, **row}
             rows.append(row)

@@ -59,6 +59,8 @@ class TrainConfig:
     kl_weight: float = 1.0        # draft only
     eval_every: int = 100
     vision_steps: int = 0         # aux-only steps first (vision tower + projector)
+    probe_steps: int = 0          # then probe-only steps (model frozen): fresh probes on a
+                                  # trained model otherwise shake its visual tokens
     vision_images_per_step: int = 32
     validation_images: int = 48
     seed: int = 0
@@ -189,14 +191,19 @@ class RunningMeans:
         return means
 
 
-def pretrain_vision(model, heads: CellHeads, config: TrainConfig, progress=None):
-    """Phase 0: the per-cell loss alone on the vision tower and projector. Yields curve rows."""
-    params = list(model.model.vision_tower.parameters()) + \
-        list(model.model.multi_modal_projector.parameters()) + list(heads.parameters())
+def pretrain_probes(model, heads: CellHeads, config: TrainConfig, steps: int, *, train_vision: bool,
+                    progress=None):
+    """The per-cell loss alone for ``steps`` steps, on the vision tower, projector and probes
+    (phase 0, ``train_vision``) or on the probes only (fresh probes before a continuation).
+    Yields curve rows."""
+    params = list(heads.parameters())
+    if train_vision:
+        params += list(model.model.vision_tower.parameters()) + \
+            list(model.model.multi_modal_projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     started = time.monotonic()
     running = RunningMeans(progress)
-    for step in range(config.vision_steps):
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
         # negative indices: scenes of their own, disjoint from the answer phase's
@@ -205,14 +212,16 @@ def pretrain_vision(model, heads: CellHeads, config: TrainConfig, progress=None)
         kinds, colors = zip(*(shapes.cell_targets(s.scene) for s in samples))
         batch = Batch(pixel_values([s.image() for s in samples]), torch.from_numpy(np.stack(kinds)),
                       torch.from_numpy(np.stack(colors)), [])
-        aux, kind_accuracy = cell_loss(heads, visual_tokens(model, batch.pixels), batch)
+        with torch.set_grad_enabled(train_vision):
+            visual = visual_tokens(model, batch.pixels)
+        aux, kind_accuracy = cell_loss(heads, visual, batch)
         optimizer.zero_grad(set_to_none=True)
         aux.backward()
         optimizer.step()
         running.step({"aux": f"{aux.item():.3f}", "kind": f"{kind_accuracy:.2f}"},
                      aux=aux.item(), cell_kind_acc=kind_accuracy)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.vision_steps:
-            yield {"phase": "vision", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
+        if (step + 1) % config.eval_every == 0 or step + 1 == steps:
+            yield {"phase": "vision" if train_vision else "probes", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
                    **running.take()}
 
 
@@ -222,7 +231,8 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
     rng = random.Random(config.seed)
     heads = CellHeads(model.config.text_config.hidden_size)
     model.train()
-    yield from pretrain_vision(model, heads, config, progress)
+    yield from pretrain_probes(model, heads, config, config.vision_steps, train_vision=True, progress=progress)
+    yield from pretrain_probes(model, heads, config, config.probe_steps, train_vision=False, progress=progress)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     validation = validation_batches(tokenizer, config.validation_images)
