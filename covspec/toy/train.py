@@ -2,7 +2,10 @@
 
 Recipe (the naive one plateaus near 55%, see PLATFORM.md):
 0. a short vision-only phase: the per-cell loss of (2) alone, on larger image
-   batches, so shape kinds are recognized before the language model starts reading;
+   batches, so shape kinds are recognized before the language model starts reading
+   (training a trained model further starts instead with a probe-only phase: the
+   fresh probes of (2) learn on a frozen model, so their first, random gradients
+   do not shake its visual tokens);
 1. the image prefix (``<s> question :`` + visual tokens) runs once per image and its
    KV cache is shared by that image's questions (descriptions and short answers run
    as two suffix groups);
