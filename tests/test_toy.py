@@ -59,6 +59,24 @@ def test_exist_includes_hard_negatives():
     assert "is there a red square ?" in questions or "is there a blue circle ?" in questions
 
 
+def test_every_question_asks_each_lookup_once_and_agrees_with_the_one_per_type():
+    scene = _scene(("circle", "red", 0), ("square", "blue", 4), ("square", "red", 8))
+    qas = shapes.every_question(random.Random(0), scene)
+    questions = [qa.question for qa in qas]
+    assert len(questions) == len(set(questions))
+    answers = {qa.question: qa.answer for qa in qas}
+    assert answers["what color is the circle ?"] == "red" and "what color is the square ?" not in answers
+    assert answers["where is the red square ?"] == "bottom right"
+    assert answers["how many red shapes are there ?"] == "two" and answers["how many squares are there ?"] == "two"
+    exist = [qa.answer for qa in qas if qa.type == "exist"]
+    assert exist.count("yes") == exist.count("no") == 3          # each present pair, as many absent ones
+    assert answers["is there a blue circle ?"] == "no"             # the one hard negative is asked
+    for seed in range(40):                                           # same question, same answer
+        sample = shapes.sample("train", seed)
+        every = {qa.question: qa.answer for qa in shapes.every_question(random.Random(seed), sample.scene)}
+        assert all(every.get(qa.question, qa.answer) == qa.answer for qa in sample.qas)
+
+
 def test_held_out_set_covers_every_type_and_descriptions_are_long():
     questions = shapes.held_out_questions()
     assert len(questions) >= 1000

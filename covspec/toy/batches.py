@@ -70,11 +70,12 @@ def suffix_group(tokenizer, items: list[tuple[int, shapes.QA]]) -> SuffixGroup:
 
 
 def make_batch(tokenizer, samples: list[shapes.Sample], per_image: int | None, rng: random.Random) -> Batch:
-    """Each image with its description (when it has one) and ``per_image`` short questions
-    drawn at random (all of them when ``per_image`` is None)."""
+    """Each image with its description (when it has one) and ``per_image`` of its short
+    questions (``shapes.every_question``) drawn at random (all of them when ``per_image``
+    is None)."""
     describe, short = [], []
     for row, s in enumerate(samples):
-        shorts = [qa for qa in s.qas if qa.type != "describe"]
+        shorts = shapes.every_question(rng, s.scene)
         if per_image is not None:
             shorts = rng.sample(shorts, min(per_image, len(shorts)))
         short += [(row, qa) for qa in shorts]

@@ -29,7 +29,7 @@ class BuildPlan:
 FULL = BuildPlan(
     target=TrainConfig(steps=2500, lr=1e-3, warmup=60, vision_steps=400, eval_every=250),
     draft=TrainConfig(steps=450, lr=3e-3, warmup=40, vision_steps=100, eval_every=50, seed=1),
-    target_continued=TrainConfig(steps=2000, lr=8e-4, warmup=50, probe_steps=100, eval_every=250, seed=2),
+    target_continued=TrainConfig(steps=1500, lr=5e-4, warmup=50, probe_steps=100, eval_every=250, seed=2),
 )
 QUICK = BuildPlan(
     target=TrainConfig(steps=2, images_per_step=2, warmup=1, vision_steps=1, vision_images_per_step=2,

@@ -149,6 +149,39 @@ def question_of_type(qtype: str, rng: random.Random, scene: Scene) -> QA | None:
     raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
 
 
+def _one_of(rng: random.Random, options: list[str]) -> list[str]:
+    """One of ``options`` at random, as a list; empty when there are none."""
+    return rng.sample(options, min(1, len(options)))
+
+
+def every_question(rng: random.Random, scene: Scene) -> list[QA]:
+    """The short questions to train on about ``scene``: the color of each unique kind,
+    the position of each unique (color, kind), how many shapes, how many of each color
+    and kind present (and of one absent), and whether each present pair exists, plus as
+    many absent pairs (hard ones first: a present color with a present kind).
+    ``question_of_type`` asks one of each type; this asks most of them, so one image's
+    visual tokens (computed once) teach every lookup they can."""
+    shapes = scene.shapes
+    kinds = [s.kind for s in shapes]
+    colors = [s.color for s in shapes]
+    pairs = list(zip(colors, kinds))
+    qas = [QA("color", f"what color is the {s.kind} ?", s.color) for s in shapes if kinds.count(s.kind) == 1]
+    qas += [QA("position", f"where is the {s.color} {s.kind} ?", s.position)
+            for s in shapes if pairs.count((s.color, s.kind)) == 1]
+    qas.append(QA("count_all", "how many shapes are there ?", NUMBERS[len(shapes)]))
+    asked_colors = sorted(set(colors)) + _one_of(rng, [c for c in COLORS if c not in colors])
+    qas += [QA("count_color", f"how many {c} shapes are there ?", NUMBERS[colors.count(c)]) for c in asked_colors]
+    asked_kinds = sorted(set(kinds)) + _one_of(rng, [k for k in KINDS if k not in kinds])
+    qas += [QA("count_kind", f"how many {PLURALS[k]} are there ?", NUMBERS[kinds.count(k)]) for k in asked_kinds]
+    present = sorted(set(pairs))
+    hard = [(c, k) for c in sorted(set(colors)) for k in sorted(set(kinds)) if (c, k) not in present]
+    other = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present and (c, k) not in hard]
+    absent = rng.sample(hard, min(len(hard), len(present)))
+    absent += rng.sample(other, len(present) - len(absent))
+    qas += [QA("exist", f"is there a {c} {k} ?", "yes" if (c, k) in present else "no") for c, k in present + absent]
+    return qas
+
+
 @dataclass(frozen=True)
 class Sample:
     """One scene with one question of every type that applies to it."""

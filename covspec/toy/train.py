@@ -17,7 +17,9 @@ Recipe (the naive one plateaus near 55%, see PLATFORM.md):
    tokens, so a shape's kind reads the same wherever it is: without it a token's kind
    was entangled with its cell and the LM could not look a shape up by content). They supervise the vision tower directly; the heads are
    discarded after training;
-3. loss on answer tokens only, descriptions and short answers weighted equally;
+3. every short question an image affords (``shapes.every_question``), not one per type;
+   loss on answer tokens only, descriptions and short answers weighted equally, and
+   every short question type equally within them;
    AdamW, linear warmup then cosine decay;
 4. the draft's loss is KL(target || draft) on answer positions (teacher logits on
    the fly, no grad) plus cross-entropy on the reference, plus the per-cell loss.
@@ -134,6 +136,21 @@ def cell_loss(heads: CellHeads, visual: torch.Tensor, batch: Batch) -> tuple[tor
     loss = sum(F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten()) for name in targets)
     kind_accuracy = (logits["token_kind"].argmax(-1) == targets["token_kind"]).float().mean().item()
     return loss, kind_accuracy
+
+
+def answer_loss(logits: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+    """Cross-entropy on answer tokens: descriptions and short answers weigh the same, and
+    within the short answers every question type weighs the same, whatever their counts
+    of questions and tokens (``every_question`` asks far more counts than colors)."""
+    groups = []
+    for lg, group in zip(logits, batch.groups):
+        per_type = []
+        for qtype in dict.fromkeys(group.types):
+            rows = torch.tensor([i for i, t in enumerate(group.types) if t == qtype])
+            labels = group.labels[rows]
+            per_type.append(F.cross_entropy(lg[rows][labels != -100], labels[labels != -100]))
+        groups.append(torch.stack(per_type).mean())
+    return torch.stack(groups).mean()
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -254,11 +271,8 @@ def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None)
         visual = visual_tokens(model, batch.pixels)
         aux, kind_accuracy = cell_loss(heads, visual, batch)
         logits = answer_logits(model, tokenizer, batch, visual)
-        picks = [lg[g.labels != -100] for lg, g in zip(logits, batch.groups)]
-        # descriptions and short answers weigh the same, whatever their token counts
-        ce = torch.stack([F.cross_entropy(p, g.labels[g.labels != -100])
-                          for p, g in zip(picks, batch.groups)]).mean()
-        picked = torch.cat(picks)
+        ce = answer_loss(logits, batch)
+        picked = torch.cat([lg[g.labels != -100] for lg, g in zip(logits, batch.groups)])
         loss = ce + config.aux_weight * aux
         values = {}
         if teacher is not None:
