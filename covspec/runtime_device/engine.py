@@ -15,8 +15,9 @@ speculation that can only save time, never change the output:
   the first verdict (as many as the policy says the wait hides); the edge answers
   ``stale`` if an assumption fails and the device drafts afresh;
 - *branching*: while waiting, the device drafts continuations after the most likely
-  verdicts (all accepted; rejection at the least confident position with the
-  draft's second choice as correction) and sends the matching one at once;
+  verdicts (rejection at a position with the draft's second choice as correction;
+  full acceptance when nothing is pipelined) and sends the matching one at once; each
+  step of the wait goes to a pipelined chunk or a branch, whichever is likelier used;
 - *prune_target* (opt-in, labelled NOT exact): the target also keeps only the draft's
   kept visual tokens, trading accuracy for edge prefill time;
 - *wire*: ``compact`` sends ids (+ sparse q when sampling), ``dense`` the full q per
@@ -185,7 +186,8 @@ class Chunk:
     q_probs: list[np.ndarray] = field(default_factory=list)
     q_dense: list[np.ndarray] = field(default_factory=list)
     start: int = 0
-    assumed: int = -1
+    assumed: int = -1                      # the bonus this chunk assumes before it (-1: none)
+    assumed_confidence: float = 1.0        # the draft's probability of that bonus
     seq: int = -1
     sent_at: float = 0.0
     state: DrafterState | None = None
@@ -414,25 +416,54 @@ class _Run:
         return chunk.tokens[-1] in self.artifact.eos_ids or end + 1 >= self.settings.max_new_tokens
 
     def _speculate(self) -> None:
-        """Pipeline further chunks while the policy allows more in flight; then draft
-        branches for the oldest chunk's likeliest verdicts (a pipelined follower already
-        covers the all-accepted one) until its reply is ready."""
-        while len(self.in_flight) < self.policy.in_flight() and not self._verdict_ready():
+        """Use the wait for the oldest chunk's verdict, likeliest use first, until the
+        verdict arrives: each step either pipelines one more chunk (while the policy
+        allows more in flight; useful if every chunk in flight is fully accepted and
+        every assumed bonus right) or drafts the next branch (a continuation after one
+        of the oldest chunk's likeliest rejections; after its full acceptance too when
+        no follower can be pipelined)."""
+        oldest = self.in_flight[0]
+        can_pipeline = self.policy.in_flight() > 1
+        outcomes = self._branch_outcomes(oldest, all_accepted=not can_pipeline and not self._ends_generation(oldest)) \
+            if self.options.branches else []
+        outcomes = outcomes[: self.options.branches]
+        while not self._verdict_ready():
             last = self.in_flight[-1]
-            if self._ends_generation(last):
+            pipeline = can_pipeline and len(self.in_flight) < self.policy.in_flight() and not self._ends_generation(last)
+            if pipeline and (not outcomes or self._all_accepted_probability() >= outcomes[0][0]):
+                if not self._pipeline():
+                    can_pipeline = False
+            elif outcomes:
+                _, accepted, token = outcomes.pop(0)
+                if not self._draft_branch(oldest, accepted, token):
+                    break
+            else:
                 break
-            began = time.perf_counter()
-            prefix = self._assumed_prefix()
-            bonus = int(np.argmax(self.drafter.extend_to(prefix)))
-            if bonus in self.artifact.eos_ids:
-                break
-            chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
-            chunk.assumed = bonus
-            chunk.draft_s = time.perf_counter() - began
-            self._send(chunk)
-        if self.options.branches:
-            oldest = self.in_flight[0]
-            self._draft_branches(oldest, all_accepted=len(self.in_flight) == 1 and not self._ends_generation(oldest))
+
+    def _all_accepted_probability(self) -> float:
+        """P(every chunk in flight is fully accepted and every assumed bonus is right)."""
+        probability = 1.0
+        for chunk in self.in_flight:
+            probability *= float(np.prod([self.policy.acceptance(c) for c in chunk.confidences]))
+            if chunk.assumed != -1:
+                probability *= self.policy.acceptance(chunk.assumed_confidence)
+        return probability
+
+    def _pipeline(self) -> bool:
+        """Send one more chunk, drafted assuming every chunk in flight is fully accepted and
+        the bonus after them is the draft's own guess; False when that guess ends the answer."""
+        last = self.in_flight[-1]
+        began = time.perf_counter()
+        prefix = self._assumed_prefix()
+        q = _softmax(self.drafter.extend_to(prefix))
+        bonus = int(np.argmax(q))
+        if bonus in self.artifact.eos_ids:
+            return False
+        chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
+        chunk.assumed, chunk.assumed_confidence = bonus, float(q[bonus])
+        chunk.draft_s = time.perf_counter() - began
+        self._send(chunk)
+        return True
 
     def _verdict_ready(self) -> bool:
         """Whether the verdict on the oldest chunk in flight has arrived."""
@@ -447,9 +478,9 @@ class _Run:
             prefix += chunk.tokens
         return prefix
 
-    def _branch_outcomes(self, chunk: Chunk, all_accepted: bool) -> list[tuple[int, int]]:
-        """The verdicts (accepted, token) worth a branch, likeliest first: rejection at j
-        with the draft's second choice as the correction has probability
+    def _branch_outcomes(self, chunk: Chunk, all_accepted: bool) -> list[tuple[float, int, int]]:
+        """The verdicts (probability, accepted, token) worth a branch, likeliest first:
+        rejection at j with the draft's second choice as the correction has probability
         ``prod_{i<j} a_i * (1 - a_j) * q(alt_j) / (1 - q(token_j))``, full acceptance with
         the draft's guess as the bonus ``prod a_i * a(bonus)`` (a: the policy's
         acceptance estimate)."""
@@ -465,26 +496,24 @@ class _Run:
             bonus = int(np.argmax(q))
             outcomes.append((reach * self.policy.acceptance(float(q[bonus])), len(chunk.tokens), bonus))
         outcomes.sort(key=lambda outcome: -outcome[0])
-        return [(accepted, token) for _, accepted, token in outcomes]
+        return outcomes
 
-    def _draft_branches(self, chunk: Chunk, all_accepted: bool) -> None:
-        """Draft continuations after the likeliest verdicts until the reply is ready."""
-        base = self.committed[: chunk.start]
-        for accepted, token in self._branch_outcomes(chunk, all_accepted)[: self.options.branches]:
-            if self._verdict_ready() or token in self.artifact.eos_ids:
-                break
-            prefix = base + chunk.tokens[:accepted] + [token]
-            if len(prefix) >= self.settings.max_new_tokens:
-                continue
-            began = time.perf_counter()
-            branch = self._draft_after(prefix, start=len(prefix), interrupt=self._verdict_ready)
-            if branch is None:
-                break
-            branch.draft_s = time.perf_counter() - began
-            branch.state = self.drafter.snapshot()
-            self.branches[(accepted, token)] = branch
-            self.stats.branches_drafted += 1
-            self.trace({"event": "branch", "accepted": accepted, "token": token, "len": len(branch.tokens)})
+    def _draft_branch(self, chunk: Chunk, accepted: int, token: int) -> bool:
+        """Draft the continuation after the verdict (accepted, token) on ``chunk``; False
+        when the verdict arrived meanwhile (the branch is dropped unfinished)."""
+        prefix = self.committed[: chunk.start] + chunk.tokens[:accepted] + [token]
+        if token in self.artifact.eos_ids or len(prefix) >= self.settings.max_new_tokens:
+            return True
+        began = time.perf_counter()
+        branch = self._draft_after(prefix, start=len(prefix), interrupt=self._verdict_ready)
+        if branch is None:
+            return False
+        branch.draft_s = time.perf_counter() - began
+        branch.state = self.drafter.snapshot()
+        self.branches[(accepted, token)] = branch
+        self.stats.branches_drafted += 1
+        self.trace({"event": "branch", "accepted": accepted, "token": token, "len": len(branch.tokens)})
+        return True
 
     # -- drafting ---------------------------------------------------------------------------
 
