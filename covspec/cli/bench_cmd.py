@@ -204,8 +204,9 @@ def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, out: Path, markdown: bool) -> None:
-    """Fixed draft lengths 2/4/6/8 vs adaptive, and pipelining / branching on and off,
-    on every link profile (no pruning, compact wire)."""
+    """Fixed draft lengths 2/4/6/8 vs adaptive, and pipelining / branching on and off
+    (pipelining also capped at two chunks in flight), on every link profile (no
+    pruning, compact wire)."""
     import dataclasses
 
     from covspec.bench import report
@@ -222,7 +223,9 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
                   Scenario("adaptive+pipeline", "speculative", dataclasses.replace(plain, pipeline=True)),
                   Scenario("adaptive+branches", "speculative", dataclasses.replace(plain, branches=2)),
                   Scenario("adaptive+pipeline+branches", "speculative",
-                           dataclasses.replace(plain, pipeline=True, branches=2))]
+                           dataclasses.replace(plain, pipeline=True, branches=2)),
+                  Scenario("adaptive+pipeline(2)+branches", "speculative",
+                           dataclasses.replace(plain, pipeline=True, max_in_flight=2, branches=2))]
     profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
     _, rows = measure("drafting", artifacts_dir, out, profiles, scenarios, toy_questions(count, describe_share=1.0),
                       max_new_tokens)
