@@ -154,19 +154,26 @@ def target_report(bundled):
 
 
 def test_bundled_target_describes_and_counts(target_report):
-    # Met by the committed target (full test set: describe F1 0.980, count_all 100%).
+    # Met by the committed target (full test set: describe F1 0.994, count_all 100%).
     assert target_report["describe"]["f1"] >= 0.8, target_report
     assert target_report["count_all"]["exact_match"] >= 0.9, target_report
     for qtype, row in target_report.items():
         assert row["exact_match"] >= 0.3, (qtype, target_report)  # regression guard
 
 
-@pytest.mark.xfail(strict=True, reason="the committed target is below the 85% floor on color (59%), "
-                                       "position (64%) and exist (77%); see BENCHMARKS.md")
-def test_bundled_target_reaches_the_short_answer_floor(target_report):
-    for qtype, row in target_report.items():
-        if qtype != "describe":
-            assert row["exact_match"] >= 0.85, (qtype, target_report)
+@pytest.mark.xfail(strict=True, reason="the committed target is below the 85% floor on position (79.8%); "
+                                       "see BENCHMARKS.md")
+def test_bundled_target_reaches_the_short_answer_floor(bundled):
+    """Every short answer of the whole held-out set (1467 questions; they are one to two
+    tokens, so this takes seconds, and a 200-question sample is too coarse to judge a
+    floor on its ~30 questions per type)."""
+    from covspec.toy.evaluate import accuracy_report
+
+    models, processor = bundled
+    short = [(s, qa) for s, qa in shapes.held_out_questions() if qa.type != "describe"]
+    report = accuracy_report(models["target"], processor, short, max_new_tokens=4)
+    for qtype, row in report.items():
+        assert row["exact_match"] >= 0.85, (qtype, report)
 
 
 def test_bundled_draft_agrees_with_target(bundled):
