@@ -161,8 +161,6 @@ def test_bundled_target_describes_and_counts(target_report):
         assert row["exact_match"] >= 0.3, (qtype, target_report)  # regression guard
 
 
-@pytest.mark.xfail(strict=True, reason="the committed target is below the 85% floor on position (79.8%); "
-                                       "see BENCHMARKS.md")
 def test_bundled_target_reaches_the_short_answer_floor(bundled):
     """Every short answer of the whole held-out set (1467 questions; they are one to two
     tokens, so this takes seconds, and a 200-question sample is too coarse to judge a
