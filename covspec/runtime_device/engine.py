@@ -17,7 +17,8 @@ speculation that can only save time, never change the output:
 - *branching*: while waiting, the device drafts continuations after the most likely
   verdicts (rejection at a position with the draft's second choice as correction;
   full acceptance when nothing is pipelined) and sends the matching one at once; each
-  step of the wait goes to a pipelined chunk or a branch, whichever is likelier used;
+  step of the wait goes to a pipelined chunk or a branch, whichever is worth more
+  (probability of use times the time it saves);
 - *prune_target* (opt-in, labelled NOT exact): the target also keeps only the draft's
   kept visual tokens, trading accuracy for edge prefill time;
 - *wire*: ``compact`` sends ids (+ sparse q when sampling), ``dense`` the full q per
@@ -416,12 +417,13 @@ class _Run:
         return chunk.tokens[-1] in self.artifact.eos_ids or end + 1 >= self.settings.max_new_tokens
 
     def _speculate(self) -> None:
-        """Use the wait for the oldest chunk's verdict, likeliest use first, until the
+        """Use the wait for the oldest chunk's verdict, most valuable use first, until the
         verdict arrives: each step either pipelines one more chunk (while the policy
-        allows more in flight; useful if every chunk in flight is fully accepted and
-        every assumed bonus right) or drafts the next branch (a continuation after one
-        of the oldest chunk's likeliest rejections; after its full acceptance too when
-        no follower can be pipelined)."""
+        allows more in flight; used if every chunk in flight is fully accepted and every
+        assumed bonus right, and then it saves a round trip: weighed by the policy's
+        ``pipeline_weight``) or drafts the next branch (a continuation after one of the
+        oldest chunk's likeliest rejections, which saves drafting it; after its full
+        acceptance too when no follower can be pipelined)."""
         oldest = self.in_flight[0]
         can_pipeline = self.policy.in_flight() > 1
         outcomes = self._branch_outcomes(oldest, all_accepted=not can_pipeline and not self._ends_generation(oldest)) \
@@ -430,7 +432,8 @@ class _Run:
         while not self._verdict_ready():
             last = self.in_flight[-1]
             pipeline = can_pipeline and len(self.in_flight) < self.policy.in_flight() and not self._ends_generation(last)
-            if pipeline and (not outcomes or self._all_accepted_probability() >= outcomes[0][0]):
+            if pipeline and (not outcomes or self._all_accepted_probability() * self.policy.pipeline_weight()
+                             >= outcomes[0][0]):
                 if not self._pipeline():
                     can_pipeline = False
             elif outcomes:

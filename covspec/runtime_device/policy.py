@@ -56,6 +56,10 @@ class FixedPolicy:
         """Uncalibrated: the draft's own probability."""
         return confidence
 
+    def pipeline_weight(self) -> float:
+        """No timings: a pipelined chunk and a branch are weighed by probability alone."""
+        return 1.0
+
     def observe_round(self, confidences: list[float], accepted: int, round_s: float, verify_s: float) -> None:
         """Fixed drafting learns nothing."""
 
@@ -223,6 +227,15 @@ class AdaptivePolicy:
         length = max(self.chunk_len, 1.0)
         wait = self.rtt_s + self.verify_s(round(length))
         return int(min(self.max_in_flight, 1 + wait // (self.draft_step_s * length)))
+
+    def pipeline_weight(self) -> float:
+        """What a used pipelined chunk saves against a used branch, ``(rtt + d) / d``: a
+        branch saves drafting a chunk (d) once its verdict is in; a pipelined chunk also
+        saves the round trip, since its verdict follows right behind the one before."""
+        if self.draft_step_s is None or self.rtt_s is None or self.chunk_len is None:
+            return 1.0
+        drafting = max(self.draft_step_s * max(self.chunk_len, 1.0), 1e-6)
+        return 1.0 + self.rtt_s / drafting
 
     def explain(self, confidences: list[float]) -> dict:
         acceptance = [round(self.calibration.probability(c), 3) for c in confidences]
