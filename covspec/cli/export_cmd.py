@@ -58,7 +58,7 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
               help="Minimum top-1 agreement with fp32 for int8/int4 [default: 0.90 int8, 0.75 int4].")
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Default share of visual tokens the draft keeps, written into the manifest "
-                   "[default: 0.25, chosen by `covspec bench pruning`; `device run --keep-ratio` overrides].")
+                   "[default: 0.5, chosen by `covspec bench pruning`; `device run --keep-ratio` overrides].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds an earlier artifact.")
 def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int, exporter: str,
            min_agreement: float | None, keep_ratio: float | None, force: bool) -> None:
