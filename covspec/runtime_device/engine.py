@@ -426,16 +426,16 @@ class _Run:
         acceptance too when no follower can be pipelined)."""
         oldest = self.in_flight[0]
         can_pipeline = self.policy.in_flight() > 1
-        outcomes = self._branch_outcomes(oldest, all_accepted=not can_pipeline and not self._ends_generation(oldest)) \
-            if self.options.branches else []
-        outcomes = outcomes[: self.options.branches]
+        outcomes: list[tuple[float, int, int]] = []
+        if self.options.branches:
+            full = not can_pipeline and not self._ends_generation(oldest)
+            outcomes = self._branch_outcomes(oldest, all_accepted=full)[: self.options.branches]
         while not self._verdict_ready():
-            last = self.in_flight[-1]
-            pipeline = can_pipeline and len(self.in_flight) < self.policy.in_flight() and not self._ends_generation(last)
-            if pipeline and (not outcomes or self._all_accepted_probability() * self.policy.pipeline_weight()
-                             >= outcomes[0][0]):
-                if not self._pipeline():
-                    can_pipeline = False
+            pipeline = can_pipeline and len(self.in_flight) < self.policy.in_flight() \
+                and not self._ends_generation(self.in_flight[-1])
+            pipeline_value = self._all_accepted_probability() * self.policy.pipeline_weight() if pipeline else -1.0
+            if pipeline and (not outcomes or pipeline_value >= outcomes[0][0]):
+                can_pipeline = self._pipeline()
             elif outcomes:
                 _, accepted, token = outcomes.pop(0)
                 if not self._draft_branch(oldest, accepted, token):
