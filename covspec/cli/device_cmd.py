@@ -90,8 +90,8 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
                                   top_p=top_p, seed=seed)
     options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
                               pipeline=pipeline, max_in_flight=max_in_flight, branches=branches, wire=wire,
-                              keep_ratio=keep_ratio,
-                              keep_tokens=keep_tokens, selection=selection, prune_target=prune_target)
+                              keep_ratio=keep_ratio, keep_tokens=keep_tokens, selection=selection,
+                              prune_target=prune_target)
     if prune_target:
         click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
                     fg="yellow", err=True)

@@ -433,8 +433,8 @@ class _Run:
         while not self._verdict_ready():
             pipeline = can_pipeline and len(self.in_flight) < self.policy.in_flight() \
                 and not self._ends_generation(self.in_flight[-1])
-            pipeline_value = self._all_accepted_probability() * self.policy.pipeline_weight() if pipeline else -1.0
-            if pipeline and (not outcomes or pipeline_value >= outcomes[0][0]):
+            if pipeline and (not outcomes or self._all_accepted_probability() * self.policy.pipeline_weight()
+                             >= outcomes[0][0]):
                 can_pipeline = self._pipeline()
             elif outcomes:
                 _, accepted, token = outcomes.pop(0)
@@ -458,15 +458,20 @@ class _Run:
         last = self.in_flight[-1]
         began = time.perf_counter()
         prefix = self._assumed_prefix()
-        q = _softmax(self.drafter.extend_to(prefix))
-        bonus = int(np.argmax(q))
+        bonus, confidence = self._guess_bonus(prefix)
         if bonus in self.artifact.eos_ids:
             return False
         chunk = self._draft_after(prefix + [bonus], start=last.start + len(last.tokens) + 1)
-        chunk.assumed, chunk.assumed_confidence = bonus, float(q[bonus])
+        chunk.assumed, chunk.assumed_confidence = bonus, confidence
         chunk.draft_s = time.perf_counter() - began
         self._send(chunk)
         return True
+
+    def _guess_bonus(self, prefix: list[int]) -> tuple[int, float]:
+        """The draft's likeliest token after the generated tokens ``prefix``, and its probability."""
+        q = _softmax(self.drafter.extend_to(prefix))
+        bonus = int(np.argmax(q))
+        return bonus, float(q[bonus])
 
     def _verdict_ready(self) -> bool:
         """Whether the verdict on the oldest chunk in flight has arrived."""
@@ -495,9 +500,8 @@ class _Run:
             outcomes.append((reach * (1 - a) * min(q_alt / max(1 - q_token, 1e-9), 1.0), j, alt))
             reach *= a
         if all_accepted:
-            q = _softmax(self.drafter.extend_to(self.committed[: chunk.start] + chunk.tokens))
-            bonus = int(np.argmax(q))
-            outcomes.append((reach * self.policy.acceptance(float(q[bonus])), len(chunk.tokens), bonus))
+            bonus, confidence = self._guess_bonus(self.committed[: chunk.start] + chunk.tokens)
+            outcomes.append((reach * self.policy.acceptance(confidence), len(chunk.tokens), bonus))
         outcomes.sort(key=lambda outcome: -outcome[0])
         return outcomes
 

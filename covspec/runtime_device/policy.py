@@ -222,20 +222,24 @@ class AdaptivePolicy:
     def in_flight(self) -> int:
         """With pipelining allowed, one chunk plus as many as drafting hides in the wait
         for a verdict (at most ``max_in_flight``); otherwise one."""
-        if not self.pipeline or self.draft_step_s is None or self.rtt_s is None or self.chunk_len is None:
+        drafting = self._chunk_draft_s()
+        if not self.pipeline or drafting is None:
             return 1
-        length = max(self.chunk_len, 1.0)
-        wait = self.rtt_s + self.verify_s(round(length))
-        return int(min(self.max_in_flight, 1 + wait // (self.draft_step_s * length)))
+        wait = self.rtt_s + self.verify_s(round(max(self.chunk_len, 1.0)))
+        return int(min(self.max_in_flight, 1 + wait // drafting))
 
     def pipeline_weight(self) -> float:
         """What a used pipelined chunk saves against a used branch, ``(rtt + d) / d``: a
         branch saves drafting a chunk (d) once its verdict is in; a pipelined chunk also
         saves the round trip, since its verdict follows right behind the one before."""
+        drafting = self._chunk_draft_s()
+        return 1.0 if drafting is None else 1.0 + self.rtt_s / drafting
+
+    def _chunk_draft_s(self) -> float | None:
+        """Seconds to draft a typical chunk; None until draft steps and a round were seen."""
         if self.draft_step_s is None or self.rtt_s is None or self.chunk_len is None:
-            return 1.0
-        drafting = max(self.draft_step_s * max(self.chunk_len, 1.0), 1e-6)
-        return 1.0 + self.rtt_s / drafting
+            return None
+        return max(self.draft_step_s * max(self.chunk_len, 1.0), 1e-9)
 
     def explain(self, confidences: list[float]) -> dict:
         acceptance = [round(self.calibration.probability(c), 3) for c in confidences]

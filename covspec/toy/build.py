@@ -43,7 +43,8 @@ QUICK = BuildPlan(
 
 def _run(role: str, model, config: TrainConfig, log, teacher=None) -> list[dict]:
     rows = []
-    with tqdm(total=config.vision_steps + config.probe_steps + config.steps, desc=f"train {role}", unit="step") as progress:
+    total = config.vision_steps + config.probe_steps + config.steps
+    with tqdm(total=total, desc=f"train {role}", unit="step") as progress:
         for row in train(model, toy_tokenizer(), config, teacher=teacher, progress=progress):
             row = {"model": role, **row}
             rows.append(row)

@@ -102,6 +102,40 @@ def describe(scene: Scene) -> str:
     return f"the image shows {NUMBERS[n]} {noun} : " + " , ".join(parts) + " ."
 
 
+# -- one question and its answer, as both question sets ask it ---------------------------
+
+def _color_qa(scene: Scene, kind: str) -> QA:
+    return QA("color", f"what color is the {kind} ?", next(s.color for s in scene.shapes if s.kind == kind))
+
+
+def _count_color_qa(scene: Scene, color: str) -> QA:
+    return QA("count_color", f"how many {color} shapes are there ?",
+              NUMBERS[sum(s.color == color for s in scene.shapes)])
+
+
+def _count_kind_qa(scene: Scene, kind: str) -> QA:
+    return QA("count_kind", f"how many {PLURALS[kind]} are there ?", NUMBERS[sum(s.kind == kind for s in scene.shapes)])
+
+
+def _position_qa(shape: Shape) -> QA:
+    return QA("position", f"where is the {shape.color} {shape.kind} ?", shape.position)
+
+
+def _exist_qa(present: set[tuple[str, str]], color: str, kind: str) -> QA:
+    return QA("exist", f"is there a {color} {kind} ?", "yes" if (color, kind) in present else "no")
+
+
+def _unique_kinds(scene: Scene) -> list[str]:
+    """The kinds that occur once (a color question names the shape by its kind alone)."""
+    return [k for k in KINDS if sum(s.kind == k for s in scene.shapes) == 1]
+
+
+def _uniquely_named(scene: Scene) -> list[Shape]:
+    """The shapes whose (color, kind) occurs once (a position question names them so)."""
+    pairs = [(s.color, s.kind) for s in scene.shapes]
+    return [s for s in scene.shapes if pairs.count((s.color, s.kind)) == 1]
+
+
 def _exist_question(rng: random.Random, scene: Scene) -> QA:
     present = {(s.color, s.kind) for s in scene.shapes}
     colors = {s.color for s in scene.shapes}
@@ -115,33 +149,24 @@ def _exist_question(rng: random.Random, scene: Scene) -> QA:
     else:
         absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
         color, kind = rng.choice(absent)
-    return QA("exist", f"is there a {color} {kind} ?", "yes" if (color, kind) in present else "no")
+    return _exist_qa(present, color, kind)
 
 
 def question_of_type(qtype: str, rng: random.Random, scene: Scene) -> QA | None:
     """One question of ``qtype`` about ``scene``, or None when the type does not apply."""
     shapes = scene.shapes
     if qtype == "color":
-        unique = [k for k in KINDS if sum(s.kind == k for s in shapes) == 1]
-        if not unique:
-            return None
-        kind = rng.choice(unique)
-        return QA(qtype, f"what color is the {kind} ?", next(s.color for s in shapes if s.kind == kind))
+        unique = _unique_kinds(scene)
+        return _color_qa(scene, rng.choice(unique)) if unique else None
     if qtype == "count_all":
         return QA(qtype, "how many shapes are there ?", NUMBERS[len(shapes)])
     if qtype == "count_color":
-        color = rng.choice([s.color for s in shapes] + list(COLORS))
-        return QA(qtype, f"how many {color} shapes are there ?", NUMBERS[sum(s.color == color for s in shapes)])
+        return _count_color_qa(scene, rng.choice([s.color for s in shapes] + list(COLORS)))
     if qtype == "count_kind":
-        kind = rng.choice([s.kind for s in shapes] + list(KINDS))
-        return QA(qtype, f"how many {PLURALS[kind]} are there ?", NUMBERS[sum(s.kind == kind for s in shapes)])
+        return _count_kind_qa(scene, rng.choice([s.kind for s in shapes] + list(KINDS)))
     if qtype == "position":
-        pairs = [(s.color, s.kind) for s in shapes]
-        unique = [s for s in shapes if pairs.count((s.color, s.kind)) == 1]
-        if not unique:
-            return None
-        s = rng.choice(unique)
-        return QA(qtype, f"where is the {s.color} {s.kind} ?", s.position)
+        unique = _uniquely_named(scene)
+        return _position_qa(rng.choice(unique)) if unique else None
     if qtype == "exist":
         return _exist_question(rng, scene)
     if qtype == "describe":
@@ -164,21 +189,20 @@ def every_question(rng: random.Random, scene: Scene) -> list[QA]:
     shapes = scene.shapes
     kinds = [s.kind for s in shapes]
     colors = [s.color for s in shapes]
-    pairs = list(zip(colors, kinds))
-    qas = [QA("color", f"what color is the {s.kind} ?", s.color) for s in shapes if kinds.count(s.kind) == 1]
-    qas += [QA("position", f"where is the {s.color} {s.kind} ?", s.position)
-            for s in shapes if pairs.count((s.color, s.kind)) == 1]
-    qas.append(QA("count_all", "how many shapes are there ?", NUMBERS[len(shapes)]))
+    unique_kinds = _unique_kinds(scene)
+    qas = [_color_qa(scene, s.kind) for s in shapes if s.kind in unique_kinds]
+    qas += [_position_qa(s) for s in _uniquely_named(scene)]
+    qas.append(question_of_type("count_all", rng, scene))
     asked_colors = sorted(set(colors)) + _one_of(rng, [c for c in COLORS if c not in colors])
-    qas += [QA("count_color", f"how many {c} shapes are there ?", NUMBERS[colors.count(c)]) for c in asked_colors]
+    qas += [_count_color_qa(scene, c) for c in asked_colors]
     asked_kinds = sorted(set(kinds)) + _one_of(rng, [k for k in KINDS if k not in kinds])
-    qas += [QA("count_kind", f"how many {PLURALS[k]} are there ?", NUMBERS[kinds.count(k)]) for k in asked_kinds]
-    present = sorted(set(pairs))
+    qas += [_count_kind_qa(scene, k) for k in asked_kinds]
+    present = set(zip(colors, kinds))
     hard = [(c, k) for c in sorted(set(colors)) for k in sorted(set(kinds)) if (c, k) not in present]
     other = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present and (c, k) not in hard]
     absent = rng.sample(hard, min(len(hard), len(present)))
     absent += rng.sample(other, len(present) - len(absent))
-    qas += [QA("exist", f"is there a {c} {k} ?", "yes" if (c, k) in present else "no") for c, k in present + absent]
+    qas += [_exist_qa(present, c, k) for c, k in sorted(present) + absent]
     return qas
 
 

@@ -15,8 +15,8 @@ Recipe (the naive one plateaus near 55%, see PLATFORM.md):
    an untrained attention computes, already carries the whole scene); each token
    must give its own cell, and its own cell's kind and color (one head shared by all
    tokens, so a shape's kind reads the same wherever it is: without it a token's kind
-   was entangled with its cell and the LM could not look a shape up by content). They supervise the vision tower directly; the heads are
-   discarded after training;
+   was entangled with its cell and the LM could not look a shape up by content). They
+   supervise the vision tower directly; the heads are discarded after training;
 3. every short question an image affords (``shapes.every_question``), not one per type;
    loss on answer tokens only, descriptions and short answers weighted equally, and
    every short question type equally within them;
@@ -241,8 +241,8 @@ def pretrain_probes(model, heads: CellHeads, config: TrainConfig, steps: int, *,
         running.step({"aux": f"{aux.item():.3f}", "kind": f"{kind_accuracy:.2f}"},
                      aux=aux.item(), cell_kind_acc=kind_accuracy)
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-            yield {"phase": "vision" if train_vision else "probes", "step": step + 1, "seconds": round(time.monotonic() - started, 1),
-                   **running.take()}
+            yield {"phase": "vision" if train_vision else "probes", "step": step + 1,
+                   "seconds": round(time.monotonic() - started, 1), **running.take()}
 
 
 def train(model, tokenizer, config: TrainConfig, *, teacher=None, progress=None):
