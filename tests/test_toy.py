@@ -27,6 +27,19 @@ def test_samples_are_deterministic_and_splits_differ():
     assert shapes.sample("train", 5).scene != a.scene
 
 
+def test_questions_do_not_depend_on_the_hash_seed():
+    """The held-out set is the same in every process (set iteration order of strings
+    follows PYTHONHASHSEED; the existence question once picked its hard negative so)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from covspec.toy import shapes; print([qa for s, qa in shapes.held_out_questions(60)])"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1
+
+
 def test_answers_on_a_crafted_scene():
     scene = _scene(("circle", "red", 0), ("square", "blue", 4), ("square", "red", 8))
     assert _answer("count_all", scene).answer == "three"

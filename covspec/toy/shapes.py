@@ -138,8 +138,9 @@ def _uniquely_named(scene: Scene) -> list[Shape]:
 
 def _exist_question(rng: random.Random, scene: Scene) -> QA:
     present = {(s.color, s.kind) for s in scene.shapes}
-    colors = {s.color for s in scene.shapes}
-    kinds = {s.kind for s in scene.shapes}
+    # sorted: iterating a set of strings follows the per-process hash seed
+    colors = sorted({s.color for s in scene.shapes})
+    kinds = sorted({s.kind for s in scene.shapes})
     hard = [(c, k) for c in colors for k in kinds if (c, k) not in present]
     roll = rng.random()
     if roll < 0.5:
