@@ -17,7 +17,11 @@ from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, RetryPolicy
-from covspec.runtime_device.engine import CoInference, DraftingOptions, GenerationSettings, GenerationStats
+from covspec.runtime_device.drafter import Drafter
+from covspec.runtime_device.engine import CoInference
+from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.prefill import prefill_draft
+from covspec.runtime_device.stats import GenerationStats
 from covspec.runtime_device.preprocess import pixel_values
 from covspec.runtime_edge import EdgeServer, ServerConfig
 
@@ -295,19 +299,44 @@ def test_dense_wire_sampling_is_reproducible(tiny_pair, edge):
     assert first == second and len(first) > 1
 
 
+def pruned_reference(pair, image: bytes, question: str, kept: np.ndarray, max_new_tokens: int) -> list[int]:
+    """The target's own greedy generate() over a context holding only the ``kept`` visual tokens."""
+    import torch
+
+    processor, model = pair["processor"], pair["model"]
+    inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
+                       text=prompt_template(processor).format(question=question))
+    ids = inputs["input_ids"][0]
+    slots = torch.nonzero(ids == model.config.image_token_id)[:, 0]
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        features = getattr(features, "pooler_output", features)
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+        features = features.reshape(-1, features.shape[-1])[torch.from_numpy(kept)]           # [K, D]
+        text = model.get_input_embeddings()(ids)
+        embeds = torch.cat([text[: slots[0]], features, text[slots[-1] + 1:]])[None]
+        output = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0].tolist()
+
+
 def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
-    """--prune-target is not exact in general; keeping every token it must be."""
+    """--prune-target is not exact in general: it equals the target's own greedy answer
+    over the kept visual tokens only; keeping every token it is exact."""
     image, question = png_bytes(0), QUESTIONS[0]
-    everything = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=1.0,
-                                 prune_target=True)
-    tokens, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
-                            GenerationSettings(max_new_tokens=16), options=everything)
+    everything = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=1.0)
+    pruned = GenerationSettings(max_new_tokens=16, prune_target=True)
+    tokens, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question, pruned,
+                            options=everything)
     assert tokens == reference(tiny_pair, image, question, 16)
-    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5,
-                           prune_target=True)
-    tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
-                                GenerationSettings(max_new_tokens=16), options=half)
-    assert 1 <= len(tokens) <= 16 and stats.kept_visual_tokens == 8
+    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question, pruned,
+                                options=half)
+    artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32")
+    kept = prefill_draft(artifact, Drafter(artifact), Image.open(io.BytesIO(image)), question, half, seed=0).kept
+    assert stats.kept_visual_tokens == len(kept) == 8
+    assert tokens == pruned_reference(tiny_pair, image, question, kept, 16)
+    assert tokens != reference(tiny_pair, image, question, 16)       # the target really saw fewer tokens
 
 
 def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):

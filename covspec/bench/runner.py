@@ -22,8 +22,10 @@ from covspec.bench.scenarios import Scenario
 from covspec.bench.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, RetryPolicy
-from covspec.runtime_device.engine import (CoInference, GenerationSettings, GenerationStats,
-                                           generate_target_only)
+from covspec.runtime_device.engine import CoInference
+from covspec.runtime_device.options import GenerationSettings
+from covspec.runtime_device.stats import GenerationStats
+from covspec.runtime_device.target_only import generate_target_only
 
 
 @dataclass
@@ -103,7 +105,8 @@ class Bench:
     def _warm_up(self, engine, client, scenarios, question) -> None:
         for scenario in scenarios:
             if scenario.kind == "speculative":
-                list(engine.generate(question.image_png, question.question, self.settings, scenario.options))
+                list(engine.generate(question.image_png, question.question, scenario.settings(self.settings),
+                                     scenario.options))
             elif scenario.kind == "target_only":
                 list(generate_target_only(client, question.image_png, question.question, self.settings))
 
@@ -112,7 +115,8 @@ class Bench:
         if scenario.kind == "target_only":
             stream = generate_target_only(client, question.image_png, question.question, self.settings, stats)
         else:
-            stream = engine.generate(question.image_png, question.question, self.settings, scenario.options, stats)
+            stream = engine.generate(question.image_png, question.question, scenario.settings(self.settings),
+                                     scenario.options, stats)
         token_ids = [t for chunk in stream for t in chunk]
         return make_record(profile.name, scenario.name, question, token_ids,
                            self.artifact.decode_text(token_ids), stats)

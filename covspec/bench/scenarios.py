@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from covspec.runtime_device.engine import DraftingOptions
+from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 
 COVSPEC = DraftingOptions()
 
@@ -25,6 +25,11 @@ class Scenario:
     name: str
     kind: str                                   # "target_only", "speculative" or "assisted"
     options: DraftingOptions | None = None
+    prune_target: bool = False                  # opt-in, NOT exact: the target keeps the draft's tokens
+
+    def settings(self, base: GenerationSettings) -> GenerationSettings:
+        """The run's settings: ``base`` with this scenario's output-changing choices."""
+        return dataclasses.replace(base, prune_target=self.prune_target)
 
 
 def standard_scenarios(keep_ratio: float) -> list[Scenario]:

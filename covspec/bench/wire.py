@@ -32,7 +32,10 @@ def measure_wire(vocab_sizes: list[int], sessions: int = 3, max_new_tokens: int 
     from covspec.hf.tiny import save_tiny_llava
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient
-    from covspec.runtime_device.engine import CoInference, DraftingOptions, GenerationSettings, GenerationStats
+    from covspec.protocol.wire import CODECS
+    from covspec.runtime_device.engine import CoInference
+    from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+    from covspec.runtime_device.stats import GenerationStats
     from covspec.runtime_edge import EdgeServer, ServerConfig
 
     rows = []
@@ -45,7 +48,7 @@ def measure_wire(vocab_sizes: list[int], sessions: int = 3, max_new_tokens: int 
             artifact = DraftArtifact.load(root / "artifact", threads=1)
             with EdgeServer(root / "target", ServerConfig(bind="tcp://127.0.0.1:*", threads=1)) as server:
                 for mode, temperature in (("greedy", 0.0), ("sampling", 1.0)):
-                    for wire in ("compact", "dense"):
+                    for wire in CODECS:
                         client = EdgeClient(server.address)
                         engine = CoInference(artifact, client)
                         options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,

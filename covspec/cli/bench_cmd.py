@@ -29,7 +29,7 @@ def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios
 
     from covspec.bench import report
     from covspec.bench.runner import Bench, records_to_json
-    from covspec.runtime_device.engine import GenerationSettings
+    from covspec.runtime_device.options import GenerationSettings
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.models import bundled_model_dir
 
@@ -79,7 +79,7 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     from covspec.bench.scenarios import standard_scenarios
     from covspec.bench.workload import toy_questions
     from covspec.protocol.manifest import load_manifest
-    from covspec.runtime_device.engine import GenerationSettings
+    from covspec.runtime_device.options import GenerationSettings
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.models import bundled_model_dir
 
@@ -138,7 +138,7 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
     from covspec.bench.link import profile_named
     from covspec.bench.scenarios import Scenario
     from covspec.bench.workload import toy_questions
-    from covspec.runtime_device.engine import DraftingOptions
+    from covspec.runtime_device.options import DraftingOptions
 
     keep = [float(r) for r in ratios.split(",")]
     chosen = [m.strip() for m in methods.split(",")]
@@ -148,7 +148,7 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
                  for r in keep for m in (chosen if r < 1 else chosen[:1])]
     scenarios += [Scenario(f"{m}@{r:g}+target", "speculative",
                            DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=r,
-                                           selection=m, prune_target=True))
+                                           selection=m), prune_target=True)
                   for r in keep if r < 1 for m in chosen]
     scenarios += [Scenario(f"covspec-contiguous@{r:g}", "speculative",
                            DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=r,
@@ -213,7 +213,7 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
     from covspec.bench.link import profile_named
     from covspec.bench.scenarios import Scenario
     from covspec.bench.workload import toy_questions
-    from covspec.runtime_device.engine import DraftingOptions
+    from covspec.runtime_device.options import DraftingOptions
 
     plain = DraftingOptions(keep_ratio=1.0, pipeline=False, branches=0)
     scenarios = [Scenario("target-only", "target_only")]

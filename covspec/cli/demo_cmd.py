@@ -27,8 +27,10 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
     """
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient
-    from covspec.runtime_device.engine import (CoInference, GenerationSettings, GenerationStats,
-                                               generate_target_only)
+    from covspec.runtime_device.engine import CoInference
+    from covspec.runtime_device.options import GenerationSettings
+    from covspec.runtime_device.stats import GenerationStats
+    from covspec.runtime_device.target_only import generate_target_only
     from covspec.runtime_device.stream import TextStream
     from covspec.runtime_edge import EdgeProcess, ServerConfig
     from covspec.toy.artifacts import ensure_toy_artifacts

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import click
 
+from covspec.protocol.wire import CODECS
+from covspec.runtime_device.policy import POLICIES
+from covspec.runtime_device.pruning import METHODS
+
 
 @click.group()
 def device() -> None:
@@ -28,7 +32,7 @@ def device() -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
-@click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(["adaptive", "fixed"]),
+@click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(list(POLICIES)),
               help="adaptive: chunk length from draft confidence and measured costs; fixed: --draft-len.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),
               help="Tokens per chunk for --draft-policy fixed.")
@@ -41,13 +45,13 @@ def device() -> None:
                    "keeps this many; the adaptive one as many as the wait for a verdict hides).")
 @click.option("--branches", default=2, show_default=True, type=click.IntRange(min=0),
               help="Continuations drafted while waiting for a verdict (0 = off).")
-@click.option("--wire", default="compact", show_default=True, type=click.Choice(["compact", "dense"]),
+@click.option("--wire", default="compact", show_default=True, type=click.Choice(list(CODECS)),
               help="compact: ids (+ sparse q); dense: full distributions both ways (baseline).")
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True),
               help="Share of visual tokens the draft keeps (default: the artifact's).")
 @click.option("--keep-tokens", type=click.IntRange(min=1), help="Number of visual tokens the draft keeps.")
 @click.option("--selection", default="covspec", show_default=True,
-              type=click.Choice(["covspec", "relevance", "activity", "diversity", "random"]),
+              type=click.Choice(list(METHODS)),
               help="How the kept visual tokens are chosen.")
 @click.option("--prune-target", is_flag=True,
               help="NOT EXACT (opt-in): the edge target also sees only the kept visual tokens, "
@@ -73,8 +77,9 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     from covspec.protocol.manifest import ArtifactError
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
-    from covspec.runtime_device.engine import (CoInference, DraftingOptions, GenerationSettings,
-                                               GenerationStats, trace_to_file)
+    from covspec.runtime_device.engine import CoInference
+    from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+    from covspec.runtime_device.stats import GenerationStats, trace_to_file
     from covspec.runtime_device.preprocess import ImageError, load_image
     from covspec.runtime_device.stream import TextStream
 
@@ -87,11 +92,10 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed)
+                                  top_p=top_p, seed=seed, prune_target=prune_target)
     options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
                               pipeline=pipeline, max_in_flight=max_in_flight, branches=branches, wire=wire,
-                              keep_ratio=keep_ratio, keep_tokens=keep_tokens, selection=selection,
-                              prune_target=prune_target)
+                              keep_ratio=keep_ratio, keep_tokens=keep_tokens, selection=selection)
     if prune_target:
         click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
                     fg="yellow", err=True)

@@ -23,6 +23,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from covspec.protocol import errors
+from covspec.protocol.sampling import SamplingParams
+from covspec.protocol.wire import CODECS
+
 PROTOCOL_VERSION = 1
 MAX_SESSION_ID = 64
 
@@ -73,7 +77,8 @@ class Open(Message):
     rebuild the exact state; it is empty on a first open. ``temperature`` 0 means
     greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
     ``speculative`` (the device drafts) or ``target_only`` (the edge generates and
-    streams). ``wire`` is ``compact`` (ids + sparse q) or ``dense`` (full q and p).
+    streams). ``wire`` names the wire format (``covspec.protocol.wire``): ``compact``
+    (ids + sparse q) or ``dense`` (full q and p).
     ``target_keep`` (opt-in, NOT exact) lists the visual tokens the target keeps too
     (indices into its visual token grid), trading accuracy for edge prefill time.
     """
@@ -93,15 +98,18 @@ class Open(Message):
     target_keep: np.ndarray | None = array_field("int32", 1, optional=True)
 
     def check(self) -> None:
-        _require(self.target_keep is None or self.target_keep.size > 0, "bad_field", "target_keep is empty")
-        _require(self.max_new_tokens >= 1, "bad_field", "max_new_tokens must be >= 1")
-        _require(self.temperature >= 0.0, "bad_field", "temperature must be >= 0")
-        _require(self.top_k >= 0, "bad_field", "top_k must be >= 0")
-        _require(0.0 < self.top_p <= 1.0, "bad_field", "top_p must be in (0, 1]")
-        _require(self.mode in ("speculative", "target_only"), "bad_field",
+        _require(self.target_keep is None or self.target_keep.size > 0, errors.BAD_FIELD, "target_keep is empty")
+        _require(self.max_new_tokens >= 1, errors.BAD_FIELD, "max_new_tokens must be >= 1")
+        for problem in self.sampling.problems():
+            raise ProtocolError(errors.BAD_FIELD, problem)
+        _require(self.mode in ("speculative", "target_only"), errors.BAD_FIELD,
                  "mode must be 'speculative' or 'target_only'")
-        _require(self.wire in ("compact", "dense"), "bad_field", "wire must be 'compact' or 'dense'")
-        _require(self.image.size > 0, "bad_field", "image is empty")
+        _require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
+        _require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(kw_only=True)
@@ -123,10 +131,10 @@ class Verify(Message):
     """Device -> edge: a draft chunk starting at generated position ``start``.
 
     ``assumed`` is the token the device assumed at ``start - 1`` (-1: none, the
-    chunk follows the last verdict). Sampling mode sends the draft's proposal as a
-    sparse distribution per position (``q_ids``, ``q_probs``: [n, k], the draft
-    sampled from exactly this truncated distribution); the dense wire sends the
-    full distribution ``q_dense`` [n, V] instead. Greedy mode sends ids only.
+    chunk follows the last verdict). What travels beside the ids is the wire
+    format's (``covspec.protocol.wire``): on the compact wire, sampling mode sends the
+    draft's sparse proposal per position (``q_ids``, ``q_probs``: [n, k]) and greedy
+    mode ids only; the dense wire sends the full distribution ``q_dense`` [n, V].
     """
 
     TYPE: ClassVar[str] = "verify"
@@ -139,15 +147,15 @@ class Verify(Message):
 
     def check(self) -> None:
         n = self.tokens.shape[0]
-        _require(n >= 1, "bad_field", "tokens is empty")
-        _require(self.start >= 0, "bad_field", "start must be >= 0")
-        _require((self.q_ids is None) == (self.q_probs is None), "bad_field",
+        _require(n >= 1, errors.BAD_FIELD, "tokens is empty")
+        _require(self.start >= 0, errors.BAD_FIELD, "start must be >= 0")
+        _require((self.q_ids is None) == (self.q_probs is None), errors.BAD_FIELD,
                  "q_ids and q_probs come together")
         if self.q_ids is not None:
             _require(self.q_ids.shape == self.q_probs.shape and self.q_ids.shape[0] == n,
-                     "bad_field", f"q_ids/q_probs must both be [{n}, k]")
+                     errors.BAD_FIELD, f"q_ids/q_probs must both be [{n}, k]")
         if self.q_dense is not None:
-            _require(self.q_dense.shape[0] == n, "bad_field", f"q_dense must be [{n}, V]")
+            _require(self.q_dense.shape[0] == n, errors.BAD_FIELD, f"q_dense must be [{n}, V]")
 
 
 @dataclass(kw_only=True)
@@ -159,8 +167,8 @@ class Result(Message):
     tokens were kept and ``token`` is the correction (first rejection) or the bonus
     (all accepted); -1 when the edge stopped before it. ``done`` means generation
     ended (EOS committed or max_new_tokens reached). ``verify_ms`` is the edge's
-    compute time. The dense wire returns the target distribution ``p_dense`` [V] at
-    the correction position instead of a sampled correction (``token`` = -1).
+    compute time. The dense wire also returns the target distribution ``p_dense``
+    [V] where ``token`` was drawn, beside the sampled ``token``.
     In target-only mode each generated token arrives as a Result with
     ``accepted`` = 0.
     """
@@ -175,8 +183,8 @@ class Result(Message):
     p_dense: np.ndarray | None = array_field("float16", 1, optional=True)
 
     def check(self) -> None:
-        _require(self.status in ("ok", "stale"), "bad_field", "status must be 'ok' or 'stale'")
-        _require(self.accepted >= 0, "bad_field", "accepted must be >= 0")
+        _require(self.status in ("ok", "stale"), errors.BAD_FIELD, "status must be 'ok' or 'stale'")
+        _require(self.accepted >= 0, errors.BAD_FIELD, "accepted must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -242,7 +250,7 @@ def encode(message: Message) -> list[bytes]:
                 continue
             array = np.ascontiguousarray(value, dtype=np.dtype(f.metadata["dtype"]).newbyteorder("<"))
             if array.ndim != f.metadata["ndim"]:
-                raise ProtocolError("bad_array", f"{f.name} must have {f.metadata['ndim']} dimensions")
+                raise ProtocolError(errors.BAD_ARRAY, f"{f.name} must have {f.metadata['ndim']} dimensions")
             arrays.append({"name": f.name, "dtype": f.metadata["dtype"], "shape": list(array.shape)})
             frames.append(array.tobytes())
         else:
@@ -253,32 +261,32 @@ def encode(message: Message) -> list[bytes]:
 
 def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     """Validate ``frames`` and build the message; raise ProtocolError on any problem."""
-    _require(len(frames) >= 1, "missing_frames", "a message needs at least a header frame")
+    _require(len(frames) >= 1, errors.MISSING_FRAMES, "a message needs at least a header frame")
     total = sum(len(f) for f in frames)
-    _require(total <= limits.max_message_bytes, "too_large",
+    _require(total <= limits.max_message_bytes, errors.TOO_LARGE,
              f"message is {total} bytes; the limit is {limits.max_message_bytes}")
     raw = bytes(frames[0])
-    _require(len(raw) <= limits.max_header_bytes, "too_large",
+    _require(len(raw) <= limits.max_header_bytes, errors.TOO_LARGE,
              f"header is {len(raw)} bytes; the limit is {limits.max_header_bytes}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad_json", f"header frame is not UTF-8 JSON ({exc})") from None
-    _require(isinstance(header, dict), "bad_json", "header must be a JSON object")
-    _require(header.get("v") == PROTOCOL_VERSION, "bad_version",
+        raise ProtocolError(errors.BAD_JSON, f"header frame is not UTF-8 JSON ({exc})") from None
+    _require(isinstance(header, dict), errors.BAD_JSON, "header must be a JSON object")
+    _require(header.get("v") == PROTOCOL_VERSION, errors.BAD_VERSION,
              f"protocol version {header.get('v')!r} is not supported; this side speaks v{PROTOCOL_VERSION}")
     kind = header.get("type")
-    _require(kind in MESSAGE_TYPES, "unknown_type",
+    _require(kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
              f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
     cls = MESSAGE_TYPES[kind]
     values: dict[str, Any] = {
         "session": _scalar(header, "session", str),
         "seq": _scalar(header, "seq", int)}
-    _require(len(values["session"]) <= MAX_SESSION_ID, "bad_field",
+    _require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
              f"session id is longer than {MAX_SESSION_ID} characters")
     declared = _array_specs(header, cls)
-    _require(len(frames) - 1 == len(declared), "extra_frames" if len(frames) - 1 > len(declared)
-             else "missing_frames", f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
+    _require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
+             else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
     for f in _fields(cls):
         if f.metadata.get("array"):
             continue
@@ -287,38 +295,38 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
         values[name] = _array(name, spec, bytes(frame), limits)
     for f in _fields(cls):
         if f.metadata.get("array") and f.default is dataclasses.MISSING and f.name not in values:
-            raise ProtocolError("missing_field", f"{kind} needs the array {f.name!r}")
+            raise ProtocolError(errors.MISSING_FIELD, f"{kind} needs the array {f.name!r}")
     message = cls(**values)
     message.check()
     return message
 
 
 def _scalar(header: dict, name: str, kind: type) -> Any:
-    _require(name in header, "missing_field", f"header needs the field {name!r}")
+    _require(name in header, errors.MISSING_FIELD, f"header needs the field {name!r}")
     value = header[name]
     ok = isinstance(value, _SCALAR_TYPES[kind]) and not (kind is not bool and isinstance(value, bool))
-    _require(ok, "bad_field", f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    _require(ok, errors.BAD_FIELD, f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
     return float(value) if kind is float else value
 
 
 def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
     specs = header.get("arrays", [])
-    _require(isinstance(specs, list), "bad_field", "'arrays' must be a list")
+    _require(isinstance(specs, list), errors.BAD_FIELD, "'arrays' must be a list")
     allowed = {f.name: f.metadata for f in _fields(cls) if f.metadata.get("array")}
     declared: dict[str, dict] = {}
     for spec in specs:
-        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), "bad_array",
+        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), errors.BAD_ARRAY,
                  "each entry of 'arrays' needs a name")
         name = spec["name"]
-        _require(name in allowed, "bad_array", f"{cls.TYPE} has no array {name!r}")
-        _require(name not in declared, "bad_array", f"array {name!r} is declared twice")
+        _require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!r}")
+        _require(name not in declared, errors.BAD_ARRAY, f"array {name!r} is declared twice")
         meta = allowed[name]
-        _require(spec.get("dtype") == meta["dtype"], "bad_array",
+        _require(spec.get("dtype") == meta["dtype"], errors.BAD_ARRAY,
                  f"array {name!r} must be {meta['dtype']}, declared {spec.get('dtype')!r}")
         shape = spec.get("shape")
         _require(isinstance(shape, list) and len(shape) == meta["ndim"]
                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
-                 "bad_array", f"array {name!r} needs a shape of {meta['ndim']} non-negative ints")
+                 errors.BAD_ARRAY, f"array {name!r} needs a shape of {meta['ndim']} non-negative ints")
         declared[name] = {"dtype": meta["dtype"], "shape": shape}
     return declared
 
@@ -326,9 +334,9 @@ def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
 def _array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
     expected = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
-    _require(expected <= limits.max_array_bytes, "too_large",
+    _require(expected <= limits.max_array_bytes, errors.TOO_LARGE,
              f"array {name!r} declares {expected} bytes; the limit is {limits.max_array_bytes}")
-    _require(len(frame) == expected, "bad_array",
+    _require(len(frame) == expected, errors.BAD_ARRAY,
              f"array {name!r} declares {spec['shape']} {spec['dtype']} = {expected} bytes "
              f"but its frame has {len(frame)}")
     return np.frombuffer(frame, dtype=dtype).reshape(spec["shape"]).astype(spec["dtype"])

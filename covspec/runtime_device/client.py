@@ -18,19 +18,15 @@ from dataclasses import dataclass
 
 import zmq
 
+from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Error, Limits, Message, ProtocolError, decode, encode
+
+
+__all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "RetryPolicy"]
 
 
 class EdgeUnreachable(ConnectionError):
     """No reply from the edge after every retry."""
-
-
-class EdgeError(RuntimeError):
-    """The edge answered with an ``error`` message."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"edge error {code}: {message}")
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -28,22 +28,73 @@ verdicts), never a clock, so its decisions are deterministic given a recorded tr
 
 A policy lives as long as its device's ``CoInference``: what it learned about the
 draft, the link and the edge carries over from one generation to the next.
+
+A new policy is one class that satisfies ``DraftPolicy`` and is decorated with
+``@register``; ``DraftingOptions(policy=NAME)`` then selects it by its ``name``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 
+class DraftPolicy(Protocol):
+    """When to stop a chunk, how many chunks to keep in flight, and what it learns."""
+
+    name: str
+    max_len: int                   # no chunk is longer
+
+    @classmethod
+    def from_options(cls, options) -> "DraftPolicy":
+        """The policy as ``DraftingOptions`` configure it."""
+
+    def continue_chunk(self, confidences: list[float]) -> bool:
+        """Draft one more token after tokens of these draft confidences?"""
+
+    def in_flight(self) -> int:
+        """How many chunks may await a verdict at once (1: no pipelining)."""
+
+    def acceptance(self, confidence: float) -> float:
+        """P(a drafted token of this draft confidence is accepted)."""
+
+    def pipeline_weight(self) -> float:
+        """What a used pipelined chunk saves, relative to a used branch."""
+
+    def observe_round(self, confidences: list[float], accepted: int, round_s: float, verify_s: float) -> None:
+        """A verdict: ``accepted`` of these tokens were kept; the round and the edge's timing."""
+
+    def observe_draft_step(self, seconds: float) -> None:
+        """One draft decoder step took ``seconds``."""
+
+    def explain(self, confidences: list[float]) -> dict:
+        """The numbers behind a chunk's length, for the trace."""
+
+
+POLICIES: dict[str, type] = {}
+
+
+def register(policy: type) -> type:
+    """Make ``policy`` selectable by its ``name``."""
+    POLICIES[policy.name] = policy
+    return policy
+
+
+@register
 class FixedPolicy:
     name = "fixed"
 
     def __init__(self, draft_len: int, pipeline: bool = False, max_in_flight: int = 2):
         self.draft_len = draft_len
+        self.max_len = draft_len
         self.pipeline = pipeline
         self.max_in_flight = max_in_flight
+
+    @classmethod
+    def from_options(cls, options) -> "FixedPolicy":
+        return cls(options.draft_len, pipeline=options.pipeline, max_in_flight=options.max_in_flight)
 
     def continue_chunk(self, confidences: list[float]) -> bool:
         return len(confidences) < self.draft_len
@@ -165,6 +216,7 @@ class VerifyModel:
         return base + per_token * n
 
 
+@register
 class AdaptivePolicy:
     name = "adaptive"
 
@@ -178,6 +230,10 @@ class AdaptivePolicy:
         self.draft_step_s: float | None = None
         self.rtt_s: float | None = None          # round trip excluding the edge's compute
         self.verify = VerifyModel()
+
+    @classmethod
+    def from_options(cls, options) -> "AdaptivePolicy":
+        return cls(max_len=options.max_draft_len, pipeline=options.pipeline, max_in_flight=options.max_in_flight)
 
     # -- estimates -----------------------------------------------------------------------
 

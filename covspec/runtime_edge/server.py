@@ -61,9 +61,9 @@ import zmq
 
 from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Message, Open, Ping, Pong,
                                        ProtocolError, Verify, decode, encode)
-from covspec.runtime_edge import errors
+from covspec.protocol import errors
 from covspec.runtime_edge.config import ConfigError, ServerConfig
-from covspec.runtime_edge.errors import EdgeError
+from covspec.protocol.errors import EdgeError
 from covspec.runtime_edge.session import Session
 from covspec.runtime_edge.target import TargetModel, decode_image
 

@@ -5,15 +5,20 @@ A ``Session`` owns the state of one generation and runs its rounds against a
 
 Positions count generated tokens only. ``committed`` holds every generated token so
 far; the KV cache holds the context plus all committed tokens except the last one,
-the *pending* token, which opens every forward. A verify round runs
-``[pending] + chunk`` (n + 1 inputs -> n + 1 logits rows), decides accepted and the
-correction/bonus token (``covspec.protocol.speculative``), applies the stops (EOS,
-``max_new_tokens``), commits, and crops the cache so that it again holds everything
-except the new last token. Once a session is done its cache is freed.
+the *pending* token, which opens every forward. A round is three steps, so that a
+scheduler can batch the middle one across sessions:
 
-A verify whose ``start`` is not ``len(committed)``, or whose ``assumed`` token is not
-the last committed token, is ``stale``: nothing changes. Validation of a request
-happens before any state changes, so a refused request leaves the session intact.
+1. ``prepare(target, verify)``: is the chunk about the committed sequence as it is
+   now (else ``stale``)? Validate it completely (token ids; the wire codec decodes
+   the draft's q) before anything changes, drop tokens past ``max_new_tokens``, and
+   return a ``Round``: the forward's inputs ``[pending] + chunk``;
+2. ``forward(target, round)``: one cached target forward -> logits [n + 1, V];
+3. ``commit(target, round, logits)``: the acceptance rule and the correction/bonus
+   (``covspec.protocol.speculative``), the stops (EOS, ``max_new_tokens``), commit,
+   and crop the cache so that it again holds everything except the new last token.
+
+A target-only step is the same round with an empty chunk (``prepare_step``). Once a
+session is done its cache is freed. A refused request leaves the session intact.
 """
 
 from __future__ import annotations
@@ -24,26 +29,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from covspec.protocol import speculative as spec
+from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
-from covspec.runtime_edge.errors import BAD_FIELD, BAD_TOKEN, MISSING_FIELD, TOO_LONG, EdgeError
+from covspec.protocol.sampling import SamplingParams
+from covspec.protocol.wire import Codec, check_tokens, codec_named
 from covspec.runtime_edge.target import Context, TargetModel
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """The user's sampling settings; temperature 0 means greedy."""
+@dataclass
+class Round:
+    """One validated round, ready for the target forward.
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    ``tokens`` [n] are the draft tokens to judge (n may be 0: a target-only step), ``q``
+    [n, V] the draft's distributions (None when greedy), ``inputs`` the forward's input
+    ids (``[pending] + tokens``), ``remaining`` how many tokens may still be committed.
+    """
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def p(self, logits: np.ndarray) -> np.ndarray:
-        """Target distribution(s) from logits [..., V] (sampling mode only)."""
-        return spec.target_probs(logits, self.temperature, self.top_k, self.top_p)
+    seq: int
+    start: int
+    tokens: np.ndarray
+    q: np.ndarray | None
+    inputs: list[int]
+    remaining: int
+    began: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -75,8 +83,8 @@ class Session:
     id: str
     mode: str
     max_new_tokens: int
-    wire: str
-    decoding: Decoding
+    codec: Codec                      # the session's wire format
+    sampling: SamplingParams
     rng: np.random.Generator
     context_len: int = 0
     committed: list[int] = field(default_factory=list)
@@ -97,11 +105,10 @@ class Session:
         On a reopen ``msg.committed`` holds every token the device already committed;
         they are prefilled after the context and generation continues after them.
         """
-        session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens, wire=msg.wire,
-                      decoding=Decoding(msg.temperature, msg.top_k, msg.top_p),
-                      rng=np.random.default_rng(msg.seed))
+        session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
+                      codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed))
         committed = [int(t) for t in msg.committed]
-        _check_tokens(committed, target.vocab_size, "committed")
+        check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
             raise EdgeError(BAD_FIELD, f"committed holds {len(committed)} tokens but max_new_tokens is "
                                        f"{msg.max_new_tokens}; send at most max_new_tokens committed tokens.")
@@ -129,100 +136,83 @@ class Session:
         return Opened(session=self.id, seq=seq, token=token, position=len(self.committed) - 1,
                       done=self.done, prefill_ms=self.stats.prefill_ms, context_len=self.context_len)
 
-    # --- one verify round ----------------------------------------------------------
+    # --- one round: prepare -> forward -> commit ---------------------------------------------
 
-    def verify(self, target: TargetModel, msg: Verify) -> Result:
-        """Verify one draft chunk; returns the verdict (``ok``) or ``stale``."""
-        # 1. Is the chunk about the committed sequence as it is now?
+    def prepare(self, target: TargetModel, msg: Verify) -> Round | Result:
+        """Validate a verify chunk; a ``Round`` to run, or the reply when there is none
+        to run (``stale``, or the session already ended)."""
         if msg.start != len(self.committed) or (msg.assumed != -1 and msg.assumed != self.committed[-1]):
             self.stats.stale += 1
             return Result(session=self.id, seq=msg.seq, start=msg.start, status="stale")
-        # 2. Validate it completely before anything changes.
         tokens = np.asarray(msg.tokens, dtype=np.int64)                          # [n]
-        _check_tokens(tokens, target.vocab_size, "tokens")
-        dense = self.wire == "dense"
-        if dense and msg.q_dense is None:
-            raise EdgeError(MISSING_FIELD, "this session uses the dense wire, so verify needs q_dense: the "
-                                           "draft's full distribution per drafted position.")
-        if dense and msg.q_dense.shape[1] > target.vocab_size:
-            raise EdgeError(BAD_FIELD, f"q_dense has {msg.q_dense.shape[1]} columns, more than the target "
-                                       f"vocabulary ({target.vocab_size}).")
-        if not self.decoding.greedy and not dense:
-            if msg.q_ids is None:
-                raise EdgeError(MISSING_FIELD, "this session samples (temperature > 0), so verify needs "
-                                               "q_ids and q_probs: the draft's sparse proposal per position.")
-            _check_tokens(msg.q_ids, target.vocab_size, "q_ids")
+        check_tokens(tokens, target.vocab_size, "tokens")
+        q = self.codec.decode(msg, tokens, target.vocab_size, self.sampling.greedy)   # [n, V]
         if self.done:
             return Result(session=self.id, seq=msg.seq, start=msg.start, accepted=0,
                           token=spec.NO_TOKEN, done=True)
-        # 3. Tokens past max_new_tokens can never be committed: drop them.
         remaining = self.max_new_tokens - len(self.committed)
-        n = min(len(tokens), remaining)
-        tokens = tokens[:n]
-        if self.decoding.greedy:
-            q = None
-        elif dense:
-            q = _padded_q(msg.q_dense[:n], tokens, target.vocab_size)
-        else:
-            q = _dense_q(msg.q_ids[:n], msg.q_probs[:n], tokens, target.vocab_size)
-        begin = time.perf_counter()
-        # 4. One forward over [pending] + chunk.
-        logits = target.extend(self.cache, [self.committed[-1]] + tokens.tolist())  # [n + 1, V]
-        # 5. Acceptance rule, then the stops.
-        if self.decoding.greedy:
+        n = min(len(tokens), remaining)             # tokens past max_new_tokens can never be committed
+        return Round(seq=msg.seq, start=msg.start, tokens=tokens[:n], q=None if q is None else q[:n],
+                     inputs=[self.committed[-1]] + tokens[:n].tolist(), remaining=remaining)
+
+    def prepare_step(self, seq: int) -> Round:
+        """A target-only step: a round with an empty chunk (the target chooses the next token)."""
+        assert not self.done, "step on a finished session"
+        return Round(seq=seq, start=len(self.committed), tokens=np.zeros(0, np.int64), q=None,
+                     inputs=[self.committed[-1]], remaining=self.max_new_tokens - len(self.committed))
+
+    def forward(self, target: TargetModel, work: Round) -> np.ndarray:
+        """The target's logits [n + 1, V] over ``[pending] + chunk`` (the cache grows by n + 1)."""
+        return target.extend(self.cache, work.inputs)
+
+    def commit(self, target: TargetModel, work: Round, logits: np.ndarray) -> Result:
+        """Judge the chunk on ``logits`` [n + 1, V], commit the verdict, reply."""
+        tokens = work.tokens
+        if self.sampling.greedy:
             accepted, token = spec.verify_greedy(tokens, logits)
         else:
-            accepted, token = spec.verify_sampling(tokens, q, self.decoding.p(logits), self.rng)
-        verdict = spec.apply_stops(tokens, accepted, token, target.eos_ids, remaining)
-        # 6. Commit and roll the cache back to everything but the new last token.
+            accepted, token = spec.verify_sampling(tokens, work.q, self.sampling.p(logits), self.rng)
+        verdict = spec.apply_stops(tokens, accepted, token, target.eos_ids, work.remaining)
         self.committed += verdict.committed(tokens)
         self.done = verdict.done
         if self.done:
             self.free()
         else:
             target.rollback(self.cache, self.context_len + len(self.committed) - 1)
-        verify_ms = round((time.perf_counter() - begin) * 1e3, 3)
+        verify_ms = round_ms(work.began)
         self.stats.rounds += 1
-        self.stats.drafted += n
+        self.stats.drafted += len(tokens)
         self.stats.accepted += verdict.accepted
         self.stats.verify_ms += verify_ms
-        # The dense wire (the conventional baseline) also returns the full target
-        # distribution where the correction or bonus was drawn.
-        p_dense = None
-        if dense and verdict.token != spec.NO_TOKEN:
-            row = logits[verdict.accepted]
-            p_row = spec.target_probs(row, 1.0) if self.decoding.greedy else self.decoding.p(row)
-            p_dense = p_row.astype(np.float16)
-        return Result(session=self.id, seq=msg.seq, start=msg.start, accepted=verdict.accepted,
-                      token=verdict.token, done=verdict.done, verify_ms=verify_ms, p_dense=p_dense)
+        extra = {}
+        if verdict.token != spec.NO_TOKEN:          # what the wire format adds where the token was drawn
+            extra = self.codec.verdict_fields(lambda: self._p(logits[verdict.accepted]))
+        return Result(session=self.id, seq=work.seq, start=work.start, accepted=verdict.accepted,
+                      token=verdict.token, done=verdict.done, verify_ms=verify_ms, **extra)
 
-    # --- target-only decoding -------------------------------------------------------
+    def verify(self, target: TargetModel, msg: Verify) -> Result:
+        """One verify round for this session alone: prepare -> forward -> commit."""
+        work = self.prepare(target, msg)
+        if isinstance(work, Result):
+            return work
+        return self.commit(target, work, self.forward(target, work))
 
     def step(self, target: TargetModel, seq: int) -> Result:
-        """Generate one token with the target alone (target_only mode): a round with an empty chunk."""
-        assert not self.done, "step on a finished session"
-        begin = time.perf_counter()
-        logits = target.extend(self.cache, [self.committed[-1]])                 # [1, V]
-        token = self._choose(logits[0])
-        verdict = spec.apply_stops(np.zeros(0, np.int64), 0, token, target.eos_ids,
-                                   self.max_new_tokens - len(self.committed))
-        self.committed.append(verdict.token)
-        self.done = verdict.done
-        if self.done:
-            self.free()
-        verify_ms = round((time.perf_counter() - begin) * 1e3, 3)
-        self.stats.rounds += 1
-        self.stats.verify_ms += verify_ms
-        return Result(session=self.id, seq=seq, start=len(self.committed) - 1, accepted=0,
-                      token=verdict.token, done=verdict.done, verify_ms=verify_ms)
+        """Generate one token with the target alone (target_only mode)."""
+        work = self.prepare_step(seq)
+        return self.commit(target, work, self.forward(target, work))
 
-    # --- helpers ----------------------------------------------------------------------
+    # --- helpers ----------------------------------------------------------------------------
 
     def _choose(self, logits: np.ndarray) -> int:
         """The next token from one logits row [V]: argmax, or a draw from p."""
-        if self.decoding.greedy:
+        if self.sampling.greedy:
             return int(np.argmax(logits))
-        return spec.sample(self.decoding.p(logits), self.rng)
+        return spec.sample(self.sampling.p(logits), self.rng)
+
+    def _p(self, row: np.ndarray) -> np.ndarray:
+        """The target distribution of one logits row [V] (plain softmax when greedy)."""
+        return spec.target_probs(row, 1.0) if self.sampling.greedy else self.sampling.p(row)
 
     def free(self) -> None:
         """Drop the KV cache (the session keeps its committed tokens and last reply)."""
@@ -232,41 +222,6 @@ class Session:
         return self.stats.line(self.id, self.mode, len(self.committed), reason)
 
 
-def _check_tokens(tokens, vocab_size: int, name: str) -> None:
-    array = np.asarray(tokens)
-    if array.size and (array.min() < 0 or array.max() >= vocab_size):
-        bad = int(array[(array < 0) | (array >= vocab_size)].flat[0])
-        raise EdgeError(BAD_TOKEN, f"{name} holds token id {bad}, outside the target vocabulary "
-                                   f"[0, {vocab_size}); check that device and edge use the same tokenizer.")
-
-
-def _padded_q(q_dense: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """The draft's full distributions [n, V_draft] (float16), normalized and padded to [n, V]."""
-    weights = np.asarray(q_dense, dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or np.any(weights.sum(axis=-1) <= 0):
-        raise EdgeError(BAD_FIELD, "q_dense must be finite, non-negative, with positive mass in every row.")
-    q = np.zeros((weights.shape[0], vocab_size))
-    q[:, : weights.shape[1]] = weights / weights.sum(axis=-1, keepdims=True)
-    _check_q_covers(q, tokens)
-    return q
-
-
-def _check_q_covers(q: np.ndarray, tokens: np.ndarray) -> None:
-    zero = np.nonzero(q[np.arange(len(tokens)), tokens] <= 0)[0]
-    if zero.size:
-        i = int(zero[0])
-        raise EdgeError(BAD_FIELD, f"draft token {int(tokens[i])} at chunk position {i} has zero probability in "
-                                   "its q; the draft must sample from exactly the q it sends.")
-
-
-def _dense_q(ids: np.ndarray, probs: np.ndarray, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """The draft's proposals [n, k] as dense distributions [n, V], checked to be usable."""
-    weights = np.asarray(probs, dtype=np.float64)                                  # [n, k]
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or np.any(weights.sum(axis=-1) <= 0):
-        raise EdgeError(BAD_FIELD, "q_probs must be finite, non-negative, with positive mass in every row.")
-    for i, row in enumerate(ids):
-        if len(np.unique(row)) != len(row):
-            raise EdgeError(BAD_FIELD, f"q_ids row {i} repeats an id; send each proposed id once.")
-    q = spec.dense_q(ids, probs, vocab_size)                                        # [n, V]
-    _check_q_covers(q, tokens)
-    return q
+def round_ms(began: float) -> float:
+    """Milliseconds since ``began`` (``time.perf_counter``), rounded to microseconds."""
+    return round((time.perf_counter() - began) * 1e3, 3)

@@ -1,9 +1,11 @@
 """The target VLM behind the edge: context building, prefill, cached forwards, rollback.
 
 ``TargetModel`` owns a transformers model and its processor and does tensor work
-only. It knows nothing about sessions, sockets, sampling or stopping: callers get
-float32 logits as numpy arrays and decide themselves (``session.py``). All calls
-must come from one thread (the server's model owner), under ``torch.inference_mode``.
+only; everything architecture-specific (loading, the prompt template, the context
+and the opt-in pruned inputs) is asked of the model's family (``covspec.families``).
+It knows nothing about sessions, sockets, sampling or stopping: callers get float32
+logits as numpy arrays and decide themselves (``session.py``). All calls must come
+from one thread (the server's model owner), under ``torch.inference_mode``.
 
 KV-cache contract: ``prefill`` returns a cache holding every input token; ``extend``
 appends its tokens to the cache and returns one logits row per token (row i scores
@@ -15,25 +17,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covspec.hf.folder import IMAGE_TOKEN, load_llava, prompt_template
+from covspec.families import TargetContext as Context
+from covspec.families import family_for_folder, family_for_model
+from covspec.protocol.errors import BAD_IMAGE, EdgeError
 from covspec.protocol.vocab import vocab_hash
 from covspec.runtime_edge.config import ConfigError
-from covspec.runtime_edge.errors import BAD_FIELD, BAD_IMAGE, EdgeError
-
-
-@dataclass
-class Context:
-    """The processed prompt of one session: model inputs on the model's device."""
-
-    inputs: dict[str, Any]   # input_ids [1, L], attention_mask [1, L], pixel_values [1, 3, H, W]
-    length: int              # L: prompt tokens with the image placeholder expanded (kept tokens only)
-    keep: Any = None         # opt-in pruned target: LongTensor [K] of kept visual token indices
 
 
 def decode_image(data: bytes, max_pixels: int):
@@ -57,27 +50,27 @@ def decode_image(data: bytes, max_pixels: int):
 
 
 class TargetModel:
-    """A LLaVA-architecture target on one device, in one dtype."""
+    """A target VLM of any registered family on one device, in one dtype."""
 
     def __init__(self, model, processor, device: str):
         self.model = model
         self.processor = processor
         self.device = device
-        self.template = prompt_template(processor)
-        self.vocab_hash = vocab_hash(processor.tokenizer.get_vocab())
+        self.family = family_for_model(model).target(model, processor)
+        self.template = self.family.template
+        self.vocab_hash = vocab_hash(self.family.vocab())
         # The logits width; may exceed the tokenizer (a padded embedding matrix).
         self.vocab_size = int(model.get_output_embeddings().out_features)
-        self.eos_ids = frozenset(_eos_ids(model, processor))
-        self.max_positions = int(getattr(model.config.text_config, "max_position_embeddings", 1 << 30))
+        self.eos_ids = frozenset(self.family.eos_ids())
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> "TargetModel":
-        """Load a local model folder (``covspec.hf.folder.load_llava``); nothing is fetched."""
+        """Load a local model folder through its family; nothing is fetched."""
         import torch
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu.")
-        model, processor = load_llava(path, device=device, dtype=dtype)
+        model, processor = family_for_folder(path).load(path, device=device, dtype=dtype)
         return cls(model, processor, device)
 
     def context(self, question: str, image, keep: Sequence[int] | None = None) -> Context:
@@ -86,29 +79,7 @@ class TargetModel:
         With ``keep`` (the opt-in pruned target, not exact), only those visual tokens
         enter the context, renumbered contiguously.
         """
-        if IMAGE_TOKEN in question:
-            raise EdgeError(BAD_FIELD, f"the prompt contains {IMAGE_TOKEN!r}; send the question text only, "
-                                       "the edge places the image itself.")
-        prompt = self.template.format(question=question) if "{question}" in self.template else self.template
-        try:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        length = int(inputs["input_ids"].shape[1])
-        if keep is None:
-            return Context(inputs=inputs, length=length)
-        import torch
-
-        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
-        keep = sorted({int(i) for i in keep})
-        if keep[0] < 0 or keep[-1] >= visual:
-            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[0]}..{keep[-1]} "
-                                       "(the target's visual grid must match the draft's).")
-        return Context(inputs=inputs, length=length - visual + len(keep),
-                       keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        return self.family.context(question, image, keep)
 
     def prefill(self, context: Context, committed: Sequence[int] = ()) -> tuple[Any, np.ndarray]:
         """Run image + prompt (+ ``committed`` tokens, on a reopen) -> (cache, logits [V]).
@@ -117,9 +88,7 @@ class TargetModel:
         """
         import torch
 
-        inputs = dict(context.inputs)
-        if context.keep is not None:
-            inputs = self._pruned_inputs(inputs, context.keep)
+        inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
         if committed and "inputs_embeds" in inputs:
             extra = torch.tensor([list(committed)], dtype=torch.long, device=self.device)
             embeds = self.model.get_input_embeddings()(extra)
@@ -132,23 +101,6 @@ class TargetModel:
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.cache, _to_numpy(out.logits[0, -1])
-
-    def _pruned_inputs(self, inputs: dict[str, Any], keep) -> dict[str, Any]:
-        """inputs_embeds with only the kept visual tokens (positions renumbered contiguously)."""
-        import torch
-
-        ids = inputs["input_ids"][0]
-        is_image = ids == self.model.config.image_token_id
-        features = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        features = features.pooler_output if hasattr(features, "pooler_output") else features
-        features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
-        features = features.reshape(-1, features.shape[-1])[keep]                       # [K, D]
-        start = int(torch.nonzero(is_image)[0])
-        text = self.model.get_input_embeddings()(ids[None])[0]                          # [L, D]
-        visual = int(is_image.sum())
-        embeds = torch.cat([text[:start], features.to(text.dtype), text[start + visual:]])[None]
-        return {"inputs_embeds": embeds,
-                "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)}
 
     def extend(self, cache, tokens: Sequence[int]) -> np.ndarray:
         """One cached forward over ``tokens`` -> logits [len(tokens), V]; the cache grows by len(tokens)."""
@@ -165,19 +117,6 @@ class TargetModel:
         if drop > 0:
             cache.crop(-drop)   # transformers 5: a negative count drops that many tokens
 
-    @staticmethod
-    def cache_length(cache) -> int:
-        return int(cache.get_seq_length())
-
 
 def _to_numpy(logits) -> np.ndarray:
     return logits.float().cpu().numpy()
-
-
-def _eos_ids(model, processor) -> set[int]:
-    """EOS ids as ``generate`` uses them: the generation config first, then the configs, then the tokenizer."""
-    for source in (model.generation_config.eos_token_id, model.config.text_config.eos_token_id,
-                   processor.tokenizer.eos_token_id):
-        if source is not None:
-            return {int(source)} if isinstance(source, int) else {int(i) for i in source}
-    return set()

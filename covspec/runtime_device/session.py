@@ -1,0 +1,113 @@
+"""One session with the edge, seen from the device: the messages and their replies.
+
+``DeviceSession`` owns the session id and the round numbers (``seq``), builds the
+``open`` (carrying every committed token, so a restarted edge rebuilds the exact
+state) and each chunk's ``verify`` (through the wire codec), and waits for replies
+with the client's timeouts: a lost verdict is asked for again by resending every
+chunk in flight (the edge answers a repeated ``seq`` idempotently), a lost session
+is reopened with backoff. It never drafts and never decides what a verdict means.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from covspec.protocol.errors import UNKNOWN_SESSION
+from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
+from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
+from covspec.runtime_device.options import GenerationSettings
+from covspec.runtime_device.proposer import Chunk
+
+
+def new_session_id() -> str:
+    """64 random bits in hex: unique enough per edge, and short on every message."""
+    return uuid.uuid4().hex[:16]
+
+
+class DeviceSession:
+    def __init__(self, client: EdgeClient, codec, settings: GenerationSettings, question: str,
+                 image_bytes: bytes, vocab_hash: str, trace: Callable[[dict], None]):
+        self.client, self.codec, self.settings = client, codec, settings
+        self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
+        self.trace = trace
+        self.id = new_session_id()
+        self.seq = 0
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    # -- open ----------------------------------------------------------------------------------
+
+    def open_message(self, committed: list[int], target_keep: np.ndarray | None) -> Open:
+        """An ``open`` (or reopen) carrying every committed token."""
+        s = self.settings
+        return Open(session=self.id, seq=self._next_seq(), prompt=self.question,
+                    image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
+                    vocab_hash=self.vocab_hash, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                    seed=s.seed, wire=self.codec.name, committed=np.asarray(committed, np.int32),
+                    target_keep=None if target_keep is None else target_keep.astype(np.int32))
+
+    def await_opened(self, message: Open) -> Opened:
+        """The reply to an ``open`` already sent (sent again if it does not come)."""
+        reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
+        if reply is None:
+            reply = self.client.request(message)
+        if isinstance(reply, Error):
+            raise EdgeError(reply.code, reply.message)
+        return reply
+
+    def reopen(self, committed: list[int], target_keep: np.ndarray | None, attempts: int,
+               on_attempt: Callable[[int], None]) -> Opened:
+        """Open the session again with every committed token (the edge restarted or forgot it)."""
+        last: Exception | None = None
+        for attempt in range(attempts):
+            on_attempt(attempt)
+            try:
+                return self.client.request(self.open_message(committed, target_keep))
+            except EdgeUnreachable as exc:
+                last = exc
+                time.sleep(self.client.policy.backoff_s * (2 ** attempt))
+        raise EdgeUnreachable(f"the edge at {self.client.address} stayed unreachable: {last}")
+
+    # -- rounds --------------------------------------------------------------------------------
+
+    def send(self, chunk: Chunk) -> None:
+        """Send ``chunk`` as a new round (its ``seq`` and ``sent_at`` are set here)."""
+        chunk.seq = self._next_seq()
+        chunk.sent_at = time.perf_counter()
+        self.client.send(self._verify(chunk))
+
+    def verdict_ready(self, chunk: Chunk) -> bool:
+        """Whether the verdict on ``chunk`` has arrived (never blocks)."""
+        return self.client.reply_ready(self.id, chunk.seq)
+
+    def await_verdict(self, in_flight: Iterable[Chunk]) -> Result | None:
+        """The verdict on the oldest chunk in flight, resending every chunk in flight on
+        timeout; None when the session is lost (unknown to the edge, or no reply after
+        every retry). Any other error reply raises ``EdgeError``."""
+        chunks = list(in_flight)
+        policy = self.client.policy
+        for attempt in range(policy.retries + 1):
+            reply = self.client.receive(self.id, chunks[0].seq, policy.timeout_s)
+            if isinstance(reply, Error):
+                if reply.code == UNKNOWN_SESSION:
+                    return None
+                raise EdgeError(reply.code, reply.message)
+            if reply is not None:
+                return reply
+            for chunk in chunks:
+                self.client.send(self._verify(chunk))
+            time.sleep(policy.backoff_s * (2 ** attempt))
+        return None
+
+    def close(self) -> None:
+        self.client.send(Close(session=self.id, seq=self._next_seq()))
+
+    def _verify(self, chunk: Chunk) -> Verify:
+        return Verify(session=self.id, seq=chunk.seq, start=chunk.start, assumed=chunk.assumed,
+                      tokens=np.asarray(chunk.tokens, np.int32), **self.codec.encode(chunk.rows))
