@@ -253,7 +253,8 @@ class _Generation:
         while not self.session.verdict_ready(oldest):
             pipeline = (can_pipeline and len(self.in_flight) < self.policy.in_flight()
                         and not self._ends_generation(self.in_flight[-1]))
-            all_accepted = speculation.all_accepted_probability(self.in_flight, self.policy.acceptance) \
+            all_accepted = speculation.all_accepted_probability(self.in_flight, len(self.committed),
+                                                                      self.policy.acceptance) \
                 if pipeline else 0.0
             use = speculation.next_use(pipeline, all_accepted, self.policy.pipeline_weight(), outcomes)
             if use == "pipeline":

@@ -36,18 +36,19 @@ def ends_generation(last_token: int, end: int, eos_ids: Collection[int], max_new
     return last_token in eos_ids or end + 1 >= max_new_tokens
 
 
-def all_accepted_probability(chunks: Iterable, acceptance: Callable[[float], float]) -> float:
-    """P(every chunk is fully accepted and every assumed bonus is right).
+def all_accepted_probability(chunks: Iterable, committed: int, acceptance: Callable[[float], float]) -> float:
+    """P(every chunk is fully accepted and every assumed bonus still open is right).
 
-    ``chunks`` have ``confidences`` (draft probability per token), ``assumed`` (-1: no
-    assumed bonus) and ``assumed_confidence``; ``acceptance`` maps a draft confidence to
-    the probability that the token is accepted.
+    ``chunks`` have ``start``, ``confidences`` (draft probability per token), ``assumed``
+    (-1: no assumed bonus) and ``assumed_confidence``; ``committed`` is how many tokens
+    are committed (an assumed bonus before that is already confirmed); ``acceptance``
+    maps a draft confidence to the probability that the token is accepted.
     """
     probability = 1.0
     for chunk in chunks:
         for confidence in chunk.confidences:
             probability *= acceptance(confidence)
-        if chunk.assumed != -1:
+        if _assumption_open(chunk, committed):
             probability *= acceptance(chunk.assumed_confidence)
     return probability
 
@@ -91,10 +92,19 @@ def next_use(can_pipeline: bool, all_accepted: float, pipeline_weight: float,
 
 
 def assumed_prefix(committed: list[int], in_flight: Iterable) -> list[int]:
-    """The generated tokens if every chunk in flight is fully accepted with its assumed bonus."""
+    """The generated tokens if every chunk in flight is fully accepted with its assumed bonus.
+
+    A pipelined chunk whose assumption a verdict confirmed stays in flight with its
+    ``assumed`` set, but that bonus is committed already: it is not counted twice.
+    """
     prefix = list(committed)
     for chunk in in_flight:
-        if chunk.assumed != -1:
+        if _assumption_open(chunk, len(prefix)):
             prefix.append(chunk.assumed)
         prefix += chunk.tokens
     return prefix
+
+
+def _assumption_open(chunk, length: int) -> bool:
+    """Whether ``chunk``'s assumed bonus lies beyond the first ``length`` generated tokens."""
+    return chunk.assumed != -1 and chunk.start > length

@@ -1,0 +1,177 @@
+"""A crafted world for the device loop: table-driven draft and target, an in-process edge.
+
+Logits are functions of the generated prefix (``Table``), so a test decides exactly
+where the draft agrees with the target and where it does not. The edge side is the
+real one: ``covspec.runtime_edge.session.Session`` (prepare -> forward -> commit, the
+protocol's verification math) over a ``TableTarget``, and every message goes through
+the real encoder and decoder. Only the socket is replaced: ``InProcessEdge`` answers
+at once, and a verdict becomes *ready* only after ``delay`` polls of
+``reply_ready``, so a test decides how much speculation fits in each wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from covspec.protocol.errors import EdgeError
+from covspec.protocol.messages import Close, Error, Message, Open, Opened, decode, encode
+from covspec.runtime_device.client import RetryPolicy
+from covspec.runtime_device.prefill import DraftPrefill
+from covspec.runtime_edge.session import Session
+from covspec.runtime_edge.target import Context
+
+Logits = Callable[[tuple[int, ...]], np.ndarray]
+
+
+def random_table(seed: int, vocab: int, scale: float = 3.0) -> Logits:
+    """Logits [V] for the next token after each generated prefix, fixed by ``seed``."""
+    def logits(prefix: tuple[int, ...]) -> np.ndarray:
+        return np.random.default_rng([seed, len(prefix), *prefix]).normal(size=vocab) * scale
+    return logits
+
+
+def greedy_sequence(logits: Logits, length: int) -> list[int]:
+    sequence: list[int] = []
+    for _ in range(length):
+        sequence.append(int(np.argmax(logits(tuple(sequence)))))
+    return sequence
+
+
+def swap_top_two(logits: Logits, at: set[tuple[int, ...]]) -> Logits:
+    """``logits`` except after the prefixes in ``at``, where its top two tokens trade places."""
+    def swapped(prefix: tuple[int, ...]) -> np.ndarray:
+        row = logits(prefix).copy()
+        if prefix in at:
+            first, second = np.argsort(-row)[:2]
+            row[first], row[second] = row[second], row[first]
+        return row
+    return swapped
+
+
+class TableDrafter:
+    """The drafter interface the device loop uses, over a logits table."""
+
+    def __init__(self, logits: Logits):
+        self.logits = logits
+        self.fed: list[int] = []
+
+    @property
+    def generated(self) -> int:
+        return len(self.fed)
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        rows = []
+        for token in tokens:
+            self.fed.append(int(token))
+            rows.append(self.logits(tuple(self.fed)))
+        return np.stack(rows)
+
+    def extend_to(self, sequence: list[int]) -> np.ndarray:
+        self.fed = [int(t) for t in sequence]
+        return self.logits(tuple(self.fed))
+
+    def snapshot(self) -> tuple[int, ...]:
+        return tuple(self.fed)
+
+    def restore(self, state: tuple[int, ...]) -> None:
+        self.fed = list(state)
+
+    def truncate(self, generated: int) -> None:
+        del self.fed[generated:]
+
+
+class TableDraft:
+    """A ``DraftModel`` over a logits table (no image: its prefill keeps nothing)."""
+
+    vocab_hash = "table"
+
+    def __init__(self, logits: Logits, eos_ids=frozenset()):
+        self.drafter = TableDrafter(logits)
+        self.eos_ids = eos_ids
+
+    def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
+        self.drafter.fed = []
+        return DraftPrefill(kept=np.zeros(0, np.int64), visual_tokens=0, selection="none")
+
+
+class TableTarget:
+    """The ``TargetModel`` interface ``Session`` uses, over a logits table; the cache is
+    the list of generated tokens it holds."""
+
+    vocab_hash = "table"
+
+    def __init__(self, logits: Logits, vocab: int, eos_ids=frozenset()):
+        self.logits, self.vocab_size, self.eos_ids = logits, vocab, eos_ids
+
+    def context(self, question, image, keep=None) -> Context:
+        return Context(inputs={}, length=0)
+
+    def prefill(self, context: Context, committed=()) -> tuple[list[int], np.ndarray]:
+        cache = [int(t) for t in committed]
+        return cache, self.logits(tuple(cache))
+
+    def extend(self, cache: list[int], tokens) -> np.ndarray:
+        rows = []
+        for token in tokens:
+            cache.append(int(token))
+            rows.append(self.logits(tuple(cache)))
+        return np.stack(rows)
+
+    @staticmethod
+    def rollback(cache: list[int], length: int) -> None:
+        del cache[length:]
+
+
+class InProcessEdge:
+    """The client interface of the device loop, served by real edge sessions in-process."""
+
+    address = "in-process"
+
+    def __init__(self, target: TableTarget, delay: int = 1):
+        self.target, self.delay = target, delay
+        self.policy = RetryPolicy(timeout_s=1.0, retries=0, backoff_s=0.0)
+        self.sessions: dict[str, Session] = {}
+        self.replies: dict[tuple[str, int], list] = {}       # (session, seq) -> [reply, polls left]
+        self.bytes_up = self.bytes_down = 0
+
+    def send(self, message: Message) -> None:
+        frames = encode(message)
+        self.bytes_up += sum(len(f) for f in frames)
+        message = decode(frames)
+        try:
+            reply = self._serve(message)
+        except EdgeError as exc:
+            reply = Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message)
+        if reply is not None:
+            self.bytes_down += sum(len(f) for f in encode(reply))
+            self.replies[(message.session, message.seq)] = [reply, self.delay]
+
+    def _serve(self, message: Message) -> Message | None:
+        if isinstance(message, Open):
+            session, opened = Session.open(self.target, message, None, max_context=1 << 20)
+            self.sessions[session.id] = session
+            return opened
+        if isinstance(message, Close):
+            self.sessions.pop(message.session, None)
+            return None
+        return self.sessions[message.session].verify(self.target, message)
+
+    def reply_ready(self, session: str, seq: int) -> bool:
+        entry = self.replies.get((session, seq))
+        if entry is None:
+            return False
+        entry[1] -= 1
+        return entry[1] <= 0
+
+    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
+        entry = self.replies.pop((session, seq), None)
+        return None if entry is None else entry[0]
+
+    def request(self, message: Message, timeout_s: float | None = None) -> Opened:
+        self.send(message)
+        reply = self.receive(message.session, message.seq, 0.0)
+        if isinstance(reply, Error):
+            raise EdgeError(reply.code, reply.message)
+        return reply
