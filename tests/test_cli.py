@@ -15,9 +15,16 @@ def test_help_lists_every_subcommand_without_torch(no_torch):
 
 
 def test_device_help_without_torch(no_torch):
-    result = no_torch(CLI, "device", "--help")
+    """`covspec device run --help` works where torch cannot be imported, and offers every
+    registered drafting policy, wire format and selection method."""
+    from covspec.protocol.wire import CODECS
+    from covspec.runtime_device.policy import POLICIES
+    from covspec.runtime_device.pruning import METHODS
+
+    result = no_torch(CLI, "device", "run", "--help")
     assert result.returncode == 0, result.stderr
-    assert "device" in result.stdout.lower()
+    for name in [*POLICIES, *CODECS, *METHODS]:
+        assert name in result.stdout, name
 
 
 def test_torch_is_really_blocked(no_torch):
@@ -28,3 +35,26 @@ def test_torch_is_really_blocked(no_torch):
 def test_unknown_command_fails():
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code == 2
+
+
+def test_every_server_setting_survives_the_edge_command_line():
+    """EdgeProcess launches `covspec edge serve` with serve_args(config): every field of
+    ServerConfig, set away from its default, must come back through the real command."""
+    import dataclasses
+    from pathlib import Path
+
+    from covspec.cli.edge_cmd import serve
+    from covspec.runtime_edge.config import ServerConfig, serve_args
+
+    changed = {"bind": "tcp://127.0.0.1:7000", "device": "cuda:1", "dtype": "bfloat16", "max_sessions": 3,
+               "max_context": 999, "max_message_bytes": 5000, "idle_timeout_s": 2.5, "max_image_pixels": 77,
+               "max_queue": 9, "secret_key": Path("keys/edge.key_secret"), "allow_keys": Path("keys/devices"),
+               "insecure": True, "threads": 1}
+    assert set(changed) == {f.name for f in dataclasses.fields(ServerConfig)}, "a new field needs a value here"
+
+    def rebuilt(args: list[str]) -> ServerConfig:
+        params = serve.make_context("serve", ["model", *args]).params
+        return ServerConfig(**{k: v for k, v in params.items() if k not in ("model_dir", "log_level")})
+
+    assert rebuilt(serve_args(ServerConfig(**changed))) == ServerConfig(**changed)
+    assert rebuilt(serve_args(ServerConfig())) == ServerConfig()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import click
 
-READY_PREFIX = "covspec edge: listening on "
+from covspec.runtime_edge.config import DEVICES, DTYPES, ServerConfig
+
+DEFAULT = ServerConfig()
 
 
 def _default_model() -> Path:
@@ -23,17 +25,21 @@ def edge() -> None:
 
 @edge.command()
 @click.argument("model_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
+@click.option("--bind", default=DEFAULT.bind, show_default=True,
               help="ZeroMQ endpoint to bind (tcp://HOST:PORT; port * or 0 picks a free one).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--max-sessions", type=int, default=64, show_default=True, help="Live sessions at most.")
-@click.option("--max-context", type=int, default=4096, show_default=True,
+@click.option("--device", default=DEFAULT.device, show_default=True, help=f"{', '.join(DEVICES)} or cuda:N.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULT.dtype, show_default=True)
+@click.option("--max-sessions", type=int, default=DEFAULT.max_sessions, show_default=True, help="Live sessions at most.")
+@click.option("--max-context", type=int, default=DEFAULT.max_context, show_default=True,
               help="Tokens per session at most (context + generated).")
-@click.option("--max-message-bytes", type=int, default=16 * 1024 * 1024, show_default=True,
+@click.option("--max-message-bytes", type=int, default=DEFAULT.max_message_bytes, show_default=True,
               help="Largest request accepted (also the socket's MAXMSGSIZE).")
-@click.option("--idle-timeout", type=float, default=300.0, show_default=True,
+@click.option("--idle-timeout", "idle_timeout_s", type=float, default=DEFAULT.idle_timeout_s, show_default=True,
               help="Seconds after which a silent session is dropped and its memory freed.")
+@click.option("--max-image-pixels", type=int, default=DEFAULT.max_image_pixels, show_default=True,
+              help="Largest image accepted, in pixels (checked before decoding).")
+@click.option("--max-queue", type=int, default=DEFAULT.max_queue, show_default=True,
+              help="Requests waiting for the model at most; beyond it the edge answers busy.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The edge's CurveZMQ secret key file (NAME.key_secret from `covspec keys new`).")
 @click.option("--allow-keys", type=click.Path(file_okay=False, path_type=Path),
@@ -43,22 +49,17 @@ def edge() -> None:
               help="torch CPU threads (default: torch's choice). On a CPU shared with the device, 1 is often "
                    "much faster.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def serve(model_dir: Path | None, bind: str, device: str, dtype: str, max_sessions: int, max_context: int,
-          max_message_bytes: int, idle_timeout: float, secret_key: Path | None, allow_keys: Path | None,
-          insecure: bool, threads: int | None, log_level: str) -> None:
+def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     """Serve MODEL_DIR (default: the bundled toy target) to devices until Ctrl-C or SIGTERM.
 
     Prints one line `covspec edge: listening on ADDRESS` once requests are served,
     and logs one line per session when it ends.
     """
-    from covspec.runtime_edge.config import ConfigError, ServerConfig
+    from covspec.runtime_edge.config import ConfigError
+    from covspec.runtime_edge.process import READY_PREFIX
 
-    config = ServerConfig(bind=bind, device=device, dtype=dtype, max_sessions=max_sessions,
-                          max_context=max_context, max_message_bytes=max_message_bytes,
-                          idle_timeout_s=idle_timeout, secret_key=secret_key, allow_keys=allow_keys,
-                          insecure=insecure, threads=threads)
     try:
-        config.validate()
+        config = ServerConfig(**settings).validate()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     model_dir = model_dir or _default_model()

@@ -7,6 +7,7 @@ touches a socket.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -81,6 +82,24 @@ class ServerConfig:
     @property
     def curve(self) -> bool:
         return self.secret_key is not None
+
+
+def option_name(field: dataclasses.Field) -> str:
+    """The ``covspec edge serve`` option that sets ``field`` of ``ServerConfig``: its name
+    in kebab case, without a unit suffix (``idle_timeout_s`` -> ``--idle-timeout``)."""
+    return "--" + field.name.removesuffix("_s").replace("_", "-")
+
+
+def serve_args(config: ServerConfig) -> list[str]:
+    """The ``covspec edge serve`` options that rebuild ``config`` (every field that is set)."""
+    args: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            args += [option_name(field)] if value else []
+        elif value is not None:
+            args += [option_name(field), str(value)]
+    return args
 
 
 def is_local_bind(bind: str) -> bool:

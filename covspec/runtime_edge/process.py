@@ -19,26 +19,11 @@ import sys
 import threading
 from pathlib import Path
 
-from covspec.runtime_edge.config import ServerConfig
+from covspec.runtime_edge.config import ServerConfig, serve_args
 
+# The child runs the console script's entry point; it prints READY_PREFIX + address once serving.
 _LAUNCH = "from covspec.cli.main import cli; cli()"
-
-
-def serve_args(model_dir: str | Path, config: ServerConfig) -> list[str]:
-    """The ``covspec`` arguments that serve ``model_dir`` with ``config``."""
-    args = ["edge", "serve", str(model_dir), "--bind", config.bind, "--device", config.device,
-            "--dtype", config.dtype, "--max-sessions", str(config.max_sessions),
-            "--max-context", str(config.max_context), "--max-message-bytes", str(config.max_message_bytes),
-            "--idle-timeout", str(config.idle_timeout_s)]
-    if config.secret_key is not None:
-        args += ["--secret-key", str(config.secret_key)]
-    if config.allow_keys is not None:
-        args += ["--allow-keys", str(config.allow_keys)]
-    if config.insecure:
-        args.append("--insecure")
-    if config.threads is not None:
-        args += ["--threads", str(config.threads)]
-    return args
+READY_PREFIX = "covspec edge: listening on "
 
 
 class EdgeProcess:
@@ -55,10 +40,9 @@ class EdgeProcess:
         self._lines: queue.Queue = queue.Queue()
 
     def start(self) -> "EdgeProcess":
-        from covspec.cli.edge_cmd import READY_PREFIX
-
         log = open(self.log_path, "ab") if self.log_path else None
-        self._child = subprocess.Popen([sys.executable, "-c", _LAUNCH, *serve_args(self.model_dir, self.config)],
+        self._child = subprocess.Popen([sys.executable, "-c", _LAUNCH, "edge", "serve", str(self.model_dir),
+                                        *serve_args(self.config)],
                                        stdout=subprocess.PIPE, stderr=log, text=True)
         if log is not None:
             log.close()
