@@ -533,7 +533,7 @@ def test_idle_session_expires_and_frees_its_cache(tiny):
         c = Client(quick.address)
         try:
             c.request(open_message(tiny, "idle", image))
-            session = quick._sessions.get("idle")
+            session = quick._owner.sessions.get("idle")
             assert session is not None and session.cache is not None
             assert wait_for_sessions(c, 0) == 0
             assert session.cache is None                                 # the KV cache was freed

@@ -17,11 +17,9 @@ the same server in a child process.
 
 Threads: the *I/O thread* owns the ROUTER socket. It decodes every request
 (``covspec.protocol.messages.decode`` with the configured limits), answers
-malformed ones and pings itself, and queues the rest for the *model owner thread*,
-which alone touches the model and the sessions. The owner alternates between
-queued requests and one-token steps of target-only sessions, so a long target-only
-generation never blocks other sessions. Its replies travel back to the I/O thread
-over an inproc PUSH/PULL pair. The server never crashes on a request: every
+malformed ones and pings itself, and queues the rest for the *model owner thread*
+(``owner.ModelOwner``), which alone touches the model and the sessions. Its replies
+travel back to the I/O thread over an inproc PUSH/PULL pair. The server never crashes on a request: every
 refusal is an ``Error`` reply with a code and a sentence.
 
 What a device can rely on (the round logic itself lives in ``session.py``):
@@ -48,46 +46,25 @@ What a device can rely on (the round logic itself lives in ``session.py``):
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import queue
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Message, Open, Ping, Pong,
-                                       ProtocolError, Verify, decode, encode)
 from covspec.protocol import errors
+from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
+                                       ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
-from covspec.protocol.errors import EdgeError
-from covspec.runtime_edge.session import Session
-from covspec.runtime_edge.target import TargetModel, decode_image
+from covspec.runtime_edge.owner import ModelOwner, Request
+from covspec.runtime_edge.target import TargetModel
 
 log = logging.getLogger("covspec.edge")
 
 _POLL_MS = 100
 _BURST = 64          # messages moved per socket per I/O iteration, so neither direction starves
-
-
-@dataclass
-class _Request:
-    """A decoded request waiting for the model owner."""
-
-    identity: bytes
-    message: Message
-    nbytes: int
-
-
-@dataclass
-class _Step:
-    """One target-only token to generate for ``session`` (skipped if it was closed or replaced)."""
-
-    session: Session
-    seq: int
 
 
 class EdgeServer:
@@ -98,9 +75,7 @@ class EdgeServer:
         self._model_source = model
         self.target: TargetModel | None = model if isinstance(model, TargetModel) else None
         self.address: str | None = None
-        self._sessions: dict[str, Session] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=config.max_queue)
-        self._steps: collections.deque[_Step] = collections.deque()
+        self._owner: ModelOwner | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -118,6 +93,7 @@ class EdgeServer:
             torch.set_num_threads(self.config.threads)
         if self.target is None:
             self.target = TargetModel.load(self._model_source, device=self.config.device, dtype=self.config.dtype)
+        self._owner = ModelOwner(self.target, self.config, self._stopping)
         context = self._context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -142,7 +118,7 @@ class EdgeServer:
         push.connect(inproc)
         # Each socket is used by one thread only from here on (thread start is the memory barrier).
         self._threads = [threading.Thread(target=self._io_loop, args=(router, pull), name="edge-io", daemon=True),
-                         threading.Thread(target=self._owner_loop, args=(push,), name="edge-model", daemon=True)]
+                         threading.Thread(target=self._owner.run, args=(push,), name="edge-model", daemon=True)]
         for thread in self._threads:
             thread.start()
         target = self.target
@@ -162,8 +138,8 @@ class EdgeServer:
         for thread in self._threads:
             thread.join(timeout)
         hung = [t.name for t in self._threads if t.is_alive()]
-        for session in list(self._sessions.values()):
-            self._end(session, "shutdown")
+        for session in list(self._owner.sessions.values() if self._owner else ()):
+            self._owner.end(session, "shutdown")
         if hung:   # a forward still running: leave its sockets to the daemon thread and the process exit
             log.warning("threads %s did not stop within %g s; not waiting for them", hung, timeout)
         else:
@@ -177,7 +153,7 @@ class EdgeServer:
 
     @property
     def session_count(self) -> int:
-        return len(self._sessions)
+        return len(self._owner.sessions) if self._owner else 0
 
     def __enter__(self) -> "EdgeServer":
         return self.start()
@@ -250,7 +226,7 @@ class EdgeServer:
             return
         if isinstance(message, Ping):
             _send(router, [identity] + encode(Pong(session=message.session, seq=message.seq,
-                                                   sessions=len(self._sessions))))
+                                                   sessions=self.session_count)))
             return
         if not isinstance(message, (Open, Verify, Close)):
             _send(router, [identity] + encode(Error(
@@ -258,154 +234,11 @@ class EdgeServer:
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
-            self._queue.put_nowait(_Request(identity, message, sum(len(f) for f in payload)))
+            self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload)))
         except queue.Full:
             _send(router, [identity] + encode(Error(
                 session=message.session, seq=message.seq, code=errors.BUSY,
                 message=f"the edge has {self.config.max_queue} requests waiting; retry with backoff.")))
-
-    # --- model owner thread ------------------------------------------------------------------
-
-    def _owner_loop(self, push: zmq.Socket) -> None:
-        import torch
-
-        self._push = push
-        check_every = min(1.0, self.config.idle_timeout_s / 4)
-        next_check = time.monotonic() + check_every
-        try:
-            with torch.inference_mode():
-                while not self._stopping.is_set():
-                    work_done = False
-                    try:
-                        self._handle(self._queue.get(block=not self._steps, timeout=_POLL_MS / 1000))
-                        work_done = True
-                    except queue.Empty:
-                        pass
-                    if self._steps:                      # alternate: one request, one target-only token
-                        self._run_step(self._steps.popleft())
-                        work_done = True
-                    now = time.monotonic()
-                    if now >= next_check or not work_done:
-                        self._expire(now)
-                        next_check = now + check_every
-        finally:
-            push.close(linger=0)
-
-    def _handle(self, request: _Request) -> None:
-        message = request.message
-        session = self._sessions.get(message.session)
-        try:
-            if isinstance(message, Open):
-                self._open(request)
-            elif isinstance(message, Close):
-                if session is not None:
-                    session.stats.bytes_in += request.nbytes
-                    self._end(session, "closed")
-            else:
-                self._verify(request, session)
-        except EdgeError as exc:
-            self._reply(request, Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message),
-                        self._sessions.get(message.session), remember=False)
-        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
-            log.exception("session %s: request %s failed", message.session, message.TYPE)
-            broken = self._sessions.get(message.session)
-            if broken is not None:
-                self._end(broken, "dropped after an internal error")
-            self._reply(request, Error(
-                session=message.session, seq=message.seq, code=errors.INTERNAL,
-                message=f"the edge failed on this request ({type(exc).__name__}: {exc}); the session was dropped, "
-                        "reopen it with your committed tokens."), None, remember=False)
-
-    def _open(self, request: _Request) -> None:
-        message: Open = request.message
-        target = self.target
-        # A target_only device tokenizes nothing, so it may leave the hash empty.
-        hash_needed = not (message.mode == "target_only" and message.vocab_hash == "")
-        if hash_needed and message.vocab_hash != target.vocab_hash:
-            raise EdgeError(errors.VOCAB_MISMATCH, f"the device's vocabulary hash {message.vocab_hash[:12]!r}... differs "
-                                                   f"from the target's {target.vocab_hash[:12]!r}...; device and edge "
-                                                   "must use the same tokenizer.")
-        old = self._sessions.get(message.session)
-        if old is not None:
-            self._end(old, "replaced")
-        if len(self._sessions) >= self.config.max_sessions:
-            self._expire(time.monotonic())
-            if len(self._sessions) >= self.config.max_sessions:
-                raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
-                                             "retry later or ask the operator to raise --max-sessions.")
-        image = decode_image(message.image.tobytes(), self.config.max_image_pixels)
-        session, opened = Session.open(target, message, image, max_context=self.config.max_context)
-        session.identity = request.identity
-        session.stats.bytes_in += request.nbytes
-        self._sessions[session.id] = session
-        self._reply(request, opened, session)
-        if session.mode == "target_only" and not session.done:
-            self._steps.append(_Step(session, message.seq))
-
-    def _verify(self, request: _Request, session: Session | None) -> None:
-        message: Verify = request.message
-        if session is None:
-            raise EdgeError(errors.UNKNOWN_SESSION, f"no session {message.session!r} on this edge (never opened, "
-                                                    "closed, expired after being idle, or the edge restarted); "
-                                                    "reopen it with Open carrying your committed tokens.")
-        session.stats.bytes_in += request.nbytes
-        session.identity = request.identity
-        session.last_active = time.monotonic()
-        if message.seq == session.last_seq and session.last_reply is not None:
-            self._send_frames(request.identity, session.last_reply, session)   # idempotent repeat
-            return
-        if message.seq < session.last_seq:
-            raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
-                                             f"({session.last_seq}); use a new, higher seq for each round.")
-        if session.mode == "target_only":
-            raise EdgeError(errors.WRONG_MODE, "this session is target_only: the edge streams its tokens; "
-                                               "open a speculative session to verify drafts.")
-        self._reply(request, session.verify(self.target, message), session)
-
-    def _run_step(self, step: _Step) -> None:
-        session = step.session
-        if self._sessions.get(session.id) is not session or session.done:
-            return
-        try:
-            result = session.step(self.target, step.seq)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("session %s: target-only step failed", session.id)
-            self._end(session, "dropped after an internal error")
-            self._send_frames(session.identity, encode(Error(
-                session=session.id, seq=step.seq, code=errors.INTERNAL,
-                message=f"the edge failed while generating ({type(exc).__name__}: {exc}); reopen the session.")), None)
-            return
-        session.last_active = time.monotonic()
-        self._send_frames(session.identity, encode(result), session)
-        if not session.done:
-            self._steps.append(step)
-
-    def _expire(self, now: float) -> None:
-        limit = self.config.idle_timeout_s
-        for session in list(self._sessions.values()):
-            if now - session.last_active > limit:
-                self._end(session, f"expired after {limit:g} s idle")
-
-    def _end(self, session: Session, reason: str) -> None:
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
-        session.free()
-        log.info("%s", session.log_line(reason))
-
-    def _reply(self, request: _Request, message: Message, session: Session | None, *, remember: bool = True) -> None:
-        """Send ``message``; with ``remember`` it becomes the session's idempotent answer to its seq."""
-        frames = encode(message)
-        if session is not None and remember:
-            session.last_seq = message.seq
-            session.last_reply = frames
-            session.last_active = time.monotonic()
-        self._send_frames(request.identity, frames, session)
-
-    def _send_frames(self, identity: bytes, frames: list[bytes], session: Session | None) -> None:
-        if session is not None:
-            session.stats.bytes_out += sum(len(f) for f in frames)
-        self._push.send_multipart([identity] + frames)
-
 
 def _send(router: zmq.Socket, frames: list[bytes]) -> None:
     """Send to a peer; a peer that is gone or not reading loses the reply (never blocks)."""
