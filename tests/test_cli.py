@@ -58,3 +58,13 @@ def test_every_server_setting_survives_the_edge_command_line():
 
     assert rebuilt(serve_args(ServerConfig(**changed))) == ServerConfig(**changed)
     assert rebuilt(serve_args(ServerConfig())) == ServerConfig()
+
+
+def test_device_run_refuses_meaningless_sampling_settings(tmp_path):
+    image = tmp_path / "image.png"
+    image.write_bytes(b"not read before the settings are checked")
+    for option, value in (("--temperature", "1e-320"), ("--temperature", "1e308"), ("--seed", "-1"),
+                          ("--seed", str(2 ** 64))):
+        result = CliRunner().invoke(cli, ["device", "run", "--artifacts", str(tmp_path), "--image", str(image),
+                                          "--prompt", "hi", option, value])
+        assert result.exit_code == 2 and option.strip("-") in result.output, (option, value, result.output)

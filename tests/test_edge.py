@@ -400,6 +400,11 @@ def raw(header: dict, *frames: bytes) -> list[bytes]:
     return [json.dumps({**base, **header}).encode()] + list(frames)
 
 
+def with_header_bytes(frames: list[bytes], old: bytes, new: bytes) -> list[bytes]:
+    assert old in frames[0]
+    return [frames[0].replace(old, new)] + frames[1:]
+
+
 def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str, list[bytes], str]]:
     tokens = {"name": "tokens", "dtype": "int32"}
     v = target.vocab_size
@@ -430,6 +435,21 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
          "too_long"),
         ("committed tokens out of range", encode(open_message(target, "reo", image, committed=[v + 1])), "bad_token"),
         ("edge-only message type", encode(Pong(session="victim", seq=50, sessions=3)), "unexpected_type"),
+        # Issue 21: each of these got no reply at all.
+        ("header nested 30,000 deep", [b'{"v":1,"type":"ping","session":"victim","seq":5,"x":' + b"[" * 30000
+                                       + b"]" * 30000 + b"}"], "bad_json"),
+        ("5,000-digit seq", [b'{"v":1,"type":"verify","session":"victim","seq":' + b"9" * 5000 + b"}"], "bad_json"),
+        ("list as type", raw({"type": ["ping"]}), "unknown_type"),
+        ("object as type", raw({"type": {"a": 1}}), "unknown_type"),
+        ("shape product overflowing int64", raw({"arrays": [{**tokens, "shape": [1]}, {"name": "q_ids", "dtype": "int32",
+                                              "shape": [2 ** 32, 2 ** 32]}]}, b"\0" * 4, b""), "too_large"),
+        ("shape beyond int64", raw({"arrays": [{**tokens, "shape": [2 ** 64]}]}, b"\0" * 4), "too_large"),
+        ("temperature beyond float", with_header_bytes(encode(open_message(target, "hot", image)),
+                                                       b'"temperature":0.0', b'"temperature":1' + b"0" * 400), "bad_field"),
+        ("negative seed", with_header_bytes(encode(open_message(target, "seed", image)), b'"seed":0', b'"seed":-1'),
+         "bad_field"),
+        ("greedy dense verify with a NaN q", encode(Verify(session="dense", seq=2, start=1, tokens=np.asarray([3], np.int32),
+                                                           q_dense=np.full((1, v), np.nan, np.float16))), "bad_field"),
     ]
 
 
@@ -453,6 +473,7 @@ def test_bad_requests_get_errors_while_a_good_session_completes(tiny, server):
     try:
         opened = bad.request(open_message(tiny, "victim", image, max_new_tokens=24, seq=40))
         assert opened.token == ref[0]
+        bad.request(open_message(tiny, "dense", image, wire="dense"))
         for name, frames, code in bad_request_cases(tiny, image):
             bad.send_frames(frames)
             reply = bad.recv()

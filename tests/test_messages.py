@@ -99,6 +99,31 @@ MALFORMED = {
                                             {"name": "q_ids", "dtype": "int32", "shape": [2, 1]}]),
                         "bad_field"),
     "bad top_p": (with_header(encode(EXAMPLES[0]), top_p=1.5), "bad_field"),
+    # An independent probe found these got no reply at all (issue 21, items 1-7 and 11).
+    "deeply nested header": ([b'{"v":1,"type":"ping","session":"","seq":0,"x":' + b"[" * 30000 + b"]" * 30000
+                              + b"}"], "bad_json"),
+    "5000-digit seq": ([b'{"v":1,"type":"ping","session":"","seq":' + b"9" * 5000 + b',"arrays":[]}'],
+                       "bad_json"),
+    "seq beyond 64 bits": (with_header(good_verify_frames(), seq=2 ** 64), "bad_field"),
+    "list type": (with_header(good_verify_frames(), type=["ping"]), "unknown_type"),
+    "object type": (with_header(good_verify_frames(), type={"a": 1}), "unknown_type"),
+    "shape product overflows int64": (with_header([encode(EXAMPLES[3])[0], b"\x00" * 8, b"", b"\x00" * 4], arrays=[
+        {"name": "tokens", "dtype": "int32", "shape": [2]},
+        {"name": "q_ids", "dtype": "int32", "shape": [2 ** 32, 2 ** 32]},
+        {"name": "q_probs", "dtype": "float16", "shape": [2, 1]}]), "too_large"),
+    "shape beyond int64": (with_header(good_verify_frames(),
+                                       arrays=[{"name": "tokens", "dtype": "int32", "shape": [2 ** 64]}]),
+                           "too_large"),
+    "temperature beyond float": (with_header(encode(EXAMPLES[0]), temperature=10 ** 400), "bad_field"),
+    "temperature infinite": ([encode(EXAMPLES[0])[0].replace(b'"temperature":0.7', b'"temperature":Infinity')]
+                             + encode(EXAMPLES[0])[1:], "bad_field"),
+    "temperature NaN": ([encode(EXAMPLES[0])[0].replace(b'"temperature":0.7', b'"temperature":NaN')]
+                        + encode(EXAMPLES[0])[1:], "bad_field"),
+    "temperature denormal": (with_header(encode(EXAMPLES[0]), temperature=1e-320), "bad_field"),
+    "temperature huge": (with_header(encode(EXAMPLES[0]), temperature=1e308), "bad_field"),
+    "top_k beyond 64 bits": (with_header(encode(EXAMPLES[0]), top_k=10 ** 20), "bad_field"),
+    "negative seed": (with_header(encode(EXAMPLES[0]), seed=-1), "bad_field"),
+    "seed beyond 64 bits": (with_header(encode(EXAMPLES[0]), seed=2 ** 64), "bad_field"),
     "bad mode": (with_header(encode(EXAMPLES[0]), mode="draft_only"), "bad_field"),
 }
 
@@ -110,6 +135,11 @@ def test_malformed_messages_are_rejected_with_a_named_error(name):
         decode(frames, Limits(max_array_bytes=1 << 20))
     assert info.value.code == code, info.value
     assert str(info.value)
+
+
+def test_the_whole_unsigned_64_bit_seed_range_is_accepted():
+    for seed in (0, 2 ** 63, 2 ** 64 - 1):
+        assert decode(with_header(encode(EXAMPLES[0]), seed=seed)).seed == seed
 
 
 def test_message_size_limit():

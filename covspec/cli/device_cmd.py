@@ -83,6 +83,11 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     from covspec.runtime_device.preprocess import ImageError, load_image
     from covspec.runtime_device.stream import TextStream
 
+    try:      # settings first: nothing is loaded for a request that cannot run
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed, prune_target=prune_target)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if not image_file.is_file():
         raise click.BadParameter(f"{image_file} does not exist.", param_hint="--image")
     image_bytes = image_file.read_bytes()
@@ -91,8 +96,6 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         artifact = DraftArtifact.load(artifacts_dir, threads=threads)
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, prune_target=prune_target)
     options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
                               pipeline=pipeline, max_in_flight=max_in_flight, branches=branches, wire=wire,
                               keep_ratio=keep_ratio, keep_tokens=keep_tokens, selection=selection)

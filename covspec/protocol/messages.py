@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +31,10 @@ from covspec.protocol.wire import CODECS
 
 PROTOCOL_VERSION = 1
 MAX_SESSION_ID = 64
+INT_RANGE = (-(2 ** 63), 2 ** 64)          # integer fields: int64, or uint64 for seeds
+SEED_RANGE = (0, 2 ** 64)
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class ProtocolError(ValueError):
@@ -45,6 +51,7 @@ class Limits:
     """Size bounds enforced while decoding (before any array is materialized)."""
 
     max_header_bytes: int = 64 * 1024
+    max_header_depth: int = 8              # nesting of JSON objects/arrays (a header needs 3)
     max_array_bytes: int = 32 * 1024 * 1024
     max_message_bytes: int = 64 * 1024 * 1024
 
@@ -106,6 +113,8 @@ class Open(Message):
                  "mode must be 'speculative' or 'target_only'")
         _require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
         _require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+        _require(SEED_RANGE[0] <= self.seed < SEED_RANGE[1], errors.BAD_FIELD,
+                 "seed must be an unsigned 64-bit integer (0 <= seed < 2**64)")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -265,18 +274,11 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     total = sum(len(f) for f in frames)
     _require(total <= limits.max_message_bytes, errors.TOO_LARGE,
              f"message is {total} bytes; the limit is {limits.max_message_bytes}")
-    raw = bytes(frames[0])
-    _require(len(raw) <= limits.max_header_bytes, errors.TOO_LARGE,
-             f"header is {len(raw)} bytes; the limit is {limits.max_header_bytes}")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(errors.BAD_JSON, f"header frame is not UTF-8 JSON ({exc})") from None
-    _require(isinstance(header, dict), errors.BAD_JSON, "header must be a JSON object")
+    header = parse_header(frames[0], limits)
     _require(header.get("v") == PROTOCOL_VERSION, errors.BAD_VERSION,
              f"protocol version {header.get('v')!r} is not supported; this side speaks v{PROTOCOL_VERSION}")
     kind = header.get("type")
-    _require(kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
+    _require(isinstance(kind, str) and kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
              f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
     cls = MESSAGE_TYPES[kind]
     values: dict[str, Any] = {
@@ -301,12 +303,50 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     return message
 
 
+def parse_header(frame: bytes, limits: Limits = Limits()) -> dict:
+    """The JSON object of a header frame, parsed only within the size and nesting limits."""
+    raw = bytes(frame)
+    _require(len(raw) <= limits.max_header_bytes, errors.TOO_LARGE,
+             f"header is {len(raw)} bytes; the limit is {limits.max_header_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(errors.BAD_JSON, f"header frame is not UTF-8 ({exc})") from None
+    depth = _nesting_depth(text)
+    _require(depth <= limits.max_header_depth, errors.BAD_JSON,
+             f"header nests {depth} levels deep; the limit is {limits.max_header_depth}")
+    try:
+        header = json.loads(text)
+    except ValueError as exc:          # JSONDecodeError, and integers beyond Python's digit limit
+        raise ProtocolError(errors.BAD_JSON, f"header frame is not usable JSON ({exc})") from None
+    _require(isinstance(header, dict), errors.BAD_JSON, "header must be a JSON object")
+    return header
+
+
 def _scalar(header: dict, name: str, kind: type) -> Any:
     _require(name in header, errors.MISSING_FIELD, f"header needs the field {name!r}")
     value = header[name]
     ok = isinstance(value, _SCALAR_TYPES[kind]) and not (kind is not bool and isinstance(value, bool))
     _require(ok, errors.BAD_FIELD, f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    return float(value) if kind is float else value
+    if kind is int:
+        _require(INT_RANGE[0] <= value < INT_RANGE[1], errors.BAD_FIELD, f"field {name!r} is beyond 64 bits")
+    if kind is float:
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ProtocolError(errors.BAD_FIELD, f"field {name!r} is beyond the float range") from None
+        _require(math.isfinite(value), errors.BAD_FIELD, f"field {name!r} must be a finite number")
+    return value
+
+
+def _nesting_depth(text: str) -> int:
+    """How deeply the JSON ``text`` nests objects and arrays (string contents ignored),
+    counted without parsing, so no parser recursion is ever reached."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
@@ -333,7 +373,7 @@ def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
 
 def _array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-    expected = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(spec["shape"]) * dtype.itemsize          # exact: Python integers never overflow
     _require(expected <= limits.max_array_bytes, errors.TOO_LARGE,
              f"array {name!r} declares {expected} bytes; the limit is {limits.max_array_bytes}")
     _require(len(frame) == expected, errors.BAD_ARRAY,

@@ -111,10 +111,10 @@ class DenseCodec:
         if message.q_dense.shape[1] > vocab_size:
             raise EdgeError(BAD_FIELD, f"q_dense has {message.q_dense.shape[1]} columns, more than the target "
                                        f"vocabulary ({vocab_size}).")
+        weights = np.asarray(message.q_dense[: len(tokens)], dtype=np.float64)               # [n, V_draft]
+        _check_mass(weights, "q_dense")                  # also when greedy: a q without mass is meaningless
         if greedy:
             return None
-        weights = np.asarray(message.q_dense[: len(tokens)], dtype=np.float64)               # [n, V_draft]
-        _check_mass(weights, "q_dense")
         q = np.zeros((weights.shape[0], vocab_size))                                        # padded to [n, V]
         q[:, : weights.shape[1]] = weights / weights.sum(axis=-1, keepdims=True)
         _check_covers(q, tokens)

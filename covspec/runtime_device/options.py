@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from covspec.protocol.messages import SEED_RANGE
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS, codec_named
 from covspec.runtime_device.policy import POLICIES
@@ -36,6 +37,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError("seed must be an unsigned 64-bit integer (0 <= seed < 2**64)")
         self.sampling.check()
 
     @property

@@ -46,7 +46,6 @@ What a device can rely on (the round logic itself lives in ``session.py``):
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -55,8 +54,8 @@ from pathlib import Path
 import zmq
 
 from covspec.protocol import errors
-from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
-                                       ProtocolError, Verify, decode, encode)
+from covspec.protocol.messages import (INT_RANGE, MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
+                                       ProtocolError, Verify, decode, encode, parse_header)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
 from covspec.runtime_edge.owner import ModelOwner, Request
 from covspec.runtime_edge.target import TargetModel
@@ -252,18 +251,14 @@ def _send(router: zmq.Socket, frames: list[bytes]) -> None:
 
 def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int]:
     """Best effort (session, seq) of a request that failed to decode, for its error reply."""
-    if not payload or len(payload[0]) > limits.max_header_bytes:
-        return "", 0
     try:
-        header = json.loads(bytes(payload[0]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "", 0
-    if not isinstance(header, dict):
+        header = parse_header(payload[0], limits) if payload else {}
+    except ProtocolError:
         return "", 0
     session = header.get("session")
     seq = header.get("seq")
     session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and INT_RANGE[0] <= seq < INT_RANGE[1] else 0
     return session, seq
 
 
