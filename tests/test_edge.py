@@ -8,6 +8,7 @@ sessions go on, CurveZMQ admits only allowed keys, idle sessions expire.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
@@ -46,8 +47,13 @@ class Client:
             self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
             self.socket.curve_serverkey = server_public
         self.socket.connect(address)
+        self.owners: dict[str, str] = {}
 
     def send(self, message) -> None:
+        """Send ``message``, with the owner secret of its session when this client opened it
+        (as a device does) and the message names none."""
+        if getattr(message, "owner", None) == "" and message.session in self.owners:
+            message = dataclasses.replace(message, owner=self.owners[message.session])
         self.send_frames(encode(message))
 
     def send_frames(self, frames: list[bytes]) -> None:
@@ -56,7 +62,10 @@ class Client:
     def recv(self, timeout_ms: int = RECV_MS):
         if not self.socket.poll(timeout_ms):
             raise TimeoutError("no reply from the edge")
-        return decode(self.socket.recv_multipart())
+        reply = decode(self.socket.recv_multipart())
+        if isinstance(reply, Opened):
+            self.owners[reply.session] = reply.owner
+        return reply
 
     def request(self, message, timeout_ms: int = RECV_MS):
         self.send(message)
@@ -238,11 +247,14 @@ def test_device_client_awaits_its_own_reply_past_stale_ones(tiny, server):
     ref = reference(tiny, image, 16)
     device = EdgeClient(server.address)
     try:
-        device.request(open_message(tiny, "ready", image))
+        owner = device.request(open_message(tiny, "ready", image)).owner
         wrong = (ref[2] + 1) % tiny.vocab_size
-        device.send(Verify(session="ready", seq=1, start=1, tokens=np.asarray([ref[1], wrong], np.int32)))
-        device.send(Verify(session="ready", seq=2, start=3, assumed=wrong, tokens=np.asarray([ref[3]], np.int32)))
-        device.send(Verify(session="ready", seq=3, start=3, assumed=ref[2], tokens=np.asarray(ref[3:5], np.int32)))
+        device.send(Verify(session="ready", seq=1, owner=owner, start=1,
+                           tokens=np.asarray([ref[1], wrong], np.int32)))
+        device.send(Verify(session="ready", seq=2, owner=owner, start=3, assumed=wrong,
+                           tokens=np.asarray([ref[3]], np.int32)))
+        device.send(Verify(session="ready", seq=3, owner=owner, start=3, assumed=ref[2],
+                           tokens=np.asarray(ref[3:5], np.int32)))
         deadline = time.monotonic() + 10
         while not device.reply_ready("ready", 3):
             assert time.monotonic() < deadline, "no reply to seq 3"
@@ -283,6 +295,47 @@ def test_target_only_streams_generate_and_interleaves(tiny, server):
     finally:
         streamer.close()
         other.close()
+
+
+# --- sessions belong to whoever opened them (issue 21, item 12) ------------------------------------
+
+def test_a_forger_cannot_take_a_target_only_stream(tiny, server):
+    image = noise_image(6)
+    ref = reference(tiny, image, 30)
+    owner, forger = Client(server.address), Client(server.address)
+    try:
+        owner.send(open_message(tiny, "owned-stream", image, max_new_tokens=30, mode="target_only", vocab_hash=""))
+        forged = forger.request(Verify(session="owned-stream", seq=7, start=1, tokens=np.asarray([3], np.int32)))
+        assert isinstance(forged, Error) and forged.code == "not_owner"
+        tokens = []
+        while len(tokens) < 30:
+            message = owner.recv()
+            tokens.append(message.token)
+        assert tokens == ref                                   # every token still reached the owner
+        assert not forger.socket.poll(200)                     # and none the forger
+    finally:
+        owner.close()
+        forger.close()
+
+
+def test_an_open_with_a_taken_id_is_refused_and_the_owner_is_unharmed(tiny, server):
+    image = noise_image(4)
+    ref = reference(tiny, image, 12)
+    owner, forger = Client(server.address), Client(server.address)
+    try:
+        assert owner.request(open_message(tiny, "taken", image, max_new_tokens=12)).token == ref[0]
+        hijack = forger.request(open_message(tiny, "taken", noise_image(5), max_new_tokens=12))
+        assert isinstance(hijack, Error) and hijack.code == "not_owner"
+        close = forger.request(Close(session="taken", seq=9, owner="not-the-owner-secret"))
+        assert isinstance(close, Error) and close.code == "not_owner"
+        result = owner.request(Verify(session="taken", seq=1, start=1, tokens=np.asarray(ref[1:4], np.int32)))
+        assert (result.accepted, result.token) == (3, ref[4])
+        # The owner itself may reopen (e.g. after losing replies): it proves it with its secret.
+        assert isinstance(owner.request(open_message(tiny, "taken", image, max_new_tokens=12, seq=3,
+                                                     committed=ref[:5])), Opened)
+    finally:
+        owner.close()
+        forger.close()
 
 
 # --- toy target on ShapesVQA ------------------------------------------------------------------
@@ -373,10 +426,11 @@ def test_sampling_follows_the_target_distribution(tiny, server):
         for batch in range(0, n, 50):             # pipelined: open + verify + close back to back
             for i in range(batch, batch + 50):
                 drafts[f"s{i}"] = int(q_ids[spec.sample(spec.sparse_q(q_probs), rng)])
-                c.send(open_message(tiny, f"s{i}", image, temperature=temperature, top_k=top_k, seed=i))
-                c.send(Verify(session=f"s{i}", seq=1, start=1, tokens=np.asarray([drafts[f"s{i}"]], np.int32),
-                              q_ids=q_ids[None], q_probs=q_probs[None]))
-                c.send(Close(session=f"s{i}", seq=2))
+                owner = f"{i:032x}"             # chosen by the device, so it need not await `opened`
+                c.send(open_message(tiny, f"s{i}", image, temperature=temperature, top_k=top_k, seed=i, owner=owner))
+                c.send(Verify(session=f"s{i}", seq=1, owner=owner, start=1,
+                              tokens=np.asarray([drafts[f"s{i}"]], np.int32), q_ids=q_ids[None], q_probs=q_probs[None]))
+                c.send(Close(session=f"s{i}", seq=2, owner=owner))
             for _ in range(2 * 50):
                 message = c.recv()
                 assert not isinstance(message, Error), message
@@ -393,10 +447,13 @@ def test_sampling_follows_the_target_distribution(tiny, server):
 
 # --- bad requests -------------------------------------------------------------------------------
 
+VICTIM = "victim-owner-secret-0001"          # the victim session's owner secret, chosen by its device
+
+
 def raw(header: dict, *frames: bytes) -> list[bytes]:
     import json
 
-    base = {"v": 1, "type": "verify", "session": "victim", "seq": 50, "start": 1, "assumed": -1}
+    base = {"v": 1, "type": "verify", "session": "victim", "seq": 50, "owner": VICTIM, "start": 1, "assumed": -1}
     return [json.dumps({**base, **header}).encode()] + list(frames)
 
 
@@ -423,9 +480,9 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
             b'"shape":[', b'"shape":[1000000000000') ] + encode(open_message(target, "big", image))[1:], "too_large"),
         ("unknown session", encode(Verify(session="nobody", seq=1, start=1, tokens=np.asarray([3], np.int32))),
          "unknown_session"),
-        ("token id too large", encode(Verify(session="victim", seq=50, start=1, tokens=np.asarray([3, v + 5], np.int32))),
+        ("token id too large", encode(Verify(session="victim", seq=50, owner=VICTIM, start=1, tokens=np.asarray([3, v + 5], np.int32))),
          "bad_token"),
-        ("negative token id", encode(Verify(session="victim", seq=50, start=1, tokens=np.asarray([-3], np.int32))),
+        ("negative token id", encode(Verify(session="victim", seq=50, owner=VICTIM, start=1, tokens=np.asarray([-3], np.int32))),
          "bad_token"),
         ("wrong vocab hash", encode(open_message(target, "vh", image, vocab_hash="0" * 64)), "vocab_mismatch"),
         ("image bytes that are no image", encode(Open(session="img", seq=0, image=np.frombuffer(b"GIF89a-no", np.uint8),
@@ -448,7 +505,7 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
                                                        b'"temperature":0.0', b'"temperature":1' + b"0" * 400), "bad_field"),
         ("negative seed", with_header_bytes(encode(open_message(target, "seed", image)), b'"seed":0', b'"seed":-1'),
          "bad_field"),
-        ("greedy dense verify with a NaN q", encode(Verify(session="dense", seq=2, start=1, tokens=np.asarray([3], np.int32),
+        ("greedy dense verify with a NaN q", encode(Verify(session="dense", seq=2, owner=VICTIM, start=1, tokens=np.asarray([3], np.int32),
                                                            q_dense=np.full((1, v), np.nan, np.float16))), "bad_field"),
     ]
 
@@ -471,9 +528,9 @@ def test_bad_requests_get_errors_while_a_good_session_completes(tiny, server):
     thread.start()
     bad = Client(server.address)
     try:
-        opened = bad.request(open_message(tiny, "victim", image, max_new_tokens=24, seq=40))
-        assert opened.token == ref[0]
-        bad.request(open_message(tiny, "dense", image, wire="dense"))
+        opened = bad.request(open_message(tiny, "victim", image, max_new_tokens=24, seq=40, owner=VICTIM))
+        assert opened.token == ref[0] and opened.owner == VICTIM
+        bad.request(open_message(tiny, "dense", image, wire="dense", owner=VICTIM))
         for name, frames, code in bad_request_cases(tiny, image):
             bad.send_frames(frames)
             reply = bad.recv()
@@ -594,6 +651,7 @@ def make_keys(directory: Path, name: str) -> tuple[bytes, bytes]:
 def test_curve_admits_allowed_keys_only(tiny, tmp_path):
     edge_public, _ = make_keys(tmp_path / "edge", "edge")
     allowed = make_keys(tmp_path / "allowed", "phone")
+    allowed_too = make_keys(tmp_path / "allowed", "tablet")
     stranger = make_keys(tmp_path / "strangers", "stranger")
     config = ServerConfig(bind=ANY_PORT, secret_key=tmp_path / "edge" / "edge.key_secret",
                           allow_keys=tmp_path / "allowed")
@@ -613,6 +671,17 @@ def test_curve_admits_allowed_keys_only(tiny, tmp_path):
             for name in ("stranger", "wrong server key", "plaintext"):
                 with pytest.raises(TimeoutError):
                     clients[name].recv(timeout_ms=500)
+            # Another admitted device that learned the owner secret is still not the owner: the
+            # session is bound to the key that opened it.
+            second = Client(secure.address, curve=(*allowed_too, edge_public))
+            try:
+                stolen = second.request(Verify(session="secure", seq=1, owner=opened.owner, start=1,
+                                               tokens=np.asarray([3], np.int32)))
+                assert isinstance(stolen, Error) and stolen.code == "not_owner"
+            finally:
+                second.close()
+            kept = clients["allowed"].request(Verify(session="secure", seq=1, start=1, tokens=np.asarray([3], np.int32)))
+            assert isinstance(kept, Result)
         finally:
             for c in clients.values():
                 c.close()

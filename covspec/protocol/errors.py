@@ -23,6 +23,7 @@ TOO_LARGE = "too_large"               # a header, array or message beyond the si
 
 # -- serving a request (the edge) ----------------------------------------------------------
 UNKNOWN_SESSION = "unknown_session"   # no such session (never opened, closed, expired, edge restarted)
+NOT_OWNER = "not_owner"               # the session belongs to another device (wrong owner secret or key)
 VOCAB_MISMATCH = "vocab_mismatch"     # the device's tokenizer differs from the target's
 BAD_TOKEN = "bad_token"               # a token id outside the target's vocabulary
 BAD_IMAGE = "bad_image"               # image bytes that do not decode, or too many pixels

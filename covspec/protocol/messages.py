@@ -31,6 +31,7 @@ from covspec.protocol.wire import CODECS
 
 PROTOCOL_VERSION = 1
 MAX_SESSION_ID = 64
+MIN_OWNER, MAX_OWNER = 16, 64             # characters of a session's owner secret
 INT_RANGE = (-(2 ** 63), 2 ** 64)          # integer fields: int64, or uint64 for seeds
 SEED_RANGE = (0, 2 ** 64)
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -81,7 +82,10 @@ class Open(Message):
     """Device -> edge: start (or reopen) a session.
 
     ``committed`` holds every token already committed, so a restarted edge can
-    rebuild the exact state; it is empty on a first open. ``temperature`` 0 means
+    rebuild the exact state; it is empty on a first open. ``owner`` is empty on a
+    first open (the edge issues one) or a secret of the device's own choosing (at
+    least ``MIN_OWNER`` random characters); a reopen sends the session's secret (an edge
+    that no longer knows the session adopts it; one that does refuses any other). ``temperature`` 0 means
     greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
     ``speculative`` (the device drafts) or ``target_only`` (the edge generates and
     streams). ``wire`` names the wire format (``covspec.protocol.wire``): ``compact``
@@ -101,6 +105,7 @@ class Open(Message):
     seed: int = 0
     mode: str = "speculative"
     wire: str = "compact"
+    owner: str = ""
     committed: np.ndarray = array_field("int32", 1)
     target_keep: np.ndarray | None = array_field("int32", 1, optional=True)
 
@@ -113,6 +118,8 @@ class Open(Message):
                  "mode must be 'speculative' or 'target_only'")
         _require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
         _require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+        _require(self.owner == "" or len(self.owner) >= MIN_OWNER, errors.BAD_FIELD,
+                 f"owner must be empty (the edge issues one) or at least {MIN_OWNER} random characters")
         _require(SEED_RANGE[0] <= self.seed < SEED_RANGE[1], errors.BAD_FIELD,
                  "seed must be an unsigned 64-bit integer (0 <= seed < 2**64)")
 
@@ -125,9 +132,11 @@ class Open(Message):
 class Opened(Message):
     """Edge -> device: the session is ready; ``token`` is the next generated token
     (the first one on a fresh open) at position ``position``; ``done`` when the
-    edge stopped (EOS or max_new_tokens)."""
+    edge stopped (EOS or max_new_tokens). ``owner`` is the session's secret: every
+    later message of the session must carry it (else ``not_owner``)."""
 
     TYPE: ClassVar[str] = "opened"
+    owner: str = ""
     token: int = -1
     position: int = 0
     done: bool = False
@@ -147,6 +156,7 @@ class Verify(Message):
     """
 
     TYPE: ClassVar[str] = "verify"
+    owner: str = ""
     start: int = 0
     assumed: int = -1
     tokens: np.ndarray = array_field("int32", 1)
@@ -198,9 +208,11 @@ class Result(Message):
 
 @dataclass(kw_only=True)
 class Close(Message):
-    """Device -> edge: the session is over; the edge frees its state. No reply."""
+    """Device -> edge: the session is over; the edge frees its state. No reply (but
+    an ``error`` when ``owner`` is not the session's)."""
 
     TYPE: ClassVar[str] = "close"
+    owner: str = ""
 
 
 @dataclass(kw_only=True)
@@ -286,6 +298,7 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
         "seq": _scalar(header, "seq", int)}
     _require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
              f"session id is longer than {MAX_SESSION_ID} characters")
+
     declared = _array_specs(header, cls)
     _require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
@@ -293,6 +306,8 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
         if f.metadata.get("array"):
             continue
         values[f.name] = _scalar(header, f.name, _TYPE_NAMES[f.type])
+    _require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,
+             f"owner is longer than {MAX_OWNER} characters")
     for (name, spec), frame in zip(declared.items(), frames[1:]):
         values[name] = _array(name, spec, bytes(frame), limits)
     for f in _fields(cls):

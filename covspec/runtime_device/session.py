@@ -10,6 +10,7 @@ is reopened with backoff. It never drafts and never decides what a verdict means
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -35,6 +36,7 @@ class DeviceSession:
         self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
         self.trace = trace
         self.id = new_session_id()
+        self.owner = secrets.token_hex(16)  # proves on every message that this device opened the session
         self.seq = 0
 
     def _next_seq(self) -> int:
@@ -49,7 +51,7 @@ class DeviceSession:
         return Open(session=self.id, seq=self._next_seq(), prompt=self.question,
                     image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
                     vocab_hash=self.vocab_hash, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                    seed=s.seed, wire=self.codec.name, committed=np.asarray(committed, np.int32),
+                    seed=s.seed, wire=self.codec.name, owner=self.owner, committed=np.asarray(committed, np.int32),
                     target_keep=None if target_keep is None else target_keep.astype(np.int32))
 
     def await_opened(self, message: Open) -> Opened:
@@ -106,8 +108,8 @@ class DeviceSession:
         return None
 
     def close(self) -> None:
-        self.client.send(Close(session=self.id, seq=self._next_seq()))
+        self.client.send(Close(session=self.id, seq=self._next_seq(), owner=self.owner))
 
     def _verify(self, chunk: Chunk) -> Verify:
-        return Verify(session=self.id, seq=chunk.seq, start=chunk.start, assumed=chunk.assumed,
+        return Verify(session=self.id, seq=chunk.seq, owner=self.owner, start=chunk.start, assumed=chunk.assumed,
                       tokens=np.asarray(chunk.tokens, np.int32), **self.codec.encode(chunk.rows))

@@ -30,8 +30,10 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
                    top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, mode="target_only",
                    committed=np.zeros(0, np.int32))
     tokens = 0
+    owner = ""
     try:
         opened = client.request(message, timeout_s=client.policy.timeout_s * 2)
+        owner = opened.owner
         stats.edge_prefill_ms += opened.prefill_ms
         tokens = 1
         stats.ttft_s = time.perf_counter() - began
@@ -49,7 +51,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
                 tokens += 1
                 yield [reply.token]
     finally:
-        client.send(Close(session=message.session, seq=1))
+        client.send(Close(session=message.session, seq=1, owner=owner))
         stats.tokens = tokens
         stats.wall_s = time.perf_counter() - began
         stats.bytes_up += client.bytes_up - up0

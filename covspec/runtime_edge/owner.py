@@ -12,8 +12,10 @@ drops the session with an ``internal`` error. Idle sessions expire here too.
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ class Request:
     identity: bytes
     message: Message
     nbytes: int
+    peer_key: str = ""        # the device's CurveZMQ public key (Z85) when keys are on
 
 
 @dataclass
@@ -93,6 +96,7 @@ class ModelOwner:
                 self._open(request)
             elif isinstance(message, Close):
                 if session is not None:
+                    _check_owner(session, request)
                     session.stats.bytes_in += request.nbytes
                     self.end(session, "closed")
             else:
@@ -121,14 +125,16 @@ class ModelOwner:
                                                    "must use the same tokenizer.")
         old = self.sessions.get(message.session)
         if old is not None:
-            self.end(old, "replaced")
+            _check_owner(old, request)
+            self.end(old, "reopened by its owner")
         if len(self.sessions) >= self.config.max_sessions:
             self._expire(time.monotonic())
             if len(self.sessions) >= self.config.max_sessions:
                 raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
                                              "retry later or ask the operator to raise --max-sessions.")
         image = decode_image(message.image.tobytes(), self.config.max_image_pixels)
-        session, opened = Session.open(target, message, image, max_context=self.config.max_context)
+        session, opened = Session.open(target, message, image, max_context=self.config.max_context,
+                                       owner=message.owner or secrets.token_hex(16), peer_key=request.peer_key)
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session
@@ -142,6 +148,7 @@ class ModelOwner:
             raise EdgeError(errors.UNKNOWN_SESSION, f"no session {message.session!r} on this edge (never opened, "
                                                     "closed, expired after being idle, or the edge restarted); "
                                                     "reopen it with Open carrying your committed tokens.")
+        _check_owner(session, request)
         session.stats.bytes_in += request.nbytes
         session.identity = request.identity
         session.last_active = time.monotonic()
@@ -201,3 +208,14 @@ class ModelOwner:
         self._push.send_multipart([identity] + frames)
 
 
+
+
+def _check_owner(session: Session, request: Request) -> None:
+    """Refuse a message about ``session`` from anyone but the device that opened it: the
+    owner secret issued in ``opened`` must match, and the CurveZMQ key when keys are on.
+    Nothing about the session changes before this passes."""
+    message = request.message
+    if not hmac.compare_digest(session.owner.encode(), message.owner.encode()) or \
+            session.peer_key != request.peer_key:
+        raise EdgeError(errors.NOT_OWNER, f"session {message.session!r} belongs to another device; send the owner "
+                                          "secret this edge issued in `opened` (or open a session of your own).")

@@ -203,18 +203,20 @@ class EdgeServer:
                         break
                 for _ in range(_BURST if router in ready else 0):
                     try:
-                        frames = router.recv_multipart(flags=zmq.NOBLOCK)
+                        frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     try:
-                        self._receive(router, frames)
+                        # With CurveZMQ the authenticator names each peer by its public key.
+                        peer_key = frames[-1].get("User-Id") if self.config.curve else ""
+                        self._receive(router, [frame.bytes for frame in frames], peer_key)
                     except Exception:  # noqa: BLE001 - the I/O thread must outlive any request
                         log.exception("failed to handle an incoming message")
         finally:
             router.close(linger=0)
             pull.close(linger=0)
 
-    def _receive(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _receive(self, router: zmq.Socket, frames: list[bytes], peer_key: str) -> None:
         identity, payload = frames[0], frames[1:]
         try:
             message = decode(payload, self._limits)
@@ -233,11 +235,12 @@ class EdgeServer:
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
-            self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload)))
+            self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
         except queue.Full:
             _send(router, [identity] + encode(Error(
                 session=message.session, seq=message.seq, code=errors.BUSY,
                 message=f"the edge has {self.config.max_queue} requests waiting; retry with backoff.")))
+
 
 def _send(router: zmq.Socket, frames: list[bytes]) -> None:
     """Send to a peer; a peer that is gone or not reading loses the reply (never blocks)."""

@@ -86,6 +86,8 @@ class Session:
     codec: Codec                      # the session's wire format
     sampling: SamplingParams
     rng: np.random.Generator
+    owner: str = ""                   # the secret every message of the session must carry
+    peer_key: str = ""                # the owner's CurveZMQ public key ("" without keys)
     context_len: int = 0
     committed: list[int] = field(default_factory=list)
     cache: object | None = None
@@ -99,14 +101,16 @@ class Session:
     # --- open --------------------------------------------------------------------
 
     @classmethod
-    def open(cls, target: TargetModel, msg: Open, image, *, max_context: int) -> tuple["Session", Opened]:
+    def open(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
+             peer_key: str = "") -> tuple["Session", Opened]:
         """Prefill a fresh (or reopened) session and commit its next token.
 
         On a reopen ``msg.committed`` holds every token the device already committed;
         they are prefilled after the context and generation continues after them.
         """
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
-                      codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed))
+                      codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
+                      owner=owner, peer_key=peer_key)
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
@@ -133,7 +137,7 @@ class Session:
         return session, session._opened(msg.seq, token)
 
     def _opened(self, seq: int, token: int) -> Opened:
-        return Opened(session=self.id, seq=seq, token=token, position=len(self.committed) - 1,
+        return Opened(session=self.id, seq=seq, owner=self.owner, token=token, position=len(self.committed) - 1,
                       done=self.done, prefill_ms=self.stats.prefill_ms, context_len=self.context_len)
 
     # --- one round: prepare -> forward -> commit ---------------------------------------------
