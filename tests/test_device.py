@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from covspec.export.pipeline import ExportOptions, export_model
-from covspec.hf.folder import load_llava, prompt_template
+from covspec.families.llava.edge import load_llava, prompt_template
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
@@ -22,7 +22,7 @@ from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_device.stats import GenerationStats
-from covspec.runtime_device.preprocess import pixel_values
+from covspec.families.llava.device import pixel_values
 from covspec.runtime_edge import EdgeServer, ServerConfig
 
 QUESTIONS = ["what color is the circle ?", "how many shapes are there ?", "is there a red square ?"]
@@ -333,7 +333,7 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
     tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question, pruned,
                                 options=half)
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32")
-    kept = prefill_draft(artifact, Drafter(artifact), Image.open(io.BytesIO(image)), question, half, seed=0).kept
+    kept = prefill_draft(artifact, Drafter.from_artifact(artifact), Image.open(io.BytesIO(image)), question, half, seed=0).kept
     assert stats.kept_visual_tokens == len(kept) == 8
     assert tokens == pruned_reference(tiny_pair, image, question, kept, 16)
     assert tokens != reference(tiny_pair, image, question, 16)       # the target really saw fewer tokens
@@ -345,7 +345,10 @@ def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
     from covspec.bench.workload import toy_questions
     from covspec.toy.models import bundled_model_dir
 
-    export_model(bundled_model_dir("draft"), tmp_path / "toy-int8", ExportOptions(quant="int8"))
+    from covspec.toy.artifacts import parity_prompts
+
+    export_model(bundled_model_dir("draft"), tmp_path / "toy-int8", ExportOptions(quant="int8"),
+                 prompts=parity_prompts())
     model, processor = load_llava(bundled_model_dir("target"))
     pair = {"model": model, "processor": processor}
     artifact = DraftArtifact.load(tmp_path / "toy-int8")

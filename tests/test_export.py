@@ -14,16 +14,17 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from covspec.cli.main import cli
-from covspec.export.adapters import adapter_for
-from covspec.export.onnx_run import OnnxVLM, session
-from covspec.export.parity import GREEDY_TOKENS, sample_input
+from covspec.export import pipeline
+from covspec.export.parity import GREEDY_TOKENS, ExportedDraft, ParityPrompt, default_prompt, sample_input
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.export.scorer import TokenScorer
-from covspec.hf.folder import load_llava, prompt_template
+from covspec.families import family_for_folder
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest, write_manifest
+from covspec.runtime_device.artifact import DraftArtifact, open_graph
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_DRAFT = REPO / "covspec" / "toy" / "models" / "draft"
@@ -31,6 +32,13 @@ TOY_DRAFT = REPO / "covspec" / "toy" / "models" / "draft"
 
 def run_cli(*args: str):
     return CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+
+
+def load_for_export(folder: Path):
+    """(model, its family's export half) of a model folder."""
+    family = family_for_folder(folder)
+    model, processor = family.load(folder)
+    return model, family.exporter(model, processor)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +78,15 @@ def test_fp32_export_passes_parity_and_manifest_validates(fp32_artifact, tiny):
     assert manifest.embedding["shape"] == list(np.load(fp32_artifact / "embed_tokens.npy").shape)
     assert manifest.image["size"] == [32, 32] and manifest.image["resample"] == "bicubic"
     assert Manifest.from_dict(manifest.to_dict()) == manifest
-    names = {i.name for i in session(fp32_artifact / "decoder.onnx").get_inputs()}
+    names = {i.name for i in open_graph(fp32_artifact / "decoder.onnx").get_inputs()}
     assert names == {"inputs_embeds", "attention_mask", "position_ids", *manifest.decoder["past_input_names"]}
 
 
 def test_decoder_graph_is_dynamic_and_keeps_position_gaps(fp32_artifact, tiny):
     """Batch 3, past 5, query 4, positions with gaps (pruned visual tokens): ONNX == PyTorch."""
-    model, _ = load_llava(tiny)
-    adapter = adapter_for(model)
-    spec = adapter.decoder_spec
-    decoder = session(fp32_artifact / "decoder.onnx")
+    _, half = load_for_export(tiny)
+    spec = half.decoder_spec
+    decoder = open_graph(fp32_artifact / "decoder.onnx")
     generator = torch.Generator().manual_seed(1)
     for batch, past, query in [(3, 5, 4), (1, 0, 6), (2, 9, 1)]:
         embeds = torch.randn(batch, query, spec.hidden_size, generator=generator)
@@ -88,7 +95,7 @@ def test_decoder_graph_is_dynamic_and_keeps_position_gaps(fp32_artifact, tiny):
         caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=generator)
                   for _ in range(2 * spec.num_layers)]
         with torch.no_grad():
-            expected = adapter.decoder(embeds, mask, positions, *caches)
+            expected = half.decoder(embeds, mask, positions, *caches)
         names = ["inputs_embeds", "attention_mask", "position_ids", *spec.to_dict()["past_input_names"]]
         got = decoder.run(None, dict(zip(names, [t.numpy() for t in (embeds, mask, positions, *caches)])))
         assert got[1].shape == (batch, spec.num_kv_heads, past + query, spec.head_dim)
@@ -96,7 +103,7 @@ def test_decoder_graph_is_dynamic_and_keeps_position_gaps(fp32_artifact, tiny):
             np.testing.assert_allclose(g, e.numpy(), atol=1e-5)
 
 
-def test_int8_ort_export_quantizes_and_runs(int8_ort_artifact, fp32_artifact):
+def test_int8_ort_export_quantizes_and_runs(int8_ort_artifact, fp32_artifact, tiny):
     manifest = load_manifest(int8_ort_artifact)
     report = manifest.parity["int8"]
     assert report["positions"] >= 64 and report["top1_agreement"] >= report["bound"] == 0.9
@@ -109,10 +116,16 @@ def test_int8_ort_export_quantizes_and_runs(int8_ort_artifact, fp32_artifact):
     fp32 = load_manifest(fp32_artifact)
     assert manifest.files["decoder.onnx"]["sha256"] != fp32.files["decoder.onnx"]["sha256"]
     assert manifest.graph_path(int8_ort_artifact, "decoder").name == "decoder.ort"
-    runner = OnnxVLM.from_artifact(int8_ort_artifact)  # runs the .ort graphs
-    ids = np.array([[1, 5, 6, 7, 4, 8, 9]])
-    pixels = np.zeros((1, 3, 32, 32), np.float32)
-    assert len(runner.greedy(ids, pixels, 4, 4)) == 4
+    # The .ort graphs (what the device runs) decode as their .onnx sources do.
+    artifact = DraftArtifact.load(int8_ort_artifact)
+    _, half = load_for_export(tiny)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 57, 3), dtype=np.uint8))
+    sample = sample_input(half, ParityPrompt(image, "what color is the circle ?", "non-square noise"))
+    runs = [ExportedDraft(int8_ort_artifact / f"vision.{suffix}", int8_ort_artifact / f"decoder.{suffix}",
+                          manifest.decoder, artifact.family, artifact.embed_tokens, manifest.tokenizer["eos_ids"])
+            .greedy(sample, 8) for suffix in ("ort", "onnx")]
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-4)
 
 
 def test_corrupted_or_incompatible_artifact_is_refused(fp32_artifact, tmp_path):
@@ -181,11 +194,10 @@ def test_cli_errors(tiny, fp32_artifact, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_quantization_below_its_bound_fails(tiny, tmp_path):
-    result = run_cli(str(tiny), "--out", str(tmp_path / "q"), "--quant", "int4", "--min-agreement", "1.0")
-    if result.exit_code == 0:  # int4 happened to agree everywhere: nothing to refuse
-        pytest.skip("int4 agreed on every position")
-    assert result.exit_code == 1 and "ParityError" in result.output and "bound 100%" in result.output
+def test_quantization_below_its_bound_fails(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.DEFAULT_MIN_AGREEMENT, "int4", 1.5)  # a bound no quantization can meet
+    result = run_cli(str(tiny), "--out", str(tmp_path / "q"), "--quant", "int4")
+    assert result.exit_code == 1 and "ParityError" in result.output and "bound 150%" in result.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
@@ -195,22 +207,28 @@ sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import json
 from pathlib import Path
 import numpy as np
-from covspec.export.onnx_run import OnnxVLM, session
-from covspec.protocol.manifest import load_manifest
-folder, work, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+from covspec.runtime_device.artifact import DraftArtifact
+from covspec.runtime_device.drafter import Drafter
+folder, work, n, question = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 try:
     import torch
     raise SystemExit("torch imported")
 except ImportError:
     pass
-manifest = load_manifest(folder)
-runner = OnnxVLM.from_artifact(folder)
+artifact = DraftArtifact.load(folder)
 inputs = np.load(work / "inputs.npz")
-features, activity = runner.encode_image(inputs["pixel_values"])
-scorer = session(manifest.graph_path(folder, "scorer"))
-relevance, score = scorer.run(None, {"image_features": features[0], "activity": activity[0],
-                                     "question_embeds": runner.embed_tokens[inputs["question_ids"]]})
-tokens = runner.greedy(inputs["input_ids"], inputs["pixel_values"], n, n)
+features, activity = artifact.vision.run(["image_features", "activity"], {"pixel_values": inputs["pixel_values"]})
+relevance, score = artifact.scorer.run(None, {"image_features": features[0], "activity": activity[0],
+                                              "question_embeds": artifact.embed(inputs["question_ids"])})
+drafter = Drafter.from_artifact(artifact)
+layout = artifact.family.prompt_layout(question)
+logits = drafter.prefill(artifact.family.draft_context(layout, features[0], np.arange(features.shape[1]),
+                                                       "original"))
+tokens = []
+while len(tokens) < n:  # greedy with min_new_tokens == max_new_tokens: EOS suppressed
+    logits[sorted(artifact.eos_ids)] = -np.inf
+    tokens.append(int(logits.argmax()))
+    logits = drafter.feed(tokens[-1:])[-1]
 np.savez(work / "outputs.npz", features=features, activity=activity, relevance=relevance, score=score,
          tokens=np.array(tokens))
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") and sys.modules[m])))
@@ -218,21 +236,20 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
 
 
 def test_artifacts_run_without_torch(fp32_artifact, tiny, tmp_path):
-    model, processor = load_llava(tiny)
-    adapter = adapter_for(model)
-    sample = sample_input(processor, prompt_template(processor))
-    question_ids = sample.input_ids[0, -6:]
-    np.savez(tmp_path / "inputs.npz", input_ids=sample.input_ids, pixel_values=sample.pixel_values,
-             question_ids=question_ids)
-    done = subprocess.run([sys.executable, "-c", CHILD, str(fp32_artifact), str(tmp_path), str(GREEDY_TOKENS)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    model, half = load_for_export(tiny)
+    prompt = default_prompt(half)
+    sample = sample_input(half, prompt)
+    input_ids, pixel_values = sample.inputs["input_ids"], sample.inputs["pixel_values"]
+    question_ids = input_ids[0, -6:].numpy()
+    np.savez(tmp_path / "inputs.npz", pixel_values=pixel_values.numpy(), question_ids=question_ids)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(fp32_artifact), str(tmp_path), str(GREEDY_TOKENS),
+                           prompt.question], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     out = np.load(tmp_path / "outputs.npz")
 
-    pixel_values, input_ids = torch.from_numpy(sample.pixel_values), torch.from_numpy(sample.input_ids)
     with torch.no_grad():
-        features, activity = adapter.vision(pixel_values)
+        features, activity = half.vision(pixel_values)
         reference = model.get_image_features(pixel_values=pixel_values).pooler_output[0]
         question = model.get_input_embeddings()(torch.from_numpy(question_ids))
         relevance, score = TokenScorer()(features[0], activity[0], question)
@@ -246,16 +263,39 @@ def test_artifacts_run_without_torch(fp32_artifact, tiny, tmp_path):
     assert out["tokens"].tolist() == generated[0, input_ids.shape[1]:].tolist()
 
 
+def test_generated_image_token_id_is_plain_text(fp32_artifact, tiny):
+    """A continuation that contains the image token id is fed as text embeddings (only
+    the prompt's image slots take image features), as PyTorch does when decoding."""
+    model, half = load_for_export(tiny)
+    artifact = DraftArtifact.load(fp32_artifact)
+    runner = ExportedDraft(fp32_artifact / "vision.onnx", fp32_artifact / "decoder.onnx", artifact.manifest.decoder,
+                           artifact.family, artifact.embed_tokens, artifact.manifest.tokenizer["eos_ids"])
+    sample = sample_input(half, default_prompt(half))
+    image_token = model.config.image_token_id
+    continuation = [7, image_token, 9, image_token, 11]
+    got = runner.teacher_forced(sample, continuation)                          # [tail + 5, V]
+
+    ids = sample.inputs["input_ids"]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        features = model.get_image_features(pixel_values=sample.inputs["pixel_values"]).pooler_output[0]
+        embeds[ids == image_token] = features                                  # the one image: [N, D]
+        text = model.get_input_embeddings()(torch.tensor([continuation[:-1]]))
+        logits = model(inputs_embeds=torch.cat([embeds, text], dim=1)).logits[0].numpy()
+    first = int((ids[0] == image_token).nonzero().max())
+    assert got.shape[0] == ids.shape[1] - 1 - first + len(continuation)
+    np.testing.assert_allclose(got, logits[first:], atol=1e-4)
+
+
 def test_activity_is_cls_attention_of_the_last_used_layer(tiny):
     """The activity output equals the eager attention probabilities of the CLS query."""
-    model, _ = load_llava(tiny)
-    adapter = adapter_for(model)
+    model, half = load_for_export(tiny)
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     tower = model.model.vision_tower
     tower.config._attn_implementation = "eager"
     with torch.no_grad():
         attentions = tower(pixel_values, output_attentions=True, return_dict=True).attentions
-        _, activity = adapter.vision(pixel_values)
+        _, activity = half.vision(pixel_values)
     expected = attentions[-1][:, :, 0, 1:].mean(dim=1)  # layer used by vision_feature_layer=-1
     torch.testing.assert_close(activity, expected, atol=1e-6, rtol=1e-5)
 
@@ -266,7 +306,7 @@ def test_scorer_graph_matches_pytorch(exporter, tmp_path):
     from covspec.export.graphs import export_scorer
 
     spec = export_scorer(16, tmp_path, 18, exporter)
-    scorer = session(tmp_path / spec["file"])
+    scorer = open_graph(tmp_path / spec["file"])
     assert [i.shape for i in scorer.get_inputs()] == [["tokens", 16], ["tokens"], ["question", 16]]
     generator = torch.Generator().manual_seed(0)
     for tokens, question in [(1, 1), (144, 7), (30, 40)]:
@@ -317,11 +357,12 @@ def test_siglip_qwen2_llava_exports(tmp_path):
     assert manifest.source["text_model_type"] == "qwen2"
     assert manifest.num_visual_tokens == 16
     assert manifest.parity["fp32"]["greedy_match_tokens"] == 16
-    model, _ = load_llava(model_dir)
+    model, _ = family_for_folder(model_dir).load(model_dir)
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-    got, activity = OnnxVLM.from_artifact(result.folder).encode_image(pixel_values.numpy())
+    got, activity = DraftArtifact.load(result.folder).vision.run(["image_features", "activity"],
+                                                                 {"pixel_values": pixel_values.numpy()})
     np.testing.assert_allclose(got[0], features.numpy(), atol=1e-5)
     np.testing.assert_allclose(activity[0], np.linalg.norm(got[0], axis=-1), rtol=1e-5)
 

@@ -143,7 +143,7 @@ def bundled():
 
 
 def test_training_encoding_matches_the_processor(bundled):
-    from covspec.hf.folder import prompt_template
+    from covspec.families.llava.edge import prompt_template
     from covspec.toy.batches import PROMPT_HEAD, encode, pixel_values
     from covspec.toy.models import VISUAL_TOKENS, toy_tokenizer
 

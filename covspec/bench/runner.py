@@ -145,16 +145,16 @@ def run_assisted(draft_dir: Path, target_dir: Path, questions: list[Question], s
     import torch
     from PIL import Image
 
-    from covspec.hf.folder import load_llava, prompt_template
+    from covspec.families import family_for_folder
 
     torch.set_num_threads(2)
-    target, processor = load_llava(target_dir)
-    draft, _ = load_llava(draft_dir)
-    template = prompt_template(processor)
+    target_family = family_for_folder(target_dir)
+    target, processor = target_family.load(target_dir)
+    draft, _ = family_for_folder(draft_dir).load(draft_dir)
+    prompting = target_family.target(target, processor)
     records = []
     for warm, question in [(True, questions[0])] + [(False, q) for q in questions]:
-        inputs = processor(images=Image.open(io.BytesIO(question.image_png)), return_tensors="pt",
-                           text=template.format(question=question.question))
+        inputs = prompting.context(question.question, Image.open(io.BytesIO(question.image_png))).inputs
         began = time.perf_counter()
         with torch.no_grad():
             output = target.generate(**inputs, assistant_model=draft, do_sample=False,

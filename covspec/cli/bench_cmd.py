@@ -179,11 +179,11 @@ def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
     vocabulary sizes (tiny random models, real sessions, bytes counted on the socket)."""
     from tqdm import tqdm
 
-    from covspec.bench import report
     from covspec.bench.wire import measure_wire, wire_table
+    from covspec.protocol.wire import CODECS
 
     sizes = [int(v) for v in vocab_sizes.split(",")]
-    with tqdm(total=len(sizes) * 4, desc="wire", unit="config", file=sys.stderr) as bar:
+    with tqdm(total=len(sizes) * 2 * len(CODECS), desc="wire", unit="config", file=sys.stderr) as bar:
         rows = measure_wire(sizes, sessions=sessions, tick=bar.update)
     out.mkdir(parents=True, exist_ok=True)
     (out / "wire.json").write_text(json.dumps(rows, indent=1))

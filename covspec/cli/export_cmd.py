@@ -66,11 +66,13 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
 
     Writes vision.onnx, scorer.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json and
     manifest.json (hashes, preprocessing, parity report). Every export checks parity
-    against PyTorch and fails if the graphs disagree. Nothing is downloaded.
+    against PyTorch and fails if the graphs disagree; a model that speaks the toy
+    vocabulary is checked on ShapesVQA scenes. Nothing is downloaded.
     """
     from covspec.export.errors import ExportError
     from covspec.export.pipeline import DEFAULT_KEEP_RATIO, ExportOptions, export_model, stages
-    from covspec.hf.folder import ModelFolderError
+    from covspec.families import ModelFolderError
+    from covspec.toy.artifacts import parity_prompts, speaks_toy_vocabulary
 
     options = ExportOptions(quant=quant, graph_format=graph_format, opset=opset, force=force,
                             exporter=exporter, min_agreement=min_agreement,
@@ -82,7 +84,8 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
         click.echo(f"[{names.index(stage) + 1}/{len(names)}] {time.monotonic() - started:6.1f} s  {stage}", err=True)
 
     try:
-        result = export_model(model_dir, out, options, progress=progress)
+        prompts = parity_prompts() if speaks_toy_vocabulary(model_dir) else None
+        result = export_model(model_dir, out, options, progress=progress, prompts=prompts)
     except ModelFolderError as exc:
         raise click.BadParameter(str(exc), param_hint="MODEL_DIR") from exc
     except ExportError as exc:

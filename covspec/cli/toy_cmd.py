@@ -14,6 +14,14 @@ def _model_dir(model: str) -> Path:
     return bundled_model_dir(model) if model in ROLES else Path(model)
 
 
+def _load(model: str):
+    """(model, processor) of a bundled role or a model folder, through its family."""
+    from covspec.families import family_for_folder
+
+    folder = _model_dir(model)
+    return family_for_folder(folder).load(folder)
+
+
 @click.group()
 def toy() -> None:
     """The ShapesVQA toy world: build and evaluate toy models."""
@@ -80,7 +88,7 @@ def evaluate(model: str, n_scenes: int, agreement: bool, target_model: str, draf
     """Per-question-type exact match, description F1, and draft/target agreement."""
     import torch
 
-    from covspec.hf.folder import ModelFolderError, load_llava
+    from covspec.families import ModelFolderError
     from covspec.toy import shapes
     from covspec.toy.evaluate import accuracy_report, decode_ms_per_token, draft_agreement, parameter_count
 
@@ -88,15 +96,15 @@ def evaluate(model: str, n_scenes: int, agreement: bool, target_model: str, draf
     if n_scenes < 1:
         raise click.BadParameter("must be at least 1", param_hint="--n")
     try:
-        subject, processor = load_llava(_model_dir(model))
+        subject, processor = _load(model)
     except ModelFolderError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from exc
     questions = shapes.held_out_questions(n_scenes)
     result = {"model": model, "questions": len(questions),
               "accuracy": accuracy_report(subject, processor, questions)}
     if agreement or timing:
-        target, _ = load_llava(_model_dir(target_model))
-        draft, _ = load_llava(_model_dir(draft_model))
+        target, _ = _load(target_model)
+        draft, _ = _load(draft_model)
     if agreement:
         described = [s for s in (shapes.sample("test", i) for i in range(min(n_scenes, 100)))
                      if any(qa.type == "describe" for qa in s.qas)]

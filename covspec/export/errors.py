@@ -1,14 +1,14 @@
-"""Typed errors of `covspec export`; the CLI turns each into a clear click error."""
+"""Typed errors of `covspec export`; the CLI turns each into a clear click error.
+
+A model no family can export raises the families' ``UnsupportedModelError`` (a
+``ModelFolderError``: the CLI reports it as a bad MODEL_DIR).
+"""
 
 from __future__ import annotations
 
 
 class ExportError(Exception):
     """An export could not produce a valid artifact folder."""
-
-
-class UnsupportedModelError(ExportError):
-    """The model's architecture or sub-model types have no export adapter."""
 
 
 class OutputExistsError(ExportError):

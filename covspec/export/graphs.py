@@ -1,16 +1,16 @@
-"""Export an adapter's modules to ONNX files with ``torch.onnx.export``.
+"""Export graphs to ONNX files with ``torch.onnx.export``; family-agnostic.
 
 Two exporters: ``torchscript`` (the default: about 10x faster on a small CPU; every
 export is checked by the parity stage anyway) and ``dynamo``. Each graph is traced
 with batch >= 2 and non-trivial lengths and explicit, named dynamic dimensions, so
 no size collapses to a constant (PLATFORM.md, ONNX export):
 
-- ``vision.onnx``: dynamic batch (image size is fixed by the model);
-- ``scorer.onnx``: dynamic token count N and question length M;
-- ``decoder.onnx``: dynamic batch B, query length S and past length P.
+- ``vision.onnx`` and ``decoder.onnx``: as the family's ``GraphTrace`` says (for
+  LLaVA: dynamic batch; dynamic batch, query length S and past length P);
+- ``scorer.onnx``: dynamic token count N and question length M.
 
-Each ``export_*`` function writes one file into the artifact folder and returns its
-manifest entry ``{"file", "inputs", "outputs"}``.
+Each ``export_*`` function writes one file and returns its manifest entry
+``{"file", "inputs", "outputs"}``.
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ import onnx
 import torch
 from torch.export import Dim
 
-from covspec.export.adapters import LlavaAdapter, past_names, present_names
 from covspec.export.errors import ExportError
 from covspec.export.scorer import INPUTS as SCORER_INPUTS
 from covspec.export.scorer import OUTPUTS as SCORER_OUTPUTS
 from covspec.export.scorer import TokenScorer
-
-VISION_INPUTS = ["pixel_values"]
-VISION_OUTPUTS = ["image_features", "activity"]
-DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids"]
-# Tracing sizes: batch >= 2, past and query lengths that are neither 0 nor 1.
-TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
+from covspec.families import GraphTrace
 
 
 @contextlib.contextmanager
@@ -87,13 +81,10 @@ def _name_dims(path: Path, axes: dict[str, dict[int, str]]) -> None:
     onnx.save(model, str(path))
 
 
-def export_vision(adapter: LlavaAdapter, folder: Path, opset: int, exporter: str) -> dict:
-    vision_config = adapter.model.config.vision_config
-    size = vision_config.image_size
-    pixel_values = torch.randn(TRACE_BATCH, vision_config.num_channels, size, size)
-    axes = {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}, "activity": {0: "batch"}}
-    return _export(adapter.vision, (pixel_values,), folder / "vision.onnx", VISION_INPUTS, VISION_OUTPUTS,
-                   axes, ({0: Dim("batch", min=1, max=1024)},), opset, exporter)
+def export_graph(trace: GraphTrace, path: Path, opset: int, exporter: str) -> dict:
+    """Export one family graph (``vision.onnx``, ``decoder.onnx``) traced as ``trace`` says."""
+    return _export(trace.module, trace.args, path, trace.input_names, trace.output_names, trace.axes,
+                   trace.dims, opset, exporter)
 
 
 def export_scorer(hidden_size: int, folder: Path, opset: int, exporter: str) -> dict:
@@ -103,23 +94,3 @@ def export_scorer(hidden_size: int, folder: Path, opset: int, exporter: str) -> 
             "relevance": {0: "tokens"}, "score": {0: "tokens"}}
     return _export(TokenScorer().eval(), args, folder / "scorer.onnx", SCORER_INPUTS, SCORER_OUTPUTS,
                    axes, ({0: tokens}, {0: tokens}, {0: question}), opset, exporter)
-
-
-def export_decoder(adapter: LlavaAdapter, folder: Path, opset: int, exporter: str) -> dict:
-    spec = adapter.decoder_spec
-    batch, query, past = TRACE_BATCH, TRACE_QUERY, TRACE_PAST
-    embeds = torch.randn(batch, query, spec.hidden_size)
-    mask = torch.ones(batch, past + query, dtype=torch.int64)
-    positions = torch.arange(past, past + query, dtype=torch.int64).expand(batch, -1).contiguous()
-    caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim) for _ in range(2 * spec.num_layers)]
-    pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
-    axes = {"inputs_embeds": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"},
-            "position_ids": {0: "batch", 1: "query"}, "logits": {0: "batch", 1: "query"},
-            **{name: {0: "batch", 2: "past"} for name in pasts},
-            **{name: {0: "batch", 2: "total"} for name in presents}}
-    b, s, p = Dim("batch", min=1, max=1024), Dim("query", min=1, max=65536), Dim("past", min=0, max=65536)
-    # ``*past`` binds as one argument, so its shapes are one nested tuple; the mask's
-    # length (past + query) is left for the exporter to derive.
-    dims = ({0: b, 1: s}, {0: b, 1: Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in caches))
-    return _export(adapter.decoder, (embeds, mask, positions, *caches), folder / "decoder.onnx",
-                   DECODER_INPUTS + pasts, ["logits"] + presents, axes, dims, opset, exporter)

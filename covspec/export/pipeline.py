@@ -1,8 +1,10 @@
 """`covspec export` end to end: model folder -> verified artifact folder.
 
-Stages (each reported to ``progress``): load the model, export the fp32 graphs,
-write the embedding table and tokenizer, check fp32 parity (logits and greedy
-tokens), quantize (int8: per-channel and per-tensor measured, the better kept;
+Family-agnostic: the model folder's family (``covspec.families``) loads the model
+and supplies its graphs and manifest sections; the manifest records the family's
+name. Stages (each reported to ``progress``): load the model, export the fp32
+graphs, write the embedding table and tokenizer, check fp32 parity (logits and
+greedy tokens, run through the device's own drafter), quantize (int8: per-channel and per-tensor measured, the better kept;
 int4: MatMulNBits; the vision graph is quantized too only if that does not lower
 top-1 agreement), convert to ORT format on request, and write ``manifest.json``
 (validated by reading it back). Everything is built in ``<out>.partial`` and renamed
@@ -20,17 +22,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from covspec.export.errors import ExportError, OutputExistsError, ParityError
 from covspec.export.quantize import SCHEMES
 
+from covspec.families import Family, family_for_folder
+
+if TYPE_CHECKING:  # torch-side types; this module imports torch only when it exports
+    from covspec.export.parity import ExportedDraft, ParityPrompt, Sample
+
 # Minimum top-1 agreement with fp32 per scheme (the int8 bound is the issue's 90%).
 DEFAULT_MIN_AGREEMENT = {"int8": 0.90, "int4": 0.75}
 GRAPH_FORMATS = ("onnx", "ort")
 EXPORTERS = ("torchscript", "dynamo")
-RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 # The draft's default share of visual tokens, written into the manifest; chosen from
@@ -77,75 +84,26 @@ def source_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _size(value, default) -> list[int]:
-    if value is None:
-        return list(default)
-    get = value.get if isinstance(value, dict) else lambda key: getattr(value, key, None)
-    return [get("height"), get("width")] if get("height") is not None else list(default)
-
-
-def image_section(processor, image_size: int) -> dict:
-    ip = processor.image_processor
-    size = ip.size
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-    resample = getattr(ip, "resample", 3)
-    return {
-        "size": [image_size, image_size],
-        "resize_shortest_edge": shortest if shortest is not None else image_size,
-        "crop_size": _size(getattr(ip, "crop_size", None), (image_size, image_size)),
-        "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
-        "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),
-        "mean": [float(x) for x in ip.image_mean],
-        "std": [float(x) for x in ip.image_std],
-        "resample": RESAMPLE_NAMES.get(int(getattr(resample, "value", resample)), str(resample)),
-        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-    }
-
-
-def tokenizer_section(model, processor, tokenizer_file: Path) -> dict:
-    from tokenizers import Tokenizer
-
-    from covspec.protocol.vocab import vocab_hash
-
-    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
-    tok = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
-    return {"file": "tokenizer.json", "vocab_size": len(vocab), "vocab_hash": vocab_hash(vocab),
-            "bos_id": tok.bos_token_id, "eos_ids": [int(i) for i in eos_ids], "pad_id": tok.pad_token_id,
-            "image_token_id": int(model.config.image_token_id)}
-
-
-def _runner(folder: Path, adapter, tokenizer: dict, vision="vision.onnx", decoder="decoder.onnx"):
-    from covspec.export.adapters import past_names
-    from covspec.export.onnx_run import OnnxVLM
-
-    spec = adapter.decoder_spec
-    return OnnxVLM(folder / vision, folder / decoder, np.load(folder / "embed_tokens.npy"),
-                   tokenizer["image_token_id"], tokenizer["eos_ids"], past_names(spec.num_layers),
-                   spec.num_kv_heads, spec.head_dim)
-
-
-def _quantize_stage(folder: Path, scheme: str, adapter, tokenizer: dict, samples, bound: float) -> tuple[dict, dict]:
+def _quantize_stage(folder: Path, scheme: str, runner: Callable[..., ExportedDraft], samples: list[Sample],
+                    bound: float) -> tuple[dict, dict]:
     """Quantize the decoder (int8: per-channel and per-tensor, ties keep per-channel), then
     the vision graph too if that does not lower agreement; returns (quantization, parity)."""
     from covspec.export.parity import agreement_references, top1_agreement
     from covspec.export.quantize import quantize
 
-    reference = agreement_references(_runner(folder, adapter, tokenizer), samples)
+    reference = agreement_references(runner(), samples)
     variants = [True, False] if scheme == "int8" else [True]
     measured, best = {}, None
     for per_channel in variants:
         tag = f"{scheme}{'' if scheme == 'int4' else ('_per_channel' if per_channel else '_per_tensor')}"
         details = quantize(scheme, folder / "decoder.onnx", folder / f"decoder.{tag}.onnx", per_channel)
-        result = top1_agreement(_runner(folder, adapter, tokenizer, decoder=f"decoder.{tag}.onnx"), reference)
+        result = top1_agreement(runner(decoder=f"decoder.{tag}.onnx"), reference)
         measured[tag] = result
         if best is None or result["top1_agreement"] > measured[best[0]]["top1_agreement"]:
             best = (tag, details)
     tag, details = best
     quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("per_channel", True))
-    with_vision = top1_agreement(_runner(folder, adapter, tokenizer, vision="vision.quant.onnx",
-                                         decoder=f"decoder.{tag}.onnx"), reference)
+    with_vision = top1_agreement(runner(vision="vision.quant.onnx", decoder=f"decoder.{tag}.onnx"), reference)
     vision_quantized = with_vision["top1_agreement"] >= measured[tag]["top1_agreement"]
     final = with_vision if vision_quantized else measured[tag]
     if vision_quantized:
@@ -182,12 +140,12 @@ def _convert_to_ort(folder: Path, graphs: dict) -> None:
 
 
 def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
-                 progress: Callable[[str], None] = lambda stage: None, samples=None) -> ExportResult:
+                 progress: Callable[[str], None] = lambda stage: None,
+                 prompts: list[ParityPrompt] | None = None) -> ExportResult:
     """Export ``model_dir`` into the artifact folder ``out``; see the module docstring.
 
-    ``samples`` (a list of ``parity.Sample``) overrides the parity inputs.
+    ``prompts`` are the parity inputs (default: ``parity.default_prompt``).
     """
-    from covspec.hf.folder import read_config
     from covspec.protocol.manifest import Manifest, describe_files, load_manifest, write_manifest
 
     options = options or ExportOptions()
@@ -196,7 +154,7 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
         raise ValueError(f"quant must be one of {SCHEMES}, format one of {GRAPH_FORMATS} and exporter "
                          f"one of {EXPORTERS}.")
     model_dir, out = Path(model_dir), Path(out)
-    config = read_config(model_dir)
+    family = family_for_folder(model_dir)
     if out.exists() and not options.force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it.")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
@@ -206,7 +164,7 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        manifest = _build(model_dir, partial, config, options, progress, samples)
+        manifest = _build(model_dir, partial, family, options, progress, prompts)
         progress("manifest")
         manifest["files"] = describe_files(partial)
         write_manifest(partial, Manifest.from_dict(manifest))
@@ -219,64 +177,67 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
     return ExportResult(out, json.loads((out / "manifest.json").read_text()))
 
 
-def _build(model_dir: Path, folder: Path, config: dict, options: ExportOptions, progress, samples) -> dict:
+def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions, progress,
+           prompts: list[ParityPrompt] | None) -> dict:
     import torch
+    from tokenizers import Tokenizer
 
     from covspec import __version__
     from covspec.export import graphs, parity
-    from covspec.export.adapters import adapter_for
-    from covspec.hf.folder import load_llava, prompt_template
+    from covspec.export.parity import ExportedDraft
 
     progress("load model")
-    model, processor = load_llava(model_dir)
-    adapter = adapter_for(model)
-    template = prompt_template(processor)
+    model, processor = family.load(model_dir)
+    half = family.exporter(model, processor)
 
     progress("export graphs")
     graph_specs = {
-        "vision": graphs.export_vision(adapter, folder, options.opset, options.exporter),
-        "scorer": graphs.export_scorer(adapter.decoder_spec.hidden_size, folder, options.opset, options.exporter),
-        "decoder": graphs.export_decoder(adapter, folder, options.opset, options.exporter),
+        "vision": graphs.export_graph(half.vision_graph(), folder / "vision.onnx", options.opset, options.exporter),
+        "scorer": graphs.export_scorer(half.decoder_spec.hidden_size, folder, options.opset, options.exporter),
+        "decoder": graphs.export_graph(half.decoder_graph(), folder / "decoder.onnx", options.opset,
+                                       options.exporter),
     }
 
     progress("embeddings + tokenizer")
-    table = adapter.embed_tokens.numpy().astype(np.float32)
+    table = half.embed_tokens()
     np.save(folder / "embed_tokens.npy", table, allow_pickle=False)
     shutil.copyfile(model_dir / "tokenizer.json", folder / "tokenizer.json")
-    tokenizer = tokenizer_section(model, processor, folder / "tokenizer.json")
+    tokenizer = half.tokenizer_section(folder / "tokenizer.json")
+    image = half.image_section()
 
     progress("fp32 parity")
-    samples = (samples or parity.toy_samples(processor, template, tokenizer["vocab_hash"])
-               or [parity.sample_input(processor, template)])
-    sample = samples[0]
-    runner = _runner(folder, adapter, tokenizer)
-    report = {"fp32": parity.check_fp32(model, adapter, runner, folder / "scorer.onnx", sample)}
-    num_visual_tokens = int(runner.encode_image(sample.pixel_values)[0].shape[1])
-    del runner
+    device_half = family.device(image=image, tokenizer_section=tokenizer, prompt_template=half.template,
+                                tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")), embed_tokens=table)
+
+    def runner(vision: str = "vision.onnx", decoder: str = "decoder.onnx") -> ExportedDraft:
+        return ExportedDraft(folder / vision, folder / decoder, half.decoder_spec.to_dict(), device_half, table,
+                             tokenizer["eos_ids"])
+
+    samples = [parity.sample_input(half, prompt) for prompt in (prompts or [parity.default_prompt(half)])]
+    fp32 = runner()
+    report = {"fp32": parity.check_fp32(model, half, fp32, folder / "scorer.onnx", samples[0])}
+    num_visual_tokens = int(fp32.image_features(samples[0])[0].shape[1])
+    del fp32
 
     quantization = {"scheme": "fp32", "graphs": []}
     if options.quant != "fp32":
         progress("quantize")
         bound = options.min_agreement if options.min_agreement is not None else DEFAULT_MIN_AGREEMENT[options.quant]
-        quantization, report[options.quant] = _quantize_stage(folder, options.quant, adapter, tokenizer, samples,
-                                                              bound)
+        quantization, report[options.quant] = _quantize_stage(folder, options.quant, runner, samples, bound)
     if options.graph_format == "ort":
         progress("convert to ORT")
         _convert_to_ort(folder, graph_specs)
 
-    text, vision = model.config.text_config, model.config.vision_config
     return {
         "format": "covspec-artifact", "format_version": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "covspec_version": __version__,
-        "source": {"path": str(model_dir.resolve()), "sha256": source_hash(model_dir),
-                   "architecture": config["architectures"][0], "text_model_type": text.model_type,
-                   "vision_model_type": vision.model_type, "torch_version": torch.__version__,
-                   "exporter": options.exporter},
+        "source": {"path": str(model_dir.resolve()), "sha256": source_hash(model_dir), "family": family.name,
+                   **half.source_section(), "torch_version": torch.__version__, "exporter": options.exporter},
         "quantization": quantization, "opset": options.opset, "graph_format": options.graph_format,
-        "files": {}, "graphs": graph_specs, "decoder": adapter.decoder_spec.to_dict(),
+        "files": {}, "graphs": graph_specs, "decoder": half.decoder_spec.to_dict(),
         "embedding": {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)},
-        "tokenizer": tokenizer, "image": image_section(processor, vision.image_size),
-        "num_visual_tokens": num_visual_tokens, "prompt_template": template,
+        "tokenizer": tokenizer, "image": image,
+        "num_visual_tokens": num_visual_tokens, "prompt_template": half.template,
         "pruning": {"keep_ratio": options.keep_ratio, "selection": "covspec"}, "parity": report,
     }

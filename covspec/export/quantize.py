@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,14 +18,38 @@ import onnx
 SCHEMES = ("fp32", "int8", "int4")
 INT8_OP_TYPES = ["MatMul", "Gemm"]
 INT4_BLOCK_SIZE = 32
+# onnxruntime's quantizers log advice (e.g. "consider pre-processing") through the
+# root logger's module-level functions and through these named loggers.
+QUANTIZER_LOGGERS = ("onnxruntime.quantization.matmul_nbits_quantizer",)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Only errors from onnxruntime's quantizers while inside; every logger is restored after.
+
+    The root logger gets a ``NullHandler`` for the duration so that ``logging.warning``
+    does not install a console handler (``basicConfig``) behind the caller's back.
+    """
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in QUANTIZER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    sink = logging.NullHandler()
+    loggers[0].addHandler(sink)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        loggers[0].removeHandler(sink)
 
 
 def quantize_int8(source: Path, target: Path, per_channel: bool) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs pre-processing advice
-    quantize_dynamic(source, target, op_types_to_quantize=INT8_OP_TYPES, per_channel=per_channel,
-                     weight_type=QuantType.QInt8)
+    with _quiet_quantizer():
+        quantize_dynamic(source, target, op_types_to_quantize=INT8_OP_TYPES, per_channel=per_channel,
+                         weight_type=QuantType.QInt8)
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
             "per_channel": per_channel, "op_types": INT8_OP_TYPES}
 
@@ -32,10 +57,10 @@ def quantize_int8(source: Path, target: Path, per_channel: bool) -> dict:
 def quantize_int4(source: Path, target: Path) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger().setLevel(logging.ERROR)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=INT4_BLOCK_SIZE,
-                                     is_symmetric=True)
-    quantizer.process()
+    with _quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=INT4_BLOCK_SIZE,
+                                         is_symmetric=True)
+        quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
     return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "bits": 4,
             "block_size": INT4_BLOCK_SIZE, "symmetric": True, "op_types": ["MatMul"]}

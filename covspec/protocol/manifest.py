@@ -3,9 +3,9 @@
 An artifact folder holds ONNX graphs (``vision``, ``scorer``, ``decoder``), the token
 embedding table (``embed_tokens.npy``), ``tokenizer.json`` and ``manifest.json``.
 The manifest names every other file with its sha256 and size, the graphs' input and
-output names, the decoder's cache layout, tokenizer ids and vocabulary hash, image
-preprocessing, the prompt template, pruning defaults and the export's parity report
-(DESIGN.md section 9).
+output names, the decoder's cache layout, tokenizer ids and vocabulary hash, the
+model family (``source.family``) with its image preprocessing section, the prompt
+template, pruning defaults and the export's parity report (DESIGN.md section 9).
 
 ``load_manifest`` refuses an artifact with a missing file, a hash or size mismatch,
 another format or format version, or a missing field, by raising one typed
@@ -75,14 +75,13 @@ class Manifest:
 
     # Required keys of the nested sections the device relies on.
     REQUIRED = {
-        "source": ("path", "sha256", "architecture", "text_model_type", "vision_model_type"),
+        "source": ("path", "sha256", "family", "architecture"),
         "quantization": ("scheme",),
         "decoder": ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
                     "past_input_names", "present_output_names"),
         "embedding": ("file", "dtype", "shape"),
         "tokenizer": ("file", "vocab_size", "vocab_hash", "bos_id", "eos_ids", "pad_id", "image_token_id"),
-        "image": ("size", "resize_shortest_edge", "crop_size", "do_center_crop", "rescale_factor",
-                  "mean", "std", "resample", "do_convert_rgb"),
+        "image": (),  # its keys are the family's (checked by the family's device half)
     }
 
     def to_dict(self) -> dict[str, Any]:

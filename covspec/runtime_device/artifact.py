@@ -2,8 +2,9 @@
 
 ``DraftArtifact.load`` checks the manifest (format version, every file's sha256)
 before anything runs, then opens the onnxruntime sessions, the token embedding table
-and the tokenizer. It also turns a question into the draft's prompt ids, expanding
-the single image token into as many visual tokens as the draft keeps.
+and the tokenizer, and builds the device half of the family the manifest names
+(``family``: image preprocessing, prompt layout, draft context). Numpy,
+onnxruntime and tokenizers only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from covspec.families import DeviceHalf, UnsupportedModelError, family_named
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
 
 
@@ -28,12 +30,13 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-@dataclass
-class PromptLayout:
-    """The draft prompt split around its visual tokens: ids before and after the image."""
-
-    before: list[int]
-    after: list[int]
+def open_graph(path: str | Path, threads: int = 2) -> ort.InferenceSession:
+    """An onnxruntime CPU session on an ONNX or ORT graph file; ``ArtifactError`` if it cannot load."""
+    path = Path(path)
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise ArtifactError(f"{path.name}: onnxruntime cannot load it ({exc}).") from None
 
 
 @dataclass
@@ -45,27 +48,27 @@ class DraftArtifact:
     decoder: ort.InferenceSession
     embed_tokens: np.ndarray          # [V, D] float32
     tokenizer: Tokenizer
+    family: DeviceHalf                # the device half of the artifact's model family
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 2, verify_hashes: bool = True) -> DraftArtifact:
         folder = Path(folder)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
-        options = session_options(threads)
-
-        def open_graph(name: str) -> ort.InferenceSession:
-            path = manifest.graph_path(folder, name)
-            try:
-                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises several unrelated types
-                raise ArtifactError(f"{path.name}: onnxruntime cannot load it ({exc}).") from None
-
+        try:
+            family = family_named(manifest.source["family"])
+        except UnsupportedModelError as exc:
+            raise ArtifactError(f"manifest.json: field 'source.family': {exc}") from None
         embed = np.load(folder / manifest.embedding["file"], allow_pickle=False)
         if list(embed.shape) != list(manifest.embedding["shape"]):
             raise ArtifactError(f"{manifest.embedding['file']}: shape {list(embed.shape)} differs from the "
                                 f"manifest's {manifest.embedding['shape']}.")
+        embed = embed.astype(np.float32, copy=False)
         tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer["file"]))
-        return cls(folder, manifest, open_graph("vision"), open_graph("scorer"), open_graph("decoder"),
-                   embed.astype(np.float32, copy=False), tokenizer)
+        device_half = family.device(image=manifest.image, tokenizer_section=manifest.tokenizer,
+                                    prompt_template=manifest.prompt_template, tokenizer=tokenizer,
+                                    embed_tokens=embed)
+        graphs = [open_graph(manifest.graph_path(folder, name), threads) for name in ("vision", "scorer", "decoder")]
+        return cls(folder, manifest, *graphs, embed, tokenizer, device_half)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -74,16 +77,6 @@ class DraftArtifact:
     @property
     def vocab_hash(self) -> str:
         return self.manifest.tokenizer["vocab_hash"]
-
-    def prompt_layout(self, question: str) -> PromptLayout:
-        """Tokenize the prompt template filled with ``question`` and split it at the image."""
-        text = self.manifest.prompt_template.replace("{question}", question.strip())
-        ids = self.tokenizer.encode(text).ids  # as the processor does, special tokens included
-        image_id = self.manifest.tokenizer["image_token_id"]
-        if ids.count(image_id) != 1:
-            raise ArtifactError("the prompt template must contain exactly one image token.")
-        split = ids.index(image_id)
-        return PromptLayout(before=ids[:split], after=ids[split + 1:])
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Token embeddings [n, D] for ids [n]."""

@@ -1,24 +1,32 @@
 """The draft decoder over onnxruntime with a numpy KV cache.
 
-The cache holds the draft's context (prompt with its kept visual tokens) followed by
-generated tokens. Positions of generated tokens continue from the *full* context
-length (as if no visual token was pruned), so the draft sees the same position ids
-as the target would. Everything after the context is addressed by generated
-position (0 = first generated token), the protocol's unit: ``truncate(m)`` keeps the
-KV of the first ``m`` generated tokens. The drafter remembers which tokens it fed
+The cache holds the draft's context (a ``DraftContext``: prompt with its kept visual
+tokens, built by the artifact's family) followed by generated tokens. Generated
+tokens are plain token embeddings (even one equal to the image token id) at
+positions continuing from ``context.next_position`` (for original positions: the
+full context length, as if no visual token was pruned, so the draft sees the same
+position ids as the target would; on every position axis when the context has
+several). Everything after the context is addressed by generated position
+(0 = first generated token), the protocol's unit: ``truncate(m)`` keeps the KV of
+the first ``m`` generated tokens. The drafter remembers which tokens it fed
 (``fed``), so ``extend_to(sequence)`` reuses the longest valid prefix of its cache
 and feeds only the rest. ``snapshot``/``restore`` fork the cache for branches:
 onnxruntime returns fresh arrays and truncation only slices, so a snapshot is a
 list of references, not a copy.
+
+The drafter needs only a decoder session, the decoder's cache layout (the
+manifest's ``decoder`` section) and an embedding lookup, so the exporter runs its
+parity checks through this same class before any manifest exists.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from covspec.families import DraftContext
 from covspec.runtime_device.artifact import DraftArtifact
 
 
@@ -31,37 +39,52 @@ class DrafterState:
 
 
 class Drafter:
-    def __init__(self, artifact: DraftArtifact):
-        self.artifact = artifact
-        spec = artifact.manifest.decoder
+    def __init__(self, decoder, spec: Mapping, embed: Callable[[list[int]], np.ndarray]):
+        """decoder: an onnxruntime session of ``decoder.onnx``; spec: the manifest's
+        ``decoder`` section; embed: token ids [n] -> embeddings [n, D]."""
+        self.decoder = decoder
+        self.embed = embed
         self.past_names: list[str] = spec["past_input_names"]
         self.present_names: list[str] = spec["present_output_names"]
         self.kv_shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
         self.cache: list[np.ndarray] = []
         self.context_len = 0           # cache entries of the context
-        self.full_context_len = 0      # context length had no visual token been pruned
+        self.next_position = 0         # position of the first generated token
+        self.position_axes = 0         # 0: 1-D positions; A: A position axes
         self.fed: list[int] = []       # generated tokens whose KV is in the cache
-        self.step_seconds: list[float] = []
+
+    @classmethod
+    def from_artifact(cls, artifact: DraftArtifact) -> Drafter:
+        return cls(artifact.decoder, artifact.manifest.decoder, artifact.embed)
 
     @property
     def generated(self) -> int:
         return len(self.fed)
 
-    def prefill(self, embeds: np.ndarray, positions: np.ndarray, full_context_len: int) -> np.ndarray:
-        """Run the context. embeds: [S, D], positions: [S] -> logits [V] after the context."""
+    def prefill(self, context: DraftContext) -> np.ndarray:
+        """Run the context (replacing any earlier one) -> logits [V] after it."""
+        return self.prefill_rows(context)[-1]
+
+    def prefill_rows(self, context: DraftContext, generated: list[int] = ()) -> np.ndarray:
+        """Run the context followed by ``generated`` tokens in one pass (replacing any
+        earlier cache) -> logits [S + n, V], one row per context entry and token."""
         self.cache = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
         self.context_len = 0
-        logits = self._run(embeds, positions)
-        self.context_len = embeds.shape[0]
-        self.full_context_len = full_context_len
+        self.position_axes = context.positions.shape[0] if context.positions.ndim == 2 else 0
+        self.next_position = context.next_position
         self.fed = []
-        return logits[-1]
+        embeds, positions = context.embeds, context.positions
+        if len(generated):
+            embeds = np.concatenate([embeds, self.embed(generated)])
+            positions = np.concatenate([positions, self._positions(len(generated))], axis=-1)
+        logits = self._run(embeds, positions)
+        self.context_len = len(context)
+        self.fed = [int(t) for t in generated]
+        return logits
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Append generated tokens (at positions ``generated``...). Returns logits [n, V]."""
-        start = self.full_context_len + self.generated
-        positions = np.arange(start, start + len(tokens), dtype=np.int64)
-        logits = self._run(self.artifact.embed(tokens), positions)
+        logits = self._run(self.embed(tokens), self._positions(len(tokens)))
         self.fed += [int(t) for t in tokens]
         return logits
 
@@ -92,17 +115,22 @@ class Drafter:
         self.cache = [kv[:, :, :keep] for kv in self.cache]
         del self.fed[generated:]
 
+    def _positions(self, count: int) -> np.ndarray:
+        """Positions [n] (or [A, n]) of the next ``count`` generated tokens."""
+        start = self.next_position + self.generated
+        positions = np.arange(start, start + count, dtype=np.int64)
+        return np.broadcast_to(positions, (self.position_axes, count)) if self.position_axes else positions
+
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """embeds [S, D], positions [S] or [A, S] -> logits [S, V]; the cache grows by S."""
         past_len = self.cache[0].shape[2]
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
             "attention_mask": np.ones((1, past_len + embeds.shape[0]), dtype=np.int64),
-            "position_ids": np.asarray(positions, dtype=np.int64)[None],
+            "position_ids": np.ascontiguousarray(np.expand_dims(positions, -2), dtype=np.int64),  # [1, S] / [A, 1, S]
         }
         for name, kv in zip(self.past_names, self.cache):
             feeds[name] = np.ascontiguousarray(kv)
-        began = time.perf_counter()
-        outputs = self.artifact.decoder.run(["logits"] + self.present_names, feeds)
-        self.step_seconds.append(time.perf_counter() - began)
+        outputs = self.decoder.run(["logits"] + self.present_names, feeds)
         self.cache = outputs[1:]
         return outputs[0][0]                                                   # [S, V]

@@ -68,7 +68,7 @@ class ArtifactDraft:
 
     def __init__(self, artifact: DraftArtifact):
         self.artifact = artifact
-        self.drafter = Drafter(artifact)
+        self.drafter = Drafter.from_artifact(artifact)
         self.eos_ids = artifact.eos_ids
         self.vocab_hash = artifact.vocab_hash
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from covspec.families import POSITIONS
 from covspec.protocol.messages import SEED_RANGE
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS, codec_named
 from covspec.runtime_device.policy import POLICIES
 from covspec.runtime_device.pruning import METHODS
-
-POSITIONS = ("original", "contiguous")
 
 
 @dataclass(frozen=True)

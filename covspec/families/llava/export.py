@@ -1,8 +1,7 @@
-"""Per-architecture wrappers that give each exported graph a flat tensor signature.
+"""The LLaVA export half: flat-signature wrappers for tracing, and the manifest sections.
 
-``adapter_for(model)`` returns the adapter of a loaded model; supported:
-``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower and a Llama,
-Mistral or Qwen2 language model. An adapter exposes
+Supported: ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower and
+a Llama, Mistral or Qwen2 language model. Graphs:
 
 - ``vision``: ``pixel_values [B,3,H,W] -> image_features [B,N,D], activity [B,N]``:
   the vision tower and projector exactly as the model selects them (feature layer(s),
@@ -15,44 +14,27 @@ Mistral or Qwen2 language model. An adapter exposes
   P..P+S-1), so ``position_ids`` may skip values (pruned visual tokens keep their
   original positions). Sliding-window attention (Mistral, Qwen2 with
   ``use_sliding_window``) is not applied: contexts must stay within the window.
-- ``embed_tokens``: the LM's input embedding table ``[V, D]``.
-- ``decoder_spec``: layer count, KV heads, head size, hidden size, vocabulary rows.
+
+Torch and transformers; imported by the exporter only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
 
-from covspec.export.errors import UnsupportedModelError
+from covspec.families.interface import DecoderSpec, GraphTrace, UnsupportedModelError, past_names, present_names
+from covspec.families.llava.edge import prompt_template
 
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-
-    def to_dict(self) -> dict:
-        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
-                "past_input_names": past_names(self.num_layers),
-                "present_output_names": present_names(self.num_layers)}
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# Tracing sizes: batch >= 2, past and query lengths that are neither 0 nor 1.
+TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
 
 
 class LlavaVision(nn.Module):
@@ -133,12 +115,10 @@ class LlavaDecoder(nn.Module):
         return (logits, *presents)
 
 
-class LlavaAdapter:
-    """Export adapter for ``LlavaForConditionalGeneration``."""
+class LlavaExport:
+    """The ``ExportHalf`` of a loaded LLaVA draft."""
 
-    architecture = "LlavaForConditionalGeneration"
-
-    def __init__(self, model):
+    def __init__(self, model, processor):
         config = model.config
         text, vision = config.text_config, config.vision_config
         if text.model_type not in SUPPORTED_TEXT:
@@ -148,29 +128,93 @@ class LlavaAdapter:
             raise UnsupportedModelError(f"LLaVA vision tower {vision.model_type!r} is not supported; "
                                         f"supported: {', '.join(SUPPORTED_VISION)}.")
         self.model = model
-        self.text_model_type = text.model_type
-        self.vision_model_type = vision.model_type
+        self.processor = processor
+        self.template = prompt_template(processor)
         self.vision = LlavaVision(model).eval()
         self.decoder = LlavaDecoder(model).eval()
-        embed = model.get_input_embeddings().weight
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.decoder_spec = DecoderSpec(
             num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=head_dim, hidden_size=text.hidden_size, vocab_size=embed.shape[0])
-        self.image_token_id = config.image_token_id
+            head_dim=head_dim, hidden_size=text.hidden_size, vocab_size=model.get_input_embeddings().weight.shape[0])
+        crop = processor.image_processor.crop_size
+        self.input_size = (crop["width"], crop["height"]) if crop else (224, 224)
 
-    @property
-    def embed_tokens(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight.detach().float()
+    def vision_graph(self) -> GraphTrace:
+        vision = self.model.config.vision_config
+        pixel_values = torch.randn(TRACE_BATCH, vision.num_channels, vision.image_size, vision.image_size)
+        axes = {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}, "activity": {0: "batch"}}
+        return GraphTrace(self.vision, (pixel_values,), ["pixel_values"], ["image_features", "activity"], axes,
+                          ({0: Dim("batch", min=1, max=1024)},))
+
+    def decoder_graph(self) -> GraphTrace:
+        spec = self.decoder_spec
+        batch, query, past = TRACE_BATCH, TRACE_QUERY, TRACE_PAST
+        embeds = torch.randn(batch, query, spec.hidden_size)
+        mask = torch.ones(batch, past + query, dtype=torch.int64)
+        positions = torch.arange(past, past + query, dtype=torch.int64).expand(batch, -1).contiguous()
+        caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim) for _ in range(2 * spec.num_layers)]
+        pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
+        axes = {"inputs_embeds": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"},
+                "position_ids": {0: "batch", 1: "query"}, "logits": {0: "batch", 1: "query"},
+                **{name: {0: "batch", 2: "past"} for name in pasts},
+                **{name: {0: "batch", 2: "total"} for name in presents}}
+        b, s, p = Dim("batch", min=1, max=1024), Dim("query", min=1, max=65536), Dim("past", min=0, max=65536)
+        # ``*past`` binds as one argument, so its shapes are one nested tuple; the mask's
+        # length (past + query) is left for the exporter to derive.
+        dims = ({0: b, 1: s}, {0: b, 1: Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in caches))
+        return GraphTrace(self.decoder, (embeds, mask, positions, *caches),
+                          ["inputs_embeds", "attention_mask", "position_ids", *pasts], ["logits", *presents],
+                          axes, dims)
+
+    def embed_tokens(self) -> np.ndarray:
+        return self.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float32)
+
+    def processor_inputs(self, image, question: str) -> dict:
+        return dict(self.processor(images=image, text=self.template.replace("{question}", question),
+                                   return_tensors="pt"))
+
+    def vision_feeds(self, inputs) -> dict[str, np.ndarray]:
+        return {"pixel_values": inputs["pixel_values"].numpy().astype(np.float32)}
+
+    def image_section(self) -> dict:
+        ip = self.processor.image_processor
+        image_size = self.model.config.vision_config.image_size
+        size = ip.size
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        resample = getattr(ip, "resample", 3)
+        return {
+            "size": [image_size, image_size],
+            "resize_shortest_edge": shortest if shortest is not None else image_size,
+            "crop_size": _size(getattr(ip, "crop_size", None), (image_size, image_size)),
+            "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
+            "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),
+            "mean": [float(x) for x in ip.image_mean],
+            "std": [float(x) for x in ip.image_std],
+            "resample": RESAMPLE_NAMES.get(int(getattr(resample, "value", resample)), str(resample)),
+            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+        }
+
+    def tokenizer_section(self, tokenizer_file: Path) -> dict:
+        from tokenizers import Tokenizer
+
+        from covspec.protocol.vocab import vocab_hash
+
+        vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+        tok = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
+        return {"file": tokenizer_file.name, "vocab_size": len(vocab), "vocab_hash": vocab_hash(vocab),
+                "bos_id": tok.bos_token_id, "eos_ids": [int(i) for i in eos_ids], "pad_id": tok.pad_token_id,
+                "image_token_id": int(self.model.config.image_token_id)}
+
+    def source_section(self) -> dict:
+        config = self.model.config
+        return {"architecture": type(self.model).__name__, "text_model_type": config.text_config.model_type,
+                "vision_model_type": config.vision_config.model_type}
 
 
-ADAPTERS = {LlavaAdapter.architecture: LlavaAdapter}
-
-
-def adapter_for(model) -> LlavaAdapter:
-    """The export adapter for a loaded model, or ``UnsupportedModelError``."""
-    architecture = type(model).__name__
-    if architecture not in ADAPTERS:
-        raise UnsupportedModelError(f"architecture {architecture!r} has no export adapter; supported: "
-                                    f"{', '.join(ADAPTERS)}.")
-    return ADAPTERS[architecture](model)
+def _size(value, default) -> list[int]:
+    if value is None:
+        return list(default)
+    get = value.get if isinstance(value, dict) else lambda key: getattr(value, key, None)
+    return [get("height"), get("width")] if get("height") is not None else list(default)

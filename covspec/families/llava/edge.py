@@ -1,0 +1,105 @@
+"""The LLaVA edge half: load a local folder, render its prompt template, build the
+target's context (optionally with pruned visual tokens).
+
+Torch and transformers, imported by the edge, the exporter and the toy world. A
+model folder is a standard transformers folder (``LlavaForConditionalGeneration``
+weights, ``tokenizer.json`` with a chat template, ``LlavaProcessor`` files);
+everything loads offline and ``trust_remote_code`` is never set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from covspec.families.interface import ModelFolderError, TargetContext
+from covspec.protocol.errors import BAD_FIELD, EdgeError
+
+QUESTION_SLOT = "{question}"
+
+
+def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
+    """(model, processor) from a local folder, in eval mode. Nothing is fetched."""
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, dtype), local_files_only=True).to(device).eval()
+    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def prompt_template(processor) -> str:
+    """The rendered single-image prompt with ``{question}`` where the question goes.
+
+    Device and edge both fill this string, so both tokenize the same text.
+    """
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
+        raise ModelFolderError("the chat template must place one image and one question.")
+    return rendered
+
+
+class LlavaTarget:
+    """The ``TargetHalf`` of a loaded LLaVA target."""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.template = prompt_template(processor)
+
+    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
+        image_token = self.processor.image_token
+        if image_token in question:
+            raise EdgeError(BAD_FIELD, f"the prompt contains {image_token!r}; send the question text only, "
+                                       "the edge places the image itself.")
+        prompt = self.template.format(question=question)
+        try:
+            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        length = int(inputs["input_ids"].shape[1])
+        if keep is None:
+            return TargetContext(inputs=inputs, length=length)
+        import torch
+
+        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        keep = sorted({int(i) for i in keep})
+        if keep[0] < 0 or keep[-1] >= visual:
+            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[0]}..{keep[-1]} "
+                                       "(the target's visual grid must match the draft's).")
+        return TargetContext(inputs=inputs, length=length - visual + len(keep),
+                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+
+    def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
+        import torch
+
+        inputs = context.inputs
+        ids = inputs["input_ids"][0]
+        is_image = ids == self.model.config.image_token_id
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+        features = features.reshape(-1, features.shape[-1])[context.keep]              # [K, D]
+        start = int(torch.nonzero(is_image)[0])
+        text = self.model.get_input_embeddings()(ids[None])[0]                          # [L, D]
+        visual = int(is_image.sum())
+        embeds = torch.cat([text[:start], features.to(text.dtype), text[start + visual:]])[None]
+        return {"inputs_embeds": embeds,
+                "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
+
+    def eos_ids(self) -> set[int]:
+        """The generation config first, then the configs, then the tokenizer."""
+        for source in (self.model.generation_config.eos_token_id, self.model.config.text_config.eos_token_id,
+                       self.processor.tokenizer.eos_token_id):
+            if source is not None:
+                return {int(source)} if isinstance(source, int) else {int(i) for i in source}
+        return set()
+
+    def vocab(self) -> dict[str, int]:
+        return self.processor.tokenizer.get_vocab()
