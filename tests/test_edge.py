@@ -221,6 +221,15 @@ def test_reopen_with_committed_tokens_continues_exactly(tiny, client):
     assert client.request(Ping(session="re", seq=8)).sessions >= 1
 
 
+def test_committed_and_drafted_image_token_ids_are_plain_text(tiny, client):
+    """Issue 21, item 8: a generated id equal to the image placeholder is text, not an image slot."""
+    image_id = tiny.model.config.image_token_id
+    opened = client.request(open_message(tiny, "imgtok", noise_image(3), committed=[image_id, 3]))
+    assert isinstance(opened, Opened) and opened.position == 2
+    result = client.request(Verify(session="imgtok", seq=1, start=3, tokens=np.asarray([image_id, image_id], np.int32)))
+    assert isinstance(result, Result) and result.status == "ok"
+
+
 def test_pipelined_chunk_on_a_wrong_assumption_is_stale(tiny, client):
     image = noise_image(5)
     ref = reference(tiny, image, 16)
@@ -490,6 +499,8 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
         ("prompt places its own image", encode(open_message(target, "p", image, prompt="<image> what ?")), "bad_field"),
         ("context + max_new_tokens over the limit", encode(open_message(target, "long", image, max_new_tokens=500)),
          "too_long"),
+        ("a 1 x 4,000,000 strip", encode(open_message(target, "strip", Image.new("RGB", (1, 4_000_000)))), "bad_image"),
+        ("a 32 x 500,000 strip", encode(open_message(target, "strip", Image.new("RGB", (32, 500_000)))), "bad_image"),
         ("committed tokens out of range", encode(open_message(target, "reo", image, committed=[v + 1])), "bad_token"),
         ("edge-only message type", encode(Pong(session="victim", seq=50, sessions=3)), "unexpected_type"),
         # Issue 21: each of these got no reply at all.
@@ -637,6 +648,46 @@ def test_max_sessions(tiny):
             c.close()
 
 
+def test_finished_sessions_give_up_their_slots(tiny):
+    """Issue 21, item 14: a session that finished but was never closed frees its cache at
+    once and its slot soon after (at once when a new session needs it)."""
+    image = noise_image(12)
+    with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_sessions=2, finished_timeout_s=0.3)) as edge:
+        c = Client(edge.address)
+        try:
+            done = c.request(open_message(tiny, "short", image, max_new_tokens=1))
+            assert done.done and edge._owner.sessions["short"].cache is None
+            assert isinstance(c.request(open_message(tiny, "long", image)), Opened)
+            # Full: the finished session's slot is handed over at once.
+            assert isinstance(c.request(open_message(tiny, "next", image)), Opened)
+            assert "short" not in edge._owner.sessions
+            c.send(Close(session="next", seq=1))
+            assert c.request(open_message(tiny, "short-again", image, max_new_tokens=1)).done
+            assert wait_for_sessions(c, 1) == 1                  # ... and after finished_timeout_s anyway
+            assert set(edge._owner.sessions) == {"long"}
+        finally:
+            c.close()
+
+
+def test_the_device_waits_out_a_busy_edge(tiny):
+    """CoInference's client asks a busy edge again with backoff instead of failing at once."""
+    from covspec.runtime_device.client import EdgeClient, RetryPolicy
+
+    image = noise_image(12)
+    with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_sessions=1)) as edge:
+        holder = Client(edge.address)
+        device = EdgeClient(edge.address, RetryPolicy(timeout_s=1.0, retries=2, backoff_s=0.05))
+        try:
+            assert isinstance(holder.request(open_message(tiny, "holder", image)), Opened)
+            threading.Timer(0.5, lambda: holder.send(Close(session="holder", seq=1))).start()
+            began = time.monotonic()
+            opened = device.request(open_message(tiny, "waiting", image))
+            assert isinstance(opened, Opened) and time.monotonic() - began >= 0.4
+        finally:
+            holder.close()
+            device.close()
+
+
 # --- CurveZMQ and configuration ------------------------------------------------------------------
 
 def make_keys(directory: Path, name: str) -> tuple[bytes, bytes]:
@@ -685,6 +736,40 @@ def test_curve_admits_allowed_keys_only(tiny, tmp_path):
         finally:
             for c in clients.values():
                 c.close()
+
+
+def test_a_refused_device_gets_a_clear_error_not_a_hang(tiny, tmp_path, caplog):
+    """Issue 21, item 13: the device client neither blocks in send nor waits in silence
+    when the edge refuses its key or it speaks no encryption to a keyed edge."""
+    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeUnreachable, RetryPolicy
+
+    edge_public, _ = make_keys(tmp_path / "edge", "edge")
+    make_keys(tmp_path / "allowed", "phone")
+    make_keys(tmp_path / "strangers", "stranger")
+    config = ServerConfig(bind=ANY_PORT, secret_key=tmp_path / "edge" / "edge.key_secret",
+                          allow_keys=tmp_path / "allowed")
+    quick = RetryPolicy(timeout_s=0.5, retries=1, backoff_s=0.01)
+    with caplog.at_level("WARNING", logger="covspec.edge"), EdgeServer(tiny, config) as secure:
+        cases = {"refused this device's key": CurveKeys.load(tmp_path / "strangers" / "stranger.key_secret",
+                                                             tmp_path / "edge" / "edge.key"),
+                 "handshake": None}
+        for expected, keys in cases.items():
+            device = EdgeClient(secure.address, quick, keys)
+            began = time.monotonic()
+            try:
+                with pytest.raises(EdgeUnreachable, match=expected):
+                    for seq in range(50):        # more than any send buffer holds
+                        device.request(Ping(session="", seq=seq))
+            finally:
+                device.close()
+            assert time.monotonic() - began < 10
+        allowed = EdgeClient(secure.address, quick, CurveKeys.load(tmp_path / "allowed" / "phone.key_secret",
+                                                                   tmp_path / "edge" / "edge.key"))
+        try:
+            assert isinstance(allowed.request(Ping(session="", seq=1)), Pong)
+        finally:
+            allowed.close()
+    assert any("denied a connection" in record.message for record in caplog.records)
 
 
 def test_keys_new_refuses_to_overwrite(tmp_path):

@@ -60,6 +60,10 @@ def device() -> None:
               help="Append one JSON line per drafting decision to this file.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="onnxruntime intra-op threads.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="This device's CurveZMQ secret key (NAME.key_secret from `covspec keys new`); with --edge-key.")
+@click.option("--edge-key", "edge_key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The edge's CurveZMQ public key file (EDGE.key), to encrypt and authenticate the link.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds to wait for each edge reply before resending.")
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0))
@@ -68,7 +72,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         temperature: float, top_k: int, top_p: float, seed: int, draft_policy: str, draft_len: int,
         max_draft_len: int, pipeline: bool, max_in_flight: int, branches: int, wire: str, keep_ratio: float | None,
         keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int,
-        timeout: float, retries: int, as_json: bool) -> None:
+        key_file: Path | None, edge_key_file: Path | None, timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
 
     The text is streamed as the edge commits it and equals the target model's own
@@ -76,7 +80,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     """
     from covspec.protocol.manifest import ArtifactError
     from covspec.runtime_device.artifact import DraftArtifact
-    from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
+    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
     from covspec.runtime_device.stats import GenerationStats, trace_to_file
@@ -88,6 +92,12 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
                                       top_p=top_p, seed=seed, prune_target=prune_target)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if (key_file is None) != (edge_key_file is None):
+        raise click.UsageError("--key and --edge-key come together: both are needed to encrypt the link.")
+    try:
+        curve = CurveKeys.load(key_file, edge_key_file) if key_file else None
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read the keys ({exc}).", param_hint="--key/--edge-key") from None
     if not image_file.is_file():
         raise click.BadParameter(f"{image_file} does not exist.", param_hint="--image")
     image_bytes = image_file.read_bytes()
@@ -103,7 +113,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
                     fg="yellow", err=True)
     trace, close_trace = trace_to_file(trace_file) if trace_file else (None, lambda: None)
-    client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries))
+    client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries), curve)
     stats = GenerationStats()
     stream = TextStream(artifact.decode_text)
     try:

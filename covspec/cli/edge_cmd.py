@@ -36,8 +36,12 @@ def edge() -> None:
               help="Largest request accepted (also the socket's MAXMSGSIZE).")
 @click.option("--idle-timeout", "idle_timeout_s", type=float, default=DEFAULT.idle_timeout_s, show_default=True,
               help="Seconds after which a silent session is dropped and its memory freed.")
+@click.option("--finished-timeout", "finished_timeout_s", type=float, default=DEFAULT.finished_timeout_s,
+              show_default=True, help="Seconds a session that finished generating keeps its slot.")
 @click.option("--max-image-pixels", type=int, default=DEFAULT.max_image_pixels, show_default=True,
               help="Largest image accepted, in pixels (checked before decoding).")
+@click.option("--max-image-aspect", type=float, default=DEFAULT.max_image_aspect, show_default=True,
+              help="Longest to shortest image side at most (thin strips would blow up when resized).")
 @click.option("--max-queue", type=int, default=DEFAULT.max_queue, show_default=True,
               help="Requests waiting for the model at most; beyond it the edge answers busy.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path),
@@ -65,7 +69,7 @@ def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     model_dir = model_dir or _default_model()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from covspec.hf.folder import ModelFolderError
+    from covspec.families import ModelFolderError
     from covspec.runtime_edge.server import EdgeServer
 
     stop = threading.Event()

@@ -4,8 +4,11 @@
 session and seq, resending the identical message (the edge answers a repeated seq
 idempotently) with exponential backoff. It raises ``EdgeUnreachable`` when no reply
 comes after every retry and ``EdgeError`` when the edge answers with an error.
-Replies to older rounds (duplicates from retries) are dropped. Every byte sent and
-received on the socket is counted
+Replies to older rounds (duplicates from retries) are dropped. Sends time out too (a
+DEALER whose connection never completes would block forever), and a handshake the
+edge refused (socket monitor events) turns into a clear ``EdgeUnreachable``: the edge
+refused this device's key, or the two sides disagree on encryption. Every byte sent
+and received on the socket is counted
 (frame payloads; ZeroMQ adds a few bytes of framing per frame), in total and per
 message type.
 """
@@ -17,10 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 import zmq
+import zmq.utils.monitor
 
-from covspec.protocol.errors import EdgeError
+from covspec.protocol.errors import BUSY, EdgeError
 from covspec.protocol.messages import Error, Limits, Message, ProtocolError, decode, encode
 
+BUSY_WAIT_S = 1.0                # the longest pause before asking a busy edge again
 
 __all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "RetryPolicy"]
 
@@ -46,6 +51,27 @@ class CurveKeys:
     secret: bytes
     server_public: bytes
 
+    @classmethod
+    def load(cls, secret_file, edge_public_file) -> "CurveKeys":
+        """From ``covspec keys new`` files: the device's ``NAME.key_secret`` and the edge's ``.key``."""
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(str(secret_file))
+        if secret is None:
+            raise ValueError(f"{secret_file} holds no secret key; pass the NAME.key_secret file.")
+        return cls(public, secret, zmq.auth.load_certificate(str(edge_public_file))[0])
+
+
+# Why a handshake failed, by the monitor event that says so.
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the edge refused this device's key (CurveZMQ authentication failed); "
+                                     "ask its operator to add the device's public key to --allow-keys",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake with the edge failed: device and edge disagree on "
+                                         "encryption (check --edge-key, and whether the edge runs with --secret-key)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake with the edge failed (wrong --edge-key, or the edge "
+                                          "expects encryption this device does not use)",
+}
+
 
 class EdgeClient:
     def __init__(self, address: str, policy: RetryPolicy = RetryPolicy(), curve: CurveKeys | None = None,
@@ -59,6 +85,10 @@ class EdgeClient:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(policy.timeout_s * 1000), 1))
+        self._monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES))
+        self._handshake_failure: str | None = None
         self.socket.connect(address)
         self.bytes_up = 0
         self.bytes_down = 0
@@ -70,7 +100,18 @@ class EdgeClient:
         size = sum(len(f) for f in frames)
         self.bytes_up += size
         self.bytes_by_type[f"up:{message.TYPE}"] += size
-        self.socket.send_multipart(frames)
+        try:
+            self.socket.send_multipart(frames)
+        except zmq.Again:
+            raise EdgeUnreachable(self.explain(f"could not send to the edge at {self.address} within "
+                                               f"{self.policy.timeout_s:g} s")) from None
+
+    def explain(self, problem: str) -> str:
+        """``problem``, with the reason the handshake failed when the socket monitor saw one."""
+        while self._monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
+            self._handshake_failure = HANDSHAKE_FAILURES.get(event)
+        return f"{problem}: {self._handshake_failure}" if self._handshake_failure else problem
 
     def _read(self) -> Message | None:
         """One waiting message off the socket (counted), or None if it does not decode."""
@@ -112,18 +153,29 @@ class EdgeClient:
         return self._held is not None
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        """Send ``message`` and return its reply, resending on timeout."""
+        """Send ``message`` and return its reply, resending on timeout. A ``busy`` edge is
+        asked again with backoff for as long as the attempts would have waited in all;
+        then its error is raised."""
         timeout = timeout_s or self.policy.timeout_s
-        for attempt in range(self.policy.retries + 1):
+        patience = time.monotonic() + timeout * (self.policy.retries + 1)
+        attempt = busy = 0
+        while attempt <= self.policy.retries:
             self.send(message)
             reply = self.receive(message.session, message.seq, timeout)
+            if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < patience:
+                time.sleep(min(self.policy.backoff_s * (2 ** busy), BUSY_WAIT_S, max(patience - time.monotonic(), 0)))
+                busy += 1
+                continue
             if reply is not None:
                 if isinstance(reply, Error):
                     raise EdgeError(reply.code, reply.message)
                 return reply
             time.sleep(self.policy.backoff_s * (2 ** attempt))
-        raise EdgeUnreachable(f"no reply from the edge at {self.address} after "
-                              f"{self.policy.retries + 1} attempts of {timeout:.1f} s")
+            attempt += 1
+        raise EdgeUnreachable(self.explain(f"no reply from the edge at {self.address} after "
+                                           f"{self.policy.retries + 1} attempts of {timeout:.1f} s"))
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from covspec.protocol.errors import UNKNOWN_SESSION
+from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.options import GenerationSettings
@@ -57,8 +57,8 @@ class DeviceSession:
     def await_opened(self, message: Open) -> Opened:
         """The reply to an ``open`` already sent (sent again if it does not come)."""
         reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
-        if reply is None:
-            reply = self.client.request(message)
+        if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
+            reply = self.client.request(message)           # resends, and waits out a busy edge
         if isinstance(reply, Error):
             raise EdgeError(reply.code, reply.message)
         return reply
@@ -91,18 +91,18 @@ class DeviceSession:
     def await_verdict(self, in_flight: Iterable[Chunk]) -> Result | None:
         """The verdict on the oldest chunk in flight, resending every chunk in flight on
         timeout; None when the session is lost (unknown to the edge, or no reply after
-        every retry). Any other error reply raises ``EdgeError``."""
+        every retry). A ``busy`` edge is asked again; any other error raises ``EdgeError``."""
         chunks = list(in_flight)
         policy = self.client.policy
         for attempt in range(policy.retries + 1):
             reply = self.client.receive(self.id, chunks[0].seq, policy.timeout_s)
-            if isinstance(reply, Error):
-                if reply.code == UNKNOWN_SESSION:
-                    return None
-                raise EdgeError(reply.code, reply.message)
-            if reply is not None:
+            if isinstance(reply, Result):
                 return reply
-            for chunk in chunks:
+            if isinstance(reply, Error) and reply.code == UNKNOWN_SESSION:
+                return None
+            if isinstance(reply, Error) and reply.code != BUSY:
+                raise EdgeError(reply.code, reply.message)
+            for chunk in chunks:                    # no reply, or a busy edge: ask again
                 self.client.send(self._verify(chunk))
             time.sleep(policy.backoff_s * (2 ** attempt))
         return None

@@ -31,9 +31,13 @@ class ServerConfig:
     ``max_context`` tokens per session (context + generated), ``max_message_bytes``
     per request (also set on the socket as ``zmq.MAXMSGSIZE``: a peer that sends more
     is disconnected), ``idle_timeout_s`` after which a silent session is dropped and
-    its cache freed, ``max_image_pixels`` per decoded image, ``max_queue`` requests
-    waiting for the model. ``threads`` sets torch's intra-op threads (None: torch's
-    default; on a CPU shared with other work, fewer threads are often much faster).
+    its cache freed, ``finished_timeout_s`` after which a session that finished
+    generating gives up its slot (its cache is freed at once; until then it answers
+    repeated requests; a full edge takes finished slots back at once),
+    ``max_image_pixels`` per decoded image and ``max_image_aspect`` its longest to
+    shortest side (both checked before decoding), ``max_queue`` requests waiting for
+    the model. ``threads`` sets torch's intra-op threads (None: torch's default; on a
+    CPU shared with other work, fewer threads are often much faster).
     """
 
     bind: str = "tcp://127.0.0.1:5555"
@@ -43,7 +47,9 @@ class ServerConfig:
     max_context: int = 4096
     max_message_bytes: int = 16 * 1024 * 1024
     idle_timeout_s: float = 300.0
+    finished_timeout_s: float = 10.0
     max_image_pixels: int = 4096 * 4096
+    max_image_aspect: float = 20.0
     max_queue: int = 1024
     secret_key: Path | None = None
     allow_keys: Path | None = None
@@ -61,8 +67,9 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}.")
-        if self.idle_timeout_s <= 0:
-            raise ConfigError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}.")
+        for name in ("idle_timeout_s", "finished_timeout_s", "max_image_aspect"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.max_message_bytes < 4096:
             raise ConfigError("max_message_bytes below 4096 cannot carry an open request; raise it.")
         if not re.match(r"^(tcp|ipc|inproc)://.+", self.bind):

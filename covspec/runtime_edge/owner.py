@@ -67,7 +67,7 @@ class ModelOwner:
         import torch
 
         self._push = push
-        check_every = min(1.0, self.config.idle_timeout_s / 4)
+        check_every = min(1.0, self.config.idle_timeout_s / 4, self.config.finished_timeout_s / 4)
         next_check = time.monotonic() + check_every
         try:
             with torch.inference_mode():
@@ -129,10 +129,13 @@ class ModelOwner:
             self.end(old, "reopened by its owner")
         if len(self.sessions) >= self.config.max_sessions:
             self._expire(time.monotonic())
+            finished = [s for s in self.sessions.values() if s.done]
+            if len(self.sessions) >= self.config.max_sessions and finished:
+                self.end(min(finished, key=lambda s: s.last_active), "finished; its slot was needed")
             if len(self.sessions) >= self.config.max_sessions:
                 raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
                                              "retry later or ask the operator to raise --max-sessions.")
-        image = decode_image(message.image.tobytes(), self.config.max_image_pixels)
+        image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
                                        owner=message.owner or secrets.token_hex(16), peer_key=request.peer_key)
         session.identity = request.identity
@@ -182,10 +185,11 @@ class ModelOwner:
             self._steps.append(step)
 
     def _expire(self, now: float) -> None:
-        limit = self.config.idle_timeout_s
+        """End sessions idle too long: ``finished_timeout_s`` once done, else ``idle_timeout_s``."""
         for session in list(self.sessions.values()):
+            limit = self.config.finished_timeout_s if session.done else self.config.idle_timeout_s
             if now - session.last_active > limit:
-                self.end(session, f"expired after {limit:g} s idle")
+                self.end(session, f"{'finished' if session.done else 'expired'} after {limit:g} s idle")
 
     def end(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.id) is session:

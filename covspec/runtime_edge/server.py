@@ -52,6 +52,7 @@ import threading
 from pathlib import Path
 
 import zmq
+import zmq.utils.monitor
 
 from covspec.protocol import errors
 from covspec.protocol.messages import (INT_RANGE, MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
@@ -63,6 +64,11 @@ from covspec.runtime_edge.target import TargetModel
 log = logging.getLogger("covspec.edge")
 
 _POLL_MS = 100
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "a device's key is not allowed (CurveZMQ authentication failed)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a device spoke another security mechanism (e.g. no encryption)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "a device's handshake failed (e.g. it used another edge key)",
+}
 _BURST = 64          # messages moved per socket per I/O iteration, so neither direction starves
 
 
@@ -116,7 +122,10 @@ class EdgeServer:
         push.setsockopt(zmq.LINGER, 0)
         push.connect(inproc)
         # Each socket is used by one thread only from here on (thread start is the memory barrier).
-        self._threads = [threading.Thread(target=self._io_loop, args=(router, pull), name="edge-io", daemon=True),
+        # Refused handshakes never reach the ROUTER as messages: the socket monitor reports them.
+        monitor = router.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
+        self._threads = [threading.Thread(target=self._io_loop, args=(router, pull, monitor), name="edge-io",
+                                          daemon=True),
                          threading.Thread(target=self._owner.run, args=(push,), name="edge-model", daemon=True)]
         for thread in self._threads:
             thread.start()
@@ -189,13 +198,17 @@ class EdgeServer:
 
     # --- I/O thread ----------------------------------------------------------------------
 
-    def _io_loop(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+    def _io_loop(self, router: zmq.Socket, pull: zmq.Socket, monitor: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 ready = dict(poller.poll(_POLL_MS))
+                while monitor in ready and monitor.poll(0):
+                    event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+                    log.warning("denied a connection: %s", _HANDSHAKE_FAILURES.get(event, event))
                 for _ in range(_BURST if pull in ready else 0):
                     try:
                         _send(router, pull.recv_multipart(flags=zmq.NOBLOCK))
@@ -213,6 +226,8 @@ class EdgeServer:
                     except Exception:  # noqa: BLE001 - the I/O thread must outlive any request
                         log.exception("failed to handle an incoming message")
         finally:
+            router.disable_monitor()
+            monitor.close(linger=0)
             router.close(linger=0)
             pull.close(linger=0)
 

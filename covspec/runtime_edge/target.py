@@ -29,10 +29,12 @@ from covspec.protocol.vocab import vocab_hash
 from covspec.runtime_edge.config import ConfigError
 
 
-def decode_image(data: bytes, max_pixels: int):
+def decode_image(data: bytes, max_pixels: int, max_aspect: float):
     """An RGB PIL image from encoded bytes (PNG, JPEG, ...); EdgeError ``bad_image`` otherwise.
 
-    The pixel count is checked from the header before any pixel is decoded.
+    The pixel count and the aspect ratio are checked from the header before any pixel
+    is decoded: processors resize the shortest edge to a fixed size, so a thin strip
+    (1 x 4,000,000) would grow into gigabytes on the model thread.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -42,6 +44,9 @@ def decode_image(data: bytes, max_pixels: int):
         if width * height > max_pixels:
             raise EdgeError(BAD_IMAGE, f"the image is {width}x{height} pixels; this edge accepts at most "
                                        f"{max_pixels} pixels, so downscale it before sending.")
+        if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect:
+            raise EdgeError(BAD_IMAGE, f"the image is {width}x{height} pixels, an aspect ratio beyond this "
+                                       f"edge's {max_aspect:g}:1; crop it before sending.")
         return image.convert("RGB")
     except EdgeError:
         raise
@@ -85,21 +90,13 @@ class TargetModel:
         """Run image + prompt (+ ``committed`` tokens, on a reopen) -> (cache, logits [V]).
 
         The logits score the token after the last input; the cache holds every input.
+        Committed tokens are generated text and run as a second, cached forward: an id
+        that happens to be the image placeholder is never taken for an image slot.
         """
-        import torch
-
         inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
-        if committed and "inputs_embeds" in inputs:
-            extra = torch.tensor([list(committed)], dtype=torch.long, device=self.device)
-            embeds = self.model.get_input_embeddings()(extra)
-            inputs["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], embeds], dim=1)
-            inputs["attention_mask"] = torch.ones(inputs["inputs_embeds"].shape[:2], dtype=torch.long,
-                                                  device=self.device)
-        elif committed:
-            extra = torch.tensor([list(committed)], dtype=inputs["input_ids"].dtype, device=self.device)
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        if committed:
+            return out.cache, self.extend(out.cache, committed)[-1]
         return out.cache, _to_numpy(out.logits[0, -1])
 
     def extend(self, cache, tokens: Sequence[int]) -> np.ndarray:
