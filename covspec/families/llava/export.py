@@ -8,12 +8,7 @@ a Llama, Mistral or Qwen2 language model. Graphs:
   CLS dropped for the "default" strategy), and the attention the CLS token pays to
   each selected token (mean over heads, at the last layer the model uses). Towers
   without a CLS token (SigLIP) use the L2 norm of each token's feature instead.
-- ``decoder``: ``inputs_embeds [B,S,D], attention_mask [B,P+S], position_ids [B,S],
-  past_key_values.{i}.key/value [B,KVH,P,HD] -> logits [B,S,V], present.{i}.key/value
-  [B,KVH,P+S,HD]``. The causal mask is built from cache positions (queries sit at
-  P..P+S-1), so ``position_ids`` may skip values (pruned visual tokens keep their
-  original positions). Sliding-window attention (Mistral, Qwen2 with
-  ``use_sliding_window``) is not applied: contexts must stay within the window.
+- ``decoder``: the language model with a flat KV cache (``covspec.families.text_export``).
 
 Torch and transformers; imported by the exporter only.
 """
@@ -27,14 +22,14 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from covspec.families.interface import DecoderSpec, GraphTrace, UnsupportedModelError, past_names, present_names
+from covspec.families.interface import GraphTrace, UnsupportedModelError
 from covspec.families.llava.edge import prompt_template
+from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
 
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-# Tracing sizes: batch >= 2, past and query lengths that are neither 0 nor 1.
-TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
+TRACE_BATCH = 2      # trace with batch >= 2, so the batch size stays dynamic
 
 
 class LlavaVision(nn.Module):
@@ -84,37 +79,6 @@ class LlavaVision(nn.Module):
         return weights.mean(dim=1)[:, 0]
 
 
-class LlavaDecoder(nn.Module):
-    """The language model + LM head with explicit, flat KV cache inputs and outputs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
-        self.text_config = model.config.text_config
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.text_config)
-        query = inputs_embeds.shape[1]
-        total = attention_mask.shape[1]
-        # Query j sits at cache position total - query + j; it sees keys up to there.
-        key_pos = torch.arange(total, device=inputs_embeds.device)
-        query_pos = torch.arange(query, device=inputs_embeds.device) + (total - query)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                                  cache=cache, use_cache=True, return_dict=True)
-        logits = self.lm_head(out.last_hidden_state)
-        presents = []
-        for layer in out.cache.layers:
-            presents += [layer.keys, layer.values]
-        return (logits, *presents)
-
-
 class LlavaExport:
     """The ``ExportHalf`` of a loaded LLaVA draft."""
 
@@ -131,11 +95,8 @@ class LlavaExport:
         self.processor = processor
         self.template = prompt_template(processor)
         self.vision = LlavaVision(model).eval()
-        self.decoder = LlavaDecoder(model).eval()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.decoder_spec = DecoderSpec(
-            num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=head_dim, hidden_size=text.hidden_size, vocab_size=model.get_input_embeddings().weight.shape[0])
+        self.decoder = FlatCacheDecoder(model.model.language_model, model.lm_head, text).eval()
+        self.decoder_spec = decoder_spec(text, model.get_input_embeddings().weight.shape[0])
         crop = processor.image_processor.crop_size
         self.input_size = (crop["width"], crop["height"]) if crop else (224, 224)
 
@@ -147,24 +108,7 @@ class LlavaExport:
                           ({0: Dim("batch", min=1, max=1024)},))
 
     def decoder_graph(self) -> GraphTrace:
-        spec = self.decoder_spec
-        batch, query, past = TRACE_BATCH, TRACE_QUERY, TRACE_PAST
-        embeds = torch.randn(batch, query, spec.hidden_size)
-        mask = torch.ones(batch, past + query, dtype=torch.int64)
-        positions = torch.arange(past, past + query, dtype=torch.int64).expand(batch, -1).contiguous()
-        caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim) for _ in range(2 * spec.num_layers)]
-        pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
-        axes = {"inputs_embeds": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"},
-                "position_ids": {0: "batch", 1: "query"}, "logits": {0: "batch", 1: "query"},
-                **{name: {0: "batch", 2: "past"} for name in pasts},
-                **{name: {0: "batch", 2: "total"} for name in presents}}
-        b, s, p = Dim("batch", min=1, max=1024), Dim("query", min=1, max=65536), Dim("past", min=0, max=65536)
-        # ``*past`` binds as one argument, so its shapes are one nested tuple; the mask's
-        # length (past + query) is left for the exporter to derive.
-        dims = ({0: b, 1: s}, {0: b, 1: Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in caches))
-        return GraphTrace(self.decoder, (embeds, mask, positions, *caches),
-                          ["inputs_embeds", "attention_mask", "position_ids", *pasts], ["logits", *presents],
-                          axes, dims)
+        return decoder_graph(self.decoder, self.decoder_spec)
 
     def embed_tokens(self) -> np.ndarray:
         return self.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float32)
@@ -195,17 +139,7 @@ class LlavaExport:
         }
 
     def tokenizer_section(self, tokenizer_file: Path) -> dict:
-        from tokenizers import Tokenizer
-
-        from covspec.protocol.vocab import vocab_hash
-
-        vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
-        tok = self.processor.tokenizer
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
-        return {"file": tokenizer_file.name, "vocab_size": len(vocab), "vocab_hash": vocab_hash(vocab),
-                "bos_id": tok.bos_token_id, "eos_ids": [int(i) for i in eos_ids], "pad_id": tok.pad_token_id,
-                "image_token_id": int(self.model.config.image_token_id)}
+        return tokenizer_section(self.model, self.processor, tokenizer_file, self.model.config.image_token_id)
 
     def source_section(self) -> dict:
         config = self.model.config
