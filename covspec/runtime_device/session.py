@@ -36,7 +36,7 @@ class DeviceSession:
         self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
         self.trace = trace
         self.id = new_session_id()
-        self.owner = secrets.token_hex(16)  # proves on every message that this device opened the session
+        self.owner = secrets.token_urlsafe(12)  # proves on every message that this device opened the session
         self.seq = 0
 
     def _next_seq(self) -> int:

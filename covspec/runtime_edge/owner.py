@@ -137,7 +137,7 @@ class ModelOwner:
                                              "retry later or ask the operator to raise --max-sessions.")
         image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
-                                       owner=message.owner or secrets.token_hex(16), peer_key=request.peer_key)
+                                       owner=message.owner or secrets.token_urlsafe(12), peer_key=request.peer_key)
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session

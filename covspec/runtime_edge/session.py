@@ -86,7 +86,7 @@ class Session:
     codec: Codec                      # the session's wire format
     sampling: SamplingParams
     rng: np.random.Generator
-    owner: str = ""                   # the secret every message of the session must carry
+    owner: str = ""                   # the secret every message of the session must carry (96 random bits)
     peer_key: str = ""                # the owner's CurveZMQ public key ("" without keys)
     context_len: int = 0
     committed: list[int] = field(default_factory=list)
