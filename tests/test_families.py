@@ -73,12 +73,14 @@ def test_registry_names_the_supported_architectures(tmp_path):
 
 
 def test_register_refuses_a_taken_name_or_architecture():
+    before = dict(FAMILIES)
     clash = SimpleNamespace(name="other", architectures=("LlavaForConditionalGeneration",))
     with pytest.raises(ValueError, match="already registered"):
         register(clash)
     with pytest.raises(ValueError, match="already registered"):
         register(SimpleNamespace(name="llava", architectures=("NewArchitecture",)))
-    assert set(FAMILIES) == {"llava"}
+    assert FAMILIES == before and {"llava", "onevision"} <= set(FAMILIES)
+    assert family_for_architecture("LlavaOnevisionForConditionalGeneration") is family_named("onevision")
 
 
 def test_export_half_refuses_unsupported_sub_models():
@@ -209,3 +211,15 @@ def test_device_half_imports_and_runs_without_torch():
     done = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(1, 3, 32, 32) 23 []"   # context: 3 text + 16 visual + 4 text
+
+
+def test_export_help_names_the_supported_classes():
+    from click.testing import CliRunner
+
+    from covspec.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["export", "--help"])
+    assert result.exit_code == 0
+    for family in FAMILIES.values():
+        for architecture in family.architectures:
+            assert architecture in result.output

@@ -122,7 +122,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
             if not as_json:
                 click.echo(increment, nl=False)
                 sys.stdout.flush()
-    except (EdgeUnreachable, EdgeError) as exc:
+    except (EdgeUnreachable, EdgeError, ArtifactError) as exc:   # ArtifactError: preprocessing vs graph
         click.echo("", err=True)
         click.echo(f"error: {exc}", err=True)
         click.echo(f"committed so far ({len(stream.tokens)} tokens): {stream.text}", err=True)

@@ -20,6 +20,16 @@ def _human(size: int) -> str:
     raise AssertionError
 
 
+def _with_supported(command):
+    """Name the registered families' model classes in the command's help (the registry
+    imports no torch)."""
+    from covspec.families import FAMILIES
+
+    lines = [f"  {', '.join(family.architectures)} (family {name})" for name, family in FAMILIES.items()]
+    command.help = command.help.replace("    {supported}", "\n".join(f"    {line}" for line in lines))
+    return command
+
+
 def _summary(manifest: dict, folder: Path, seconds: float) -> str:
     lines = [f"Artifact {folder} ({manifest['quantization']['scheme']}, {manifest['graph_format']}, "
              f"opset {manifest['opset']}, {manifest['num_visual_tokens']} visual tokens) in {seconds:.1f} s", ""]
@@ -43,6 +53,7 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@_with_supported
 @click.command(name="export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
@@ -68,6 +79,10 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
     manifest.json (hashes, preprocessing, parity report). Every export checks parity
     against PyTorch and fails if the graphs disagree; a model that speaks the toy
     vocabulary is checked on ShapesVQA scenes. Nothing is downloaded.
+
+    \b
+    Supported model classes (config.json "architectures"):
+    {supported}
     """
     from covspec.export.errors import ExportError
     from covspec.export.pipeline import DEFAULT_KEEP_RATIO, ExportOptions, export_model, stages

@@ -33,8 +33,8 @@ import torch
 
 from covspec.export.errors import ParityError
 from covspec.export.scorer import TokenScorer
-from covspec.families import DeviceHalf, DraftContext, ExportHalf
-from covspec.runtime_device.artifact import open_graph
+from covspec.families import DeviceHalf, DraftContext, ExportHalf, visual_tokens
+from covspec.runtime_device.artifact import open_graph, run_vision
 from covspec.runtime_device.drafter import Drafter
 
 FP32_LOGITS_BOUND = 1e-4
@@ -92,14 +92,18 @@ class ExportedDraft:
                                lambda ids: embed_tokens[np.asarray(ids, dtype=np.int64)])
 
     def image_features(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """``image_features [1, N, D]`` and ``activity [1, N]`` of the sample's image."""
-        features, activity = self.vision.run(["image_features", "activity"], sample.vision_feeds)
-        return features, activity
+        """The vision graph's outputs for the sample's image: ``image_features [B, n, D]`` and
+        ``activity [B, n]`` (one row per image, or per tile)."""
+        return run_vision(self.vision, sample.vision_feeds)
+
+    def visual_tokens(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """The sample image's visual tokens [N, D] and activity [N], as the device packs them."""
+        return visual_tokens(self.family, sample.vision_feeds, *self.image_features(sample))
 
     def prompt_logits(self, sample: Sample, continuation: list[int] = ()) -> tuple[np.ndarray, int]:
         """Prefill the sample's full draft context, then ``continuation`` as generated tokens,
         in one pass -> (logits [S + n, V], text tokens after the image)."""
-        features = self.image_features(sample)[0][0]
+        features = self.visual_tokens(sample)[0]
         layout = self.family.prompt_layout(sample.question)
         context: DraftContext = self.family.draft_context(layout, features, np.arange(features.shape[0]),
                                                           "original")

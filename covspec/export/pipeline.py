@@ -216,7 +216,7 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
     samples = [parity.sample_input(half, prompt) for prompt in (prompts or [parity.default_prompt(half)])]
     fp32 = runner()
     report = {"fp32": parity.check_fp32(model, half, fp32, folder / "scorer.onnx", samples[0])}
-    num_visual_tokens = int(fp32.image_features(samples[0])[0].shape[1])
+    num_visual_tokens = int(fp32.visual_tokens(samples[0])[0].shape[0])   # of the first sample's image
     del fp32
 
     quantization = {"scheme": "fp32", "graphs": []}

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from covspec.families.interface import (POSITIONS, DecoderSpec, DeviceHalf, DraftContext, ExportHalf, Family,
                                         GraphTrace, ModelFolderError, PromptLayout, TargetContext, TargetHalf,
-                                        UnsupportedModelError, past_names, present_names)
+                                        UnsupportedModelError, past_names, present_names, visual_tokens)
+from covspec.families.idefics3 import IDEFICS3
 from covspec.families.llava import LLAVA
+from covspec.families.onevision import ONEVISION
 
 __all__ = ["FAMILIES", "POSITIONS", "DecoderSpec", "DeviceHalf", "DraftContext", "ExportHalf", "Family",
            "GraphTrace", "ModelFolderError", "PromptLayout", "TargetContext", "TargetHalf",
            "UnsupportedModelError", "family_for_architecture", "family_for_folder", "family_for_model",
-           "family_named", "past_names", "present_names", "register", "supported_architectures"]
+           "family_named", "past_names", "present_names", "register", "supported_architectures", "visual_tokens"]
 
 FAMILIES: dict[str, Family] = {}
 
@@ -89,3 +91,5 @@ def family_for_folder(path: str | Path) -> Family:
 
 
 register(LLAVA)
+register(ONEVISION)
+register(IDEFICS3)

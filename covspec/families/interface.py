@@ -128,7 +128,16 @@ class DeviceHalf(Protocol):
 
     def vision_inputs(self, image) -> dict[str, np.ndarray]:
         """The vision graph's feeds for one PIL image, preprocessed exactly as the
-        model's own processor does (max abs difference at most 1e-5)."""
+        model's own processor does (max abs difference at most 1e-5). Entries whose
+        names are not inputs of the vision graph (e.g. the image's size) are not fed
+        to it; they reach ``pack_visual_tokens``."""
+
+    # Optional: ``pack_visual_tokens(feeds, features, activity) -> (features [N, D],
+    # activity [N])`` turns the vision graph's outputs for ``feeds`` (e.g. per-tile
+    # features [T, n, D], activity [T, n]) into the image's N visual tokens in prompt
+    # order (e.g. tiles packed, unpadded, with newline tokens). A family without it
+    # has a vision graph whose outputs for one image ([1, N, D], [1, N]) are already
+    # those tokens. Call it through ``visual_tokens``.
 
     def prompt_layout(self, question: str) -> PromptLayout:
         """The prompt template filled with ``question``, tokenized as the processor
@@ -142,6 +151,16 @@ class DeviceHalf(Protocol):
         ascending indices into it; positions: one of ``POSITIONS``. With every token
         kept, the context equals the processor's prompt (image slots expanded).
         """
+
+
+def visual_tokens(half: DeviceHalf, feeds: Mapping[str, np.ndarray], features: np.ndarray,
+                  activity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image's visual tokens [N, D] and their activity [N] from the vision graph's
+    outputs: ``half.pack_visual_tokens`` where the family has it, else row 0."""
+    pack = getattr(half, "pack_visual_tokens", None)
+    if pack is not None:
+        return pack(feeds, features, activity)
+    return features[0], activity[0]
 
 
 class TargetHalf(Protocol):
@@ -177,7 +196,8 @@ class ExportHalf(Protocol):
 
     def vision_graph(self) -> GraphTrace:
         """``vision.onnx``: the vision inputs -> ``image_features [B, N, D]`` and
-        ``activity [B, N]`` (per-token saliency for pruning)."""
+        ``activity [B, N]`` (per-token saliency for pruning); B counts images, or the
+        tiles of one image for a family that packs them (``pack_visual_tokens``)."""
 
     def decoder_graph(self) -> GraphTrace:
         """``decoder.onnx``: ``inputs_embeds``, ``attention_mask``, ``position_ids`` and
@@ -190,7 +210,8 @@ class ExportHalf(Protocol):
         """The model's own processor on ``image`` and the filled template (torch tensors)."""
 
     def vision_feeds(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The vision graph's feeds taken from ``processor_inputs``' output."""
+        """The vision graph's feeds taken from ``processor_inputs``' output, with what the
+        device half's ``pack_visual_tokens`` needs (as ``DeviceHalf.vision_inputs`` makes them)."""
 
     def image_section(self) -> dict:
         """The manifest's ``image`` section: what the device half needs to preprocess."""

@@ -45,30 +45,44 @@ def build_word_tokenizer(words: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def save_llava_folder(model, tokenizer: Tokenizer, path: str | Path, *, image_size: int,
-                      image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                      image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> Path:
-    """Save ``model`` (a LlavaForConditionalGeneration) with tokenizer and processor.
+def hf_word_tokenizer(tokenizer: Tokenizer):
+    """``tokenizer`` as a transformers fast tokenizer with the special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
 
-    The image processor resizes to ``image_size`` (bicubic) without cropping changes
-    for square inputs, rescales to [0, 1] and normalizes with mean/std.
-    """
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN})
     hf_tokenizer.chat_template = CHAT_TEMPLATE
+    return hf_tokenizer
+
+
+def save_llava_folder(model, tokenizer: Tokenizer, path: str | Path, *, image_size: int,
+                      image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                      image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), siglip: bool = False) -> Path:
+    """Save ``model`` (a LlavaForConditionalGeneration) with tokenizer and processor.
+
+    The image processor rescales to [0, 1] and normalizes with mean/std after resizing
+    (bicubic) as the tower's own processor does: CLIP (default) resizes the shortest
+    edge to ``image_size`` and center crops a square; SigLIP (``siglip=True``) resizes
+    to ``image_size`` x ``image_size`` without a crop, and the tower has no CLS token.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, SiglipImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    hf_tokenizer = hf_word_tokenizer(tokenizer)
     vision = model.config.vision_config
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(image_mean), image_std=list(image_std), resample=3)
+    if siglip:
+        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                  image_mean=list(image_mean), image_std=list(image_std), resample=3)
+    else:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_mean=list(image_mean), image_std=list(image_std), resample=3)
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=hf_tokenizer, patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=0 if siglip else 1, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(path)
     return path

@@ -5,6 +5,13 @@ before anything runs, then opens the onnxruntime sessions, the token embedding t
 and the tokenizer, and builds the device half of the family the manifest names
 (``family``: image preprocessing, prompt layout, draft context). Numpy,
 onnxruntime and tokenizers only.
+
+``run_vision`` feeds the vision graph what the family's preprocessing produced,
+after checking every input's rank and fixed sizes against the graph: a
+preprocessing that does not match its graph is an ``ArtifactError`` that says so,
+never an onnxruntime traceback. ``DraftArtifact.embed`` looks up token embeddings;
+an id beyond the draft's table (a target whose vocabulary has more padding rows
+than the draft's) is embedded as the pad token, which only the draft sees.
 """
 
 from __future__ import annotations
@@ -37,6 +44,27 @@ def open_graph(path: str | Path, threads: int = 2) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise ArtifactError(f"{path.name}: onnxruntime cannot load it ({exc}).") from None
+
+
+def run_vision(vision: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The vision graph on the graph's inputs among ``feeds`` -> (image_features, activity),
+    as the graph returns them; ``ArtifactError`` if an input is missing or its rank or a
+    fixed size differs from the graph's."""
+    graph_feeds = {}
+    for spec in vision.get_inputs():
+        if spec.name not in feeds:
+            raise ArtifactError(f"the image preprocessing produced no {spec.name!r}, an input of the vision graph "
+                                f"(it produced {', '.join(sorted(feeds))}).")
+        value = feeds[spec.name]
+        fixed = [dim if isinstance(dim, int) else None for dim in spec.shape]
+        if value.ndim != len(fixed) or any(want is not None and want != got for want, got in zip(fixed, value.shape)):
+            shown = ", ".join(str(dim) if dim is not None else str(name or "?") for dim, name in zip(fixed, spec.shape))
+            raise ArtifactError(f"the image preprocessing produced {spec.name} of shape {list(value.shape)}, but "
+                                f"the vision graph takes [{shown}]: the artifact's preprocessing does not match "
+                                "its vision graph (re-export the artifact with this covspec).")
+        graph_feeds[spec.name] = value
+    features, activity = vision.run(["image_features", "activity"], graph_feeds)
+    return features, activity
 
 
 @dataclass
@@ -79,8 +107,12 @@ class DraftArtifact:
         return self.manifest.tokenizer["vocab_hash"]
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Token embeddings [n, D] for ids [n]."""
-        return self.embed_tokens[np.asarray(ids, dtype=np.int64)]
+        """Token embeddings [n, D] for ids [n]; ids beyond the table take the pad token's row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.embed_tokens.shape[0]
+        if ids.size and ids.max() >= rows:
+            ids = np.where(ids < rows, ids, int(self.manifest.tokenizer.get("pad_id") or 0))
+        return self.embed_tokens[ids]
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -1,7 +1,9 @@
 """The draft's prefill: vision -> scorer -> kept visual tokens -> decoder context.
 
-``prefill_draft`` runs the artifact's vision graph on the image, keeps the visual
-tokens the pruning settings ask for (``pruning.select`` over the scorer's outputs),
+``prefill_draft`` runs the artifact's vision graph on the image (``run_vision``:
+its inputs checked against what the family's preprocessing produced), has the
+family turn its outputs into the image's visual tokens (``visual_tokens``: e.g.
+tiles packed), keeps the visual tokens the pruning settings ask for (``pruning.select`` over the scorer's outputs),
 has the artifact's family build the draft's context (prompt text around the kept
 visual tokens, with their positions) and prefills the drafter with it. Pruning
 touches only the draft: it changes acceptance and draft speed, never the output.
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covspec.runtime_device.artifact import DraftArtifact
+from covspec.families import visual_tokens
+from covspec.runtime_device.artifact import DraftArtifact, run_vision
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.options import DraftingOptions
 from covspec.runtime_device.pruning import TokenScores, keep_count, select
@@ -32,8 +35,8 @@ class DraftPrefill:
 
 def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: str, options: DraftingOptions,
                   seed: int, trace: Callable[[dict], None] = lambda event: None) -> DraftPrefill:
-    features, activity = artifact.vision.run(["image_features", "activity"], artifact.family.vision_inputs(image))
-    visual = features[0]                                                     # [N, D]
+    feeds = artifact.family.vision_inputs(image)
+    visual, activity = visual_tokens(artifact.family, feeds, *run_vision(artifact.vision, feeds))  # [N, D], [N]
     n = visual.shape[0]
     ratio = options.keep_ratio if options.keep_ratio is not None else \
         artifact.manifest.pruning.get("keep_ratio", 1.0)
@@ -42,9 +45,9 @@ def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: st
     if k < n:
         question_ids = artifact.tokenizer.encode(question.strip(), add_special_tokens=False).ids
         relevance, score = artifact.scorer.run(["relevance", "score"], {
-            "image_features": visual, "activity": activity[0],
+            "image_features": visual, "activity": activity,
             "question_embeds": artifact.embed(question_ids or [artifact.manifest.tokenizer["pad_id"]])})
-        kept = select(options.selection, visual, TokenScores(relevance, activity[0], score), k, seed=seed)
+        kept = select(options.selection, visual, TokenScores(relevance, activity, score), k, seed=seed)
     layout = artifact.family.prompt_layout(question)
     drafter.prefill(artifact.family.draft_context(layout, visual, kept, options.positions))
     result = DraftPrefill(kept=kept, visual_tokens=n, selection=options.selection if k < n else "none")

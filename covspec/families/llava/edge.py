@@ -82,7 +82,8 @@ class LlavaTarget:
         inputs = context.inputs
         ids = inputs["input_ids"][0]
         is_image = ids == self.model.config.image_token_id
-        features = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}   # any-resolution tiling
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"], **sizes)
         features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
         features = features.reshape(-1, features.shape[-1])[context.keep]              # [K, D]

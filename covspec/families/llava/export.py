@@ -97,8 +97,7 @@ class LlavaExport:
         self.vision = LlavaVision(model).eval()
         self.decoder = FlatCacheDecoder(model.model.language_model, model.lm_head, text).eval()
         self.decoder_spec = decoder_spec(text, model.get_input_embeddings().weight.shape[0])
-        crop = processor.image_processor.crop_size
-        self.input_size = (crop["width"], crop["height"]) if crop else (224, 224)
+        self.input_size = (vision.image_size, vision.image_size)
 
     def vision_graph(self) -> GraphTrace:
         vision = self.model.config.vision_config
@@ -121,22 +120,7 @@ class LlavaExport:
         return {"pixel_values": inputs["pixel_values"].numpy().astype(np.float32)}
 
     def image_section(self) -> dict:
-        ip = self.processor.image_processor
-        image_size = self.model.config.vision_config.image_size
-        size = ip.size
-        shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-        resample = getattr(ip, "resample", 3)
-        return {
-            "size": [image_size, image_size],
-            "resize_shortest_edge": shortest if shortest is not None else image_size,
-            "crop_size": _size(getattr(ip, "crop_size", None), (image_size, image_size)),
-            "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
-            "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),
-            "mean": [float(x) for x in ip.image_mean],
-            "std": [float(x) for x in ip.image_std],
-            "resample": RESAMPLE_NAMES.get(int(getattr(resample, "value", resample)), str(resample)),
-            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-        }
+        return image_section(self.processor.image_processor, self.model.config.vision_config.image_size)
 
     def tokenizer_section(self, tokenizer_file: Path) -> dict:
         return tokenizer_section(self.model, self.processor, tokenizer_file, self.model.config.image_token_id)
@@ -147,8 +131,39 @@ class LlavaExport:
                 "vision_model_type": config.vision_config.model_type}
 
 
+def image_section(ip, image_size: int) -> dict:
+    """The manifest's ``image`` section of the image processor ``ip`` (see ``llava.device``):
+    its own resize (CLIP: shortest edge; SigLIP: a fixed height and width), its crop
+    (only when it crops), rescale, normalization and resampling."""
+    resample = getattr(ip, "resample", 3)
+    crop = bool(getattr(ip, "do_center_crop", False))
+    return {
+        "size": [image_size, image_size],
+        "resize": _resize(ip.size) if getattr(ip, "do_resize", True) else None,
+        "crop_size": _size(getattr(ip, "crop_size", None), (image_size, image_size)) if crop else None,
+        "do_center_crop": crop,
+        "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)) if getattr(ip, "do_rescale", True) else 1.0,
+        "mean": [float(x) for x in ip.image_mean] if getattr(ip, "do_normalize", True) else [0.0, 0.0, 0.0],
+        "std": [float(x) for x in ip.image_std] if getattr(ip, "do_normalize", True) else [1.0, 1.0, 1.0],
+        "resample": RESAMPLE_NAMES.get(int(getattr(resample, "value", resample)), str(resample)),
+        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+    }
+
+
+def _field(value, key):
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
+def _resize(size) -> dict:
+    if _field(size, "height") and _field(size, "width"):
+        return {"height": int(_field(size, "height")), "width": int(_field(size, "width"))}
+    if _field(size, "shortest_edge") and not _field(size, "longest_edge"):
+        return {"shortest_edge": int(_field(size, "shortest_edge"))}
+    raise UnsupportedModelError(f"image processor size {size} is not supported: covspec's device preprocessing "
+                                "knows a shortest-edge resize (CLIP) and a fixed height and width (SigLIP).")
+
+
 def _size(value, default) -> list[int]:
-    if value is None:
+    if value is None or _field(value, "height") is None:
         return list(default)
-    get = value.get if isinstance(value, dict) else lambda key: getattr(value, key, None)
-    return [get("height"), get("width")] if get("height") is not None else list(default)
+    return [int(_field(value, "height")), int(_field(value, "width"))]

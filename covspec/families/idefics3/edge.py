@@ -1,0 +1,121 @@
+"""The Idefics3 / SmolVLM edge half: load a local folder, render its prompt template,
+build the target's context (optionally with pruned visual tokens).
+
+Torch and transformers, imported by the edge and the exporter. A model folder is a
+standard transformers folder (``Idefics3ForConditionalGeneration`` or
+``SmolVLMForConditionalGeneration`` weights, ``tokenizer.json`` with a chat
+template, the processor files); everything loads offline and ``trust_remote_code``
+is never set. Both architectures are processed by ``Idefics3Processor``: a SmolVLM
+folder's image processor (``SmolVLMImageProcessor``, the same resizing and
+splitting) and tokenizer load into it, and its image prompt expansion is the same
+text as ``SmolVLMProcessor``'s, which cannot be built here (it needs ``num2words``
+and a video processor). The device half never needs a processor.
+
+The context is the processor's: one image becomes ``rows x cols`` tiles plus a global
+image, each ``image_seq_len`` image tokens with row/column tokens around them. The
+visual tokens are numbered 0..N-1 in prompt order across all tiles (as the draft
+numbers them); the opt-in pruned target keeps any subset of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from covspec.families.interface import ModelFolderError, TargetContext
+from covspec.protocol.errors import BAD_FIELD, EdgeError
+
+QUESTION_SLOT = "{question}"
+CLASSES = {"Idefics3ForConditionalGeneration": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+           "SmolVLMForConditionalGeneration": ("SmolVLMForConditionalGeneration", "Idefics3Processor")}
+
+
+def load_idefics3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
+    """(model, processor) from a local folder, in eval mode. Nothing is fetched."""
+    import torch
+    import transformers
+
+    architecture = (json.loads((Path(path) / "config.json").read_text()).get("architectures") or ["?"])[0]
+    if architecture not in CLASSES:
+        raise ModelFolderError(f"{path}: architecture {architecture!r} is not one of {', '.join(CLASSES)}.")
+    model_class, processor_class = (getattr(transformers, name) for name in CLASSES[architecture])
+    try:
+        processor = processor_class.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelFolderError(f"{path}: the processor files do not load ({exc}).") from None
+    model = model_class.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True).to(device).eval()
+    return model, processor
+
+
+def prompt_template(processor) -> str:
+    """The rendered single-image prompt with ``{question}`` where the question goes (its
+    ``<image>`` unexpanded). Device and edge both fill this string."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
+        raise ModelFolderError("the chat template must place one image and one question.")
+    return rendered
+
+
+class Idefics3Target:
+    """The ``TargetHalf`` of a loaded Idefics3 / SmolVLM target."""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.template = prompt_template(processor)
+
+    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
+        if self.processor.image_token in question:
+            raise EdgeError(BAD_FIELD, f"the prompt contains {self.processor.image_token!r}; send the question "
+                                       "text only, the edge places the image itself.")
+        prompt = self.template.replace(QUESTION_SLOT, question.strip())
+        try:
+            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        length = int(inputs["input_ids"].shape[1])
+        if keep is None:
+            return TargetContext(inputs=inputs, length=length)
+        import torch
+
+        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        keep = sorted({int(i) for i in keep})
+        if not keep or keep[0] < 0 or keep[-1] >= visual:
+            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[:1]}..{keep[-1:]} "
+                                       "(the target's tiles must match the draft's).")
+        return TargetContext(inputs=inputs, length=length - visual + len(keep),
+                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+
+    def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
+        """Text embeddings with every kept visual token in its slot and the others dropped."""
+        import torch
+
+        inputs = context.inputs
+        ids = inputs["input_ids"][0]                                                    # [L]
+        is_image = ids == self.model.config.image_token_id
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                 pixel_attention_mask=inputs.get("pixel_attention_mask"))
+        features = torch.cat(list(features.pooler_output), dim=0)                       # [N, D]
+        embeds = self.model.get_input_embeddings()(ids[None])[0].clone()                # [L, D]
+        embeds[is_image] = features.to(embeds.dtype)
+        keep = ~is_image
+        keep[torch.nonzero(is_image)[:, 0][context.keep]] = True
+        embeds = embeds[keep][None]
+        return {"inputs_embeds": embeds,
+                "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
+
+    def eos_ids(self) -> set[int]:
+        """The generation config first, then the configs, then the tokenizer."""
+        for source in (self.model.generation_config.eos_token_id, self.model.config.text_config.eos_token_id,
+                       self.processor.tokenizer.eos_token_id):
+            if source is not None:
+                return {int(source)} if isinstance(source, int) else {int(i) for i in source}
+        return set()
+
+    def vocab(self) -> dict[str, int]:
+        return self.processor.tokenizer.get_vocab()

@@ -1,0 +1,91 @@
+"""The checks every model family passes end to end (DESIGN.md section 10), shared by the
+per-family test modules: non-square test images, a co-inference run against a real
+edge, greedy exactness against the target's own ``generate()``, self-draft
+acceptance, and ``covspec device run`` with torch blocked."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from covspec.runtime_device.artifact import DraftArtifact
+from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.engine import CoInference
+from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.stats import GenerationStats
+
+QUESTIONS = ["what color is the circle ?", "how many shapes are there ?", "is there a red square ?",
+             "what is the color of the square ?", "are there many shapes ?"]
+# (width, height): landscape, portrait, near square, very wide.
+SIZES = [(57, 40), (33, 90), (50, 47), (100, 31), (41, 64)]
+SELF_DRAFT = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def co_generate(artifact, address: str, image: bytes, question: str, settings: GenerationSettings,
+                options: DraftingOptions = SELF_DRAFT) -> tuple[list[int], GenerationStats]:
+    """One generation through ``CoInference`` with ``artifact`` (a folder or a loaded artifact)."""
+    artifact = artifact if isinstance(artifact, DraftArtifact) else DraftArtifact.load(artifact)
+    client = EdgeClient(address, RetryPolicy(timeout_s=10))
+    stats = GenerationStats()
+    try:
+        tokens = [t for chunk in CoInference(artifact, client).generate(image, question, settings, options, stats)
+                  for t in chunk]
+    finally:
+        client.close()
+    return tokens, stats
+
+
+def reference(model, inputs: dict, max_new_tokens: int) -> list[int]:
+    """The target's own greedy ``generate()`` on processed ``inputs``."""
+    import torch
+
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Image.Image, str], dict],
+                       max_new_tokens: int = 20, options: DraftingOptions = SELF_DRAFT) -> GenerationStats:
+    """Greedy co-inference equals ``generate()`` token for token on five prompts (one per
+    non-square size); returns the summed statistics (drafted, accepted)."""
+    artifact = DraftArtifact.load(artifact)
+    total = GenerationStats()
+    for seed, (question, size) in enumerate(zip(QUESTIONS, SIZES)):
+        image = noise(*size, seed=seed)
+        tokens, stats = co_generate(artifact, address, png(image), question,
+                                    GenerationSettings(max_new_tokens=max_new_tokens), options)
+        expected = reference(model, inputs_for(image, question), max_new_tokens)
+        assert tokens == expected, (question, size)
+        total.drafted += stats.drafted
+        total.accepted += stats.accepted
+    return total
+
+
+def device_run_without_torch(no_torch, artifact, address: str, tmp_path, image: Image.Image, question: str,
+                             max_new_tokens: int) -> dict:
+    """``covspec device run --json`` in a Python where torch cannot be imported."""
+    file = tmp_path / "image.png"
+    file.write_bytes(png(image))
+    script = """
+        import sys
+        from covspec.cli.main import cli
+        cli(sys.argv[1:])
+    """
+    result = no_torch(script, "device", "run", "--artifacts", str(artifact), "--edge", address, "--image", str(file),
+                      "--prompt", question, "--max-new-tokens", str(max_new_tokens), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
