@@ -89,7 +89,7 @@ def test_preprocessing_and_prompt_ids_equal_the_processor(pair, size, grid):
     assert feeds["pixel_values"].shape == expected["pixel_values"][0].shape == (rows * cols + 1, 3, 32, 32)
     assert np.abs(feeds["pixel_values"] - expected["pixel_values"][0]).max() <= 1e-5
     assert feeds["image_grid"].tolist() == [rows, cols]
-    layout = device.prompt_layout(QUESTIONS[0], grid=grid)
+    layout = device.prompt_layout(QUESTIONS[0], feeds)         # the grid comes with the feeds
     assert len(layout.segments) == rows * cols + 2                    # one slot per tile + the global image
     assert prompt_ids(layout, 4, pair.model.config.image_token_id) == expected["input_ids"][0].tolist()
 
@@ -104,8 +104,7 @@ def test_an_unsplit_image_is_one_global_frame(pair, changes, kwargs):
                               return_tensors="np", **kwargs)
     assert feeds["pixel_values"].shape == (1, 3, 32, 32) and feeds["image_grid"].tolist() == [0, 0]
     assert np.abs(feeds["pixel_values"] - expected["pixel_values"][0]).max() <= 1e-5
-    device.pack_visual_tokens(feeds, np.zeros((1, 4, 8)), np.zeros((1, 4)))
-    assert prompt_ids(device.prompt_layout(QUESTIONS[1]), 4, pair.model.config.image_token_id) == \
+    assert prompt_ids(device.prompt_layout(QUESTIONS[1], feeds), 4, pair.model.config.image_token_id) == \
         expected["input_ids"][0].tolist()
 
 

@@ -104,7 +104,7 @@ class ExportedDraft:
         """Prefill the sample's full draft context, then ``continuation`` as generated tokens,
         in one pass -> (logits [S + n, V], text tokens after the image)."""
         features = self.visual_tokens(sample)[0]
-        layout = self.family.prompt_layout(sample.question)
+        layout = self.family.prompt_layout(sample.question, sample.vision_feeds)
         context: DraftContext = self.family.draft_context(layout, features, np.arange(features.shape[0]),
                                                           "original")
         expected = int(sample.inputs["input_ids"].shape[1])
@@ -202,7 +202,7 @@ class AgreementReference:
 def agreement_references(reference: ExportedDraft, samples: list[Sample]) -> list[AgreementReference]:
     references = []
     for sample in samples:
-        tail = len(reference.family.prompt_layout(sample.question).segments[-1])
+        tail = len(reference.family.prompt_layout(sample.question, sample.vision_feeds).segments[-1])
         count = max(GREEDY_TOKENS, AGREEMENT_POSITIONS - tail)
         continuation, _ = reference.greedy(sample, count)
         references.append(AgreementReference(sample, continuation, reference.teacher_forced(sample, continuation)))

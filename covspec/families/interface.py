@@ -139,9 +139,11 @@ class DeviceHalf(Protocol):
     # has a vision graph whose outputs for one image ([1, N, D], [1, N]) are already
     # those tokens. Call it through ``visual_tokens``.
 
-    def prompt_layout(self, question: str) -> PromptLayout:
+    def prompt_layout(self, question: str, feeds: Mapping[str, np.ndarray] | None = None) -> PromptLayout:
         """The prompt template filled with ``question``, tokenized as the processor
-        does (special tokens included) and split at its image slots."""
+        does (special tokens included) and split at its image slots. ``feeds`` are
+        ``vision_inputs``' output for the image: a family whose prompt depends on the
+        image (e.g. its tile grid) reads it there; None stands for a square image."""
 
     def draft_context(self, layout: PromptLayout, image_features: np.ndarray, kept: np.ndarray,
                       positions: str) -> DraftContext:

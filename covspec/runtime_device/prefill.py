@@ -48,7 +48,7 @@ def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: st
             "image_features": visual, "activity": activity,
             "question_embeds": artifact.embed(question_ids or [artifact.manifest.tokenizer["pad_id"]])})
         kept = select(options.selection, visual, TokenScores(relevance, activity, score), k, seed=seed)
-    layout = artifact.family.prompt_layout(question)
+    layout = artifact.family.prompt_layout(question, feeds)
     drafter.prefill(artifact.family.draft_context(layout, visual, kept, options.positions))
     result = DraftPrefill(kept=kept, visual_tokens=n, selection=options.selection if k < n else "none")
     trace({"event": "prefill", "visual_tokens": n, "kept": int(len(kept)), "selection": result.selection})

@@ -23,13 +23,10 @@ Numpy, PIL and tokenizers only; never imports torch or transformers.
   visual tokens are flat across tiles ([N, D], N = T * image_seq_len, in prompt
   order); pruning may keep any subset and each kept token keeps its position.
 
-The grid of an image decides its prompt, but ``prompt_layout`` receives the question
-only (``DeviceHalf``). So the feeds carry the grid (``image_grid`` [2] int64: rows,
-cols; not a graph input), ``pack_visual_tokens`` records it as it hands on the
-image's visual tokens, and ``prompt_layout`` lays out the prompt of the image whose
-tokens were packed last (before any: of a square image, whose grid depends on the
-settings alone). ``prompt_layout(question, grid=(rows, cols))`` states it explicitly.
-One device half therefore serves one prefill at a time.
+The grid of an image decides its prompt: the feeds carry it (``image_grid`` [2]
+int64: rows, cols; not a graph input) and ``prompt_layout(question, feeds)`` reads it
+there (without feeds: a square image's grid; ``grid=(rows, cols)`` states it
+explicitly). The device half keeps no state between images.
 """
 
 from __future__ import annotations
@@ -167,7 +164,7 @@ class Idefics3Device:
         self.tokenizer = tokenizer
         self.embed_tokens = embed_tokens                                      # [V, D]
         tile = int(image["tile"])
-        self.grid = image_grid((tile, tile), self.image)                      # a square image's grid
+        self.square_grid = image_grid((tile, tile), self.image)
 
     def vision_inputs(self, image: Image.Image) -> dict[str, np.ndarray]:
         pixels, grid = pixel_values(image, self.image)
@@ -175,14 +172,13 @@ class Idefics3Device:
 
     def pack_visual_tokens(self, feeds, features: np.ndarray, activity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The vision graph's [1, N, D] and [1, N] are already the image's N visual tokens in
-        prompt order; records the feeds' ``image_grid`` for ``prompt_layout``."""
-        if "image_grid" in feeds:
-            rows, cols = (int(x) for x in np.asarray(feeds["image_grid"]).reshape(2))
-            self.grid = (rows, cols)
+        prompt order."""
         return features[0], activity[0]
 
-    def prompt_layout(self, question: str, grid: tuple[int, int] | None = None) -> PromptLayout:
-        grid = self.grid if grid is None else tuple(grid)
+    def prompt_layout(self, question: str, feeds=None, grid: tuple[int, int] | None = None) -> PromptLayout:
+        if grid is None:
+            grid = self.square_grid if feeds is None else tuple(int(x) for x in np.asarray(feeds["image_grid"]))
+        grid = tuple(grid)
         image_token = self.image["image_token"]
         if image_token in question:
             raise ArtifactError(f"the question contains {image_token!r}; send the question text only, the "

@@ -94,7 +94,7 @@ class LlavaDevice:
                                 "does not describe its model's processor; re-export it with this covspec.")
         return {"pixel_values": pixels}
 
-    def prompt_layout(self, question: str) -> PromptLayout:
+    def prompt_layout(self, question: str, feeds=None) -> PromptLayout:
         text = self.template.replace("{question}", question.strip())
         ids = self.tokenizer.encode(text).ids  # as the processor does, special tokens included
         if ids.count(self.image_token_id) != 1:
