@@ -512,6 +512,9 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
         ("shape product overflowing int64", raw({"arrays": [{**tokens, "shape": [1]}, {"name": "q_ids", "dtype": "int32",
                                               "shape": [2 ** 32, 2 ** 32]}]}, b"\0" * 4, b""), "too_large"),
         ("shape beyond int64", raw({"arrays": [{**tokens, "shape": [2 ** 64]}]}, b"\0" * 4), "too_large"),
+        # Found by `covspec bench reliability`: got no reply (numpy refused the shape of an empty array).
+        ("empty array, dimension beyond int64", raw({"arrays": [{**tokens, "shape": [1]}, {"name": "q_ids", "dtype": "int32",
+                                                  "shape": [0, 2 ** 64]}]}, b"\0" * 4, b""), "too_large"),
         ("temperature beyond float", with_header_bytes(encode(open_message(target, "hot", image)),
                                                        b'"temperature":0.0', b'"temperature":1' + b"0" * 400), "bad_field"),
         ("negative seed", with_header_bytes(encode(open_message(target, "seed", image)), b'"seed":0', b'"seed":-1'),

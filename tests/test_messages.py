@@ -111,6 +111,12 @@ MALFORMED = {
         {"name": "tokens", "dtype": "int32", "shape": [2]},
         {"name": "q_ids", "dtype": "int32", "shape": [2 ** 32, 2 ** 32]},
         {"name": "q_probs", "dtype": "float16", "shape": [2, 1]}]), "too_large"),
+    # Found by `covspec bench reliability`: an empty array may not name a dimension numpy refuses.
+    "empty array with a dimension beyond int64": (with_header(
+        [encode(EXAMPLES[3])[0], b"\x00" * 8, b"", b""], arrays=[
+            {"name": "tokens", "dtype": "int32", "shape": [2]},
+            {"name": "q_ids", "dtype": "int32", "shape": [0, 2 ** 64]},
+            {"name": "q_probs", "dtype": "float16", "shape": [0, 2 ** 63 - 1]}]), "too_large"),
     "shape beyond int64": (with_header(good_verify_frames(),
                                        arrays=[{"name": "tokens", "dtype": "int32", "shape": [2 ** 64]}]),
                            "too_large"),

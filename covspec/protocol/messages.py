@@ -388,6 +388,8 @@ def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
 
 def _array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+    _require(max(spec["shape"], default=0) <= limits.max_array_bytes, errors.TOO_LARGE,   # even when empty
+             f"array {name!r} declares a dimension beyond {limits.max_array_bytes}")
     expected = math.prod(spec["shape"]) * dtype.itemsize          # exact: Python integers never overflow
     _require(expected <= limits.max_array_bytes, errors.TOO_LARGE,
              f"array {name!r} declares {expected} bytes; the limit is {limits.max_array_bytes}")
