@@ -1,9 +1,9 @@
 """Wire traffic at real vocabulary sizes: compact (protocol v1) vs dense (baseline).
 
-Tiny random LLaVA pairs with vocabularies of 32,000 and 151,936 tokens run real
-sessions against a real edge; the client counts the bytes of every verify it sends
-and every result it receives, per message type, so the figures are what travels on
-the socket (frame payloads), not estimates.
+Tiny random LLaVA pairs with vocabularies of 32,000, 151,936 and 262,144 tokens (the
+last is Gemma 3's) run real sessions against a real edge; the client counts the bytes
+of every verify it sends and every result it receives, per message type, so the
+figures are what travels on the socket (frame payloads), not estimates.
 """
 
 from __future__ import annotations

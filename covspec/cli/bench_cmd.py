@@ -169,7 +169,7 @@ def pruning(count: int, ratios: str, methods: str, max_new_tokens: int, artifact
 
 
 @bench.command("wire")
-@click.option("--vocab", "vocab_sizes", default="32000,151936", show_default=True,
+@click.option("--vocab", "vocab_sizes", default="32000,151936,262144", show_default=True,
               help="Comma-separated vocabulary sizes of the tiny random model pairs.")
 @click.option("--sessions", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
