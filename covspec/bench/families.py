@@ -58,6 +58,21 @@ def _idefics3(path: Path, role: str) -> Path:
     return save_tiny_idefics3(path, seed=0 if role == "draft" else 1, **extra)
 
 
+def _gemma3(path: Path, role: str) -> Path:
+    from covspec.hf.tiny_gemma3 import save_tiny_gemma3
+
+    extra = {} if role == "draft" else {"text_hidden": 64, "text_layers": 4, "vision_layers": 3}
+    return save_tiny_gemma3(path, seed=0 if role == "draft" else 1, **extra)
+
+
+def _qwen2vl(path: Path, role: str) -> Path:
+    from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
+
+    if role == "draft":
+        return save_tiny_qwen2vl(path, vocab_rows=72, seed=0)
+    return save_tiny_qwen2vl(path, vocab_rows=80, seed=1, text_hidden=64, vision_layers=3)
+
+
 PAIRS = {
     "llava-siglip": FamilyPair("llava-siglip", "LLaVA, SigLIP tower (32x32, patch 8: 16 visual tokens) + Qwen2; "
                                "draft text 32x2 layers, target text 64x2, vision 32x2 / 32x3", _llava_siglip),
@@ -67,6 +82,15 @@ PAIRS = {
     "idefics3": FamilyPair("idefics3", "Idefics3 / SmolVLM, SigLIP-like tiles 32x32 (patch 8, pixel shuffle 2: 4 "
                            "tokens each), longest edge 96 (up to 3x3 tiles + a global image), Llama; draft text "
                            "32x2, target text 64x2, vision 32x2 / 32x3", _idefics3),
+    "qwen2vl": FamilyPair("qwen2vl", "Qwen2-VL, dynamic resolution (patch 8, 2x2 merger: 16 px per visual token, "
+                          "32x32..96x96 px) on the target, the draft's vision graph at the default 96x96 (36 tokens), "
+                          "3-D M-RoPE, Qwen2; draft text 32x2 (72 vocabulary rows), target text 64x2 (80 rows), "
+                          "vision 32x2 / 32x3. Self-draft here runs on non-square images, which the target sees at "
+                          "their own resolution and the draft resized to 96x96, so it is below 100% by design; "
+                          "on images of the export size it is 100% (tests/test_family_qwen2vl.py)", _qwen2vl),
+    "gemma3": FamilyPair("gemma3", "Gemma 3, SigLIP 32x32 (patch 4: 64 patches avg-pooled to 16 tokens), Gemma 3 "
+                         "text with sliding-window (24 tokens) and global layers alternating, image tokens "
+                         "bidirectional; draft text 32x2, target text 64x4, vision 32x2 / 32x3", _gemma3),
 }
 
 
@@ -108,7 +132,13 @@ def device_times(folder: Path, steps: int = 32) -> dict:
 
 
 def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20) -> dict:
-    """Drafted and accepted tokens of ``artifact`` (the target as its own draft) over five prompts."""
+    """Drafted and accepted tokens of ``artifact`` (the target as its own draft) over five prompts.
+
+    The images are non-square, except for a family of dynamic resolution: there the
+    target sees each image at its own resolution while the draft's vision graph takes one
+    fixed size, so the images are of that size (the draft then sees what the target sees).
+    """
+    from covspec.families import family_named
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient, RetryPolicy
     from covspec.runtime_device.engine import CoInference
@@ -119,11 +149,15 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
     options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
     drafted = accepted = 0
     loaded = DraftArtifact.load(artifact)
+    sizes = SIZES
+    if getattr(family_named(loaded.manifest.source["family"]), "dynamic_resolution", False):
+        height, width = loaded.manifest.image["size"]
+        sizes = [(width, height)] * len(SIZES)
     with EdgeServer(target, ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         client = EdgeClient(server.address, RetryPolicy(timeout_s=10))
         try:
             engine = CoInference(loaded, client)
-            for seed, (size, question) in enumerate(zip(SIZES, QUESTIONS)):
+            for seed, (size, question) in enumerate(zip(sizes, QUESTIONS)):
                 stats = GenerationStats()
                 for _ in engine.generate(_png(_image(*size, seed)), question,
                                          GenerationSettings(max_new_tokens=max_new_tokens), options, stats):
@@ -169,6 +203,7 @@ def family_table(record: dict) -> str:
                      f"{row['token_ms']:.3f} | {', '.join(map(str, tokens))} |")
     self_draft = record["self_draft"]
     return (f"{record['description']}.\n\nSelf-draft acceptance (the target exported as its own fp32 draft, "
-            f"fixed draft length 4, keep ratio 1, 5 non-square images x 20 tokens): "
+            f"fixed draft length 4, keep ratio 1, 5 images x 20 tokens; non-square, or of the export size for a "
+            f"family of dynamic resolution): "
             f"{self_draft['accepted']}/{self_draft['drafted']} = {self_draft['acceptance']:.1%}.\n\n"
             + "\n".join(lines))

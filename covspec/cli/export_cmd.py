@@ -53,6 +53,16 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """``N`` or ``WxH`` -> (width, height)."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise click.BadParameter(f"{value!r} is not N or WxH (positive pixel counts), e.g. 448 or 448x336.")
+    return (int(parts[0]), int(parts[-1]))
+
+
 @_with_supported
 @click.command(name="export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
@@ -70,9 +80,14 @@ def _summary(manifest: dict, folder: Path, seconds: float) -> str:
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Default share of visual tokens the draft keeps, written into the manifest "
                    "[default: 0.5, chosen by `covspec bench pruning`; `device run --keep-ratio` overrides].")
+@click.option("--image-size", callback=_image_size, default=None, metavar="N|WxH",
+              help="Pixel size of the draft's vision graph for a dynamic-resolution family (Qwen2-VL): N for "
+                   "N x N, or WxH; the device resizes every image to it [default: 448 x 448 as the model's "
+                   "processor rounds it].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds an earlier artifact.")
 def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int, exporter: str,
-           min_agreement: float | None, keep_ratio: float | None, force: bool) -> None:
+           min_agreement: float | None, keep_ratio: float | None, image_size: tuple[int, int] | None,
+           force: bool) -> None:
     """Export the draft VLM in MODEL_DIR (a local transformers folder) to ONNX artifacts.
 
     Writes vision.onnx, scorer.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json and
@@ -86,12 +101,13 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
     """
     from covspec.export.errors import ExportError
     from covspec.export.pipeline import DEFAULT_KEEP_RATIO, ExportOptions, export_model, stages
-    from covspec.families import ModelFolderError
+    from covspec.families import ImageSizeError, ModelFolderError
     from covspec.toy.artifacts import parity_prompts, speaks_toy_vocabulary
 
     options = ExportOptions(quant=quant, graph_format=graph_format, opset=opset, force=force,
                             exporter=exporter, min_agreement=min_agreement,
-                            keep_ratio=DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)
+                            keep_ratio=DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio,
+                            image_size=image_size)
     names = stages(options)
     started = time.monotonic()
 
@@ -101,6 +117,8 @@ def export(model_dir: Path, out: Path, quant: str, graph_format: str, opset: int
     try:
         prompts = parity_prompts() if speaks_toy_vocabulary(model_dir) else None
         result = export_model(model_dir, out, options, progress=progress, prompts=prompts)
+    except ImageSizeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--image-size") from exc
     except ModelFolderError as exc:
         raise click.BadParameter(str(exc), param_hint="MODEL_DIR") from exc
     except ExportError as exc:

@@ -56,6 +56,7 @@ class ExportOptions:
     exporter: str = "torchscript"
     min_agreement: float | None = None  # None: DEFAULT_MIN_AGREEMENT[quant]
     keep_ratio: float = DEFAULT_KEEP_RATIO
+    image_size: tuple[int, int] | None = None  # (width, height) of a dynamic-resolution family's vision graph
 
 
 @dataclass
@@ -155,6 +156,9 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
                          f"one of {EXPORTERS}.")
     model_dir, out = Path(model_dir), Path(out)
     family = family_for_folder(model_dir)
+    if options.image_size is not None and not getattr(family, "dynamic_resolution", False):
+        raise ExportError(f"--image-size applies to dynamic-resolution families; {family.name} models have a fixed "
+                          "vision input size.")
     if out.exists() and not options.force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it.")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
@@ -188,7 +192,8 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
 
     progress("load model")
     model, processor = family.load(model_dir)
-    half = family.exporter(model, processor)
+    sized = {"image_size": options.image_size} if options.image_size is not None else {}
+    half = family.exporter(model, processor, **sized)
 
     progress("export graphs")
     graph_specs = {

@@ -17,14 +17,16 @@ import json
 from pathlib import Path
 
 from covspec.families.interface import (POSITIONS, DecoderSpec, DeviceHalf, DraftContext, ExportHalf, Family,
-                                        GraphTrace, ModelFolderError, PromptLayout, TargetContext, TargetHalf,
-                                        UnsupportedModelError, past_names, present_names, visual_tokens)
+                                        GraphTrace, ImageSizeError, ModelFolderError, PromptLayout, TargetContext,
+                                        TargetHalf, UnsupportedModelError, past_names, present_names, visual_tokens)
+from covspec.families.gemma3 import GEMMA3
 from covspec.families.idefics3 import IDEFICS3
 from covspec.families.llava import LLAVA
 from covspec.families.onevision import ONEVISION
+from covspec.families.qwen2vl import QWEN2VL
 
 __all__ = ["FAMILIES", "POSITIONS", "DecoderSpec", "DeviceHalf", "DraftContext", "ExportHalf", "Family",
-           "GraphTrace", "ModelFolderError", "PromptLayout", "TargetContext", "TargetHalf",
+           "GraphTrace", "ImageSizeError", "ModelFolderError", "PromptLayout", "TargetContext", "TargetHalf",
            "UnsupportedModelError", "family_for_architecture", "family_for_folder", "family_for_model",
            "family_named", "past_names", "present_names", "register", "supported_architectures", "visual_tokens"]
 
@@ -93,3 +95,5 @@ def family_for_folder(path: str | Path) -> Family:
 register(LLAVA)
 register(ONEVISION)
 register(IDEFICS3)
+register(QWEN2VL)
+register(GEMMA3)

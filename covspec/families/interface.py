@@ -41,6 +41,10 @@ class UnsupportedModelError(ModelFolderError):
     """A model whose architecture, or one of whose sub-models, no family supports."""
 
 
+class ImageSizeError(UnsupportedModelError):
+    """An export size (``--image-size``) a dynamic-resolution family's processor would not keep."""
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     """The draft's prompt as token ids split at the image slots.
@@ -58,12 +62,17 @@ class DraftContext:
 
     ``positions`` has one column per row of ``embeds``: shape [S] for 1-D positions,
     [A, S] for A position axes (e.g. 3 for M-RoPE). Generated tokens continue at
-    ``next_position`` (the same value on every axis).
+    ``next_position`` (the same value on every axis). ``image_groups`` (optional, for
+    a language model in which an image's tokens attend to each other bidirectionally,
+    e.g. Gemma 3) numbers each row's image: 0 for text, k > 0 for the tokens of image
+    k; the drafter feeds it to a decoder graph that takes ``image_groups``, and
+    generated tokens are text (0).
     """
 
     embeds: np.ndarray       # [S, D] float32
     positions: np.ndarray    # [S] or [A, S] int64
     next_position: int
+    image_groups: np.ndarray | None = None   # [S] int64, or None: every row is text
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
@@ -180,7 +189,13 @@ class TargetHalf(Protocol):
 
     def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
         """Model inputs (``inputs_embeds`` [1, L', D], ``attention_mask``) holding only
-        the kept visual tokens of ``context``, positions renumbered contiguously."""
+        the kept visual tokens of ``context``, positions renumbered contiguously; or, for
+        a family with ``next_position``, with ``position_ids`` keeping their original ones."""
+
+    # Optional: ``next_position(context) -> int``: the position (on every axis) of the
+    # first token after ``context``, for a family whose positions are not the cache
+    # index (M-RoPE). The edge then gives every cached extension explicit positions
+    # ``next_position + (cache index - context.length)`` instead of the model's own.
 
     def eos_ids(self) -> set[int]:
         """EOS ids as ``generate`` uses them."""
@@ -246,3 +261,8 @@ class Family(Protocol):
     def exporter(self, model, processor) -> ExportHalf:
         """The export half around a loaded draft; ``UnsupportedModelError`` for sub-models
         it cannot export."""
+
+    # Optional: ``dynamic_resolution = True`` for a family whose target sees each image at
+    # its own resolution while the draft's vision graph is exported at one fixed size:
+    # its ``exporter(model, processor, image_size=(width, height))`` takes that size
+    # (``ImageSizeError`` for one the processor would not keep; None: the family's default).

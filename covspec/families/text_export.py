@@ -3,7 +3,8 @@ model is a transformers decoder (Llama, Mistral, Qwen2, SmolLM, ...).
 
 - ``FlatCacheDecoder``: ``inputs_embeds [B,S,D], attention_mask [B,P+S], position_ids
   [B,S], past_key_values.{i}.key/value [B,KVH,P,HD] -> logits [B,S,V],
-  present.{i}.key/value [B,KVH,P+S,HD]``. The causal mask is built from cache
+  present.{i}.key/value [B,KVH,P+S,HD]``; ``position_ids`` is [A,B,S] for a model with
+  A position axes (Qwen2-VL's 3-D M-RoPE: ``decoder_graph(..., position_axes=3)``). The causal mask is built from cache
   positions (queries sit at P..P+S-1), so ``position_ids`` may skip values (pruned
   visual tokens keep their original positions). Sliding-window attention (Mistral,
   Qwen2 with ``use_sliding_window``) is not applied: contexts must stay within the window.
@@ -67,22 +68,26 @@ def decoder_spec(text_config, vocab_rows: int) -> DecoderSpec:
                        head_dim=head_dim, hidden_size=text_config.hidden_size, vocab_size=vocab_rows)
 
 
-def decoder_graph(decoder: FlatCacheDecoder, spec: DecoderSpec) -> GraphTrace:
-    """How to trace ``decoder``: example inputs, names and dynamic axes."""
+def decoder_graph(decoder: FlatCacheDecoder, spec: DecoderSpec, position_axes: int = 0) -> GraphTrace:
+    """How to trace ``decoder``: example inputs, names and dynamic axes. ``position_axes``:
+    0 for ``position_ids [B, S]``, A for ``[A, B, S]`` (3 for M-RoPE)."""
     batch, query, past = TRACE_BATCH, TRACE_QUERY, TRACE_PAST
     embeds = torch.randn(batch, query, spec.hidden_size)
     mask = torch.ones(batch, past + query, dtype=torch.int64)
     positions = torch.arange(past, past + query, dtype=torch.int64).expand(batch, -1).contiguous()
+    lead = 1 if position_axes else 0   # the batch axis of position_ids
+    if position_axes:
+        positions = positions.expand(position_axes, -1, -1).contiguous()
     caches = [torch.randn(batch, spec.num_kv_heads, past, spec.head_dim) for _ in range(2 * spec.num_layers)]
     pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
     axes = {"inputs_embeds": {0: "batch", 1: "query"}, "attention_mask": {0: "batch", 1: "total"},
-            "position_ids": {0: "batch", 1: "query"}, "logits": {0: "batch", 1: "query"},
+            "position_ids": {lead: "batch", lead + 1: "query"}, "logits": {0: "batch", 1: "query"},
             **{name: {0: "batch", 2: "past"} for name in pasts},
             **{name: {0: "batch", 2: "total"} for name in presents}}
     b, s, p = Dim("batch", min=1, max=1024), Dim("query", min=1, max=65536), Dim("past", min=0, max=65536)
     # ``*past`` binds as one argument, so its shapes are one nested tuple; the mask's
     # length (past + query) is left for the exporter to derive.
-    dims = ({0: b, 1: s}, {0: b, 1: Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in caches))
+    dims = ({0: b, 1: s}, {0: b, 1: Dim.AUTO}, {lead: b, lead + 1: s}, tuple({0: b, 2: p} for _ in caches))
     return GraphTrace(decoder, (embeds, mask, positions, *caches),
                       ["inputs_embeds", "attention_mask", "position_ids", *pasts], ["logits", *presents], axes, dims)
 

@@ -14,6 +14,11 @@ and feeds only the rest. ``snapshot``/``restore`` fork the cache for branches:
 onnxruntime returns fresh arrays and truncation only slices, so a snapshot is a
 list of references, not a copy.
 
+A decoder graph with an ``image_groups`` input (a family whose image tokens attend to
+each other bidirectionally, e.g. Gemma 3) is fed the context's
+``DraftContext.image_groups`` (all 0 when the context has none) and 0 for every
+generated token; other decoder graphs never see it.
+
 The drafter needs only a decoder session, the decoder's cache layout (the
 manifest's ``decoder`` section) and an embedding lookup, so the exporter runs its
 parity checks through this same class before any manifest exists.
@@ -52,6 +57,8 @@ class Drafter:
         self.next_position = 0         # position of the first generated token
         self.position_axes = 0         # 0: 1-D positions; A: A position axes
         self.fed: list[int] = []       # generated tokens whose KV is in the cache
+        inputs = getattr(decoder, "get_inputs", lambda: [])()
+        self.takes_image_groups = any(spec.name == "image_groups" for spec in inputs)
 
     @classmethod
     def from_artifact(cls, artifact: DraftArtifact) -> Drafter:
@@ -74,10 +81,12 @@ class Drafter:
         self.next_position = context.next_position
         self.fed = []
         embeds, positions = context.embeds, context.positions
+        groups = context.image_groups if context.image_groups is not None else np.zeros(len(context), np.int64)
         if len(generated):
             embeds = np.concatenate([embeds, self.embed(generated)])
             positions = np.concatenate([positions, self._positions(len(generated))], axis=-1)
-        logits = self._run(embeds, positions)
+            groups = np.concatenate([groups, np.zeros(len(generated), np.int64)])
+        logits = self._run(embeds, positions, groups)
         self.context_len = len(context)
         self.fed = [int(t) for t in generated]
         return logits
@@ -121,14 +130,18 @@ class Drafter:
         positions = np.arange(start, start + count, dtype=np.int64)
         return np.broadcast_to(positions, (self.position_axes, count)) if self.position_axes else positions
 
-    def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """embeds [S, D], positions [S] or [A, S] -> logits [S, V]; the cache grows by S."""
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """embeds [S, D], positions [S] or [A, S], image groups [S] (None: text) -> logits
+        [S, V]; the cache grows by S."""
         past_len = self.cache[0].shape[2]
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
             "attention_mask": np.ones((1, past_len + embeds.shape[0]), dtype=np.int64),
             "position_ids": np.ascontiguousarray(np.expand_dims(positions, -2), dtype=np.int64),  # [1, S] / [A, 1, S]
         }
+        if self.takes_image_groups:
+            groups = np.zeros(embeds.shape[0], np.int64) if groups is None else groups
+            feeds["image_groups"] = np.ascontiguousarray(groups[None], dtype=np.int64)          # [1, S]
         for name, kv in zip(self.past_names, self.cache):
             feeds[name] = np.ascontiguousarray(kv)
         outputs = self.decoder.run(["logits"] + self.present_names, feeds)

@@ -7,16 +7,20 @@ It knows nothing about sessions, sockets, sampling or stopping: callers get floa
 logits as numpy arrays and decide themselves (``session.py``). All calls must come
 from one thread (the server's model owner), under ``torch.inference_mode``.
 
-KV-cache contract: ``prefill`` returns a cache holding every input token; ``extend``
+KV-cache contract: ``prefill`` returns a cache (``TargetCache``: the model's KV cache
+and how generated tokens are positioned) holding every input token; ``extend``
 appends its tokens to the cache and returns one logits row per token (row i scores
 the token after ``tokens[i]``); ``rollback(cache, length)`` crops the cache back to
-its first ``length`` tokens.
+its first ``length`` tokens. For a family with ``next_position`` (M-RoPE), extensions
+get explicit positions from their session's own cache, never the model's shared
+state (Qwen2-VL's ``rope_deltas`` belongs to whichever session prefilled last).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,16 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float):
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise EdgeError(BAD_IMAGE, f"the image bytes do not decode as an image ({exc}); send PNG or JPEG bytes.") from None
+
+
+@dataclass
+class TargetCache:
+    """One session's KV cache: ``kv`` (the model's cache) and ``offset``, None for positions
+    equal to the cache index (the model's own), else the position of the token at cache
+    index i is ``i + offset`` on every axis."""
+
+    kv: Any
+    offset: int | None = None
 
 
 class TargetModel:
@@ -95,24 +109,30 @@ class TargetModel:
         """
         inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        next_position = getattr(self.family, "next_position", None)
+        cache = TargetCache(out.cache, None if next_position is None else next_position(context) - context.length)
         if committed:
-            return out.cache, self.extend(out.cache, committed)[-1]
-        return out.cache, _to_numpy(out.logits[0, -1])
+            return cache, self.extend(cache, committed)[-1]
+        return cache, _to_numpy(out.logits[0, -1])
 
-    def extend(self, cache, tokens: Sequence[int]) -> np.ndarray:
+    def extend(self, cache: TargetCache, tokens: Sequence[int]) -> np.ndarray:
         """One cached forward over ``tokens`` -> logits [len(tokens), V]; the cache grows by len(tokens)."""
         import torch
 
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True)
+        positions = {}
+        if cache.offset is not None:
+            start = cache.kv.get_seq_length() + cache.offset
+            positions["position_ids"] = torch.arange(start, start + len(tokens), device=self.device)[None]
+        out = self.model(input_ids=ids, cache=cache.kv, use_cache=True, **positions)
         return _to_numpy(out.logits[0])
 
     @staticmethod
-    def rollback(cache, length: int) -> None:
+    def rollback(cache: TargetCache, length: int) -> None:
         """Crop ``cache`` to its first ``length`` tokens (no-op if it holds no more)."""
-        drop = cache.get_seq_length() - length
+        drop = cache.kv.get_seq_length() - length
         if drop > 0:
-            cache.crop(-drop)   # transformers 5: a negative count drops that many tokens
+            cache.kv.crop(-drop)   # transformers 5: a negative count drops that many tokens
 
 
 def _to_numpy(logits) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""The Gemma 3 edge half: load a local folder, render its prompt template, build the
+target's context (optionally with pruned visual tokens).
+
+Torch and transformers, imported by the edge and the exporter. A model folder is a
+standard transformers folder (``Gemma3ForConditionalGeneration`` weights,
+``tokenizer.json`` with Gemma's chat template, ``Gemma3Processor`` files); everything
+loads offline and ``trust_remote_code`` is never set.
+
+- Template: the chat template rendered for one image and ``{question}``; its image
+  placeholder is ``<start_of_image>``, which the processor expands to
+  ``"\\n\\n<start_of_image>" + mm_tokens_per_image x <image_soft_token> +
+  "<end_of_image>\\n\\n"``.
+- BOS: the template starts with ``<bos>`` and Gemma's tokenizer adds one too; as the
+  processor's ``apply_chat_template`` does, a prompt that already starts with the BOS
+  text is tokenized without added special tokens (``add_special_tokens``), so there is
+  exactly one BOS. The device half applies the same rule.
+- Bidirectional image attention: the context carries the processor's
+  ``token_type_ids`` (1 on image tokens), so the prefill lets the image's tokens see
+  each other; generated tokens run without them (causal), as in ``generate()``. The
+  pruned target passes ``token_type_ids`` for its kept image tokens, which then form
+  the image's group.
+- Sliding-window layers: transformers' own cache for them keeps only the window and
+  cannot be cropped once the window is full, so the edge's rollback would fail past
+  it. The context therefore brings a fresh full-length ``DynamicCache`` (``cache``),
+  one per context: every layer keeps every token, and the window is applied by the
+  model's attention mask as before (same logits, any length; more memory on long
+  contexts).
+- Pan-and-scan crops are not supported (the model folder's processor must not ask
+  for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from covspec.families.interface import ModelFolderError, TargetContext
+from covspec.protocol.errors import BAD_FIELD, EdgeError
+
+QUESTION_SLOT = "{question}"
+
+
+def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
+    """(model, processor) from a local folder, in eval mode. Nothing is fetched."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
+
+    try:
+        processor = Gemma3Processor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError, AttributeError) as exc:
+        raise ModelFolderError(f"{path}: the Gemma 3 processor files do not load ({exc}).") from None
+    if getattr(processor.image_processor, "do_pan_and_scan", False):
+        raise ModelFolderError(f"{path}: the image processor asks for pan-and-scan crops, which covspec does not "
+                               "support; set do_pan_and_scan to false in its preprocessor config.")
+    model = Gemma3ForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, dtype), local_files_only=True).to(device).eval()
+    return model, processor
+
+
+def prompt_template(processor) -> str:
+    """The rendered single-image prompt with ``{question}`` where the question goes (its
+    ``<start_of_image>`` unexpanded). Device and edge both fill this string."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
+        raise ModelFolderError("the chat template must place one image and one question.")
+    return rendered
+
+
+def adds_bos(template: str, bos_text: str | None) -> bool:
+    """Whether the tokenizer's own special tokens are added: not when the prompt already
+    starts with the BOS text (the processor's ``apply_chat_template`` rule)."""
+    return not (bos_text and template.startswith(bos_text))
+
+
+class Gemma3Target:
+    """The ``TargetHalf`` of a loaded Gemma 3 target."""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.template = prompt_template(processor)
+        self.add_special_tokens = adds_bos(self.template, processor.tokenizer.bos_token)
+
+    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
+        from transformers import DynamicCache
+
+        tokenizer = self.processor.tokenizer
+        for token in {self.processor.image_token, tokenizer.image_token, tokenizer.eoi_token}:
+            if token in question:
+                raise EdgeError(BAD_FIELD, f"the prompt contains {token!r}; send the question text only, the edge "
+                                           "places the image itself.")
+        prompt = self.template.replace(QUESTION_SLOT, question.strip())
+        try:
+            inputs = self.processor(images=image, text=prompt, return_tensors="pt",
+                                    add_special_tokens=self.add_special_tokens)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs["cache"] = DynamicCache()            # full length on every layer: see the module docstring
+        length = int(inputs["input_ids"].shape[1])
+        if keep is None:
+            return TargetContext(inputs=inputs, length=length)
+        import torch
+
+        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        keep = sorted({int(i) for i in keep})
+        if not keep or keep[0] < 0 or keep[-1] >= visual:
+            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got "
+                                       f"{keep[:1]}..{keep[-1:]}.")
+        return TargetContext(inputs=inputs, length=length - visual + len(keep),
+                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+
+    def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
+        """Text embeddings (scaled as the model scales them) with the kept visual tokens in
+        their slot, the others dropped; the kept ones keep their image group."""
+        import torch
+        from transformers import DynamicCache
+
+        inputs = context.inputs
+        ids = inputs["input_ids"][0]                                                    # [L]
+        is_image = ids == self.model.config.image_token_id
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        features = features.reshape(-1, features.shape[-1])                             # [N, D]
+        embeds = self.model.get_input_embeddings()(ids[None])[0].clone()                # [L, D]
+        embeds[is_image] = features.to(embeds.dtype)
+        keep = ~is_image
+        keep[torch.nonzero(is_image)[:, 0][context.keep]] = True
+        embeds = embeds[keep][None]
+        return {"inputs_embeds": embeds, "token_type_ids": inputs["token_type_ids"][:, keep],
+                "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+                "cache": DynamicCache()}
+
+    def eos_ids(self) -> set[int]:
+        """The generation config first, then the configs, then the tokenizer."""
+        for source in (self.model.generation_config.eos_token_id, self.model.config.text_config.eos_token_id,
+                       self.processor.tokenizer.eos_token_id):
+            if source is not None:
+                return {int(source)} if isinstance(source, int) else {int(i) for i in source}
+        return set()
+
+    def vocab(self) -> dict[str, int]:
+        return self.processor.tokenizer.get_vocab()
