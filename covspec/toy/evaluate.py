@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from covspec.families.llava.edge import prompt_template
+from covspec.families.common import prompt_template
 from covspec.toy import shapes
 
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
+from covspec.families.common import require_image_keys
 from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
 from covspec.families.llava.device import pixel_values
 from covspec.protocol.manifest import ArtifactError
@@ -44,9 +45,7 @@ class Gemma3Device:
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
-        for key in IMAGE_KEYS:
-            if key not in image:
-                raise ArtifactError(f"manifest.json: missing field 'image.{key}'.")
+        require_image_keys(image, IMAGE_KEYS)
         if prompt_template.count(image["placeholder"]) != 1 or prompt_template.count("{question}") != 1:
             raise ArtifactError(f"the prompt template must contain one {image['placeholder']} and one {{question}}.")
         self.image = dict(image)

@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template
 from covspec.families.interface import ModelFolderError, TargetContext
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 
-QUESTION_SLOT = "{question}"
 
 
 def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
@@ -58,14 +58,6 @@ def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"
     return model, processor
 
 
-def prompt_template(processor) -> str:
-    """The rendered single-image prompt with ``{question}`` where the question goes (its
-    ``<start_of_image>`` unexpanded). Device and edge both fill this string."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
-    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
-        raise ModelFolderError("the chat template must place one image and one question.")
-    return rendered
 
 
 def adds_bos(template: str, bos_text: str | None) -> bool:
@@ -134,12 +126,7 @@ class Gemma3Target:
                 "cache": DynamicCache()}
 
     def eos_ids(self) -> set[int]:
-        """The generation config first, then the configs, then the tokenizer."""
-        for source in (self.model.generation_config.eos_token_id, self.model.config.text_config.eos_token_id,
-                       self.processor.tokenizer.eos_token_id):
-            if source is not None:
-                return {int(source)} if isinstance(source, int) else {int(i) for i in source}
-        return set()
+        return generation_eos_ids(self.model, self.processor.tokenizer)
 
     def vocab(self) -> dict[str, int]:
         return self.processor.tokenizer.get_vocab()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from covspec.families.gemma3.edge import prompt_template
+from covspec.families.common import prompt_template
 from covspec.families.interface import GraphTrace, UnsupportedModelError
 from covspec.families.text_export import decoder_graph, decoder_spec, tokenizer_section
 

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
+from covspec.families.common import require_image_keys
 from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
 from covspec.protocol.manifest import ArtifactError
 
@@ -153,9 +154,7 @@ class Idefics3Device:
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
-        for key in IMAGE_KEYS:
-            if key not in image:
-                raise ArtifactError(f"manifest.json: missing field 'image.{key}'.")
+        require_image_keys(image, IMAGE_KEYS)
         if prompt_template.count(image["image_token"]) != 1 or prompt_template.count("{question}") != 1:
             raise ArtifactError("the prompt template must contain one image token and one {question}.")
         self.image = dict(image)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from covspec.families.idefics3.edge import prompt_template
+from covspec.families.common import prompt_template
 from covspec.families.interface import GraphTrace, UnsupportedModelError
 from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
+from covspec.families.common import require_image_keys
 from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
 from covspec.protocol.manifest import ArtifactError
 
@@ -76,9 +77,7 @@ class LlavaDevice:
         image = dict(image)
         if "resize" not in image and "resize_shortest_edge" in image:   # artifacts of covspec <= 0.1
             image["resize"] = {"shortest_edge": image.pop("resize_shortest_edge")}
-        for key in IMAGE_KEYS:
-            if key not in image:
-                raise ArtifactError(f"manifest.json: missing field 'image.{key}'.")
+        require_image_keys(image, IMAGE_KEYS)
         self.image = image
         self.image_token_id = int(tokenizer_section["image_token_id"])
         self.template = prompt_template

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.interface import ModelFolderError, TargetContext
+from covspec.families.common import generation_eos_ids, prompt_template
+from covspec.families.interface import TargetContext
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 
-QUESTION_SLOT = "{question}"
 
 
 def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
@@ -30,16 +30,6 @@ def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32")
     return model, processor
 
 
-def prompt_template(processor) -> str:
-    """The rendered single-image prompt with ``{question}`` where the question goes.
-
-    Device and edge both fill this string, so both tokenize the same text.
-    """
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_SLOT}]}]
-    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
-        raise ModelFolderError("the chat template must place one image and one question.")
-    return rendered
 
 
 class LlavaTarget:
@@ -95,12 +85,7 @@ class LlavaTarget:
                 "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
 
     def eos_ids(self) -> set[int]:
-        """The generation config first, then the configs, then the tokenizer."""
-        for source in (self.model.generation_config.eos_token_id, self.model.config.text_config.eos_token_id,
-                       self.processor.tokenizer.eos_token_id):
-            if source is not None:
-                return {int(source)} if isinstance(source, int) else {int(i) for i in source}
-        return set()
+        return generation_eos_ids(self.model, self.processor.tokenizer)
 
     def vocab(self) -> dict[str, int]:
         return self.processor.tokenizer.get_vocab()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 from covspec.families.interface import GraphTrace, UnsupportedModelError
-from covspec.families.llava.edge import prompt_template
+from covspec.families.common import prompt_template
 from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
 
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from covspec.families.common import require_image_keys
 from covspec.families.llava.device import RESAMPLE, LlavaDevice
 from covspec.protocol.manifest import ArtifactError
 
@@ -159,9 +160,7 @@ class OnevisionDevice(LlavaDevice):
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
-        for key in IMAGE_KEYS:
-            if key not in image:
-                raise ArtifactError(f"manifest.json: missing field 'image.{key}'.")
+        require_image_keys(image, IMAGE_KEYS)
         self.image = dict(image)
         self.newline = np.asarray(image["image_newline"], dtype=np.float32)               # [D]
         if self.newline.shape != (embed_tokens.shape[1],):

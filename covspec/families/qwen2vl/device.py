@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from covspec.families.common import require_image_keys
 from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
 from covspec.families.llava.device import LlavaDevice
 from covspec.protocol.manifest import ArtifactError
@@ -128,9 +129,7 @@ class Qwen2VLDevice(LlavaDevice):
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
-        for key in IMAGE_KEYS:
-            if key not in image:
-                raise ArtifactError(f"manifest.json: missing field 'image.{key}'.")
+        require_image_keys(image, IMAGE_KEYS)
         self.image = dict(image)
         height, width = (int(x) for x in image["size"])
         factor = int(image["patch_size"]) * int(image["merge_size"])

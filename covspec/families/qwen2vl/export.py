@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from covspec.families.interface import GraphTrace, ImageSizeError, UnsupportedModelError
-from covspec.families.llava.edge import prompt_template
+from covspec.families.common import prompt_template
 from covspec.families.llava.export import RESAMPLE_NAMES
 from covspec.families.qwen2vl.device import merged_grid, smart_resize
 from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
