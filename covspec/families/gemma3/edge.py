@@ -40,7 +40,6 @@ from covspec.families.interface import ModelFolderError, TargetContext
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 
 
-
 def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) from a local folder, in eval mode. Nothing is fetched."""
     import torch
@@ -56,8 +55,6 @@ def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"
     model = Gemma3ForConditionalGeneration.from_pretrained(
         path, dtype=getattr(torch, dtype), local_files_only=True).to(device).eval()
     return model, processor
-
-
 
 
 def adds_bos(template: str, bos_text: str | None) -> bool:

@@ -49,8 +49,6 @@ def load_idefics3(path: str | Path, *, device: str = "cpu", dtype: str = "float3
     return model, processor
 
 
-
-
 class Idefics3Target:
     """The ``TargetHalf`` of a loaded Idefics3 / SmolVLM target."""
 

@@ -18,7 +18,6 @@ from covspec.families.interface import TargetContext
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 
 
-
 def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) from a local folder, in eval mode. Nothing is fetched."""
     import torch
@@ -28,8 +27,6 @@ def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32")
         path, dtype=getattr(torch, dtype), local_files_only=True).to(device).eval()
     processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
-
-
 
 
 class LlavaTarget:
