@@ -47,7 +47,8 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "wall_s": round(self.wall_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2), "rounds": self.rounds,
-                "mean_accepted": round(self.mean_accepted, 3), "drafted": self.drafted, "stale": self.stale,
+                "mean_accepted": round(self.mean_accepted, 3), "drafted": self.drafted,
+                "accepted": int(sum(self.accepted)), "stale": self.stale,
                 "branch_hits": self.branch_hits, "branches_drafted": self.branches_drafted,
                 "hidden_draft_ms": round(self.hidden_draft_s * 1000, 3),
                 "pipelined_hits": self.pipelined_hits, "pipelined_misses": self.pipelined_misses,
