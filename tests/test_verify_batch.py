@@ -124,8 +124,7 @@ def test_all_greedy_needs_no_q_or_uniforms():
 
 
 def test_crafted_sampling_outcomes():
-    V = 5
-    # session 0: q == p at every row -> every u < 1 accepts; bonus from p of the last row.
+    # vocabulary of 5; session 0: q == p at every row -> every u < 1 accepts; bonus from p of the last row.
     # session 1: p gives the draft token 0 -> rejected at 0; correction from the residual.
     # session 2: target-only step: the bonus is a draw from p.
     logits = np.log(np.array([[0.1, 0.2, 0.3, 0.2, 0.2]] * 3 + [[1e-300, 0.5, 0.5, 1e-300, 1e-300]] * 2

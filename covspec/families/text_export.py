@@ -6,8 +6,10 @@ model is a transformers decoder (Llama, Mistral, Qwen2, SmolLM, ...).
   present.{i}.key/value [B,KVH,P+S,HD]``; ``position_ids`` is [A,B,S] for a model with
   A position axes (Qwen2-VL's 3-D M-RoPE: ``decoder_graph(..., position_axes=3)``). The causal mask is built from cache
   positions (queries sit at P..P+S-1), so ``position_ids`` may skip values (pruned
-  visual tokens keep their original positions). Sliding-window attention (Mistral,
-  Qwen2 with ``use_sliding_window``) is not applied: contexts must stay within the window.
+  visual tokens keep their original positions). Sliding-window attention is applied in
+  the mask, as the model's own masks do it (``sliding_layout``: every layer for Mistral's
+  ``sliding_window``, the ``sliding_attention`` layers of ``layer_types`` for Qwen2 with
+  ``use_sliding_window``); the cache keeps every token, so rollback works at any length.
 - ``decoder_spec``, ``decoder_graph``: its cache layout and how to trace it (batch >= 2,
   past 7, query 3, so no size collapses to a constant).
 - ``tokenizer_section``: the manifest's tokenizer section (ids, EOS as ``generate``
@@ -29,6 +31,15 @@ from covspec.families.interface import DecoderSpec, GraphTrace, past_names, pres
 TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
 
 
+def sliding_layout(text_config) -> tuple[int | None, bool]:
+    """(window, every layer slides) of a language model config; (None, False) without one."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None, False
+    return int(window), layer_types is None or "full_attention" not in layer_types
+
+
 class FlatCacheDecoder(nn.Module):
     """A language model + LM head with explicit, flat KV cache inputs and outputs."""
 
@@ -36,21 +47,23 @@ class FlatCacheDecoder(nn.Module):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
-        self.text_config = text_config
+        self.window, self.all_sliding = sliding_layout(text_config)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
         pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.text_config)
+        cache = DynamicCache(ddp_cache_data=pairs)          # full layers: presents keep every token
         query = inputs_embeds.shape[1]
         total = attention_mask.shape[1]
         # Query j sits at cache position total - query + j; it sees keys up to there.
         key_pos = torch.arange(total, device=inputs_embeds.device)
         query_pos = torch.arange(query, device=inputs_embeds.device) + (total - query)
         allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+        mask = _additive(allowed, inputs_embeds.dtype)
+        if self.window is not None:                          # keys within the window, as the model's masks
+            windowed = _additive(allowed & (key_pos[None, :] > query_pos[:, None] - self.window), inputs_embeds.dtype)
+            mask = windowed if self.all_sliding else {"full_attention": mask, "sliding_attention": windowed}
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                                   cache=cache, use_cache=True, return_dict=True)
         logits = self.lm_head(out.last_hidden_state)
@@ -58,6 +71,12 @@ class FlatCacheDecoder(nn.Module):
         for layer in out.cache.layers:
             presents += [layer.keys, layer.values]
         return (logits, *presents)
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask -> an additive one (0 where allowed, the dtype's minimum elsewhere)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def decoder_spec(text_config, vocab_rows: int) -> DecoderSpec:

@@ -17,20 +17,28 @@ from covspec.hf.folder import SPECIAL_TOKENS, build_word_tokenizer, save_llava_f
 BASE_WORDS = ["what", "color", "is", "the", "a", "?", ".", ":", ",", "question", "answer",
               "red", "green", "blue", "circle", "square", "how", "many", "shapes", "there", "are"]
 TOWERS = ("clip", "siglip")
-LANGUAGES = ("llama", "qwen2")
+LANGUAGES = ("llama", "qwen2", "mistral")
 
 
-def tiny_text_config(vocab_size: int, *, language: str = "llama", hidden: int = 32, layers: int = 2):
-    """A tiny Llama or Qwen2 config (4 heads, 2 KV heads) with the word tokenizer's special ids."""
-    from transformers import LlamaConfig, Qwen2Config
+def tiny_text_config(vocab_size: int, *, language: str = "llama", hidden: int = 32, layers: int = 2,
+                     sliding_window: int | None = None):
+    """A tiny Llama, Qwen2 or Mistral config (4 heads, 2 KV heads) with the word tokenizer's
+    special ids. ``sliding_window``: Mistral's window (every layer), or Qwen2's
+    ``use_sliding_window`` on every layer but the first."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, not {language!r}")
-    config_class = LlamaConfig if language == "llama" else Qwen2Config
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[language]
+    window = {}
+    if language == "mistral":
+        window = {"sliding_window": sliding_window}
+    elif sliding_window is not None and language == "qwen2":
+        window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
     return config_class(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **window)
 
 
 def tiny_vision_config(*, tower: str = "clip", image_size: int = 32, patch_size: int = 8, hidden: int = 32,
@@ -50,13 +58,16 @@ def tiny_vision_config(*, tower: str = "clip", image_size: int = 32, patch_size:
 
 def tiny_llava_config(vocab_size: int, *, image_size: int = 32, patch_size: int = 8,
                       text_hidden: int = 32, text_layers: int = 2, vision_hidden: int = 32,
-                      vision_layers: int = 2, tower: str = "clip", language: str = "llama"):
-    """A LlavaConfig with a CLIP (CLS dropped) or SigLIP ("full") tower and a Llama or Qwen2 LM."""
+                      vision_layers: int = 2, tower: str = "clip", language: str = "llama",
+                      sliding_window: int | None = None):
+    """A LlavaConfig with a CLIP (CLS dropped) or SigLIP ("full") tower and a Llama, Qwen2 or
+    Mistral LM (``sliding_window``: see ``tiny_text_config``)."""
     from transformers import LlavaConfig
 
     vision = tiny_vision_config(tower=tower, image_size=image_size, patch_size=patch_size, hidden=vision_hidden,
                                 layers=vision_layers)
-    text = tiny_text_config(vocab_size, language=language, hidden=text_hidden, layers=text_layers)
+    text = tiny_text_config(vocab_size, language=language, hidden=text_hidden, layers=text_layers,
+                            sliding_window=sliding_window)
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=SPECIAL_TOKENS.index("<image>"),
         vision_feature_layer=-1, vision_feature_select_strategy="full" if tower == "siglip" else "default",

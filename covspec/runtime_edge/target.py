@@ -107,7 +107,12 @@ class TargetModel:
         Committed tokens are generated text and run as a second, cached forward: an id
         that happens to be the image placeholder is never taken for an image slot.
         """
+        from transformers import DynamicCache
+
         inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
+        # Full-length layers even for sliding-window models (their own sliding cache cannot
+        # be rolled back once the window is full); the masks still apply the window.
+        inputs.setdefault("cache", DynamicCache())
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         next_position = getattr(self.family, "next_position", None)
         cache = TargetCache(out.cache, None if next_position is None else next_position(context) - context.length)
