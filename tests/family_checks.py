@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+from scipy.stats import chisquare
 
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, RetryPolicy
@@ -73,6 +75,28 @@ def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Imag
         total.drafted += stats.drafted
         total.accepted += stats.accepted
     return total
+
+
+def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Image, question: str,
+                           temperature: float, top_k: int, runs: int, wire: str = "compact") -> None:
+    """The first two committed tokens of ``runs`` seeded co-inference runs follow ``joint``,
+    the target's exact distribution {(t1, t2): probability} (chi-square, p > 1e-3), and
+    never a pair the target cannot produce."""
+    client = EdgeClient(address, RetryPolicy(timeout_s=10))
+    counts = Counter()
+    try:
+        engine = CoInference(DraftArtifact.load(artifact), client)
+        options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire, keep_ratio=1.0)
+        for seed in range(runs):
+            settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
+            counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1
+    finally:
+        client.close()
+    assert set(counts) <= set(joint), "a pair with zero target probability was produced"
+    cells = sorted(joint)
+    observed = np.array([counts[c] for c in cells], dtype=float)
+    expected = np.array([joint[c] for c in cells]) * runs
+    assert chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
 
 
 def device_run_without_torch(no_torch, artifact, address: str, tmp_path, image: Image.Image, question: str,

@@ -14,13 +14,11 @@ exactness (also with half the visual tokens kept) and ``device run`` with torch 
 
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 from tokenizers import Tokenizer
 
 from covspec.export.pipeline import ExportOptions, export_model
@@ -31,15 +29,13 @@ from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.manifest import ArtifactError, load_manifest
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact, open_graph
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, check_greedy_exact, co_generate, device_run_without_torch,
-                           noise, png, reference)
+from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, check_greedy_exact, check_sampling_follows,
+                           co_generate, device_run_without_torch, noise, png, reference)
 
 TOKENS = 16          # visual tokens per image: 32 px, patch 4 -> 8 x 8 patches, pooled 2 x 2
 
@@ -274,18 +270,4 @@ def test_sampling_follows_target_distribution(pair, edge):
                       "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)}
             second = target_probs(pair.model(**longer).logits[0, -1].numpy(), temperature, top_k)
             joint.update({(int(t1), int(t2)): first[t1] * second[t2] for t2 in np.nonzero(second)[0]})
-    client = EdgeClient(edge.address, RetryPolicy(timeout_s=10))
-    counts = Counter()
-    try:
-        engine = CoInference(DraftArtifact.load(pair.root / "draft-fp32"), client)
-        options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
-        for seed in range(runs):
-            settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
-            counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1
-    finally:
-        client.close()
-    assert set(counts) <= set(joint), "a pair with zero target probability was produced"
-    cells = sorted(joint)
-    observed = np.array([counts[c] for c in cells], dtype=float)
-    expected = np.array([joint[c] for c in cells]) * runs
-    assert chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
+    check_sampling_follows(joint, pair.root / "draft-fp32", edge.address, image, question, temperature, top_k, runs)

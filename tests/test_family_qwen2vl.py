@@ -17,14 +17,12 @@ with torch blocked. The draft's vocabulary has fewer padding rows than the targe
 
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.stats import chisquare
 
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.families.qwen2vl import QWEN2VL
@@ -33,13 +31,11 @@ from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
 from covspec.protocol.manifest import load_manifest
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
-from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SIZES, check_greedy_exact, co_generate, device_run_without_torch, noise, png,
-                           reference)
+from family_checks import (QUESTIONS, SIZES, check_greedy_exact, check_sampling_follows, co_generate,
+                           device_run_without_torch, noise, png, reference)
 
 EXPORT_SIZE = (64, 48)                  # (width, height): 8 x 6 patches of 8 px, 4 x 3 merged tokens
 MORE_SIZES = SIZES + [(200, 150), (31, 31), (64, 48)]
@@ -230,21 +226,7 @@ def test_sampling_follows_target_distribution(pair, edge):
     image, question = noise(50, 47, seed=5), QUESTIONS[0]
     temperature, top_k, runs = 1.5, 4, 600
     joint = target_joint(pair, image, question, temperature, top_k)
-    client = EdgeClient(edge.address, RetryPolicy(timeout_s=10))
-    counts = Counter()
-    try:
-        engine = CoInference(DraftArtifact.load(pair.root / "draft-fp32"), client)
-        options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
-        for seed in range(runs):
-            settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
-            counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1
-    finally:
-        client.close()
-    assert set(counts) <= set(joint), "a pair with zero target probability was produced"
-    cells = sorted(joint)
-    observed = np.array([counts[c] for c in cells], dtype=float)
-    expected = np.array([joint[c] for c in cells]) * runs
-    assert chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
+    check_sampling_follows(joint, pair.root / "draft-fp32", edge.address, image, question, temperature, top_k, runs)
 
 
 def test_export_refuses_a_size_the_processor_would_change(pair, tmp_path):

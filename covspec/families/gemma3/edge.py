@@ -22,9 +22,9 @@ loads offline and ``trust_remote_code`` is never set.
 - Sliding-window layers: transformers' own cache for them keeps only the window and
   cannot be cropped once the window is full, so the edge's rollback would fail past
   it. The context therefore brings a fresh full-length ``DynamicCache`` (``cache``),
-  one per context: every layer keeps every token, and the window is applied by the
-  model's attention mask as before (same logits, any length; more memory on long
-  contexts).
+  one per context, as ``TargetModel.prefill`` gives every family without one: every
+  layer keeps every token, and the window is applied by the model's attention mask
+  as before (same logits, any length; more memory on long contexts).
 - Pan-and-scan crops are not supported (the model folder's processor must not ask
   for them).
 """
@@ -35,9 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template
+from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template, target_context
 from covspec.families.interface import ModelFolderError, TargetContext
-from covspec.protocol.errors import BAD_FIELD, EdgeError
 
 
 def load_gemma3(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
@@ -76,31 +75,12 @@ class Gemma3Target:
         from transformers import DynamicCache
 
         tokenizer = self.processor.tokenizer
-        for token in {self.processor.image_token, tokenizer.image_token, tokenizer.eoi_token}:
-            if token in question:
-                raise EdgeError(BAD_FIELD, f"the prompt contains {token!r}; send the question text only, the edge "
-                                           "places the image itself.")
         prompt = self.template.replace(QUESTION_SLOT, question.strip())
-        try:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt",
-                                    add_special_tokens=self.add_special_tokens)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        inputs["cache"] = DynamicCache()            # full length on every layer: see the module docstring
-        length = int(inputs["input_ids"].shape[1])
-        if keep is None:
-            return TargetContext(inputs=inputs, length=length)
-        import torch
-
-        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
-        keep = sorted({int(i) for i in keep})
-        if not keep or keep[0] < 0 or keep[-1] >= visual:
-            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got "
-                                       f"{keep[:1]}..{keep[-1:]}.")
-        return TargetContext(inputs=inputs, length=length - visual + len(keep),
-                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+        context = target_context(self.model, self.processor, prompt, question, image, keep,
+                                 {self.processor.image_token, tokenizer.image_token, tokenizer.eoi_token},
+                                 add_special_tokens=self.add_special_tokens)
+        context.inputs["cache"] = DynamicCache()        # full length on every layer: see the module docstring
+        return context
 
     def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
         """Text embeddings (scaled as the model scales them) with the kept visual tokens in

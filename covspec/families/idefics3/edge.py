@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template
+from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template, target_context
 from covspec.families.interface import ModelFolderError, TargetContext
-from covspec.protocol.errors import BAD_FIELD, EdgeError
 
 CLASSES = {"Idefics3ForConditionalGeneration": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
            "SmolVLMForConditionalGeneration": ("SmolVLMForConditionalGeneration", "Idefics3Processor")}
@@ -58,28 +57,8 @@ class Idefics3Target:
         self.template = prompt_template(processor)
 
     def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
-        if self.processor.image_token in question:
-            raise EdgeError(BAD_FIELD, f"the prompt contains {self.processor.image_token!r}; send the question "
-                                       "text only, the edge places the image itself.")
         prompt = self.template.replace(QUESTION_SLOT, question.strip())
-        try:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        length = int(inputs["input_ids"].shape[1])
-        if keep is None:
-            return TargetContext(inputs=inputs, length=length)
-        import torch
-
-        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
-        keep = sorted({int(i) for i in keep})
-        if not keep or keep[0] < 0 or keep[-1] >= visual:
-            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[:1]}..{keep[-1:]} "
-                                       "(the target's tiles must match the draft's).")
-        return TargetContext(inputs=inputs, length=length - visual + len(keep),
-                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+        return target_context(self.model, self.processor, prompt, question, image, keep, [self.processor.image_token])
 
     def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
         """Text embeddings with every kept visual token in its slot and the others dropped."""

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.common import generation_eos_ids, prompt_template
+from covspec.families.common import generation_eos_ids, prompt_template, target_context
 from covspec.families.interface import TargetContext
-from covspec.protocol.errors import BAD_FIELD, EdgeError
 
 
 def load_llava(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
@@ -38,30 +37,8 @@ class LlavaTarget:
         self.template = prompt_template(processor)
 
     def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
-        image_token = self.processor.image_token
-        if image_token in question:
-            raise EdgeError(BAD_FIELD, f"the prompt contains {image_token!r}; send the question text only, "
-                                       "the edge places the image itself.")
-        prompt = self.template.format(question=question)
-        try:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise EdgeError(BAD_FIELD, f"the prompt and image could not be processed ({exc}).") from None
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        length = int(inputs["input_ids"].shape[1])
-        if keep is None:
-            return TargetContext(inputs=inputs, length=length)
-        import torch
-
-        visual = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
-        keep = sorted({int(i) for i in keep})
-        if keep[0] < 0 or keep[-1] >= visual:
-            raise EdgeError(BAD_FIELD, f"target_keep indexes visual tokens 0..{visual - 1}; got {keep[0]}..{keep[-1]} "
-                                       "(the target's visual grid must match the draft's).")
-        return TargetContext(inputs=inputs, length=length - visual + len(keep),
-                             keep=torch.tensor(keep, dtype=torch.long, device=self.model.device))
+        return target_context(self.model, self.processor, self.template.format(question=question), question, image,
+                              keep, [self.processor.image_token])
 
     def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
         import torch
