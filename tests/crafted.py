@@ -2,7 +2,7 @@
 
 Logits are functions of the generated prefix (``Table``), so a test decides exactly
 where the draft agrees with the target and where it does not. The edge side is the
-real one: ``covspec.runtime_edge.session.Session`` (prepare -> forward -> commit, the
+real one: ``covspec.runtime_edge.session.Session`` (prepare -> ``run_rounds`` -> commit, the
 protocol's verification math) over a ``TableTarget``, and every message goes through
 the real encoder and decoder. Only the socket is replaced: ``InProcessEdge`` answers
 at once, and a verdict becomes *ready* only after ``delay`` polls of
@@ -19,6 +19,7 @@ from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Opened, decode, encode
 from covspec.runtime_device.client import RetryPolicy
 from covspec.runtime_device.prefill import DraftPrefill
+from covspec.runtime_edge.rounds import verify_one
 from covspec.runtime_edge.session import Session
 from covspec.runtime_edge.target import Context
 
@@ -112,12 +113,16 @@ class TableTarget:
         cache = [int(t) for t in committed]
         return cache, self.logits(tuple(cache))
 
-    def extend(self, cache: list[int], tokens) -> np.ndarray:
+    def extend_batch(self, caches: list[list[int]], inputs: list[list[int]]):
+        """Logits [sum of lengths, V] as a torch tensor, like ``TargetModel.extend_batch``."""
+        import torch
+
         rows = []
-        for token in tokens:
-            cache.append(int(token))
-            rows.append(self.logits(tuple(cache)))
-        return np.stack(rows)
+        for cache, tokens in zip(caches, inputs):
+            for token in tokens:
+                cache.append(int(token))
+                rows.append(self.logits(tuple(cache)))
+        return torch.from_numpy(np.stack(rows))
 
     @staticmethod
     def rollback(cache: list[int], length: int) -> None:
@@ -156,7 +161,7 @@ class InProcessEdge:
         if isinstance(message, Close):
             self.sessions.pop(message.session, None)
             return None
-        return self.sessions[message.session].verify(self.target, message)
+        return verify_one(self.target, self.sessions[message.session], message)
 
     def reply_ready(self, session: str, seq: int) -> bool:
         entry = self.replies.get((session, seq))

@@ -44,6 +44,10 @@ def edge() -> None:
               help="Longest to shortest image side at most (thin strips would blow up when resized).")
 @click.option("--max-queue", type=int, default=DEFAULT.max_queue, show_default=True,
               help="Requests waiting for the model at most; beyond it the edge answers busy.")
+@click.option("--max-batch", type=int, default=DEFAULT.max_batch, show_default=True,
+              help="Sessions whose rounds share one target forward at most (1: unbatched).")
+@click.option("--max-batch-tokens", type=int, default=DEFAULT.max_batch_tokens, show_default=True,
+              help="Input tokens in one batched target forward at most.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The edge's CurveZMQ secret key file (NAME.key_secret from `covspec keys new`).")
 @click.option("--allow-keys", type=click.Path(file_okay=False, path_type=Path),

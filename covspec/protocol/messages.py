@@ -18,43 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from covspec.protocol import errors
+from covspec.protocol.frames import Limits, ProtocolError, parse_header, read_array, require, scalar
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS
 
 PROTOCOL_VERSION = 1
 MAX_SESSION_ID = 64
 MIN_OWNER, MAX_OWNER = 16, 64             # characters of a session's owner secret
-INT_RANGE = (-(2 ** 63), 2 ** 64)          # integer fields: int64, or uint64 for seeds
 SEED_RANGE = (0, 2 ** 64)
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-class ProtocolError(ValueError):
-    """A message that cannot be accepted. ``code`` is a stable machine-readable label."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size bounds enforced while decoding (before any array is materialized)."""
-
-    max_header_bytes: int = 64 * 1024
-    max_header_depth: int = 8              # nesting of JSON objects/arrays (a header needs 3)
-    max_array_bytes: int = 32 * 1024 * 1024
-    max_message_bytes: int = 64 * 1024 * 1024
 
 
 def array_field(dtype: str, ndim: int, optional: bool = False):
@@ -110,17 +87,17 @@ class Open(Message):
     target_keep: np.ndarray | None = array_field("int32", 1, optional=True)
 
     def check(self) -> None:
-        _require(self.target_keep is None or self.target_keep.size > 0, errors.BAD_FIELD, "target_keep is empty")
-        _require(self.max_new_tokens >= 1, errors.BAD_FIELD, "max_new_tokens must be >= 1")
+        require(self.target_keep is None or self.target_keep.size > 0, errors.BAD_FIELD, "target_keep is empty")
+        require(self.max_new_tokens >= 1, errors.BAD_FIELD, "max_new_tokens must be >= 1")
         for problem in self.sampling.problems():
             raise ProtocolError(errors.BAD_FIELD, problem)
-        _require(self.mode in ("speculative", "target_only"), errors.BAD_FIELD,
+        require(self.mode in ("speculative", "target_only"), errors.BAD_FIELD,
                  "mode must be 'speculative' or 'target_only'")
-        _require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
-        _require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
-        _require(self.owner == "" or len(self.owner) >= MIN_OWNER, errors.BAD_FIELD,
+        require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
+        require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+        require(self.owner == "" or len(self.owner) >= MIN_OWNER, errors.BAD_FIELD,
                  f"owner must be empty (the edge issues one) or at least {MIN_OWNER} random characters")
-        _require(SEED_RANGE[0] <= self.seed < SEED_RANGE[1], errors.BAD_FIELD,
+        require(SEED_RANGE[0] <= self.seed < SEED_RANGE[1], errors.BAD_FIELD,
                  "seed must be an unsigned 64-bit integer (0 <= seed < 2**64)")
 
     @property
@@ -166,15 +143,15 @@ class Verify(Message):
 
     def check(self) -> None:
         n = self.tokens.shape[0]
-        _require(n >= 1, errors.BAD_FIELD, "tokens is empty")
-        _require(self.start >= 0, errors.BAD_FIELD, "start must be >= 0")
-        _require((self.q_ids is None) == (self.q_probs is None), errors.BAD_FIELD,
+        require(n >= 1, errors.BAD_FIELD, "tokens is empty")
+        require(self.start >= 0, errors.BAD_FIELD, "start must be >= 0")
+        require((self.q_ids is None) == (self.q_probs is None), errors.BAD_FIELD,
                  "q_ids and q_probs come together")
         if self.q_ids is not None:
-            _require(self.q_ids.shape == self.q_probs.shape and self.q_ids.shape[0] == n,
+            require(self.q_ids.shape == self.q_probs.shape and self.q_ids.shape[0] == n,
                      errors.BAD_FIELD, f"q_ids/q_probs must both be [{n}, k]")
         if self.q_dense is not None:
-            _require(self.q_dense.shape[0] == n, errors.BAD_FIELD, f"q_dense must be [{n}, V]")
+            require(self.q_dense.shape[0] == n, errors.BAD_FIELD, f"q_dense must be [{n}, V]")
 
 
 @dataclass(kw_only=True)
@@ -202,8 +179,8 @@ class Result(Message):
     p_dense: np.ndarray | None = array_field("float16", 1, optional=True)
 
     def check(self) -> None:
-        _require(self.status in ("ok", "stale"), errors.BAD_FIELD, "status must be 'ok' or 'stale'")
-        _require(self.accepted >= 0, errors.BAD_FIELD, "accepted must be >= 0")
+        require(self.status in ("ok", "stale"), errors.BAD_FIELD, "status must be 'ok' or 'stale'")
+        require(self.accepted >= 0, errors.BAD_FIELD, "accepted must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -234,23 +211,23 @@ class Ping(Message):
 
 @dataclass(kw_only=True)
 class Pong(Message):
-    """Edge -> device: answer to a ping, with the number of live sessions."""
+    """Edge -> device: answer to a ping, with the number of live sessions and the
+    edge's counters since it started: target ``forwards`` (prefills included),
+    ``committed`` tokens over all sessions, ``peak_bytes`` of memory (the CUDA
+    allocator's peak on a GPU, else the process's peak resident set)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
+    forwards: int = 0
+    committed: int = 0
+    peak_bytes: int = 0
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Open, Opened, Verify, Result, Close, Error, Ping, Pong)}
 
-_SCALAR_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 # Field annotations are strings (postponed evaluation); scalar fields use these names.
 _TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _require(condition: bool, code: str, message: str) -> None:
-    if not condition:
-        raise ProtocolError(code, message)
 
 
 def _fields(cls: type[Message]) -> list[dataclasses.Field]:
@@ -282,34 +259,34 @@ def encode(message: Message) -> list[bytes]:
 
 def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     """Validate ``frames`` and build the message; raise ProtocolError on any problem."""
-    _require(len(frames) >= 1, errors.MISSING_FRAMES, "a message needs at least a header frame")
+    require(len(frames) >= 1, errors.MISSING_FRAMES, "a message needs at least a header frame")
     total = sum(len(f) for f in frames)
-    _require(total <= limits.max_message_bytes, errors.TOO_LARGE,
+    require(total <= limits.max_message_bytes, errors.TOO_LARGE,
              f"message is {total} bytes; the limit is {limits.max_message_bytes}")
     header = parse_header(frames[0], limits)
-    _require(header.get("v") == PROTOCOL_VERSION, errors.BAD_VERSION,
+    require(header.get("v") == PROTOCOL_VERSION, errors.BAD_VERSION,
              f"protocol version {header.get('v')!r} is not supported; this side speaks v{PROTOCOL_VERSION}")
     kind = header.get("type")
-    _require(isinstance(kind, str) and kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
+    require(isinstance(kind, str) and kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
              f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
     cls = MESSAGE_TYPES[kind]
     values: dict[str, Any] = {
-        "session": _scalar(header, "session", str),
-        "seq": _scalar(header, "seq", int)}
-    _require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
+        "session": scalar(header, "session", str),
+        "seq": scalar(header, "seq", int)}
+    require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
              f"session id is longer than {MAX_SESSION_ID} characters")
 
     declared = _array_specs(header, cls)
-    _require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
+    require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
     for f in _fields(cls):
         if f.metadata.get("array"):
             continue
-        values[f.name] = _scalar(header, f.name, _TYPE_NAMES[f.type])
-    _require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,
+        values[f.name] = scalar(header, f.name, _TYPE_NAMES[f.type])
+    require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,
              f"owner is longer than {MAX_OWNER} characters")
     for (name, spec), frame in zip(declared.items(), frames[1:]):
-        values[name] = _array(name, spec, bytes(frame), limits)
+        values[name] = read_array(name, spec, bytes(frame), limits)
     for f in _fields(cls):
         if f.metadata.get("array") and f.default is dataclasses.MISSING and f.name not in values:
             raise ProtocolError(errors.MISSING_FIELD, f"{kind} needs the array {f.name!r}")
@@ -318,82 +295,23 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     return message
 
 
-def parse_header(frame: bytes, limits: Limits = Limits()) -> dict:
-    """The JSON object of a header frame, parsed only within the size and nesting limits."""
-    raw = bytes(frame)
-    _require(len(raw) <= limits.max_header_bytes, errors.TOO_LARGE,
-             f"header is {len(raw)} bytes; the limit is {limits.max_header_bytes}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(errors.BAD_JSON, f"header frame is not UTF-8 ({exc})") from None
-    depth = _nesting_depth(text)
-    _require(depth <= limits.max_header_depth, errors.BAD_JSON,
-             f"header nests {depth} levels deep; the limit is {limits.max_header_depth}")
-    try:
-        header = json.loads(text)
-    except ValueError as exc:          # JSONDecodeError, and integers beyond Python's digit limit
-        raise ProtocolError(errors.BAD_JSON, f"header frame is not usable JSON ({exc})") from None
-    _require(isinstance(header, dict), errors.BAD_JSON, "header must be a JSON object")
-    return header
-
-
-def _scalar(header: dict, name: str, kind: type) -> Any:
-    _require(name in header, errors.MISSING_FIELD, f"header needs the field {name!r}")
-    value = header[name]
-    ok = isinstance(value, _SCALAR_TYPES[kind]) and not (kind is not bool and isinstance(value, bool))
-    _require(ok, errors.BAD_FIELD, f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    if kind is int:
-        _require(INT_RANGE[0] <= value < INT_RANGE[1], errors.BAD_FIELD, f"field {name!r} is beyond 64 bits")
-    if kind is float:
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ProtocolError(errors.BAD_FIELD, f"field {name!r} is beyond the float range") from None
-        _require(math.isfinite(value), errors.BAD_FIELD, f"field {name!r} must be a finite number")
-    return value
-
-
-def _nesting_depth(text: str) -> int:
-    """How deeply the JSON ``text`` nests objects and arrays (string contents ignored),
-    counted without parsing, so no parser recursion is ever reached."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_STRINGS.sub('""', text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
 def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
     specs = header.get("arrays", [])
-    _require(isinstance(specs, list), errors.BAD_FIELD, "'arrays' must be a list")
+    require(isinstance(specs, list), errors.BAD_FIELD, "'arrays' must be a list")
     allowed = {f.name: f.metadata for f in _fields(cls) if f.metadata.get("array")}
     declared: dict[str, dict] = {}
     for spec in specs:
-        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), errors.BAD_ARRAY,
+        require(isinstance(spec, dict) and isinstance(spec.get("name"), str), errors.BAD_ARRAY,
                  "each entry of 'arrays' needs a name")
         name = spec["name"]
-        _require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!r}")
-        _require(name not in declared, errors.BAD_ARRAY, f"array {name!r} is declared twice")
+        require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!r}")
+        require(name not in declared, errors.BAD_ARRAY, f"array {name!r} is declared twice")
         meta = allowed[name]
-        _require(spec.get("dtype") == meta["dtype"], errors.BAD_ARRAY,
+        require(spec.get("dtype") == meta["dtype"], errors.BAD_ARRAY,
                  f"array {name!r} must be {meta['dtype']}, declared {spec.get('dtype')!r}")
         shape = spec.get("shape")
-        _require(isinstance(shape, list) and len(shape) == meta["ndim"]
+        require(isinstance(shape, list) and len(shape) == meta["ndim"]
                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
                  errors.BAD_ARRAY, f"array {name!r} needs a shape of {meta['ndim']} non-negative ints")
         declared[name] = {"dtype": meta["dtype"], "shape": shape}
     return declared
-
-
-def _array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:
-    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-    _require(max(spec["shape"], default=0) <= limits.max_array_bytes, errors.TOO_LARGE,   # even when empty
-             f"array {name!r} declares a dimension beyond {limits.max_array_bytes}")
-    expected = math.prod(spec["shape"]) * dtype.itemsize          # exact: Python integers never overflow
-    _require(expected <= limits.max_array_bytes, errors.TOO_LARGE,
-             f"array {name!r} declares {expected} bytes; the limit is {limits.max_array_bytes}")
-    _require(len(frame) == expected, errors.BAD_ARRAY,
-             f"array {name!r} declares {spec['shape']} {spec['dtype']} = {expected} bytes "
-             f"but its frame has {len(frame)}")
-    return np.frombuffer(frame, dtype=dtype).reshape(spec["shape"]).astype(spec["dtype"])

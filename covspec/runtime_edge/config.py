@@ -36,7 +36,9 @@ class ServerConfig:
     repeated requests; a full edge takes finished slots back at once),
     ``max_image_pixels`` per decoded image and ``max_image_aspect`` its longest to
     shortest side (both checked before decoding), ``max_queue`` requests waiting for
-    the model. ``threads`` sets torch's intra-op threads (None: torch's default; on a
+    the model. The scheduler runs the ready rounds of up to ``max_batch`` sessions as
+    one target forward (1: one session per forward, unbatched), with at most
+    ``max_batch_tokens`` input tokens in it. ``threads`` sets torch's intra-op threads (None: torch's default; on a
     CPU shared with other work, fewer threads are often much faster).
     """
 
@@ -51,6 +53,8 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     max_image_aspect: float = 20.0
     max_queue: int = 1024
+    max_batch: int = 64
+    max_batch_tokens: int = 2048
     secret_key: Path | None = None
     allow_keys: Path | None = None
     insecure: bool = False
@@ -62,7 +66,8 @@ class ServerConfig:
             raise ConfigError(f"device {self.device!r} is not supported; use one of {', '.join(DEVICES)} (or cuda:N).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
-        for name in ("max_sessions", "max_context", "max_message_bytes", "max_image_pixels", "max_queue"):
+        for name in ("max_sessions", "max_context", "max_message_bytes", "max_image_pixels", "max_queue",
+                     "max_batch", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.threads is not None and self.threads < 1:

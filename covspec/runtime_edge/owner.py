@@ -1,12 +1,19 @@
 """The model owner: the one thread that touches the target and the sessions.
 
 ``ModelOwner.run`` takes decoded requests (``Request``) from a queue filled by the
-server's I/O thread and alternates between them and one-token steps of target-only
-sessions, so a long target-only generation never blocks other sessions. A request is
-opened, verified (the session's prepare -> forward -> commit) or closed; each reply
-goes back over the inproc PUSH socket with the peer's identity. An ``EdgeError``
-becomes an ``error`` reply (not remembered as the round's reply); any other failure
-drops the session with an ``internal`` error. Idle sessions expire here too.
+server's I/O thread and schedules them. Each iteration it handles the waiting requests
+in arrival order (a session's own requests keep their order; different sessions' may
+pass each other): opens (a prefill each, at most one per iteration so a burst of opens
+does not stall everyone's decoding), closes, and verifies, whose prepared rounds it
+gathers together with one step of every streaming target-only session, up to
+``max_batch`` sessions and ``max_batch_tokens`` input tokens. Then one target forward
+runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
+did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
+
+A refused request (``EdgeError``) becomes an ``error`` reply (not remembered as the
+round's reply); any other failure drops its session with an ``internal`` error. A batch
+that fails is retried session by session, so one broken session never takes the
+others down. Idle sessions expire here too.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hmac
 import logging
 import queue
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,10 +31,12 @@ from dataclasses import dataclass
 import zmq
 
 from covspec.protocol import errors
+from covspec.protocol import speculative as spec
 from covspec.protocol.errors import EdgeError
-from covspec.protocol.messages import Close, Error, Message, Open, Verify, encode
+from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.runtime_edge.config import ServerConfig
-from covspec.runtime_edge.session import Session
+from covspec.runtime_edge.rounds import run_rounds
+from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel, decode_image
 
 log = logging.getLogger("covspec.edge")
@@ -45,11 +55,12 @@ class Request:
 
 
 @dataclass
-class _Step:
-    """One target-only token to generate for ``session`` (skipped if it was closed or replaced)."""
+class _Work:
+    """A prepared round in this iteration's batch, and the request it answers (None: a target-only step)."""
 
     session: Session
-    seq: int
+    round: Round
+    request: Request | None
 
 
 class ModelOwner:
@@ -59,8 +70,11 @@ class ModelOwner:
         self.target, self.config, self.stopping = target, config, stopping
         self.requests: queue.Queue = queue.Queue(maxsize=config.max_queue)
         self.sessions: dict[str, Session] = {}
-        self._steps: collections.deque[_Step] = collections.deque()
+        self._waiting: collections.deque[Request] = collections.deque()    # taken from the queue, not yet handled
+        self._streaming: collections.deque[tuple[Session, int]] = collections.deque()  # target-only, with open's seq
         self._push: zmq.Socket | None = None
+        self.forwards = 0         # target forwards since start (prefills included), for Pong
+        self.committed = 0        # tokens committed over all sessions since start, for Pong
 
     def run(self, push: zmq.Socket) -> None:
         """Serve until ``stopping`` is set; replies go out through ``push`` (closed at the end)."""
@@ -72,23 +86,101 @@ class ModelOwner:
         try:
             with torch.inference_mode():
                 while not self.stopping.is_set():
-                    work_done = False
-                    try:
-                        self._handle(self.requests.get(block=not self._steps, timeout=POLL_S))
-                        work_done = True
-                    except queue.Empty:
-                        pass
-                    if self._steps:                      # alternate: one request, one target-only token
-                        self._run_step(self._steps.popleft())
-                        work_done = True
+                    self._take(block=not self._waiting and not self._streaming)
+                    batch = self._gather()
+                    if batch:
+                        self._run(batch)
                     now = time.monotonic()
-                    if now >= next_check or not work_done:
+                    if now >= next_check or not batch:
                         self._expire(now)
                         next_check = now + check_every
         finally:
             push.close(linger=0)
 
-    def _handle(self, request: Request) -> None:
+    # --- scheduling -----------------------------------------------------------------------
+
+    def _take(self, block: bool) -> None:
+        """Move the queued requests to ``_waiting`` (waiting up to POLL_S for one if ``block``)."""
+        try:
+            self._waiting.append(self.requests.get(block=block, timeout=POLL_S))
+            while True:
+                self._waiting.append(self.requests.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _gather(self) -> list[_Work]:
+        """Handle the waiting requests that fit this iteration; the rounds to run."""
+        batch: list[_Work] = []
+        deferred: collections.deque[Request] = collections.deque()
+        held: set[str] = set()              # sessions with a round in the batch or a deferred request
+        tokens, opened = 0, False
+        while self._waiting:
+            request = self._waiting.popleft()
+            message = request.message
+            size = len(getattr(message, "tokens", ())) + 1
+            full = len(batch) >= self.config.max_batch or (batch and tokens + size > self.config.max_batch_tokens)
+            if message.session in held or (isinstance(message, Verify) and full) or \
+                    (isinstance(message, Open) and opened):
+                held.add(message.session)
+                deferred.append(request)
+                continue
+            opened |= isinstance(message, Open)
+            work = self._handle(request)
+            if work is not None:
+                batch.append(work)
+                held.add(work.session.id)
+                tokens += len(work.round.inputs)
+        self._waiting = deferred
+        for _ in range(len(self._streaming)):            # one step of each streaming session that fits
+            session, seq = self._streaming[0]
+            self._streaming.rotate(-1)
+            if self.sessions.get(session.id) is not session or session.done:
+                self._streaming.remove((session, seq))
+            elif session.id not in held and len(batch) < self.config.max_batch and \
+                    (not batch or tokens + 1 <= self.config.max_batch_tokens):
+                batch.append(_Work(session, session.prepare_step(seq), None))
+                held.add(session.id)
+                tokens += 1
+        return batch
+
+    def _run(self, batch: list[_Work]) -> None:
+        """One forward for the whole batch; on failure, each round alone."""
+        lengths = [work.session.cache.kv.length for work in batch]
+        try:
+            results = run_rounds(self.target, [(work.session, work.round) for work in batch])
+        except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
+            if len(batch) == 1:
+                return self._fail(batch[0])
+            log.warning("a batched forward of %d sessions failed; retrying them one by one", len(batch),
+                        exc_info=True)
+            for work, length in zip(batch, lengths):
+                if work.session.cache is not None:
+                    self.target.rollback(work.session.cache, length)
+                self._run([work])
+            return
+        self.forwards += 1
+        for work, result in zip(batch, results):
+            self.committed += result.accepted + (result.token != spec.NO_TOKEN)
+            if work.request is None:
+                self._send_frames(work.session.identity, encode(result), work.session)
+                work.session.last_active = time.monotonic()
+            else:
+                self._reply(work.request, result, work.session)
+
+    def _fail(self, work: _Work) -> None:
+        session = work.session
+        log.exception("session %s: %s failed", session.id, "a target-only step" if work.request is None else "verify")
+        self.end(session, "dropped after an internal error")
+        exc = sys.exc_info()[1]
+        self._send_frames(session.identity if work.request is None else work.request.identity, encode(Error(
+            session=session.id, seq=work.round.seq, code=errors.INTERNAL,
+            message=f"the edge failed on this round ({type(exc).__name__}: {exc}); the session was dropped, "
+                    "reopen it with your committed tokens.")), None)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _handle(self, request: Request) -> _Work | None:
+        """Answer ``request`` now, or return the round it needs run."""
         message = request.message
         session = self.sessions.get(message.session)
         try:
@@ -100,7 +192,7 @@ class ModelOwner:
                     session.stats.bytes_in += request.nbytes
                     self.end(session, "closed")
             else:
-                self._verify(request, session)
+                return self._verify(request, session)
         except EdgeError as exc:
             self._reply(request, Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message),
                         self.sessions.get(message.session), remember=False)
@@ -113,7 +205,7 @@ class ModelOwner:
                 session=message.session, seq=message.seq, code=errors.INTERNAL,
                 message=f"the edge failed on this request ({type(exc).__name__}: {exc}); the session was dropped, "
                         "reopen it with your committed tokens."), None, remember=False)
-
+        return None
     def _open(self, request: Request) -> None:
         message: Open = request.message
         target = self.target
@@ -141,11 +233,14 @@ class ModelOwner:
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session
+        if opened.token != spec.NO_TOKEN:         # a prefill ran (a second forward for a reopen's tokens)
+            self.forwards += 1 + bool(len(message.committed))
+            self.committed += 1
         self._reply(request, opened, session)
         if session.mode == "target_only" and not session.done:
-            self._steps.append(_Step(session, message.seq))
+            self._streaming.append((session, message.seq))
 
-    def _verify(self, request: Request, session: Session | None) -> None:
+    def _verify(self, request: Request, session: Session | None) -> _Work | None:
         message: Verify = request.message
         if session is None:
             raise EdgeError(errors.UNKNOWN_SESSION, f"no session {message.session!r} on this edge (never opened, "
@@ -157,32 +252,18 @@ class ModelOwner:
         session.last_active = time.monotonic()
         if message.seq == session.last_seq and session.last_reply is not None:
             self._send_frames(request.identity, session.last_reply, session)   # idempotent repeat
-            return
+            return None
         if message.seq < session.last_seq:
             raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
                                              f"({session.last_seq}); use a new, higher seq for each round.")
         if session.mode == "target_only":
             raise EdgeError(errors.WRONG_MODE, "this session is target_only: the edge streams its tokens; "
                                                "open a speculative session to verify drafts.")
-        self._reply(request, session.verify(self.target, message), session)
-
-    def _run_step(self, step: _Step) -> None:
-        session = step.session
-        if self.sessions.get(session.id) is not session or session.done:
-            return
-        try:
-            result = session.step(self.target, step.seq)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("session %s: target-only step failed", session.id)
-            self.end(session, "dropped after an internal error")
-            self._send_frames(session.identity, encode(Error(
-                session=session.id, seq=step.seq, code=errors.INTERNAL,
-                message=f"the edge failed while generating ({type(exc).__name__}: {exc}); reopen the session.")), None)
-            return
-        session.last_active = time.monotonic()
-        self._send_frames(session.identity, encode(result), session)
-        if not session.done:
-            self._steps.append(step)
+        work = session.prepare(self.target, message)
+        if isinstance(work, Result):
+            self._reply(request, work, session)
+            return None
+        return _Work(session, work, request)
 
     def _expire(self, now: float) -> None:
         """End sessions idle too long: ``finished_timeout_s`` once done, else ``idle_timeout_s``."""

@@ -55,8 +55,9 @@ import zmq
 import zmq.utils.monitor
 
 from covspec.protocol import errors
-from covspec.protocol.messages import (INT_RANGE, MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
-                                       ProtocolError, Verify, decode, encode, parse_header)
+from covspec.protocol.frames import INT_RANGE, parse_header
+from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
+                                       ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
 from covspec.runtime_edge.owner import ModelOwner, Request
 from covspec.runtime_edge.target import TargetModel
@@ -163,6 +164,12 @@ class EdgeServer:
     def session_count(self) -> int:
         return len(self._owner.sessions) if self._owner else 0
 
+    def counters(self) -> dict[str, int]:
+        """Pong's counters: target forwards and committed tokens since start, peak memory."""
+        owner = self._owner
+        return {"forwards": owner.forwards if owner else 0, "committed": owner.committed if owner else 0,
+                "peak_bytes": peak_memory_bytes(self.config.device)}
+
     def __enter__(self) -> "EdgeServer":
         return self.start()
 
@@ -242,7 +249,7 @@ class EdgeServer:
             return
         if isinstance(message, Ping):
             _send(router, [identity] + encode(Pong(session=message.session, seq=message.seq,
-                                                   sessions=self.session_count)))
+                                                   sessions=self.session_count, **self.counters())))
             return
         if not isinstance(message, (Open, Verify, Close)):
             _send(router, [identity] + encode(Error(
@@ -278,6 +285,17 @@ def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int]:
     session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and INT_RANGE[0] <= seq < INT_RANGE[1] else 0
     return session, seq
+
+
+def peak_memory_bytes(device: str) -> int:
+    """The CUDA allocator's peak on a GPU edge, else this process's peak resident set."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
 
 
 def _wildcard_port(bind: str) -> str:

@@ -24,6 +24,7 @@ session is done its cache is freed. A refused request leaves the session intact.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +34,7 @@ from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import Codec, check_tokens, codec_named
-from covspec.runtime_edge.target import Context, TargetModel
+from covspec.runtime_edge.target import Context, TargetCache, TargetModel
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Round:
     ``tokens`` [n] are the draft tokens to judge (n may be 0: a target-only step), ``q``
     [n, V] the draft's distributions (None when greedy), ``inputs`` the forward's input
     ids (``[pending] + tokens``), ``remaining`` how many tokens may still be committed.
+    A sampling round carries its uniforms: ``accept_uniforms`` [n] for the acceptance
+    tests and ``sample_uniform`` for the one correction/bonus draw (None when greedy).
     """
 
     seq: int
@@ -51,6 +54,8 @@ class Round:
     q: np.ndarray | None
     inputs: list[int]
     remaining: int
+    accept_uniforms: np.ndarray | None = None
+    sample_uniform: float | None = None
     began: float = field(default_factory=time.perf_counter)
 
 
@@ -90,7 +95,7 @@ class Session:
     peer_key: str = ""                # the owner's CurveZMQ public key ("" without keys)
     context_len: int = 0
     committed: list[int] = field(default_factory=list)
-    cache: object | None = None
+    cache: TargetCache | None = None
     done: bool = False
     last_seq: int = -1
     last_reply: list[bytes] | None = None
@@ -156,26 +161,28 @@ class Session:
                           token=spec.NO_TOKEN, done=True)
         remaining = self.max_new_tokens - len(self.committed)
         n = min(len(tokens), remaining)             # tokens past max_new_tokens can never be committed
-        return Round(seq=msg.seq, start=msg.start, tokens=tokens[:n], q=None if q is None else q[:n],
-                     inputs=[self.committed[-1]] + tokens[:n].tolist(), remaining=remaining)
+        return self._round(msg.seq, tokens[:n], None if q is None else q[:n])
 
     def prepare_step(self, seq: int) -> Round:
         """A target-only step: a round with an empty chunk (the target chooses the next token)."""
         assert not self.done, "step on a finished session"
-        return Round(seq=seq, start=len(self.committed), tokens=np.zeros(0, np.int64), q=None,
-                     inputs=[self.committed[-1]], remaining=self.max_new_tokens - len(self.committed))
+        return self._round(seq, np.zeros(0, np.int64), None)
 
-    def forward(self, target: TargetModel, work: Round) -> np.ndarray:
-        """The target's logits [n + 1, V] over ``[pending] + chunk`` (the cache grows by n + 1)."""
-        return target.extend(self.cache, work.inputs)
+    def _round(self, seq: int, tokens: np.ndarray, q: np.ndarray | None) -> Round:
+        round_ = Round(seq=seq, start=len(self.committed), tokens=tokens, q=q,
+                       inputs=[self.committed[-1]] + tokens.tolist(),
+                       remaining=self.max_new_tokens - len(self.committed))
+        if not self.sampling.greedy:
+            round_.accept_uniforms = self.rng.random(len(tokens))
+            round_.sample_uniform = float(self.rng.random())
+        return round_
 
-    def commit(self, target: TargetModel, work: Round, logits: np.ndarray) -> Result:
-        """Judge the chunk on ``logits`` [n + 1, V], commit the verdict, reply."""
+    def commit(self, target: TargetModel, work: Round, accepted: int, token: int,
+               row: Callable[[int], np.ndarray]) -> Result:
+        """Commit the verdict (``accepted`` draft tokens, then ``token``: the correction or
+        the bonus) after the stops, and reply. ``row(i)`` gives the logits [V] after chunk
+        position i, asked for only when the wire format sends the target's distribution."""
         tokens = work.tokens
-        if self.sampling.greedy:
-            accepted, token = spec.verify_greedy(tokens, logits)
-        else:
-            accepted, token = spec.verify_sampling(tokens, work.q, self.sampling.p(logits), self.rng)
         verdict = spec.apply_stops(tokens, accepted, token, target.eos_ids, work.remaining)
         self.committed += verdict.committed(tokens)
         self.done = verdict.done
@@ -190,21 +197,9 @@ class Session:
         self.stats.verify_ms += verify_ms
         extra = {}
         if verdict.token != spec.NO_TOKEN:          # what the wire format adds where the token was drawn
-            extra = self.codec.verdict_fields(lambda: self._p(logits[verdict.accepted]))
+            extra = self.codec.verdict_fields(lambda: self._p(row(verdict.accepted)))
         return Result(session=self.id, seq=work.seq, start=work.start, accepted=verdict.accepted,
                       token=verdict.token, done=verdict.done, verify_ms=verify_ms, **extra)
-
-    def verify(self, target: TargetModel, msg: Verify) -> Result:
-        """One verify round for this session alone: prepare -> forward -> commit."""
-        work = self.prepare(target, msg)
-        if isinstance(work, Result):
-            return work
-        return self.commit(target, work, self.forward(target, work))
-
-    def step(self, target: TargetModel, seq: int) -> Result:
-        """Generate one token with the target alone (target_only mode)."""
-        work = self.prepare_step(seq)
-        return self.commit(target, work, self.forward(target, work))
 
     # --- helpers ----------------------------------------------------------------------------
 

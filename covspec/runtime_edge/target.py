@@ -22,7 +22,6 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from covspec.families import family_for_folder, family_for_model
 from covspec.protocol.errors import BAD_IMAGE, EdgeError
 from covspec.protocol.vocab import vocab_hash
 from covspec.runtime_edge.config import ConfigError
+from covspec.runtime_edge.kv import SessionKV, forward_cache, keep_new
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect: float):
@@ -60,12 +60,17 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float):
 
 @dataclass
 class TargetCache:
-    """One session's KV cache: ``kv`` (the model's cache) and ``offset``, None for positions
+    """One session's KV cache: ``kv`` (a ``SessionKV``) and ``offset``, None for positions
     equal to the cache index (the model's own), else the position of the token at cache
     index i is ``i + offset`` on every axis."""
 
-    kv: Any
+    kv: SessionKV
     offset: int | None = None
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next token the cache takes."""
+        return self.kv.length + (self.offset or 0)
 
 
 class TargetModel:
@@ -100,7 +105,7 @@ class TargetModel:
         """
         return self.family.context(question, image, keep)
 
-    def prefill(self, context: Context, committed: Sequence[int] = ()) -> tuple[Any, np.ndarray]:
+    def prefill(self, context: Context, committed: Sequence[int] = ()) -> tuple[TargetCache, np.ndarray]:
         """Run image + prompt (+ ``committed`` tokens, on a reopen) -> (cache, logits [V]).
 
         The logits score the token after the last input; the cache holds every input.
@@ -115,29 +120,47 @@ class TargetModel:
         inputs.setdefault("cache", DynamicCache())
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         next_position = getattr(self.family, "next_position", None)
-        cache = TargetCache(out.cache, None if next_position is None else next_position(context) - context.length)
+        cache = TargetCache(SessionKV.from_cache(out.cache),
+                            None if next_position is None else next_position(context) - context.length)
         if committed:
             return cache, self.extend(cache, committed)[-1]
         return cache, _to_numpy(out.logits[0, -1])
 
     def extend(self, cache: TargetCache, tokens: Sequence[int]) -> np.ndarray:
-        """One cached forward over ``tokens`` -> logits [len(tokens), V]; the cache grows by len(tokens)."""
+        """One cached forward over ``tokens`` -> logits [len(tokens), V] (numpy); the cache
+        grows by len(tokens)."""
+        return _to_numpy(self.extend_batch([cache], [tokens]))
+
+    def extend_batch(self, caches: Sequence[TargetCache], inputs: Sequence[Sequence[int]]):
+        """One target forward over several sessions at once -> logits [sum of lengths, V],
+        a tensor on the model's device: session b's rows follow session b - 1's, row i
+        scores the token after ``inputs[b][i]``. Cache b grows by len(inputs[b]).
+
+        Rows are left-padded to the longest past and right-padded to the longest input
+        (``kv.forward_cache``); every row gets its true positions, so each session's
+        logits are what its own forward would give (up to float rounding).
+        """
         import torch
 
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        positions = {}
-        if cache.offset is not None:
-            start = cache.kv.get_seq_length() + cache.offset
-            positions["position_ids"] = torch.arange(start, start + len(tokens), device=self.device)[None]
-        out = self.model(input_ids=ids, cache=cache.kv, use_cache=True, **positions)
-        return _to_numpy(out.logits[0])
+        query_len = max(len(tokens) for tokens in inputs)
+        kv, past = forward_cache([cache.kv for cache in caches], query_len)
+        ids = torch.zeros((len(caches), query_len), dtype=torch.long)                  # [B, Q]
+        positions = torch.zeros((len(caches), query_len), dtype=torch.long)            # [B, Q]
+        mask = torch.ones((len(caches), past + query_len), dtype=torch.long)           # [B, L + Q]
+        for row, (cache, tokens) in enumerate(zip(caches, inputs)):
+            ids[row, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+            start = cache.next_position
+            positions[row] = torch.arange(start, start + query_len)
+            mask[row, :past - cache.kv.length] = 0
+        out = self.model(input_ids=ids.to(self.device), cache=kv, use_cache=True,
+                         position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
+        keep_new([cache.kv for cache in caches], kv, past, [len(tokens) for tokens in inputs])
+        return torch.cat([out.logits[row, :len(tokens)] for row, tokens in enumerate(inputs)])
 
     @staticmethod
     def rollback(cache: TargetCache, length: int) -> None:
         """Crop ``cache`` to its first ``length`` tokens (no-op if it holds no more)."""
-        drop = cache.kv.get_seq_length() - length
-        if drop > 0:
-            cache.kv.crop(-drop)   # transformers 5: a negative count drops that many tokens
+        cache.kv.rollback(length)
 
 
 def _to_numpy(logits) -> np.ndarray:
