@@ -323,3 +323,10 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
     problems = verdict(summary)
     if problems:
         raise click.ClickException("broken promises: " + "; ".join(problems))
+
+
+from covspec.cli.bench_gpu_cmd import gpu  # noqa: E402 - commands in modules of their own join the group here
+from covspec.cli.bench_load_cmd import load  # noqa: E402
+
+bench.add_command(load)
+bench.add_command(gpu)
