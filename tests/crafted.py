@@ -16,10 +16,10 @@ from collections.abc import Callable
 import numpy as np
 
 from covspec.protocol.errors import EdgeError
-from covspec.protocol.messages import Close, Error, Message, Open, Opened, decode, encode
+from covspec.protocol.messages import Close, Error, Message, Open, Opened, Result, Verify, decode, encode
 from covspec.runtime_device.client import RetryPolicy
 from covspec.runtime_device.prefill import DraftPrefill
-from covspec.runtime_edge.rounds import verify_one
+from covspec.runtime_edge.rounds import run_rounds, verify_one
 from covspec.runtime_edge.session import Session
 from covspec.runtime_edge.target import Context
 
@@ -180,3 +180,61 @@ class InProcessEdge:
         if isinstance(reply, Error):
             raise EdgeError(reply.code, reply.message)
         return reply
+
+
+class SteppingEdge:
+    """An in-process edge-led edge: the target takes one step of its own per poll of
+    the device (``receive_any``), and a chunk is verified ``delay`` steps after it was
+    sent (its trip over the link), in the order chunks were sent, with the real
+    ``Session.prepare`` (overlap test) and ``run_rounds``.
+
+    ``biased_token`` is the negative control: when a chunk falls due, the edge uses it
+    only if its token at the edge's position is ``biased_token``, and otherwise drops it
+    and steps; whether the chunk is used at a position then depends on its own token
+    there, which the acceptance test does not allow for."""
+
+    address = "in-process"
+
+    def __init__(self, target: TableTarget, delay: int, biased_token: int | None = None):
+        self.target, self.delay, self.biased_token = target, delay, biased_token
+        self.policy = RetryPolicy(timeout_s=1.0, retries=0, backoff_s=0.0)
+        self.session: Session | None = None
+        self.outbox: list[Message] = []
+        self.chunks: list[list] = []                        # [verify, steps until due]
+        self.bytes_up = self.bytes_down = 0
+
+    def send(self, message: Message) -> None:
+        message = decode(encode(message))
+        if isinstance(message, Open):
+            self.session, opened = Session.open(self.target, message, None, max_context=1 << 20)
+            self.open_seq = message.seq
+            self.outbox.append(opened)
+        elif isinstance(message, Verify):
+            self.chunks.append([message, self.delay])
+
+    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
+        return self.outbox.pop(0) if self.outbox else None
+
+    def receive_any(self, session: str, timeout_s: float) -> Message | None:
+        if not self.outbox and self.session is not None and not self.session.done:
+            self._tick()
+        return self.outbox.pop(0) if self.outbox else None
+
+    def _tick(self) -> None:
+        """Verify the chunk that fell due (in sending order), else take one step."""
+        due = self.chunks[0] if self.chunks and self.chunks[0][1] <= 0 else None
+        if due is not None and self.biased_token is not None:
+            skip = len(self.session.committed) - due[0].start
+            if 0 <= skip < len(due[0].tokens) and int(due[0].tokens[skip]) != self.biased_token:
+                self.chunks.pop(0)                           # not the favoured token: dropped unused
+                due = None
+        if due is not None:
+            self.chunks.pop(0)
+            work = self.session.prepare(self.target, due[0])
+            self.outbox.append(work if isinstance(work, Result) else
+                               run_rounds(self.target, [(self.session, work)])[0])
+            return
+        for chunk in self.chunks:
+            chunk[1] -= 1
+        step = run_rounds(self.target, [(self.session, self.session.prepare_step(self.open_seq))])[0]
+        self.outbox.append(step)

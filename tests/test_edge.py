@@ -477,7 +477,7 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
     return [
         ("header is not JSON", [b"\xff{not json"], "bad_json"),
         ("empty header frame", [b""], "bad_json"),
-        ("wrong protocol version", raw({"v": 2}), "bad_version"),
+        ("wrong protocol version", raw({"v": 3}), "bad_version"),
         ("unknown message type", raw({"type": "hello"}), "unknown_type"),
         ("seq of the wrong type", raw({"seq": "7", "arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4), "bad_field"),
         ("truncated array frame", raw({"arrays": [{**tokens, "shape": [4]}]}, b"\0" * 8), "bad_array"),

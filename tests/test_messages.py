@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from covspec.protocol.messages import (
-    Close, Error, Limits, Open, Opened, Ping, Pong, ProtocolError, Result, Verify, decode, encode)
+    PROTOCOL_VERSION, Close, Error, Limits, Open, Opened, Ping, Pong, ProtocolError, Result, Verify, decode, encode)
 
 EXAMPLES = [
     Open(session="s1", seq=0, prompt="what color is the circle ?",
@@ -41,8 +41,28 @@ def assert_same(a, b):
 @pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
 def test_round_trip(message):
     frames = encode(message)
-    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == 1
+    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == PROTOCOL_VERSION == 2
     assert_same(message, decode(frames))
+
+
+def test_a_v1_message_decodes_and_its_reply_goes_back_in_v1():
+    """v1 devices are served: their messages decode (v2-only fields at their defaults),
+    and a reply encoded in the request's version leaves out what v1 lacks."""
+    ping = decode(with_header(encode(Ping(session="s", seq=4)), v=1))
+    assert ping.version == 1
+    pong = Pong(session="s", seq=4, sessions=3, forwards=9, committed=7, peak_bytes=5, version=ping.version)
+    header = json.loads(encode(pong)[0])
+    assert header["v"] == 1 and "forwards" not in header and header["sessions"] == 3
+    back = decode(encode(pong))
+    assert (back.version, back.sessions, back.forwards) == (1, 3, 0)
+    assert decode(encode(Pong(session="s", seq=4, forwards=9))).forwards == 9
+
+
+def test_edge_led_needs_v2():
+    opened = Open(session="s", seq=0, image=np.ones(3, np.uint8), mode="edge_led", committed=np.zeros(0, np.int32))
+    assert decode(encode(opened)).mode == "edge_led"
+    with pytest.raises(ProtocolError, match="edge_led.*v2"):
+        decode(with_header(encode(opened), v=1))
 
 
 def test_arrays_travel_raw_little_endian():
@@ -69,7 +89,8 @@ MALFORMED = {
     "not utf8": ([b"\xff\xfe"], "bad_json"),
     "json list": ([b"[1, 2]"], "bad_json"),
     "no frames": ([], "missing_frames"),
-    "wrong version": (with_header(good_verify_frames(), v=2), "bad_version"),
+    "wrong version": (with_header(good_verify_frames(), v=3), "bad_version"),
+    "boolean version": (with_header(good_verify_frames(), v=True), "bad_version"),
     "unknown type": (with_header(good_verify_frames(), type="explode"), "unknown_type"),
     "missing seq": (with_header(good_verify_frames(), seq=KeyError), "missing_field"),
     "missing start": (with_header(good_verify_frames(), start=KeyError), "missing_field"),

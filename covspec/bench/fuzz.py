@@ -142,7 +142,7 @@ class Fuzzer:
             del header[name]
             expect = {"v": "bad_version", "type": "unknown_type"}.get(name, "missing_field")
         elif name == "v":
-            header[name], expect = self._pick(["1", 2, 0, -1, None, [1]]), "bad_version"
+            header[name], expect = self._pick(["1", 3, 0, -1, None, [1], True]), "bad_version"
         elif name == "type":
             header[name], expect = self._pick([["ping"], {"a": 1}, 5, None, "PING", "open "]), "unknown_type"
         elif name == "arrays":
@@ -317,7 +317,7 @@ class Fuzzer:
     def _versions_and_types(self, state):
         header, arrays = self._header(self._any_message(state))
         if self.rng.random() < 0.5:
-            header["v"] = self._pick([0, 2, 99, -1, 2 ** 40, "v1"])
+            header["v"] = self._pick([0, 3, 99, -1, 2 ** 40, "v1", True])
             return Case("", self._frames(header, arrays), frozenset(["bad_version"]))
         header["type"] = self._pick(["hello", "", "Open", "ping\u0000", "verify2", "x" * 1000, "__class__"])
         return Case("", self._frames(header, arrays), frozenset(["unknown_type"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from covspec.runtime_edge.config import DEVICES, DTYPES, ServerConfig
+from covspec.runtime_edge.config import DEVICES, DTYPES, EDGE_STEPS, ServerConfig
 
 DEFAULT = ServerConfig()
 
@@ -48,6 +48,9 @@ def edge() -> None:
               help="Sessions whose rounds share one target forward at most (1: unbatched).")
 @click.option("--max-batch-tokens", type=int, default=DEFAULT.max_batch_tokens, show_default=True,
               help="Input tokens in one batched target forward at most.")
+@click.option("--edge-steps", type=click.Choice(EDGE_STEPS), default=DEFAULT.edge_steps, show_default=True,
+              help="When the target of an edge-led session generates by itself instead of waiting for the "
+                   "device's chunks: auto (while the edge has room), always, never.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The edge's CurveZMQ secret key file (NAME.key_secret from `covspec keys new`).")
 @click.option("--allow-keys", type=click.Path(file_okay=False, path_type=Path),

@@ -1,8 +1,8 @@
-"""Protocol v1: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
+"""Protocol v2: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
 
 A message is a list of frames. Frame 0 is a UTF-8 JSON header::
 
-    {"v": 1, "type": "verify", "session": "...", "seq": 3, <scalar fields>,
+    {"v": 2, "type": "verify", "session": "...", "seq": 3, <scalar fields>,
      "arrays": [{"name": "tokens", "dtype": "int32", "shape": [4]}, ...]}
 
 and each array listed in ``arrays`` follows as its own raw little-endian frame, in
@@ -12,6 +12,13 @@ that order. Positions count generated tokens only (0 = the first generated token
 type, each array's dtype, rank and byte length, size limits, frame count) and raises
 one typed error, ``ProtocolError``, whose ``code`` names the class of problem and
 whose message names the field. Nothing is ever unpickled or evaluated.
+
+Versions: v2 added the ``edge_led`` mode of ``open`` and ``pong``'s counters (fields
+marked ``since(2)``). Both sides decode v1 and v2; a decoded message remembers its
+``version`` and a reply is encoded in the version of its request, without the fields
+the older version lacks, so a v1 device is served as before. A v1 message asking
+for what only v2 has (``edge_led``) is refused with ``bad_field``. PROTOCOL.md
+describes the messages and both modes.
 """
 
 from __future__ import annotations
@@ -28,10 +35,17 @@ from covspec.protocol.frames import Limits, ProtocolError, parse_header, read_ar
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+MODES = ("speculative", "target_only", "edge_led")
 MAX_SESSION_ID = 64
 MIN_OWNER, MAX_OWNER = 16, 64             # characters of a session's owner secret
 SEED_RANGE = (0, 2 ** 64)
+
+
+def since(version: int, default):
+    """A scalar field that exists from protocol ``version`` on (``default`` in older messages)."""
+    return field(default=default, metadata={"since": version})
 
 
 def array_field(dtype: str, ndim: int, optional: bool = False):
@@ -49,6 +63,7 @@ class Message:
     TYPE: ClassVar[str] = ""
     session: str
     seq: int
+    version: int = field(default=PROTOCOL_VERSION, repr=False, compare=False)   # the header's "v"
 
     def check(self) -> None:
         """Cross-field checks beyond types; raises ProtocolError. Overridden per message."""
@@ -64,8 +79,10 @@ class Open(Message):
     least ``MIN_OWNER`` random characters); a reopen sends the session's secret (an edge
     that no longer knows the session adopts it; one that does refuses any other). ``temperature`` 0 means
     greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
-    ``speculative`` (the device drafts) or ``target_only`` (the edge generates and
-    streams). ``wire`` names the wire format (``covspec.protocol.wire``): ``compact``
+    ``speculative`` (the device drafts, the target waits for its chunks),
+    ``target_only`` (the edge generates and streams) or, from v2, ``edge_led`` (the
+    edge generates and streams by itself and verifies the device's chunks as they
+    come; see ``covspec.runtime_edge.session``). ``wire`` names the wire format (``covspec.protocol.wire``): ``compact``
     (ids + sparse q) or ``dense`` (full q and p).
     ``target_keep`` (opt-in, NOT exact) lists the visual tokens the target keeps too
     (indices into its visual token grid), trading accuracy for edge prefill time.
@@ -91,8 +108,9 @@ class Open(Message):
         require(self.max_new_tokens >= 1, errors.BAD_FIELD, "max_new_tokens must be >= 1")
         for problem in self.sampling.problems():
             raise ProtocolError(errors.BAD_FIELD, problem)
-        require(self.mode in ("speculative", "target_only"), errors.BAD_FIELD,
-                 "mode must be 'speculative' or 'target_only'")
+        require(self.mode in MODES, errors.BAD_FIELD, f"mode must be one of {', '.join(MODES)}")
+        require(self.mode != "edge_led" or self.version >= 2, errors.BAD_FIELD,
+                "mode 'edge_led' needs protocol v2; this message is v1")
         require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
         require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
         require(self.owner == "" or len(self.owner) >= MIN_OWNER, errors.BAD_FIELD,
@@ -218,9 +236,9 @@ class Pong(Message):
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
-    forwards: int = 0
-    committed: int = 0
-    peak_bytes: int = 0
+    forwards: int = since(2, 0)
+    committed: int = since(2, 0)
+    peak_bytes: int = since(2, 0)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -230,18 +248,20 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 _TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _fields(cls: type[Message]) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.name not in ("session", "seq")]
+def _fields(cls: type[Message], version: int = PROTOCOL_VERSION) -> list[dataclasses.Field]:
+    """The fields of ``cls`` a ``version`` message carries beside session and seq."""
+    return [f for f in dataclasses.fields(cls) if f.name not in ("session", "seq", "version")
+            and f.metadata.get("since", 1) <= version]
 
 
 def encode(message: Message) -> list[bytes]:
     """The frames of ``message``: JSON header, then one raw little-endian frame per array."""
     message.check()
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": message.TYPE,
+    header: dict[str, Any] = {"v": message.version, "type": message.TYPE,
                               "session": message.session, "seq": int(message.seq)}
     arrays: list[dict[str, Any]] = []
     frames: list[bytes] = []
-    for f in _fields(type(message)):
+    for f in _fields(type(message), message.version):
         value = getattr(message, f.name)
         if f.metadata.get("array"):
             if value is None:
@@ -264,22 +284,24 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     require(total <= limits.max_message_bytes, errors.TOO_LARGE,
              f"message is {total} bytes; the limit is {limits.max_message_bytes}")
     header = parse_header(frames[0], limits)
-    require(header.get("v") == PROTOCOL_VERSION, errors.BAD_VERSION,
-             f"protocol version {header.get('v')!r} is not supported; this side speaks v{PROTOCOL_VERSION}")
+    version = header.get("v")
+    require(version in SUPPORTED_VERSIONS and not isinstance(version, bool), errors.BAD_VERSION,
+            f"protocol version {version!r} is not supported; this side speaks "
+            f"{' and '.join(f'v{v}' for v in SUPPORTED_VERSIONS)}: update covspec on the older side")
     kind = header.get("type")
     require(isinstance(kind, str) and kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
              f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
     cls = MESSAGE_TYPES[kind]
     values: dict[str, Any] = {
         "session": scalar(header, "session", str),
-        "seq": scalar(header, "seq", int)}
+        "seq": scalar(header, "seq", int), "version": version}
     require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
              f"session id is longer than {MAX_SESSION_ID} characters")
 
     declared = _array_specs(header, cls)
     require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
-    for f in _fields(cls):
+    for f in _fields(cls, version):
         if f.metadata.get("array"):
             continue
         values[f.name] = scalar(header, f.name, _TYPE_NAMES[f.type])

@@ -142,6 +142,20 @@ class EdgeClient:
                 return reply
         return None
 
+    def receive_any(self, session: str, timeout_s: float) -> Message | None:
+        """The next message about ``session`` whatever its seq (edge-led sessions get
+        streamed tokens and verdicts interleaved), or None after ``timeout_s``."""
+        held, self._held = self._held, None
+        if held is not None and held.session == session:
+            return held
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.socket.poll(max(int((deadline - time.monotonic()) * 1000), 0)):
+                return None
+            reply = self._read()
+            if reply is not None and reply.session == session:
+                return reply
+
     def reply_ready(self, session: str, seq: int) -> bool:
         """Whether the reply to (session, seq) has arrived (never blocks). Other replies
         read on the way (to chunks already given up, answered ``stale``) are dropped, so

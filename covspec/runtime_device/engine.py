@@ -10,6 +10,10 @@ nothing about text or terminals. The parts it drives, one job each:
 - ``verdicts.judge``: what a verdict means for the chunks in flight and the branches;
 - ``session.DeviceSession``: the messages and replies of the session.
 
+With ``DraftingOptions.lead`` "edge" the generation is edge-led instead
+(``edge_led.EdgeLedGeneration``): the edge generates by itself and the device's
+chunks jump it ahead.
+
 The committed sequence is owned by the edge (it verifies, corrects and stops); the
 device only ever appends what a verdict says. Everything else the device does is
 speculation that can only save time, never change the output (``DraftingOptions``):
@@ -38,6 +42,7 @@ from covspec.runtime_device import speculation
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient
 from covspec.runtime_device.drafter import Drafter
+from covspec.runtime_device.edge_led import EdgeLedGeneration, LeadPolicy
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.policy import DraftPolicy
 from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
@@ -48,6 +53,12 @@ from covspec.runtime_device.stats import GenerationStats
 from covspec.runtime_device.verdicts import judge, record
 
 DRAFT_STREAM = 0x6472616674  # "draft": keys the device's random stream apart from the edge's
+
+
+def draft_rng(seed: int) -> np.random.Generator:
+    """The draft's random stream. It must be independent of the edge's (seeded with the
+    same user seed), or the joint output is biased: a separate stream is derived."""
+    return np.random.default_rng([seed, DRAFT_STREAM])
 
 
 class DraftModel(Protocol):
@@ -83,21 +94,25 @@ class CoInference:
     def __init__(self, draft: DraftArtifact | DraftModel, client: EdgeClient):
         self.draft = ArtifactDraft(draft) if isinstance(draft, DraftArtifact) else draft
         self.client = client
-        self._policies: dict[DraftingOptions, DraftPolicy] = {}
+        self._policies: dict[DraftingOptions, DraftPolicy | LeadPolicy] = {}
 
     def policy_for(self, options: DraftingOptions) -> DraftPolicy:
         """The drafting policy for ``options``, kept across generations so that what it
         learns (acceptance by confidence, draft, link and verify timings) carries over."""
         if options not in self._policies:
-            self._policies[options] = options.make_policy()
+            self._policies[options] = LeadPolicy(8) if options.lead == "edge" \
+                else options.make_policy()
         return self._policies[options]
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
                  trace: Callable[[dict], None] | None = None) -> Iterator[list[int]]:
-        run = _Generation(self, image_bytes, question, settings, options,
-                          stats if stats is not None else GenerationStats(), trace or (lambda event: None))
-        return run.tokens()
+        stats = stats if stats is not None else GenerationStats()
+        trace = trace or (lambda event: None)
+        if options.lead == "edge":
+            return EdgeLedGeneration(self.draft, self.client, self.policy_for(options), image_bytes, question,
+                                     settings, options, stats, trace, draft_rng(settings.seed)).tokens()
+        return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()
 
 
 class _Generation:
@@ -110,10 +125,7 @@ class _Generation:
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
         self.policy = owner.policy_for(options)
         codec = options.codec()
-        # The draft's randomness must be independent of the edge's (seeded with the
-        # same user seed), or the joint output is biased: derive a separate stream.
-        rng = np.random.default_rng([settings.seed, DRAFT_STREAM])
-        self.proposer = Proposer(self.drafter, codec, settings.sampling, self.policy, rng,
+        self.proposer = Proposer(self.drafter, codec, settings.sampling, self.policy, draft_rng(settings.seed),
                                  self.draft.eos_ids, alternatives=options.branches > 0)
         self.session = DeviceSession(owner.client, codec, settings, question, image_bytes,
                                      self.draft.vocab_hash, trace)

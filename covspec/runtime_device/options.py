@@ -17,6 +17,8 @@ from covspec.protocol.wire import CODECS, codec_named
 from covspec.runtime_device.policy import POLICIES
 from covspec.runtime_device.pruning import METHODS
 
+LEADS = ("device", "edge")       # who sets the pace: the device's chunks, or the edge's own steps
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -53,6 +55,7 @@ class GenerationSettings:
 class DraftingOptions:
     """How the device drafts; these decide only the speed, never the output."""
 
+    lead: str = "device"                   # device: the target waits for chunks; edge: it never waits (edge_led)
     policy: str = "adaptive"
     draft_len: int = 4                     # the chunk length of the fixed policy
     max_draft_len: int = 12                # the adaptive policy's hard maximum
@@ -69,6 +72,8 @@ class DraftingOptions:
     reopen_attempts: int = 5
 
     def __post_init__(self) -> None:
+        if self.lead not in LEADS:
+            raise ValueError(f"lead must be one of {', '.join(LEADS)}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
         if self.draft_len < 1 or self.max_draft_len < 1:

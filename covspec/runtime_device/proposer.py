@@ -68,9 +68,11 @@ class Proposer:
         self.alternatives = alternatives            # record the likeliest corrections (for branches)
 
     def draft(self, prefix: list[int], start: int, limit: int,
-              interrupt: Callable[[], bool] | None = None) -> Chunk | None:
+              interrupt: Callable[[], bool] | None = None, *, fixed_length: bool = False) -> Chunk | None:
         """A chunk after the generated tokens ``prefix``, its first token at ``start``, at
-        most ``limit`` (>= 1) tokens. With ``interrupt``, returns None as soon as it says so."""
+        most ``limit`` (>= 1) tokens. With ``interrupt``, returns None as soon as it says so.
+        With ``fixed_length`` it is exactly ``limit`` tokens long (drafted on past EOS and
+        the policy's stops), so its length and drafting time say nothing of its tokens."""
         began = time.perf_counter()
         logits = self.drafter.extend_to(prefix)
         chunk = Chunk(start=start)
@@ -85,7 +87,7 @@ class Proposer:
                 alternative = _second_choice(q, token)
                 chunk.alternatives.append(alternative)
                 chunk.alternative_probs.append(float(q[alternative]))
-            if self._ends(chunk, limit):
+            if len(chunk.tokens) >= limit or (not fixed_length and self._ends(chunk, limit)):
                 chunk.draft_s = time.perf_counter() - began
                 return chunk
             if interrupt is not None and interrupt():

@@ -31,8 +31,8 @@ def new_session_id() -> str:
 
 class DeviceSession:
     def __init__(self, client: EdgeClient, codec, settings: GenerationSettings, question: str,
-                 image_bytes: bytes, vocab_hash: str, trace: Callable[[dict], None]):
-        self.client, self.codec, self.settings = client, codec, settings
+                 image_bytes: bytes, vocab_hash: str, trace: Callable[[dict], None], mode: str = "speculative"):
+        self.client, self.codec, self.settings, self.mode = client, codec, settings, mode
         self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
         self.trace = trace
         self.id = new_session_id()
@@ -51,7 +51,8 @@ class DeviceSession:
         return Open(session=self.id, seq=self._next_seq(), prompt=self.question,
                     image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
                     vocab_hash=self.vocab_hash, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                    seed=s.seed, wire=self.codec.name, owner=self.owner, committed=np.asarray(committed, np.int32),
+                    seed=s.seed, wire=self.codec.name, owner=self.owner, mode=self.mode,
+                    committed=np.asarray(committed, np.int32),
                     target_keep=None if target_keep is None else target_keep.astype(np.int32))
 
     def await_opened(self, message: Open) -> Opened:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+EDGE_STEPS = ("auto", "always", "never")
 LOCAL_TRANSPORTS = ("inproc://", "ipc://")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -38,7 +39,12 @@ class ServerConfig:
     shortest side (both checked before decoding), ``max_queue`` requests waiting for
     the model. The scheduler runs the ready rounds of up to ``max_batch`` sessions as
     one target forward (1: one session per forward, unbatched), with at most
-    ``max_batch_tokens`` input tokens in it. ``threads`` sets torch's intra-op threads (None: torch's default; on a
+    ``max_batch_tokens`` input tokens in it. ``edge_steps`` says when the target of an
+    ``edge_led`` session generates by itself instead of waiting for the device's next
+    chunk: ``always``, ``never`` (the session then runs like a ``speculative`` one) or
+    ``auto``: while the edge has room (the iteration's rounds fill less than half of
+    ``max_batch`` and of ``max_batch_tokens``), else it waits for chunks, which yield
+    more tokens per forward. ``threads`` sets torch's intra-op threads (None: torch's default; on a
     CPU shared with other work, fewer threads are often much faster).
     """
 
@@ -55,6 +61,7 @@ class ServerConfig:
     max_queue: int = 1024
     max_batch: int = 64
     max_batch_tokens: int = 2048
+    edge_steps: str = "auto"
     secret_key: Path | None = None
     allow_keys: Path | None = None
     insecure: bool = False
@@ -64,6 +71,8 @@ class ServerConfig:
         """Return self if usable; raise ConfigError naming the first problem."""
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device {self.device!r} is not supported; use one of {', '.join(DEVICES)} (or cuda:N).")
+        if self.edge_steps not in EDGE_STEPS:
+            raise ConfigError(f"edge_steps {self.edge_steps!r} is not one of {', '.join(EDGE_STEPS)}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
         for name in ("max_sessions", "max_context", "max_message_bytes", "max_image_pixels", "max_queue",

@@ -5,15 +5,17 @@ server's I/O thread and schedules them. Each iteration it handles the waiting re
 in arrival order (a session's own requests keep their order; different sessions' may
 pass each other): opens (a prefill each, at most one per iteration so a burst of opens
 does not stall everyone's decoding), closes, and verifies, whose prepared rounds it
-gathers together with one step of every streaming target-only session, up to
-``max_batch`` sessions and ``max_batch_tokens`` input tokens. Then one target forward
+gathers together with one step of every streaming session (target-only, and edge-led
+ones without a chunk this iteration, as ``edge_steps`` allows), up to ``max_batch``
+sessions and ``max_batch_tokens`` input tokens. Then one target forward
 runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
 did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
 
 A refused request (``EdgeError``) becomes an ``error`` reply (not remembered as the
 round's reply); any other failure drops its session with an ``internal`` error. A batch
 that fails is retried session by session, so one broken session never takes the
-others down. Idle sessions expire here too.
+others down. Idle sessions expire here too. Every reply is encoded in the protocol
+version of the device's request.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from covspec.protocol import speculative as spec
 from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.runtime_edge.config import ServerConfig
-from covspec.runtime_edge.rounds import run_rounds
+from covspec.runtime_edge.rounds import pick_verifier, run_rounds
 from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel, decode_image
 
@@ -73,6 +75,7 @@ class ModelOwner:
         self._waiting: collections.deque[Request] = collections.deque()    # taken from the queue, not yet handled
         self._streaming: collections.deque[tuple[Session, int]] = collections.deque()  # target-only, with open's seq
         self._push: zmq.Socket | None = None
+        self._verifier = pick_verifier(target.device)
         self.forwards = 0         # target forwards since start (prefills included), for Pong
         self.committed = 0        # tokens committed over all sessions since start, for Pong
 
@@ -131,23 +134,32 @@ class ModelOwner:
                 held.add(work.session.id)
                 tokens += len(work.round.inputs)
         self._waiting = deferred
+        room = self._edge_steps_allowed(len(batch), tokens)
         for _ in range(len(self._streaming)):            # one step of each streaming session that fits
             session, seq = self._streaming[0]
             self._streaming.rotate(-1)
             if self.sessions.get(session.id) is not session or session.done:
                 self._streaming.remove((session, seq))
             elif session.id not in held and len(batch) < self.config.max_batch and \
-                    (not batch or tokens + 1 <= self.config.max_batch_tokens):
+                    (not batch or tokens + 1 <= self.config.max_batch_tokens) and \
+                    (session.mode == "target_only" or room):
                 batch.append(_Work(session, session.prepare_step(seq), None))
                 held.add(session.id)
                 tokens += 1
         return batch
 
+    def _edge_steps_allowed(self, rounds: int, tokens: int) -> bool:
+        """Whether edge-led sessions step by themselves this iteration (``edge_steps``)."""
+        mode = self.config.edge_steps
+        if mode != "auto":
+            return mode == "always"
+        return rounds < self.config.max_batch / 2 and tokens < self.config.max_batch_tokens / 2
+
     def _run(self, batch: list[_Work]) -> None:
         """One forward for the whole batch; on failure, each round alone."""
         lengths = [work.session.cache.kv.length for work in batch]
         try:
-            results = run_rounds(self.target, [(work.session, work.round) for work in batch])
+            results = run_rounds(self.target, [(work.session, work.round) for work in batch], self._verifier)
         except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
             if len(batch) == 1:
                 return self._fail(batch[0])
@@ -162,6 +174,7 @@ class ModelOwner:
         for work, result in zip(batch, results):
             self.committed += result.accepted + (result.token != spec.NO_TOKEN)
             if work.request is None:
+                result.version = work.session.version
                 self._send_frames(work.session.identity, encode(result), work.session)
                 work.session.last_active = time.monotonic()
             else:
@@ -173,7 +186,7 @@ class ModelOwner:
         self.end(session, "dropped after an internal error")
         exc = sys.exc_info()[1]
         self._send_frames(session.identity if work.request is None else work.request.identity, encode(Error(
-            session=session.id, seq=work.round.seq, code=errors.INTERNAL,
+            session=session.id, seq=work.round.seq, code=errors.INTERNAL, version=session.version,
             message=f"the edge failed on this round ({type(exc).__name__}: {exc}); the session was dropped, "
                     "reopen it with your committed tokens.")), None)
 
@@ -237,7 +250,7 @@ class ModelOwner:
             self.forwards += 1 + bool(len(message.committed))
             self.committed += 1
         self._reply(request, opened, session)
-        if session.mode == "target_only" and not session.done:
+        if session.mode in ("target_only", "edge_led") and not session.done:
             self._streaming.append((session, message.seq))
 
     def _verify(self, request: Request, session: Session | None) -> _Work | None:
@@ -280,6 +293,7 @@ class ModelOwner:
 
     def _reply(self, request: Request, message: Message, session: Session | None, *, remember: bool = True) -> None:
         """Send ``message``; with ``remember`` it becomes the session's idempotent answer to its seq."""
+        message.version = request.message.version
         frames = encode(message)
         if session is not None and remember:
             session.last_seq = message.seq

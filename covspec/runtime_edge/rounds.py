@@ -82,6 +82,15 @@ def _sampling_inputs(work: Sequence[tuple[Session, Round]], total: int, vocab: i
     return torch.from_numpy(q), torch.from_numpy(accept), torch.from_numpy(sample)
 
 
+def pick_verifier(device: str) -> Callable | None:
+    """The Triton kernel on a CUDA target when it can run there, else None (torch)."""
+    if not device.startswith("cuda"):
+        return None
+    from covspec.runtime_edge.verify_triton import kernel_available, verify_batch_triton
+
+    return verify_batch_triton if kernel_available(device) else None
+
+
 def verify_one(target: TargetModel, session: Session, message: Verify) -> Result:
     """One verify round for ``session`` alone: prepare -> run -> the reply."""
     work = session.prepare(target, message)

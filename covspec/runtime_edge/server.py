@@ -56,8 +56,8 @@ import zmq.utils.monitor
 
 from covspec.protocol import errors
 from covspec.protocol.frames import INT_RANGE, parse_header
-from covspec.protocol.messages import (MAX_SESSION_ID, Close, Error, Limits, Open, Ping, Pong,
-                                       ProtocolError, Verify, decode, encode)
+from covspec.protocol.messages import (MAX_SESSION_ID, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Close, Error, Limits,
+                                       Open, Ping, Pong, ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
 from covspec.runtime_edge.owner import ModelOwner, Request
 from covspec.runtime_edge.target import TargetModel
@@ -243,24 +243,25 @@ class EdgeServer:
         try:
             message = decode(payload, self._limits)
         except ProtocolError as exc:
-            session, seq = _reply_address(payload, self._limits)
+            session, seq, version = _reply_address(payload, self._limits)
             log.debug("refused a malformed request: %s", exc)
-            _send(router, [identity] + encode(Error(session=session, seq=seq, code=exc.code, message=exc.message)))
+            _send(router, [identity] + encode(Error(session=session, seq=seq, code=exc.code, message=exc.message,
+                                                    version=version)))
             return
         if isinstance(message, Ping):
-            _send(router, [identity] + encode(Pong(session=message.session, seq=message.seq,
+            _send(router, [identity] + encode(Pong(session=message.session, seq=message.seq, version=message.version,
                                                    sessions=self.session_count, **self.counters())))
             return
         if not isinstance(message, (Open, Verify, Close)):
             _send(router, [identity] + encode(Error(
-                session=message.session, seq=message.seq, code=errors.UNEXPECTED_TYPE,
+                session=message.session, seq=message.seq, code=errors.UNEXPECTED_TYPE, version=message.version,
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
             self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
         except queue.Full:
             _send(router, [identity] + encode(Error(
-                session=message.session, seq=message.seq, code=errors.BUSY,
+                session=message.session, seq=message.seq, code=errors.BUSY, version=message.version,
                 message=f"the edge has {self.config.max_queue} requests waiting; retry with backoff.")))
 
 
@@ -274,17 +275,21 @@ def _send(router: zmq.Socket, frames: list[bytes]) -> None:
         log.warning("dropped a reply: %s", exc)
 
 
-def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int]:
-    """Best effort (session, seq) of a request that failed to decode, for its error reply."""
+def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int, int]:
+    """Best effort (session, seq, protocol version) of a request that failed to decode,
+    for its error reply (a version this edge does not speak gets the newest)."""
     try:
         header = parse_header(payload[0], limits) if payload else {}
     except ProtocolError:
-        return "", 0
+        return "", 0, PROTOCOL_VERSION
     session = header.get("session")
     seq = header.get("seq")
     session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and INT_RANGE[0] <= seq < INT_RANGE[1] else 0
-    return session, seq
+    version = header.get("v")
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        version = PROTOCOL_VERSION
+    return session, seq, version
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -86,7 +86,7 @@ class Session:
     """State of one session; create it with ``Session.open``."""
 
     id: str
-    mode: str
+    mode: str                         # speculative, target_only or edge_led
     max_new_tokens: int
     codec: Codec                      # the session's wire format
     sampling: SamplingParams
@@ -97,6 +97,7 @@ class Session:
     committed: list[int] = field(default_factory=list)
     cache: TargetCache | None = None
     done: bool = False
+    version: int = 2                  # the protocol version the device speaks (replies use it)
     last_seq: int = -1
     last_reply: list[bytes] | None = None
     identity: bytes = b""
@@ -115,7 +116,7 @@ class Session:
         """
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
-                      owner=owner, peer_key=peer_key)
+                      owner=owner, peer_key=peer_key, version=msg.version)
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
@@ -150,18 +151,35 @@ class Session:
     def prepare(self, target: TargetModel, msg: Verify) -> Round | Result:
         """Validate a verify chunk; a ``Round`` to run, or the reply when there is none
         to run (``stale``, or the session already ended)."""
-        if msg.start != len(self.committed) or (msg.assumed != -1 and msg.assumed != self.committed[-1]):
+        tokens = np.asarray(msg.tokens, dtype=np.int64)                          # [n]
+        skip = self._overtaken(msg, tokens)
+        if skip is None:
             self.stats.stale += 1
             return Result(session=self.id, seq=msg.seq, start=msg.start, status="stale")
-        tokens = np.asarray(msg.tokens, dtype=np.int64)                          # [n]
         check_tokens(tokens, target.vocab_size, "tokens")
         q = self.codec.decode(msg, tokens, target.vocab_size, self.sampling.greedy)   # [n, V]
         if self.done:
             return Result(session=self.id, seq=msg.seq, start=msg.start, accepted=0,
                           token=spec.NO_TOKEN, done=True)
         remaining = self.max_new_tokens - len(self.committed)
-        n = min(len(tokens), remaining)             # tokens past max_new_tokens can never be committed
-        return self._round(msg.seq, tokens[:n], None if q is None else q[:n])
+        n = min(len(tokens) - skip, remaining)      # tokens past max_new_tokens can never be committed
+        return self._round(msg.seq, tokens[skip:skip + n], None if q is None else q[skip:skip + n])
+
+    def _overtaken(self, msg: Verify, tokens: np.ndarray) -> int | None:
+        """How many of the chunk's tokens the committed sequence already covers (they are
+        skipped), or None when the chunk is ``stale``: it does not start right after the
+        committed sequence, or its assumed token is not the committed one. An ``edge_led``
+        session's chunk may start earlier, when the target stepped meanwhile, as long as
+        every covered token equals the committed one and one token is left to verify:
+        a decision on the tokens before the verified position only (see PROTOCOL.md)."""
+        skip = len(self.committed) - msg.start
+        if skip < 0 or (skip > 0 and self.mode != "edge_led") or skip >= len(tokens):
+            return None
+        if msg.assumed != -1 and (msg.start == 0 or self.committed[msg.start - 1] != msg.assumed):
+            return None
+        if skip and tokens[:skip].tolist() != self.committed[msg.start:]:
+            return None
+        return skip
 
     def prepare_step(self, seq: int) -> Round:
         """A target-only step: a round with an empty chunk (the target chooses the next token)."""

@@ -1,0 +1,261 @@
+"""Edge-led generation on the device: the target never waits; drafts jump it ahead.
+
+The session is opened in ``edge_led`` mode. From ``opened`` on, the edge generates by
+itself and streams every token (results with the open's ``seq``); the device drafts
+from the latest tokens it has seen and keeps one chunk in flight. The edge verifies a
+chunk when it arrives: the tokens the target generated meanwhile must equal the
+chunk's tokens at those positions, and the rest is verified in one forward, the
+verdict naming the position ``start`` where verification began. So the answer comes
+at least as fast as the target alone (less the cost of the verify forwards), and
+faster whenever a chunk arrives before the target reached its end.
+
+A chunk is long enough to cover what the target generates while it drafts and
+travels (``LeadPolicy``: the edge's token interval, the round trip and the draft's
+step time, measured as the generation runs) plus ``draft_len`` tokens to verify.
+A chunk that a streamed token contradicts is given up at once and a fresh one drafted
+(the edge would answer it ``stale``). Pipelining and branches are not used here: the
+edge's own steps take their place.
+
+Exactness. Greedy: every committed token is the target's argmax, by its own step or
+by verification. Sampling: a drafted token at a position L is tested against the q it
+was drawn from, and the rule commits p exactly, *provided the decision to test it at L
+depends only on what precedes L*. The edge's L is its committed length when the chunk
+arrives; the arrival time depends on when drafting began (decided from tokens before
+the chunk) and on how long the chunk took to draft and send. So in sampling mode every
+chunk is drafted to a length fixed before drafting (``fixed_length``: not cut at EOS or
+by confidence), which makes its drafting time independent of its own tokens; the
+edge's overlap test looks only at tokens before L. PROTOCOL.md has the argument;
+tests/test_edge_led.py tests it, with a negative control that breaks the rule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
+from covspec.protocol.messages import Error, Result
+from covspec.protocol.speculative import NO_TOKEN
+from covspec.runtime_device.client import EdgeError
+from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.proposer import Chunk, Proposer
+from covspec.runtime_device.session import DeviceSession
+from covspec.runtime_device.stats import GenerationStats
+
+MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
+QUIET_S = 0.05             # with no chunk in flight, draft one anyway after this long without a token
+
+
+class LeadPolicy:
+    """How long an edge-led chunk is, and whether one is worth drafting now.
+
+    A chunk is ``ceil((rtt / T + draft_len) / (1 - d / T))`` tokens long, where T is the
+    edge's token interval, d the draft's step time and rtt the round trip: the first
+    ``overlap`` tokens cover what the edge generates while the chunk is drafted and
+    travels, the last ``draft_len`` are there to be verified (``draft_len`` alone until
+    the edge's pace is known). The chunk is of use only if the draft agrees with the
+    target over the whole overlap, which happens with probability about
+    ``agreement ** overlap`` (agreement: the share of the draft's tokens that equalled
+    the target's, counted as chunks are judged); below ``min_survival`` the device
+    drafts nothing and lets the edge generate (on a slow link with a fast target,
+    drafting would only spend the device's power). Kept across generations
+    (``CoInference.policy_for``), so what it learns carries over."""
+
+    def __init__(self, draft_len: int, max_len: int = MAX_LEAD_LEN, min_survival: float = 0.02):
+        self.draft_len, self.max_len, self.min_survival = draft_len, max_len, min_survival
+        self.edge_step_s: float | None = None
+        self.rtt_s: float | None = None
+        self.draft_step_s: float | None = None
+        self.agreed, self.compared = 7.0, 10.0              # a prior of 0.7 worth ten tokens
+
+    def overlap(self) -> float:
+        """The tokens the edge is expected to generate before a chunk drafted now arrives."""
+        if self.edge_step_s is None:
+            return 0.0
+        step = max(self.edge_step_s, 1e-6)
+        return ((self.rtt_s or 0.0) + self.draft_len * (self.draft_step_s or 0.0)) / step / \
+            max(1.0 - (self.draft_step_s or 0.0) / step, 0.25)
+
+    def chunk_len(self) -> int:
+        return int(min(self.max_len, math.ceil(self.overlap() + self.draft_len)))
+
+    def worth_drafting(self) -> bool:
+        return (self.agreed / self.compared) ** self.overlap() >= self.min_survival
+
+    def observe_agreement(self, agreed: int, compared: int) -> None:
+        self.agreed, self.compared = self.agreed + agreed, self.compared + compared
+
+    # the Proposer's policy interface: chunks end only at their length
+    def continue_chunk(self, confidences: list[float]) -> bool:
+        return True
+
+    def observe_draft_step(self, seconds: float) -> None:
+        self.draft_step_s = _ema(self.draft_step_s, seconds)
+
+    def observe_edge_step(self, seconds: float) -> None:
+        self.edge_step_s = _ema(self.edge_step_s, seconds)
+
+    def observe_round(self, seconds: float, verify_s: float) -> None:
+        self.rtt_s = _ema(self.rtt_s, max(seconds - verify_s, 0.0))
+
+
+def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+class EdgeLedGeneration:
+    """One edge-led generation; ``tokens()`` yields what each message commits."""
+
+    def __init__(self, draft, client, policy: LeadPolicy, image_bytes: bytes, question: str,
+                 settings: GenerationSettings, options: DraftingOptions, stats: GenerationStats,
+                 trace: Callable[[dict], None], rng: np.random.Generator):
+        self.draft, self.client, self.policy = draft, client, policy
+        self.image_bytes, self.question = image_bytes, question
+        self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
+        codec = options.codec()
+        self.proposer = Proposer(draft.drafter, codec, settings.sampling, policy, rng, draft.eos_ids,
+                                 alternatives=False)
+        self.session = DeviceSession(client, codec, settings, question, image_bytes, draft.vocab_hash, trace,
+                                     mode="edge_led")
+        self.committed: list[int] = []
+        self.done = False
+        self.stream_seq = -1                  # the seq of the open whose steps the edge streams
+        self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
+        self.last_step_at: float | None = None
+
+    def tokens(self) -> Iterator[list[int]]:
+        began = time.perf_counter()
+        up0, down0 = self.client.bytes_up, self.client.bytes_down
+        try:
+            opening = self.session.open_message([], None)
+            self.client.send(opening)
+            started = time.perf_counter()
+            prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed,
+                                         self.trace)
+            self.stats.device_prefill_s = time.perf_counter() - started
+            self.stats.kept_visual_tokens = int(len(prefill.kept))
+            first = self._opened(self.session.await_opened(opening))
+            self.stats.ttft_s = time.perf_counter() - began
+            yield first
+            quiet = False
+            while not self.done:
+                if self.chunk is None and (quiet or self.policy.worth_drafting()):
+                    self._send(self._draft())
+                new = self._absorb()
+                quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
+                if new:
+                    yield new
+        finally:
+            self.session.close()
+            self.stats.tokens = len(self.committed)
+            self.stats.wall_s = time.perf_counter() - began
+            self.stats.bytes_up += self.client.bytes_up - up0
+            self.stats.bytes_down += self.client.bytes_down - down0
+
+    def _opened(self, opened) -> list[int]:
+        self.stream_seq, self.done = opened.seq, opened.done
+        self.stats.edge_prefill_ms += opened.prefill_ms
+        self.chunk, self.last_step_at = None, None
+        new = [] if opened.token == NO_TOKEN else [opened.token]
+        self.committed += new
+        return new
+
+    def _draft(self) -> Chunk:
+        start = len(self.committed)
+        limit = max(min(self.policy.chunk_len(), self.settings.max_new_tokens - start), 1)
+        return self.proposer.draft(self.committed, start, limit, fixed_length=not self.settings.sampling.greedy)
+
+    def _send(self, chunk: Chunk) -> None:
+        self.session.send(chunk)
+        self.chunk = chunk
+        self.stats.drafted += len(chunk.tokens)
+        self.trace({"event": "chunk", "seq": chunk.seq, "start": chunk.start, "len": len(chunk.tokens)})
+
+    def _absorb(self) -> list[int]:
+        """Wait for the next message of the session and apply it and any that follow it
+        at once; the tokens they commit. Reopens the session when the edge lost it."""
+        new: list[int] = []
+        timeout = self.client.policy.timeout_s if self.chunk is not None else QUIET_S
+        reply = self.client.receive_any(self.session.id, timeout)
+        while reply is not None:
+            new += self._apply(reply)
+            if self.done:
+                return new
+            reply = self.client.receive_any(self.session.id, 0.0)
+        if self.chunk is not None and not self._alive(self.chunk):
+            self._judged(self.chunk)
+            self.chunk = None                 # contradicted by a streamed token: the edge drops it
+        if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > \
+                self.client.policy.timeout_s:
+            new = self._reopen()              # nothing for a whole timeout: the edge is lost
+        return new
+
+    def _apply(self, reply) -> list[int]:
+        if isinstance(reply, Error):
+            if reply.code == UNKNOWN_SESSION:
+                return self._reopen()
+            if reply.code == BUSY:
+                self.chunk = None
+                return []
+            raise EdgeError(reply.code, reply.message)
+        if not isinstance(reply, Result):
+            return []
+        if reply.seq == self.stream_seq:                               # a token the target generated
+            if reply.start != len(self.committed):
+                return self._reopen()
+            now = time.perf_counter()
+            if self.last_step_at is not None:
+                self.policy.observe_edge_step(now - self.last_step_at)
+            self.last_step_at = now
+            self.stats.edge_steps += reply.token != NO_TOKEN
+            return self._commit([], reply)
+        chunk = self.chunk
+        if chunk is None or reply.seq != chunk.seq:
+            return []                                                  # a chunk given up earlier
+        self.chunk = None
+        if reply.status == "stale":
+            self._judged(chunk)
+            self.stats.stale += 1
+            return []
+        if reply.start != len(self.committed):
+            return self._reopen()
+        self.policy.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
+        self.last_step_at = None              # a verify forward is not an edge step
+        self.stats.rounds += 1
+        self.stats.accepted.append(reply.accepted)
+        self.stats.edge_verify_ms += reply.verify_ms
+        skip = reply.start - chunk.start
+        rejected = reply.accepted < len(chunk.tokens) - skip
+        self.policy.observe_agreement(skip + reply.accepted, skip + reply.accepted + rejected)
+        self.trace({"event": "verdict", "seq": chunk.seq, "start": reply.start, "skipped": skip,
+                    "accepted": reply.accepted, "token": reply.token, "done": reply.done})
+        return self._commit(chunk.tokens[skip:skip + reply.accepted], reply)
+
+    def _commit(self, accepted: list[int], reply: Result) -> list[int]:
+        new = list(accepted) + ([] if reply.token == NO_TOKEN else [reply.token])
+        self.committed += new
+        self.done = reply.done
+        return new
+
+    def _judged(self, chunk: Chunk) -> None:
+        """Count how far ``chunk`` agreed with the committed tokens it covers."""
+        covered = self.committed[chunk.start:chunk.end]
+        agreed = next((i for i, (a, b) in enumerate(zip(chunk.tokens, covered)) if a != b), len(covered))
+        self.policy.observe_agreement(agreed, agreed + (agreed < len(covered)))
+
+    def _alive(self, chunk: Chunk) -> bool:
+        """Whether the edge can still use ``chunk``: every committed token it covers agrees,
+        and it reaches past the committed sequence."""
+        covered = len(self.committed) - chunk.start
+        return covered < len(chunk.tokens) and chunk.tokens[:covered] == self.committed[chunk.start:]
+
+    def _reopen(self) -> list[int]:
+        def attempt(number: int) -> None:
+            self.stats.reopens += 1
+            self.trace({"event": "reopen", "committed": len(self.committed), "attempt": number})
+
+        opened = self.session.reopen(self.committed, None, self.options.reopen_attempts, attempt)
+        return self._opened(opened)

@@ -1,0 +1,212 @@
+"""Edge-led speculation: the target steps by itself, the device's chunks jump it ahead.
+
+Crafted tables first (``crafted.SteppingEdge``: the real edge ``Session`` with its
+overlap test, one target step per poll, chunks verified some steps after they were
+sent): greedy answers equal the target's whatever the link delay, a draft that never
+agrees stays exact, and sampled answers follow the target's distribution exactly
+(chi-square over whole answers) while chunks are verified past tokens the target
+generated meanwhile. The negative control breaks the rule that the edge's choice of
+where to verify may depend only on earlier tokens, and the same test catches it.
+Then the live edge: greedy exactness on the toy set with the edge stepping, its
+``--edge-steps`` settings, and an older (v1) device served as the protocol promises.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import zmq
+from crafted import SteppingEdge, TableDraft, TableTarget, greedy_sequence, random_table
+from scipy.stats import chisquare
+from test_speculation import exact_distribution
+
+from covspec.protocol.messages import Error, Open, Opened, Verify, decode, encode
+from covspec.runtime_device.edge_led import LeadPolicy
+from covspec.runtime_device.engine import CoInference
+from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.stats import GenerationStats
+
+VOCAB = 12
+EDGE_LED = DraftingOptions(lead="edge")
+
+
+class TickPolicy(LeadPolicy):
+    """The lead policy in the crafted world, where time is counted in edge steps: the
+    edge takes ``delay`` steps while a chunk travels (plus the one it takes per poll)."""
+
+    def __init__(self, delay: int):
+        super().__init__(draft_len=3)
+        self.delay = delay
+
+    def overlap(self) -> float:
+        return self.delay + 1
+
+
+def device_for(draft, edge: SteppingEdge, eos_ids=frozenset()) -> CoInference:
+    device = CoInference(TableDraft(draft, eos_ids), edge)
+    device._policies[EDGE_LED] = TickPolicy(edge.delay)
+    return device
+
+
+def run(draft, target, settings, delay, eos_ids=frozenset(), device=None, edge=None):
+    edge = edge or SteppingEdge(TableTarget(target, VOCAB, eos_ids), delay=delay)
+    device = device or device_for(draft, edge, eos_ids)
+    stats = GenerationStats()
+    tokens = [t for chunk in device.generate(b"image", "question", settings, EDGE_LED, stats) for t in chunk]
+    return tokens, stats
+
+
+@pytest.mark.parametrize("delay", [0, 1, 3, 6])
+def test_greedy_equals_the_target_whatever_the_delay(delay):
+    target = random_table(20, VOCAB)
+    draft = random_table(21, VOCAB, scale=0.5)
+    mixed = lambda prefix: target(prefix) if len(prefix) % 13 else draft(prefix)   # noqa: E731 - agrees often
+    tokens, stats = run(mixed, target, GenerationSettings(max_new_tokens=40), delay)
+    assert tokens == greedy_sequence(target, 40)
+    assert stats.edge_steps > 0 and stats.rounds > 0 and sum(stats.accepted) > 0
+
+
+def test_a_draft_that_never_agrees_stays_exact():
+    target = random_table(22, VOCAB)
+
+    def contrary(prefix):                  # the target's least likely token, always
+        return -target(prefix)
+
+    tokens, stats = run(contrary, target, GenerationSettings(max_new_tokens=30), delay=2)
+    assert tokens == greedy_sequence(target, 30)
+    assert sum(stats.accepted) == 0 and stats.edge_steps > 0
+
+
+def sample_answers(biased_token: int | None, runs: int):
+    vocab, eos = 3, frozenset({2})
+    target, draft = random_table(10, vocab, scale=1.0), random_table(11, vocab, scale=1.0)
+    counts, totals = Counter(), Counter()
+    for seed in range(runs):
+        edge = SteppingEdge(TableTarget(target, vocab, eos), delay=seed % 3, biased_token=biased_token)
+        device = device_for(draft, edge, eos)
+        settings = GenerationSettings(max_new_tokens=6, temperature=1.0, seed=seed)
+        tokens, stats = run(None, None, settings, 0, device=device, edge=edge)
+        counts[tuple(tokens)] += 1
+        totals.update(rounds=stats.rounds, accepted=sum(stats.accepted), steps=stats.edge_steps)
+    expected = exact_distribution(target, GenerationSettings(max_new_tokens=6, temperature=1.0), eos)
+    assert set(counts) <= set(expected), "an answer the target cannot produce"
+    cells = sorted(expected, key=expected.get, reverse=True)
+    common = [c for c in cells if expected[c] * runs >= 5]         # pool the rare answers into one cell
+    observed = [counts[c] for c in common] + [runs - sum(counts[c] for c in common)]
+    wanted = [expected[c] * runs for c in common] + [runs - sum(expected[c] * runs for c in common)]
+    return chisquare(observed, wanted).pvalue, totals
+
+
+def test_sampling_with_the_edge_stepping_follows_the_target():
+    pvalue, totals = sample_answers(None, runs=6000)
+    assert totals["rounds"] > 1000 and totals["accepted"] > 1000 and totals["steps"] > 1000
+    assert pvalue > 1e-3
+
+
+def test_negative_control_a_choice_that_looks_at_the_verified_token_is_caught():
+    pvalue, totals = sample_answers(biased_token=2, runs=6000)     # favour EOS
+    assert totals["rounds"] > 300
+    assert pvalue < 1e-6
+
+
+# -- the live edge ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from covspec.bench.devices import greedy_references
+    from covspec.bench.workload import toy_questions
+    from covspec.export.pipeline import ExportOptions, export_model
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.toy.models import bundled_model_dir
+
+    folder = tmp_path_factory.mktemp("draft") / "toy-fp32"
+    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="fp32"))
+    questions = toy_questions(50)
+    return {"artifact": DraftArtifact.load(folder, threads=1), "questions": questions,
+            "target": bundled_model_dir("target"),
+            "references": greedy_references(bundled_model_dir("target"), questions, 48)}
+
+
+def serve(toy, edge_steps: str):
+    from covspec.runtime_edge import EdgeServer, ServerConfig
+
+    return EdgeServer(toy["target"], ServerConfig(bind="tcp://127.0.0.1:*", edge_steps=edge_steps, threads=1))
+
+
+def test_greedy_on_the_toy_set_with_the_edge_stepping(toy):
+    from covspec.runtime_device.client import EdgeClient
+
+    settings = GenerationSettings(max_new_tokens=48)
+    steps = verified = 0
+    with serve(toy, "always") as server:
+        client = EdgeClient(server.address)
+        device = CoInference(toy["artifact"], client)
+        for question, reference in zip(toy["questions"], toy["references"]):
+            stats = GenerationStats()
+            answer = [t for c in device.generate(question.image_png, question.question, settings, EDGE_LED, stats)
+                      for t in c]
+            assert answer == reference, question.question
+            steps, verified = steps + stats.edge_steps, verified + sum(stats.accepted)
+        client.close()
+    assert steps > 0 and verified > 0
+
+
+@pytest.mark.parametrize("edge_steps", ["never", "auto"])
+def test_every_edge_steps_setting_is_exact(toy, edge_steps):
+    from covspec.runtime_device.client import EdgeClient
+
+    settings = GenerationSettings(max_new_tokens=48)
+    with serve(toy, edge_steps) as server:
+        client = EdgeClient(server.address)
+        device = CoInference(toy["artifact"], client)
+        steps = 0
+        for question, reference in list(zip(toy["questions"], toy["references"]))[:6]:
+            stats = GenerationStats()
+            assert [t for c in device.generate(question.image_png, question.question, settings, EDGE_LED, stats)
+                    for t in c] == reference
+            steps += stats.edge_steps
+        client.close()
+    assert (steps == 0) == (edge_steps == "never")
+
+
+def test_a_v1_device_is_served_in_v1_and_refused_edge_led(toy):
+    """A device that speaks protocol v1 opens and verifies as before, and every reply
+    comes back as v1; asking for edge_led in v1 is refused with a reason."""
+    question = toy["questions"][0]
+    image = np.frombuffer(question.image_png, np.uint8)
+    with serve(toy, "always") as server:
+        socket = zmq.Context.instance().socket(zmq.DEALER)
+        socket.setsockopt(zmq.RCVTIMEO, 20000)
+        socket.connect(server.address)
+        try:
+            from covspec.runtime_edge.target import TargetModel
+
+            vocab_hash = TargetModel.load(toy["target"]).vocab_hash
+            socket.send_multipart(encode(Open(session="old", seq=0, prompt=question.question, image=image,
+                                              vocab_hash=vocab_hash, committed=np.zeros(0, np.int32),
+                                              max_new_tokens=8, version=1)))
+            frames = socket.recv_multipart()
+            opened = decode(frames)
+            assert isinstance(opened, Opened) and opened.version == 1 and b'"v":1' in frames[0]
+            socket.send_multipart(encode(Verify(session="old", seq=1, owner=opened.owner, start=1,
+                                                tokens=np.array([3], np.int32), version=1)))
+            result = decode(socket.recv_multipart())
+            assert result.version == 1 and result.status == "ok" and result.start == 1
+            socket.send_multipart(_v1_edge_led_open(question.question, image, vocab_hash))
+            refused = decode(socket.recv_multipart())
+            assert isinstance(refused, Error) and refused.code == "bad_field" and "v2" in refused.message
+        finally:
+            socket.close(linger=0)
+
+
+def _v1_edge_led_open(prompt: str, image: np.ndarray, vocab_hash: str) -> list[bytes]:
+    """The frames of a v1 open asking for edge_led (which ``encode`` itself refuses to build)."""
+    import json
+
+    frames = encode(Open(session="old-led", seq=0, prompt=prompt, image=image, vocab_hash=vocab_hash,
+                         committed=np.zeros(0, np.int32), mode="edge_led"))
+    header = json.loads(frames[0])
+    header["v"] = 1
+    return [json.dumps(header).encode()] + frames[1:]
