@@ -5,7 +5,9 @@ The replay precomputation is tested against a live edge (in this process, the to
 target): a recorded chunk table gives the target's own answer in exactly the rounds
 it promises, a real device with the same fixed chunks sends the same chunks and gets
 the same verdicts, and a table from a different (noisier) draft still gives the
-target's answer, with fewer tokens accepted per round.
+target's answer, with fewer tokens accepted per round. An edge-led replay device
+against an edge that steps by itself gets the target's answer too, partly from the
+edge's own steps and partly from verified chunks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 import covspec
-from covspec.bench.capacity import CONFIGURATIONS, WORKLOADS, capacity_ratios, phase_figures
+from covspec.bench.capacity import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
+                                    phase_figures)
 from covspec.bench.capacity_report import markdown
 from covspec.bench.devices import greedy_references
 from covspec.bench.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
@@ -63,12 +66,22 @@ def world(artifacts):
     return {"artifact": artifact, "questions": questions, "answers": answers, "tables": tables}
 
 
-@pytest.fixture(scope="module")
-def client():
-    with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*")) as server:
+def edge_client(**config):
+    with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", **config)) as server:
         edge = EdgeClient(server.address, RetryPolicy(timeout_s=10))
         yield edge
         edge.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    yield from edge_client()
+
+
+@pytest.fixture(scope="module")
+def stepping_client():
+    """An edge whose target steps every edge-led session by itself, whatever the load."""
+    yield from edge_client(edge_steps="always")
 
 
 def test_a_replayed_table_gives_the_target_answer_in_the_rounds_it_promises(world, client):
@@ -125,13 +138,19 @@ class NoisyDecoder:
         return [logits + self.scale * self.rng.gumbel(size=logits.shape).astype(logits.dtype), *rest]
 
 
-def test_a_table_from_a_different_draft_still_gives_the_target_answer(world, client):
+@pytest.fixture(scope="module")
+def noisy_tables(world):
+    """The tables of a weaker draft (the real one with noise) along the same answers."""
     artifact = world["artifact"]
     noisy = ArtifactDraft(artifact)
     noisy.drafter = Drafter(NoisyDecoder(artifact.decoder, scale=4.0), artifact.manifest.decoder, artifact.embed)
+    return [build_chunk_table(noisy, question, answer, chunk=CHUNK, settings=SETTINGS)
+            for question, answer in zip(world["questions"], world["answers"])]
+
+
+def test_a_table_from_a_different_draft_still_gives_the_target_answer(world, noisy_tables, client):
     own, other = [], []
-    for which, question in enumerate(world["questions"]):
-        table = build_chunk_table(noisy, question, world["answers"][which], chunk=CHUNK, settings=SETTINGS)
+    for which, table in enumerate(noisy_tables):
         answer = replay_answer(client, table, SETTINGS)
         assert answer.correct, answer.error
         assert len(answer.accepted) == table.expected_rounds()[0]
@@ -139,6 +158,28 @@ def test_a_table_from_a_different_draft_still_gives_the_target_answer(world, cli
         own += replay_answer(client, world["tables"][which], SETTINGS).accepted
     assert np.mean(other) < np.mean(own)
     assert len(other) > len(own)
+
+
+def test_an_edge_led_replay_device_commits_edge_steps_and_verified_chunks(world, noisy_tables, stepping_client):
+    """Against an edge that always steps: the target's own answer, some tokens streamed
+    by the edge's steps and some from verdicts on the table's chunks (whose ``start``
+    may lie past the chunk's). A weaker draft's chunks, often contradicted by streamed
+    tokens and given up, still give the target's answer."""
+    steps = verified = 0
+    for which, table in enumerate(world["tables"]):
+        answer = replay_answer(stepping_client, table, SETTINGS, mode="edge_led", question=which)
+        assert answer.correct, answer.error
+        assert sum(n for _, n in answer.commits) == answer.tokens == len(table.answer)
+        assert len(answer.round_s) == len(answer.accepted)                     # one round per verdict
+        assert answer.cpu_s < 0.5 * answer.latency_s
+        steps += answer.edge_steps
+        verified += answer.tokens - 1 - answer.edge_steps                      # the opened token aside
+    assert steps > 0 and verified > 0
+    for which, table in enumerate(noisy_tables):
+        answer = replay_answer(stepping_client, table, SETTINGS, mode="edge_led", question=which)
+        assert answer.correct, answer.error
+    baseline = replay_answer(stepping_client, world["tables"][0], SETTINGS)    # the other modes have no edge steps
+    assert baseline.correct and baseline.edge_steps is None
 
 
 def test_a_prefix_off_the_answer_gets_a_one_token_chunk(world):
@@ -160,6 +201,9 @@ def test_phase_figures_count_the_window_and_every_answer():
     answers = [answer(0, [(100.5, 1), (101.0, 4), (102.5, 5)]), answer(1, [(101.5, 1), (101.9, 3)]),
                answer(1, [(102.2, 2), (103.0, 2)], correct=False)]
     figures = phase_figures(answers, began, seconds=2.0, wall_s=3.0, devices=3)
+    assert figures["edge_step_share"] is None and figures["edge_steps"] is None       # no edge-led answer
+    answers[0].edge_steps, answers[1].edge_steps = 5, 1                      # edge-led: 6 of their 14 tokens
+    assert phase_figures(answers[:2], began, 2.0, 3.0, 3)["edge_step_share"] == round(6 / 14, 3)
     assert figures["tokens_in_window"] == 9 and figures["tokens_per_s"] == 4.5
     assert figures["device_tokens_per_s_p50"] == 2.0           # devices: 5, 4, 0 tokens in the window
     assert figures["tokens"] == 18 and figures["tokens_per_s_wall"] == 6.0
@@ -168,19 +212,25 @@ def test_phase_figures_count_the_window_and_every_answer():
 
 
 def test_ratios_and_report_on_a_crafted_run():
-    rates = {"target-only batched": 100.0, "covspec batched": 250.0, "covspec unbatched": 50.0}
+    rates = {"target-only batched": 100.0, "covspec batched": 250.0, "covspec unbatched": 50.0,
+             EDGE_LED_AUTO.name: 200.0, EDGE_LED_ALWAYS.name: 150.0}
     phases = [{"configuration": c.name, "devices": n, "workload": w, "tokens_per_s": rates[c.name] * n,
                "device_tokens_per_s_p50": rates[c.name], "round_ms_p50": 5.0, "round_ms_p99": 9.0,
                "mean_accepted": 4.0, "forwards_per_token": 0.3, "edge_peak_mib": 500.0, "correct": 3, "answers": 3,
-               "all_correct": True} for c in CONFIGURATIONS for n in (4, 16) for w in WORKLOADS]
+               "all_correct": True, "edge_step_share": 0.25 if c.mode == "edge_led" else None}
+              for c in CONFIGURATIONS for n in (4, 16) for w in WORKLOADS]
     ratios = capacity_ratios([{**p, "tokens_per_s": np.float64(p["tokens_per_s"])} for p in phases])
     json.dumps(ratios)                                                  # plain Python numbers, even from numpy ones
     assert [g["value"] for g in ratios["goals"]] == [5.0, 2.5] and all(g["met"] for g in ratios["goals"])
+    assert {(r["edge_led_over_target_only"], r["edge_led_over_batched"]) for r in ratios["by_level"]} == {(2.0, 0.8)}
     summary = {"plan": {"questions": 2, "describe_share": 0.5, "max_new_tokens": 24, "seconds": 1.0, "chunk": 8},
                "tables": {"descriptions": {"expected_mean_accepted": 4.0}}, "phases": phases, "ratios": ratios,
                "agreement": [], "all_correct": True}
     text = markdown(summary)
     assert text.count("| covspec batched |") == 4 and "2.50x" in text and "NOT met" not in text
+    assert "| 16 | mixed | 2.50x | 5.00x | 2.00x | 0.80x |" in text
+    assert "| covspec edge-led (always) | 16 | mixed | 2400 | 150.0 | 5.0 / 9.0 | 4.00 | 0.300 | 25% |" in text
+    assert "auto 4: 25% edge steps, 0.300; 16: 25% edge steps, 0.300;" in text
 
 
 def test_quick_load_through_the_cli(tmp_path, artifacts):
@@ -198,7 +248,12 @@ def test_quick_load_through_the_cli(tmp_path, artifacts):
     for phase in summary["phases"]:
         assert phase["all_correct"] and phase["answers"] > 0 and phase["tokens_per_s"] > 0, phase
         assert phase["forwards_per_token"] > 0 and phase["edge_peak_mib"] > 0, phase
+        assert (phase["edge_step_share"] is None) == (not phase["configuration"].startswith("covspec edge-led"))
+        if phase["configuration"] == EDGE_LED_ALWAYS.name:
+            assert phase["edge_steps"] > 0, phase
     assert [a["devices"] for a in summary["agreement"]] == [2]
     assert summary["agreement"][0]["real_all_correct"] and summary["agreement"][0]["real_tokens_per_s"] > 0
     assert (tmp_path / "capacity.png").stat().st_size > 0
     assert "| covspec unbatched | 2 | mixed |" in result.output
+    assert "| covspec edge-led (auto) | 2 | mixed |" in result.output
+    assert "edge-led (auto) / target-only" in result.output

@@ -55,10 +55,12 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
          pace: float, agreement: str, quick: bool, artifacts_dir: Path, out: Path, plot_path: Path | None,
          markdown: bool) -> None:
     """N devices against one edge: target-only batched, CoVSpec batched, CoVSpec
-    unbatched, on descriptions and on a mixed stream. Replay devices send the real int8
-    draft's chunks at negligible CPU cost (checked against real devices). Reports
-    aggregate and per-device tokens/s, round latency, target forwards per token, edge
-    peak memory; every answer must equal the target's own."""
+    unbatched, edge-led CoVSpec batched (edge steps auto and always), on descriptions
+    and on a mixed stream. Replay devices send the real int8 draft's chunks at
+    negligible CPU cost (checked against real devices). Reports aggregate and
+    per-device tokens/s, round latency, target forwards per token, the share of tokens
+    from the edge's own steps (edge-led), edge peak memory; every answer must equal the
+    target's own."""
     from tqdm import tqdm
 
     from covspec.bench.capacity import CapacityPlan, measure_capacity, phase_count
