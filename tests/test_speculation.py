@@ -94,7 +94,7 @@ def run(draft_logits, target_logits, settings, options, delay, eos_ids=frozenset
 
 def test_a_perfect_draft_keeps_every_pipelined_chunk():
     target = random_table(0, VOCAB)
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=True, max_in_flight=3, branches=0)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=True, max_in_flight=3, branches=0)
     tokens, stats = run(target, target, GenerationSettings(max_new_tokens=30), options, delay=5)
     assert tokens == greedy_sequence(target, 30)
     assert stats.stale == 0 and stats.pipelined_misses == 0
@@ -107,7 +107,7 @@ def test_a_wrong_bonus_guess_drops_the_pipelined_chunks():
     expected = greedy_sequence(target, 20)
     # Chunks of 4 from position 1: the first verdict's bonus is position 5; the draft guesses it wrong.
     draft = swap_top_two(target, at={tuple(expected[:5])})
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=True, max_in_flight=2, branches=0)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=True, max_in_flight=2, branches=0)
     tokens, stats = run(draft, target, GenerationSettings(max_new_tokens=20), options, delay=3)
     assert tokens == expected
     assert stats.pipelined_misses >= 1 and stats.accepted[0] == 4
@@ -118,7 +118,7 @@ def test_a_rejection_with_the_second_choice_hits_a_branch():
     expected = greedy_sequence(target, 16)
     # The draft's first choice at position 3 is wrong; its second choice is the target's.
     draft = swap_top_two(target, at={tuple(expected[:3])})
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=2)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=2)
     tokens, stats = run(draft, target, GenerationSettings(max_new_tokens=16), options, delay=50)
     assert tokens == expected
     assert stats.accepted[0] == 2                              # positions 1 and 2 kept, 3 corrected
@@ -127,7 +127,7 @@ def test_a_rejection_with_the_second_choice_hits_a_branch():
 
 def test_no_wait_means_no_speculation():
     target = random_table(3, VOCAB)
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=True, branches=2)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=True, branches=2)
     tokens, stats = run(target, target, GenerationSettings(max_new_tokens=20), options, delay=1)
     assert tokens == greedy_sequence(target, 20)
     assert stats.deepest_in_flight == 1 and stats.branches_drafted == 0
@@ -151,8 +151,8 @@ def exact_distribution(target, settings, eos_ids) -> dict[tuple[int, ...], float
 
 
 @pytest.mark.parametrize("options", [
-    DraftingOptions(policy="fixed", draft_len=2, pipeline=True, max_in_flight=3, branches=2, q_top_k=2),
-    DraftingOptions(policy="adaptive", max_draft_len=3, pipeline=True, branches=2, wire="dense"),
+    DraftingOptions(lead="device", policy="fixed", draft_len=2, pipeline=True, max_in_flight=3, branches=2, q_top_k=2),
+    DraftingOptions(lead="device", policy="adaptive", max_draft_len=3, pipeline=True, branches=2, wire="dense"),
 ], ids=["fixed-pipeline-branches-compact", "adaptive-pipeline-branches-dense"])
 def test_sampling_with_pipelining_and_branches_follows_the_target(options):
     """The whole answer (5 tokens or up to EOS) follows the target's distribution while

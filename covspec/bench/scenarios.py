@@ -5,6 +5,9 @@
 - ``vanilla``: conventional device-edge speculative decoding: fixed draft length 4,
   dense distributions on the wire, no pruning, no pipelining, no branching.
 - ``covspec``: every feature on (the device's defaults).
+- ``covspec-edge-led`` / ``covspec-device-led``: CoVSpec with the target stepping by
+  itself while chunks jump it ahead (edge-led, protocol v2), or waiting for every
+  chunk (device-led); the default is one of them.
 - ``covspec-no-<feature>``: CoVSpec with one feature switched off.
 - ``assisted``: transformers' assisted generation with the same draft and target in
   PyTorch on one machine (the single-machine anchor; no link involved).
@@ -39,6 +42,8 @@ def standard_scenarios(keep_ratio: float) -> list[Scenario]:
         Scenario("vanilla", "speculative", DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,
                                                            wire="dense", keep_ratio=1.0)),
         Scenario("covspec", "speculative", full),
+        Scenario("covspec-edge-led", "speculative", dataclasses.replace(full, lead="edge")),
+        Scenario("covspec-device-led", "speculative", dataclasses.replace(full, lead="device")),
         Scenario("covspec-no-pruning", "speculative", dataclasses.replace(full, keep_ratio=1.0)),
         Scenario("covspec-no-adaptive", "speculative", dataclasses.replace(full, policy="fixed", draft_len=4)),
         Scenario("covspec-no-pipeline", "speculative", dataclasses.replace(full, pipeline=False)),

@@ -73,7 +73,7 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     feature) over emulated links, plus transformers' assisted generation."""
     from tqdm import tqdm
 
-    from covspec.bench import report
+    from covspec.bench import lead_report, report
     from covspec.bench.link import profile_named
     from covspec.bench.runner import Bench, records_to_json, run_assisted
     from covspec.bench.scenarios import standard_scenarios
@@ -109,13 +109,16 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     name = "bench-quick" if quick else "bench"
     (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
     table = report.markdown_table(rows)
-    click.echo(table)
+    lead = lead_report.lead_table(lead_report.lead_rows(raw, {p.name: p.rtt_ms for p in profiles}))
+    click.echo(table + "\n\n" + lead)
     if not quick:
         report.plot_speedup(rows, out / "speedup_vs_link.png")
         report.plot_bytes(rows, out / "bytes_per_token.png", profiles[0].name)
     if markdown and not quick:
         body = (f"{len(questions)} held-out ShapesVQA questions (half descriptions), greedy, max {max_new_tokens} "
                 f"new tokens, CoVSpec keep ratio {ratio}.\n\n{table}\n\n"
+                f"Never slower than the edge alone? Speedup over target-only per workload (median per question), "
+                f"TTFT, and the target's forwards per committed token (target-only's in brackets):\n\n{lead}\n\n"
                 f"![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)")
         write_section("run", "Side by side", body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from covspec.protocol.wire import CODECS
+from covspec.runtime_device.options import LEADS
 from covspec.runtime_device.policy import POLICIES
 from covspec.runtime_device.pruning import METHODS
 
@@ -32,6 +33,9 @@ def device() -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+@click.option("--lead", default="edge", show_default=True, type=click.Choice(list(LEADS)),
+              help="edge: the target generates by itself and the draft's chunks jump it ahead (never slower than "
+                   "the edge alone; protocol v2); device: the target waits for each chunk (classic).")
 @click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(list(POLICIES)),
               help="adaptive: chunk length from draft confidence and measured costs; fixed: --draft-len.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),
@@ -69,7 +73,7 @@ def device() -> None:
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and statistics as JSON.")
 def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
-        temperature: float, top_k: int, top_p: float, seed: int, draft_policy: str, draft_len: int,
+        temperature: float, top_k: int, top_p: float, seed: int, lead: str, draft_policy: str, draft_len: int,
         max_draft_len: int, pipeline: bool, max_in_flight: int, branches: int, wire: str, keep_ratio: float | None,
         keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int,
         key_file: Path | None, edge_key_file: Path | None, timeout: float, retries: int, as_json: bool) -> None:
@@ -106,7 +110,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         artifact = DraftArtifact.load(artifacts_dir, threads=threads)
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
-    options = DraftingOptions(policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
+    options = DraftingOptions(lead=lead, policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
                               pipeline=pipeline, max_in_flight=max_in_flight, branches=branches, wire=wire,
                               keep_ratio=keep_ratio, keep_tokens=keep_tokens, selection=selection)
     if prune_target:

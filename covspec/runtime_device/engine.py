@@ -10,9 +10,10 @@ nothing about text or terminals. The parts it drives, one job each:
 - ``verdicts.judge``: what a verdict means for the chunks in flight and the branches;
 - ``session.DeviceSession``: the messages and replies of the session.
 
-With ``DraftingOptions.lead`` "edge" the generation is edge-led instead
+With ``DraftingOptions.lead`` "edge" (the default) the generation is edge-led instead
 (``edge_led.EdgeLedGeneration``): the edge generates by itself and the device's
-chunks jump it ahead.
+chunks jump it ahead; the device-led loop here serves ``lead="device"`` and the
+opt-in pruned target (which can only open once the draft chose its tokens).
 
 The committed sequence is owned by the edge (it verifies, corrects and stops); the
 device only ever appends what a verdict says. Everything else the device does is
@@ -109,7 +110,7 @@ class CoInference:
                  trace: Callable[[dict], None] | None = None) -> Iterator[list[int]]:
         stats = stats if stats is not None else GenerationStats()
         trace = trace or (lambda event: None)
-        if options.lead == "edge":
+        if options.lead == "edge" and not settings.prune_target:   # a pruned target: opened after the draft
             return EdgeLedGeneration(self.draft, self.client, self.policy_for(options), image_bytes, question,
                                      settings, options, stats, trace, draft_rng(settings.seed)).tokens()
         return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()

@@ -55,7 +55,7 @@ class GenerationSettings:
 class DraftingOptions:
     """How the device drafts; these decide only the speed, never the output."""
 
-    lead: str = "device"                   # device: the target waits for chunks; edge: it never waits (edge_led)
+    lead: str = "edge"                     # edge: the target never waits (edge_led); device: it waits for chunks
     policy: str = "adaptive"
     draft_len: int = 4                     # the chunk length of the fixed policy
     max_draft_len: int = 12                # the adaptive policy's hard maximum
