@@ -9,6 +9,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -24,7 +25,7 @@ QUESTIONS = ["what color is the circle ?", "how many shapes are there ?", "is th
              "what is the color of the square ?", "are there many shapes ?"]
 # (width, height): landscape, portrait, near square, very wide.
 SIZES = [(57, 40), (33, 90), (50, 47), (100, 31), (41, 64)]
-SELF_DRAFT = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
+SELF_DRAFT = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -63,7 +64,8 @@ def reference(model, inputs: dict, max_new_tokens: int) -> list[int]:
 def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Image.Image, str], dict],
                        max_new_tokens: int = 20, options: DraftingOptions = SELF_DRAFT) -> GenerationStats:
     """Greedy co-inference equals ``generate()`` token for token on five prompts (one per
-    non-square size); returns the summed statistics (drafted, accepted)."""
+    non-square size), device-led with ``options`` and edge-led; returns the summed
+    statistics (drafted, accepted) of the device-led runs."""
     artifact = DraftArtifact.load(artifact)
     total = GenerationStats()
     for seed, (question, size) in enumerate(zip(QUESTIONS, SIZES)):
@@ -74,6 +76,9 @@ def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Imag
         assert tokens == expected, (question, size)
         total.drafted += stats.drafted
         total.accepted += stats.accepted
+        edge_led, _ = co_generate(artifact, address, png(image), question,
+                                  GenerationSettings(max_new_tokens=max_new_tokens), replace(options, lead="edge"))
+        assert edge_led == expected, ("edge-led", question, size)
     return total
 
 
@@ -86,7 +91,7 @@ def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Ima
     counts = Counter()
     try:
         engine = CoInference(DraftArtifact.load(artifact), client)
-        options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire, keep_ratio=1.0)
+        options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire, keep_ratio=1.0)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
             counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1

@@ -62,7 +62,7 @@ def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[in
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-BASELINE = DraftingOptions(policy="fixed", pipeline=False, branches=0, keep_ratio=1.0)
+BASELINE = DraftingOptions(lead="device", policy="fixed", pipeline=False, branches=0, keep_ratio=1.0)
 
 
 def co_generate(artifact_dir, address, image, question, settings, policy=RetryPolicy(timeout_s=5),
@@ -84,7 +84,7 @@ def test_greedy_output_equals_target_generate(tiny_pair, edge, artifact, draft_l
         image = png_bytes(seed)
         tokens, stats = co_generate(tiny_pair["root"] / artifact, edge.address, image, question,
                                     GenerationSettings(max_new_tokens=24),
-                                    options=DraftingOptions(policy="fixed", draft_len=draft_len, pipeline=False,
+                                    options=DraftingOptions(lead="device", policy="fixed", draft_len=draft_len, pipeline=False,
                                                             branches=0, keep_ratio=1.0))
         assert tokens == reference(tiny_pair, image, question, 24)
         if artifact == "self-fp32":            # the target drafting for itself is always accepted
@@ -139,7 +139,7 @@ def test_sampling_follows_target_distribution(tiny_pair, edge, wire):
         engine = CoInference(artifact, client)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
-            options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire)
+            options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire)
             tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, options) for t in chunk]
             counts[tuple(tokens)] += 1
     finally:
@@ -166,7 +166,7 @@ def test_edge_restart_loses_no_committed_token(tiny_pair):
     try:
         stream = CoInference(DraftArtifact.load(tiny_pair["root"] / "draft-fp32"), client).generate(
             image, question, GenerationSettings(max_new_tokens=30),
-            DraftingOptions(policy="fixed", draft_len=2, pipeline=False, branches=0), stats)
+            DraftingOptions(lead="device", policy="fixed", draft_len=2, pipeline=False, branches=0), stats)
         for chunk in stream:
             tokens += chunk
             if restarted is None:                 # right after the first committed token
@@ -243,7 +243,7 @@ def test_unreachable_edge_raises_in_the_api(tiny_pair):
                     GenerationSettings(max_new_tokens=4), RetryPolicy(timeout_s=0.1, retries=1, backoff_s=0.01))
 
 
-SWITCHES = [DraftingOptions(policy=policy, pipeline=pipeline, branches=branches, keep_ratio=keep)
+SWITCHES = [DraftingOptions(lead="device", policy=policy, pipeline=pipeline, branches=branches, keep_ratio=keep)
             for policy in ("fixed", "adaptive") for pipeline in (False, True) for branches in (0, 2)
             for keep in (1.0, 0.125)]
 
@@ -276,11 +276,11 @@ def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
 
 def test_dense_wire_is_exact_and_carries_full_distributions(tiny_pair, edge):
     image, question = png_bytes(0), QUESTIONS[0]
-    dense = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, wire="dense")
+    dense = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, wire="dense")
     tokens, dense_stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
                                       GenerationSettings(max_new_tokens=20), options=dense)
     assert tokens == reference(tiny_pair, image, question, 20)
-    compact = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0)
+    compact = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0)
     _, compact_stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
                                    GenerationSettings(max_new_tokens=20), options=compact)
     vocab = 64
@@ -290,7 +290,7 @@ def test_dense_wire_is_exact_and_carries_full_distributions(tiny_pair, edge):
 
 
 def test_dense_wire_sampling_is_reproducible(tiny_pair, edge):
-    dense = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, wire="dense")
+    dense = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, wire="dense")
     settings = GenerationSettings(max_new_tokens=12, temperature=0.8, seed=4)
     first, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(1), QUESTIONS[1], settings,
                            options=dense)
@@ -324,12 +324,12 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
     """--prune-target is not exact in general: it equals the target's own greedy answer
     over the kept visual tokens only; keeping every token it is exact."""
     image, question = png_bytes(0), QUESTIONS[0]
-    everything = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=1.0)
+    everything = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=1.0)
     pruned = GenerationSettings(max_new_tokens=16, prune_target=True)
     tokens, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question, pruned,
                             options=everything)
     assert tokens == reference(tiny_pair, image, question, 16)
-    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    half = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
     tokens, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question, pruned,
                                 options=half)
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32")
@@ -359,10 +359,11 @@ def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
             for question in toy_questions(50):
                 tokens = [t for chunk in engine.generate(question.image_png, question.question,
                                                          GenerationSettings(max_new_tokens=64),
-                                                         DraftingOptions(keep_ratio=0.25)) for t in chunk]
+                                                         DraftingOptions(lead="device", keep_ratio=0.25))
+                          for t in chunk]
                 assert tokens == reference(pair, question.image_png, question.question, 64), question
             # one policy served all 50 generations and kept what it learned
-            policy = engine.policy_for(DraftingOptions(keep_ratio=0.25))
+            policy = engine.policy_for(DraftingOptions(lead="device", keep_ratio=0.25))
             assert policy.calibration.total.sum() > 100 and policy.verify.observed
         finally:
             client.close()

@@ -46,7 +46,7 @@ class TickPolicy(LeadPolicy):
 
 def device_for(draft, edge: SteppingEdge, eos_ids=frozenset()) -> CoInference:
     device = CoInference(TableDraft(draft, eos_ids), edge)
-    device._policies[EDGE_LED] = TickPolicy(edge.delay)
+    device._lead_policies[EDGE_LED] = TickPolicy(edge.delay)
     return device
 
 

@@ -225,7 +225,7 @@ def test_pruned_draft_stays_exact_and_pruned_target_is_opt_in(pair, edge):
     is still the target's own. The pruned target (opt-in) keeps its kept tokens bidirectional."""
     image, question = noise(57, 40, seed=2), QUESTIONS[0]
     expected = reference(pair.model, target_inputs(pair)(image, question), 16)
-    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    half = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
     for artifact in ("draft-fp32", "self-fp32"):
         tokens, stats = co_generate(pair.root / artifact, edge.address, png(image), question,
                                     GenerationSettings(max_new_tokens=16), half)

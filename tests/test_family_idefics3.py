@@ -190,7 +190,7 @@ def test_greedy_output_equals_target_generate(pair, edge, artifact):
 def test_pruned_draft_stays_exact_and_pruned_target_is_opt_in(pair, edge):
     image, question = noise(57, 40, seed=2), QUESTIONS[0]
     expected = reference(pair.model, target_inputs(pair)(image, question), 16)
-    half = DraftingOptions(policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    half = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
     tokens, stats = co_generate(pair.root / "draft-fp32", edge.address, png(image), question,
                                 GenerationSettings(max_new_tokens=16), half)
     assert tokens == expected and stats.kept_visual_tokens == 20

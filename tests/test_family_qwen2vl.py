@@ -188,7 +188,7 @@ def test_self_draft_acceptance_and_greedy_exactness(pair, edge):
 def test_pruned_draft_is_exact(pair, edge):
     """Half the visual tokens kept (their 3-D positions kept) on the 96x96 draft."""
     image, question = noise(100, 31, seed=3), QUESTIONS[2]
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=0.5)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=0.5)
     tokens, stats = co_generate(pair.root / "draft-fp32", edge.address, png(image), question,
                                 GenerationSettings(max_new_tokens=16), options)
     assert stats.kept_visual_tokens == 18

@@ -33,9 +33,10 @@ def device() -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
-@click.option("--lead", default="edge", show_default=True, type=click.Choice(list(LEADS)),
+@click.option("--lead", default="auto", show_default=True, type=click.Choice(list(LEADS)),
               help="edge: the target generates by itself and the draft's chunks jump it ahead (never slower than "
-                   "the edge alone; protocol v2); device: the target waits for each chunk (classic).")
+                   "the edge alone; protocol v2); device: the target waits for each chunk (a seed reproduces a "
+                   "sampled answer); auto: edge when greedy, device when sampling.")
 @click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(list(POLICIES)),
               help="adaptive: chunk length from draft confidence and measured costs; fixed: --draft-len.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),

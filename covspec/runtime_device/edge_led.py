@@ -46,6 +46,7 @@ from covspec.runtime_device.session import DeviceSession
 from covspec.runtime_device.stats import GenerationStats
 
 MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
+VERIFIED_LEN = 8           # tokens past the overlap with the adaptive policy (the toy pair accepts ~4.5 a round)
 QUIET_S = 0.05             # with no chunk in flight, draft one anyway after this long without a token
 
 

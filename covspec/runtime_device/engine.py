@@ -10,10 +10,9 @@ nothing about text or terminals. The parts it drives, one job each:
 - ``verdicts.judge``: what a verdict means for the chunks in flight and the branches;
 - ``session.DeviceSession``: the messages and replies of the session.
 
-With ``DraftingOptions.lead`` "edge" (the default) the generation is edge-led instead
-(``edge_led.EdgeLedGeneration``): the edge generates by itself and the device's
-chunks jump it ahead; the device-led loop here serves ``lead="device"`` and the
-opt-in pruned target (which can only open once the draft chose its tokens).
+When ``DraftingOptions.edge_led`` says so (greedy by default) the generation is
+edge-led instead (``edge_led.EdgeLedGeneration``): the edge generates by itself and
+the device's chunks jump it ahead. The device-led loop here serves the rest.
 
 The committed sequence is owned by the edge (it verifies, corrects and stops); the
 device only ever appends what a verdict says. Everything else the device does is
@@ -43,7 +42,7 @@ from covspec.runtime_device import speculation
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.edge_led import EdgeLedGeneration, LeadPolicy
+from covspec.runtime_device.edge_led import VERIFIED_LEN, EdgeLedGeneration, LeadPolicy
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.policy import DraftPolicy
 from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
@@ -95,23 +94,30 @@ class CoInference:
     def __init__(self, draft: DraftArtifact | DraftModel, client: EdgeClient):
         self.draft = ArtifactDraft(draft) if isinstance(draft, DraftArtifact) else draft
         self.client = client
-        self._policies: dict[DraftingOptions, DraftPolicy | LeadPolicy] = {}
+        self._policies: dict[DraftingOptions, DraftPolicy] = {}
+        self._lead_policies: dict[DraftingOptions, LeadPolicy] = {}
 
     def policy_for(self, options: DraftingOptions) -> DraftPolicy:
         """The drafting policy for ``options``, kept across generations so that what it
         learns (acceptance by confidence, draft, link and verify timings) carries over."""
         if options not in self._policies:
-            self._policies[options] = LeadPolicy(8) if options.lead == "edge" \
-                else options.make_policy()
+            self._policies[options] = options.make_policy()
         return self._policies[options]
+
+    def lead_policy_for(self, options: DraftingOptions) -> LeadPolicy:
+        """The edge-led chunk policy for ``options``, kept across generations like ``policy_for``."""
+        if options not in self._lead_policies:
+            self._lead_policies[options] = LeadPolicy(VERIFIED_LEN if options.policy == "adaptive"
+                                                      else options.draft_len)
+        return self._lead_policies[options]
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
                  trace: Callable[[dict], None] | None = None) -> Iterator[list[int]]:
         stats = stats if stats is not None else GenerationStats()
         trace = trace or (lambda event: None)
-        if options.lead == "edge" and not settings.prune_target:   # a pruned target: opened after the draft
-            return EdgeLedGeneration(self.draft, self.client, self.policy_for(options), image_bytes, question,
+        if options.edge_led(settings):
+            return EdgeLedGeneration(self.draft, self.client, self.lead_policy_for(options), image_bytes, question,
                                      settings, options, stats, trace, draft_rng(settings.seed)).tokens()
         return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()
 

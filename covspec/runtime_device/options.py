@@ -17,7 +17,12 @@ from covspec.protocol.wire import CODECS, codec_named
 from covspec.runtime_device.policy import POLICIES
 from covspec.runtime_device.pruning import METHODS
 
-LEADS = ("device", "edge")       # who sets the pace: the device's chunks, or the edge's own steps
+# Who sets the pace: the edge's own steps (edge_led), or the device's chunks. "auto" is
+# edge-led when greedy (token for token the target's answer, never slower than the edge
+# alone) and device-led when sampling, where a seed then reproduces the answer (edge-led
+# sampling follows the target's distribution too, but which positions the target
+# samples by itself depends on timing).
+LEADS = ("auto", "edge", "device")
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class GenerationSettings:
 class DraftingOptions:
     """How the device drafts; these decide only the speed, never the output."""
 
-    lead: str = "edge"                     # edge: the target never waits (edge_led); device: it waits for chunks
+    lead: str = "auto"                     # edge: the target never waits (edge_led); device: it waits for chunks
     policy: str = "adaptive"
     draft_len: int = 4                     # the chunk length of the fixed policy
     max_draft_len: int = 12                # the adaptive policy's hard maximum
@@ -94,6 +99,13 @@ class DraftingOptions:
     def codec(self):
         """The wire format's codec, with the device's proposal settings."""
         return codec_named(self.wire, q_top_k=self.q_top_k, q_mass=self.q_mass)
+
+    def edge_led(self, settings: GenerationSettings) -> bool:
+        """Whether a generation with ``settings`` runs edge-led (``lead``; a pruned target,
+        which opens only once the draft chose its tokens, is always device-led)."""
+        if settings.prune_target:
+            return False
+        return self.lead == "edge" or (self.lead == "auto" and settings.greedy)
 
     def make_policy(self):
         return POLICIES[self.policy].from_options(self)
