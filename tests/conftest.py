@@ -24,3 +24,14 @@ def run_without_torch(script: str, *args: str, timeout: float = 120) -> subproce
 @pytest.fixture
 def no_torch():
     return run_without_torch
+
+
+def torch_on_one_thread():
+    """A module fixture body (``one_torch_thread = pytest.fixture(...)(torch_on_one_thread)``):
+    tiny models run fastest on one torch thread, above all on a CPU shared with other work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_on_one_thread
 from click.testing import CliRunner
 
 import covspec
@@ -45,14 +46,7 @@ def artifacts() -> Path:
     return ensure_toy_artifacts(ARTIFACTS, lambda line: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(torch_on_one_thread)
 
 
 @pytest.fixture(scope="module")

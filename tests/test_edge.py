@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_on_one_thread
 import zmq
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
@@ -146,15 +147,7 @@ def drive_greedy(client: Client, target: TargetModel, session: str, image: Image
 
 # --- fixtures --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, above all on a CPU shared with other work."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(torch_on_one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import torch_on_one_thread
 
 from covspec.bench.devices import greedy_references, run_devices
 from covspec.bench.fuzz import CLASSES, Fuzzer
@@ -31,14 +32,7 @@ SETTINGS = GenerationSettings(max_new_tokens=32)
 ERROR_CODES = {value for name, value in vars(errors).items() if name.isupper() and isinstance(value, str)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(torch_on_one_thread)
 
 
 @pytest.fixture(scope="module")

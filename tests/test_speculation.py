@@ -169,9 +169,16 @@ def test_sampling_with_pipelining_and_branches_follows_the_target(options):
         totals.update(pipelined=stats.pipelined_hits, misses=stats.pipelined_misses, branches=stats.branch_hits)
     assert totals["pipelined"] > 0 and totals["misses"] > 0 and totals["branches"] > 0
     expected = exact_distribution(target, GenerationSettings(max_new_tokens=5, temperature=1.0), eos)
+    assert answers_pvalue(counts, expected, runs) > 1e-3
+
+
+def answers_pvalue(counts: Counter, expected: dict[tuple[int, ...], float], runs: int) -> float:
+    """Chi-square p-value of ``runs`` observed answers against their exact probabilities
+    (answers expected fewer than 5 times are pooled into one cell); asserts that no
+    answer the target cannot produce was seen."""
     assert set(counts) <= set(expected), "an answer the target cannot produce"
     cells = sorted(expected, key=expected.get, reverse=True)
     common = [c for c in cells if expected[c] * runs >= 5]         # pool the rare answers into one cell
     observed = [counts[c] for c in common] + [runs - sum(counts[c] for c in common)]
     wanted = [expected[c] * runs for c in common] + [runs - sum(expected[c] * runs for c in common)]
-    assert chisquare(observed, wanted).pvalue > 1e-3
+    return chisquare(observed, wanted).pvalue

@@ -104,13 +104,22 @@ def run_devices(count: int, seconds: float, artifact: DraftArtifact, address: st
     wall time from start to the last answer."""
     stop = threading.Event()
     loops = [DeviceLoop(i, artifact, address, questions, references, stop, **device_options) for i in range(count)]
+    answers, _, wall = run_for(loops, stop, seconds, during)
+    return answers, wall
+
+
+def run_for(devices: list, stop: threading.Event, seconds: float, during=None) -> tuple[list, float, float]:
+    """Start the ``devices`` (threads with ``answers``), let them answer for ``seconds``
+    (``during(stop)`` runs meanwhile in this thread), set ``stop`` and wait for each to
+    finish its answer in progress. Their answers, the monotonic start time, and the
+    wall time to the last answer."""
     began = time.monotonic()
-    for loop in loops:
-        loop.start()
+    for device in devices:
+        device.start()
     if during is not None:
         during(stop)
     stop.wait(max(0.0, began + seconds - time.monotonic()))
     stop.set()
-    for loop in loops:
-        loop.join()
-    return [a for loop in loops for a in loop.answers], time.monotonic() - began
+    for device in devices:
+        device.join()
+    return [a for device in devices for a in device.answers], began, time.monotonic() - began

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from covspec.bench.devices import run_for
 from covspec.bench.workload import Question
 from covspec.protocol.speculative import NO_TOKEN
 from covspec.protocol.wire import codec_named
@@ -293,13 +294,4 @@ def run_replay(count: int, seconds: float, address: str, tables: Sequence[ChunkT
     stop = threading.Event()
     devices = [ReplayDevice(i, address, tables, stop, mode=mode, pace=pace, settings=settings, policy=policy)
                for i in range(count)]
-    began = time.monotonic()
-    for device in devices:
-        device.start()
-    if during is not None:
-        during(stop)
-    stop.wait(max(0.0, began + seconds - time.monotonic()))
-    stop.set()
-    for device in devices:
-        device.join()
-    return [a for device in devices for a in device.answers], began, time.monotonic() - began
+    return run_for(devices, stop, seconds, during)

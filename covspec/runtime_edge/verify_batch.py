@@ -98,6 +98,27 @@ def residual_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), p)
 
 
+def checked_layout(draft: torch.Tensor, offsets: torch.Tensor, target_logits: torch.Tensor,
+                   temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Check the ragged layout (module docstring) -> (draft [total] int64, offsets [B + 1]
+    int64, temperature [B] float64), contiguous on target_logits' device."""
+    device = target_logits.device
+    assert draft.dim() == 1 and offsets.dim() == 1 and offsets.numel() >= 2, "draft: [total], offsets: [B + 1]"
+    assert target_logits.dim() == 2, "target_logits: [total + B, V]"
+    draft = draft.to(device=device, dtype=torch.int64)                                  # [total]
+    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()                 # [B + 1]
+    sessions, total, vocab = offsets.numel() - 1, draft.numel(), target_logits.shape[1]
+    lengths = offsets[1:] - offsets[:-1]                                                # [B]
+    assert int(offsets[0]) == 0 and int(offsets[-1]) == total and bool((lengths >= 0).all()), \
+        "offsets must be cumulative chunk lengths from 0 to total"
+    assert target_logits.shape[0] == total + sessions, "need n_b + 1 logits rows per session"
+    assert temperature.shape == top_k.shape == top_p.shape == (sessions,), "one setting per session"
+    assert total == 0 or (0 <= int(draft.min()) and int(draft.max()) < vocab), "draft ids out of vocab"
+    temperature = temperature.to(device=device, dtype=torch.float64).contiguous()       # [B]
+    assert bool((temperature >= 0).all()), "temperature must be >= 0"
+    return draft, offsets, temperature
+
+
 def verify_batch(draft: torch.Tensor, offsets: torch.Tensor, target_logits: torch.Tensor,
                  q: torch.Tensor | None, temperature: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor, accept_uniforms: torch.Tensor | None = None,
@@ -116,20 +137,9 @@ def verify_batch(draft: torch.Tensor, offsets: torch.Tensor, target_logits: torc
     the test reaches has zero draft probability.
     """
     device = target_logits.device
-    assert draft.dim() == 1 and offsets.dim() == 1 and offsets.numel() >= 2, "draft: [total], offsets: [B + 1]"
-    assert target_logits.dim() == 2, "target_logits: [total + B, V]"
-    draft = draft.to(device=device, dtype=torch.int64)                                  # [total]
-    offsets = offsets.to(device=device, dtype=torch.int64)                              # [B + 1]
-    sessions = offsets.numel() - 1
-    total, vocab = draft.numel(), target_logits.shape[1]
+    draft, offsets, temperature = checked_layout(draft, offsets, target_logits, temperature, top_k, top_p)
+    sessions, total, vocab = offsets.numel() - 1, draft.numel(), target_logits.shape[1]
     lengths = offsets[1:] - offsets[:-1]                                                # [B]
-    assert int(offsets[0]) == 0 and int(offsets[-1]) == total and bool((lengths >= 0).all()), \
-        "offsets must be cumulative chunk lengths from 0 to total"
-    assert target_logits.shape[0] == total + sessions, "need n_b + 1 logits rows per session"
-    assert temperature.shape == top_k.shape == top_p.shape == (sessions,), "one setting per session"
-    assert total == 0 or (0 <= int(draft.min()) and int(draft.max()) < vocab), "draft ids out of vocab"
-    temperature = temperature.to(device=device, dtype=torch.float64)                    # [B]
-    assert bool((temperature >= 0).all()), "temperature must be >= 0"
     greedy = temperature == 0                                                           # [B]
     sampling = ~greedy
     any_sampling = bool(sampling.any())

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from covspec.runtime_edge.verify_batch import target_probs_batch
+from covspec.runtime_edge.verify_batch import checked_layout, target_probs_batch
 
 try:
     import triton
@@ -78,20 +78,9 @@ def verify_batch_triton(draft: torch.Tensor, offsets: torch.Tensor, target_logit
         raise RuntimeError(f"no Triton kernel for {target_logits.device}: needs the triton package and "
                            "a CUDA device, or TRITON_INTERPRET=1 set before this module is imported")
     device = target_logits.device
-    assert draft.dim() == 1 and offsets.dim() == 1 and offsets.numel() >= 2, "draft: [total], offsets: [B + 1]"
-    assert target_logits.dim() == 2, "target_logits: [total + B, V]"
-    draft = draft.to(device=device, dtype=torch.int64)                                 # [total]
-    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()                # [B + 1]
-    sessions = offsets.numel() - 1
-    total, vocab = draft.numel(), target_logits.shape[1]
+    draft, offsets, temperature = checked_layout(draft, offsets, target_logits, temperature, top_k, top_p)
+    sessions, total, vocab = offsets.numel() - 1, draft.numel(), target_logits.shape[1]
     lengths = offsets[1:] - offsets[:-1]                                               # [B]
-    assert int(offsets[0]) == 0 and int(offsets[-1]) == total and bool((lengths >= 0).all()), \
-        "offsets must be cumulative chunk lengths from 0 to total"
-    assert target_logits.shape[0] == total + sessions, "need n_b + 1 logits rows per session"
-    assert temperature.shape == top_k.shape == top_p.shape == (sessions,), "one setting per session"
-    assert total == 0 or (0 <= int(draft.min()) and int(draft.max()) < vocab), "draft ids out of vocab"
-    temperature = temperature.to(device=device, dtype=torch.float64).contiguous()      # [B]
-    assert bool((temperature >= 0).all()), "temperature must be >= 0"
     sampling = temperature > 0                                                         # [B]
     any_sampling = bool(sampling.any())
     block = block or min(MAX_BLOCK, triton.next_power_of_2(vocab))
