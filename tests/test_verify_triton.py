@@ -223,3 +223,4 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     result = CliRunner().invoke(gpu, ["--out", str(tmp_path / "gpu.json")])
     assert result.exit_code == 1 and "no CUDA device found" in result.output
     assert not (tmp_path / "gpu.json").exists()
+

@@ -220,8 +220,8 @@ def meta(device: torch.device) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The report's sections as compact Markdown (``meta`` and ``kernel``; others are
-    listed by name until a renderer for them lands here)."""
+    """The report's ``meta`` and ``kernel`` sections as compact Markdown (the ``serve``
+    section has its own, ``gpu_serve.markdown``)."""
     info = report["meta"]
     lines = [f"Device: {info['device']}; torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
              + (" **in the interpreter: times are not kernel speed**" if info["interpreted"] else "") + "."]
@@ -241,7 +241,4 @@ def markdown(report: dict) -> str:
         lines += ["", f"Kernel and torch verifier {verdict} on {sessions} sessions (chunk lengths 1-"
                       f"{kernel['max_length']}; {near} draws within {kernel['boundary']:g} of a CDF boundary "
                       f"set apart); times are medians of {kernel['repeats']} runs, shared = argmax + p in torch."]
-    others = [key for key in report if key not in ("meta", "kernel")]
-    if others:
-        lines += ["", "Other sections: " + ", ".join(others) + " (see the JSON)."]
     return "\n".join(lines) + "\n"

@@ -48,10 +48,13 @@ def _ints(text: str, name: str) -> list[int]:
               help=f"Timed runs per verifier [default: {CUDA_DEFAULTS['repeats']} on CUDA, "
                    f"{CPU_DEFAULTS['repeats']} on CPU].")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--serve/--no-serve", default=None,
+              help="Also serve the toy target (a short load run) and a tiny random LLaVA (a real device) with the "
+                   "edge on this device [default: on CUDA only].")
 @click.option("--out", default=Path("benchmarks/gpu.json"), show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The JSON report (Markdown goes beside it, .md).")
 def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, max_length: int,
-        cases: int | None, repeats: int | None, seed: int, out: Path) -> None:
+        cases: int | None, repeats: int | None, seed: int, serve: bool | None, out: Path) -> None:
     """Check the fused Triton verifier against the torch one on random logits (greedy and
     sampling, chunk lengths 1..12, several batch sizes) and time both."""
     import torch
@@ -78,11 +81,20 @@ def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, ma
     if not verify_triton.kernel_available(device):
         raise click.ClickException("the Triton kernel was built for a GPU before TRITON_INTERPRET=1 was set: "
                                    "run with TRITON_INTERPRET=1 in the environment")
-    report = {"meta": check.meta(device)}                          # a "serve" section can join later
+    report = {"meta": check.meta(device)}
     report["kernel"] = check.kernel_check(device, vocab_list, batch_list, mode_list, max_length=max_length,
                                           cases=cases or defaults["cases"], repeats=repeats or defaults["repeats"],
                                           seed=seed, progress=lambda line: click.echo(line, err=True))
     text = check.markdown(report)
+    if serve if serve is not None else device.type == "cuda":
+        import tempfile
+
+        from covspec.bench import gpu_serve
+
+        click.echo("serving the toy target and a tiny LLaVA with the edge on " + device.type, err=True)
+        with tempfile.TemporaryDirectory() as work:
+            report["serve"] = gpu_serve.serve_check(device.type, Path(work))
+        text += "\n\n" + gpu_serve.markdown(report["serve"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(text)
@@ -90,3 +102,6 @@ def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, ma
     click.echo(f"report: {out} and {out.with_suffix('.md')}", err=True)
     if not report["kernel"]["ok"]:
         raise click.ClickException("the Triton kernel and the torch verifier disagree (see the table)")
+    if "serve" in report and not (report["serve"]["tiny_llava"]["ok"]
+                                  and all(p["all_correct"] for p in report["serve"]["toy_load"])):
+        raise click.ClickException("an answer served from this device differs from the target's own (see above)")
