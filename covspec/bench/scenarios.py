@@ -8,7 +8,9 @@
 - ``covspec-edge-led`` / ``covspec-device-led``: CoVSpec with the target stepping by
   itself while chunks jump it ahead (edge-led, protocol v2), or waiting for every
   chunk (device-led); the default is one of them.
-- ``covspec-no-<feature>``: CoVSpec with one feature switched off.
+- ``covspec-no-<feature>``: CoVSpec with one feature switched off; the adaptive
+  policy, pipelining and branches belong to the device-led loop, so their ablations
+  are taken from ``covspec-device-led``.
 - ``assisted``: transformers' assisted generation with the same draft and target in
   PyTorch on one machine (the single-machine anchor; no link involved).
 """
@@ -37,17 +39,18 @@ class Scenario:
 
 def standard_scenarios(keep_ratio: float) -> list[Scenario]:
     full = dataclasses.replace(COVSPEC, keep_ratio=keep_ratio)
+    device_led = dataclasses.replace(full, lead="device")
     return [
         Scenario("target-only", "target_only"),
         Scenario("vanilla", "speculative", DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,
                                                            wire="dense", keep_ratio=1.0)),
         Scenario("covspec", "speculative", full),
         Scenario("covspec-edge-led", "speculative", dataclasses.replace(full, lead="edge")),
-        Scenario("covspec-device-led", "speculative", dataclasses.replace(full, lead="device")),
+        Scenario("covspec-device-led", "speculative", device_led),
         Scenario("covspec-no-pruning", "speculative", dataclasses.replace(full, keep_ratio=1.0)),
-        Scenario("covspec-no-adaptive", "speculative", dataclasses.replace(full, policy="fixed", draft_len=4)),
-        Scenario("covspec-no-pipeline", "speculative", dataclasses.replace(full, pipeline=False)),
-        Scenario("covspec-no-branches", "speculative", dataclasses.replace(full, branches=0)),
+        Scenario("covspec-no-adaptive", "speculative", dataclasses.replace(device_led, policy="fixed", draft_len=4)),
+        Scenario("covspec-no-pipeline", "speculative", dataclasses.replace(device_led, pipeline=False)),
+        Scenario("covspec-no-branches", "speculative", dataclasses.replace(device_led, branches=0)),
         Scenario("covspec-dense-wire", "speculative", dataclasses.replace(full, wire="dense")),
         Scenario("assisted", "assisted"),
     ]

@@ -208,8 +208,8 @@ def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, out: Path, markdown: bool) -> None:
     """Fixed draft lengths 2/4/6/8 vs adaptive, and pipelining / branching on and off
-    (pipelining also capped at two chunks in flight), on every link profile (no
-    pruning, compact wire)."""
+    (pipelining also capped at two chunks in flight), all device-led, and edge-led
+    beside them, on every link profile (no pruning, compact wire)."""
     import dataclasses
 
     from covspec.bench import report
@@ -218,7 +218,7 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
     from covspec.bench.workload import toy_questions
     from covspec.runtime_device.options import DraftingOptions
 
-    plain = DraftingOptions(keep_ratio=1.0, pipeline=False, branches=0)
+    plain = DraftingOptions(lead="device", keep_ratio=1.0, pipeline=False, branches=0)   # device-led features
     scenarios = [Scenario("target-only", "target_only")]
     scenarios += [Scenario(f"fixed-{n}", "speculative", dataclasses.replace(plain, policy="fixed", draft_len=n))
                   for n in (2, 4, 6, 8)]
@@ -228,7 +228,8 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
                   Scenario("adaptive+pipeline+branches", "speculative",
                            dataclasses.replace(plain, pipeline=True, branches=2)),
                   Scenario("adaptive+pipeline(2)+branches", "speculative",
-                           dataclasses.replace(plain, pipeline=True, max_in_flight=2, branches=2))]
+                           dataclasses.replace(plain, pipeline=True, max_in_flight=2, branches=2)),
+                  Scenario("edge-led", "speculative", dataclasses.replace(plain, lead="edge"))]
     profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
     _, rows = measure("drafting", artifacts_dir, out, profiles, scenarios, toy_questions(count, describe_share=1.0),
                       max_new_tokens)
