@@ -181,8 +181,11 @@ def edge_counters(address: str) -> Pong:
 def counter_figures(before: Pong, after: Pong) -> dict:
     """Target forwards per committed token over a phase, and the edge's peak memory."""
     forwards, committed = after.forwards - before.forwards, after.committed - before.committed
+    prefill_ms, rounds_ms = after.prefill_ms - before.prefill_ms, after.rounds_ms - before.rounds_ms
     return {"forwards": forwards, "committed": committed,
             "forwards_per_token": round(forwards / committed, 3) if committed else None,
+            "prefill_ms": prefill_ms, "rounds_ms": rounds_ms,
+            "prefill_share": round(prefill_ms / (prefill_ms + rounds_ms), 3) if prefill_ms + rounds_ms else None,
             "edge_peak_mib": round(after.peak_bytes / MIB, 1)}
 
 

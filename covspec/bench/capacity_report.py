@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.bench.capacity import BATCHED, EDGE_LED_ALWAYS, EDGE_LED_AUTO, TARGET_ONLY
+from covspec.bench.capacity import BATCHED, EDGE_LED_ALWAYS, EDGE_LED_AUTO, TARGET_ONLY, UNBATCHED
 
 
 def _fmt(value, spec: str = "g") -> str:
@@ -26,9 +26,9 @@ def _share(value) -> str:
 
 def phase_table(phases: list[dict]) -> str:
     lines = ["| configuration | devices | workload | aggregate tok/s | per-device tok/s (p50) | round ms p50 / p99 "
-             "| accepted / round | target forwards / token | tokens from edge steps | edge peak MiB "
-             "| answers correct |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| accepted / round | target forwards / token | tokens from edge steps | edge time in prefills "
+             "| edge peak MiB | answers correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(phases, key=lambda p: (p["workload"], p["configuration"], p["devices"]))
     for p in order:
         lines.append(
@@ -36,7 +36,8 @@ def phase_table(phases: list[dict]) -> str:
             f"| {_fmt(p['device_tokens_per_s_p50'], '.1f')} "
             f"| {_fmt(p['round_ms_p50'], '.1f')} / {_fmt(p['round_ms_p99'], '.1f')} "
             f"| {_fmt(p['mean_accepted'], '.2f')} | {_fmt(p['forwards_per_token'], '.3f')} "
-            f"| {_share(p.get('edge_step_share'))} | {_fmt(p['edge_peak_mib'], '.0f')} "
+            f"| {_share(p.get('edge_step_share'))} | {_share(p.get('prefill_share'))} "
+            f"| {_fmt(p['edge_peak_mib'], '.0f')} "
             f"| {p['correct']}/{p['answers']} |")
     return "\n".join(lines)
 
@@ -82,9 +83,14 @@ def trend(phases: list[dict], ratios: dict) -> str:
            "compute-bound, CoVSpec also pays for the draft tokens the target rejects" if last < first else
            "batching helps CoVSpec at least as much as target-only here: its rounds carry several tokens per "
            "session, so a batched forward commits more tokens")
+    prefill = {(p["configuration"], p["devices"]): p.get("prefill_share")
+               for p in phases if p["workload"] == "descriptions"}
     return (f"CoVSpec / target-only (descriptions) goes from {first:.2f}x at {low} devices to {last:.2f}x at {high}. "
             f"Target forwards per committed token, {low} -> {high} devices: target-only {moved(TARGET_ONLY.name)}, "
-            f"CoVSpec batched {moved(BATCHED.name)}. Why: {why}.")
+            f"CoVSpec batched {moved(BATCHED.name)}. Why: {why}. The edge's time spent opening sessions (image "
+            f"and prompt prefill, one session at a time, which batching the rounds does not shorten), at {high} "
+            f"devices: CoVSpec batched {_share(prefill.get((BATCHED.name, high)))}, unbatched "
+            f"{_share(prefill.get((UNBATCHED.name, high)))}, target-only {_share(prefill.get((TARGET_ONLY.name, high)))}.")
 
 
 def edge_led_note(phases: list[dict]) -> str:

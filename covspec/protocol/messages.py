@@ -231,13 +231,16 @@ class Ping(Message):
 class Pong(Message):
     """Edge -> device: answer to a ping, with the number of live sessions and the
     edge's counters since it started: target ``forwards`` (prefills included),
-    ``committed`` tokens over all sessions, ``peak_bytes`` of memory (the CUDA
-    allocator's peak on a GPU, else the process's peak resident set)."""
+    ``committed`` tokens over all sessions, milliseconds spent opening sessions
+    (``prefill_ms``) and running rounds (``rounds_ms``), ``peak_bytes`` of memory (the
+    CUDA allocator's peak on a GPU, else the process's peak resident set)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
     forwards: int = since(2, 0)
     committed: int = since(2, 0)
+    prefill_ms: int = since(2, 0)
+    rounds_ms: int = since(2, 0)
     peak_bytes: int = since(2, 0)
 
 

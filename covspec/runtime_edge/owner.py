@@ -78,6 +78,8 @@ class ModelOwner:
         self._verifier = pick_verifier(target.device)
         self.forwards = 0         # target forwards since start (prefills included), for Pong
         self.committed = 0        # tokens committed over all sessions since start, for Pong
+        self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
+        self.rounds_s = 0.0       # time spent in batched forwards and verdicts, for Pong
 
     def run(self, push: zmq.Socket) -> None:
         """Serve until ``stopping`` is set; replies go out through ``push`` (closed at the end)."""
@@ -158,8 +160,10 @@ class ModelOwner:
     def _run(self, batch: list[_Work]) -> None:
         """One forward for the whole batch; on failure, each round alone."""
         lengths = [work.session.cache.kv.length for work in batch]
+        began = time.perf_counter()
         try:
             results = run_rounds(self.target, [(work.session, work.round) for work in batch], self._verifier)
+            self.rounds_s += time.perf_counter() - began
         except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
             if len(batch) == 1:
                 return self._fail(batch[0])
@@ -240,9 +244,11 @@ class ModelOwner:
             if len(self.sessions) >= self.config.max_sessions:
                 raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
                                              "retry later or ask the operator to raise --max-sessions.")
+        began = time.perf_counter()
         image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
                                        owner=message.owner or secrets.token_urlsafe(12), peer_key=request.peer_key)
+        self.prefill_s += time.perf_counter() - began
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session

@@ -165,10 +165,13 @@ class EdgeServer:
         return len(self._owner.sessions) if self._owner else 0
 
     def counters(self) -> dict[str, int]:
-        """Pong's counters: target forwards and committed tokens since start, peak memory."""
+        """Pong's counters since start: target forwards, committed tokens, milliseconds spent
+        opening sessions and running rounds, peak memory."""
         owner = self._owner
-        return {"forwards": owner.forwards if owner else 0, "committed": owner.committed if owner else 0,
-                "peak_bytes": peak_memory_bytes(self.config.device)}
+        if owner is None:
+            return {"peak_bytes": peak_memory_bytes(self.config.device)}
+        return {"forwards": owner.forwards, "committed": owner.committed, "prefill_ms": int(owner.prefill_s * 1000),
+                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device)}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()
