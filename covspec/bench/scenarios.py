@@ -42,8 +42,8 @@ def standard_scenarios(keep_ratio: float) -> list[Scenario]:
     device_led = dataclasses.replace(full, lead="device")
     return [
         Scenario("target-only", "target_only"),
-        Scenario("vanilla", "speculative", DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,
-                                                           wire="dense", keep_ratio=1.0)),
+        Scenario("vanilla", "speculative", DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False,
+                                                           branches=0, wire="dense", keep_ratio=1.0)),
         Scenario("covspec", "speculative", full),
         Scenario("covspec-edge-led", "speculative", dataclasses.replace(full, lead="edge")),
         Scenario("covspec-device-led", "speculative", device_led),

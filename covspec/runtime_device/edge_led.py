@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -133,28 +134,35 @@ class EdgeLedGeneration:
         try:
             opening = self.session.open_message([], None)
             self.client.send(opening)
-            started = time.perf_counter()
-            prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed,
-                                         self.trace)
-            self.stats.device_prefill_s = time.perf_counter() - started
-            self.stats.kept_visual_tokens = int(len(prefill.kept))
-            first = self._opened(self.session.await_opened(opening))
-            self.stats.ttft_s = time.perf_counter() - began
-            yield first
-            quiet = False
-            while not self.done:
-                if self.chunk is None and (quiet or self.policy.worth_drafting()):
-                    self._send(self._draft())
-                new = self._absorb()
-                quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
-                if new:
-                    yield new
+            # The draft prefills in a thread (onnxruntime releases the GIL) while the edge's
+            # tokens stream in: the first token and a short answer come as fast as the edge
+            # alone; drafting starts once the draft is ready.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-prefill") as pool:
+                prefill = pool.submit(self._prefill)
+                first = self._opened(self.session.await_opened(opening))
+                self.stats.ttft_s = time.perf_counter() - began
+                yield first
+                quiet = False
+                while not self.done:
+                    ready = prefill.done() and prefill.result() is None      # re-raises a failed prefill
+                    if ready and self.chunk is None and (quiet or self.policy.worth_drafting()):
+                        self._send(self._draft())
+                    new = self._absorb()
+                    quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
+                    if new:
+                        yield new
         finally:
             self.session.close()
             self.stats.tokens = len(self.committed)
             self.stats.wall_s = time.perf_counter() - began
             self.stats.bytes_up += self.client.bytes_up - up0
             self.stats.bytes_down += self.client.bytes_down - down0
+
+    def _prefill(self) -> None:
+        started = time.perf_counter()
+        prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace)
+        self.stats.device_prefill_s = time.perf_counter() - started
+        self.stats.kept_visual_tokens = int(len(prefill.kept))
 
     def _opened(self, opened) -> list[int]:
         self.stream_seq, self.done = opened.seq, opened.done
