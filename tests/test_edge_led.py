@@ -36,7 +36,7 @@ class TickPolicy(LeadPolicy):
     edge takes ``delay`` steps while a chunk travels (plus the one it takes per poll)."""
 
     def __init__(self, delay: int):
-        super().__init__(draft_len=3)
+        super().__init__(draft_len=3, min_survival=0.0)          # always draft: these tests are about verdicts
         self.delay = delay
 
     def overlap(self) -> float:
@@ -65,6 +65,18 @@ def test_greedy_equals_the_target_whatever_the_delay(delay):
     tokens, stats = run(mixed, target, GenerationSettings(max_new_tokens=40), delay)
     assert tokens == greedy_sequence(target, 40)
     assert stats.edge_steps > 0 and stats.rounds > 0 and sum(stats.accepted) > 0
+
+
+def test_the_lead_policy_covers_the_overlap_and_keeps_exploring():
+    policy = LeadPolicy(draft_len=4)
+    assert policy.chunk_len() == 4 and policy.worth_drafting()           # nothing measured yet
+    policy.observe_edge_step(0.002)
+    policy.observe_round(0.012, 0.002)                                   # a 10 ms round trip: 5 edge steps
+    policy.observe_draft_step(0.0)
+    assert policy.chunk_len() == 9 and policy.worth_drafting()           # 0.7 ** 5 = 0.17
+    policy.observe_agreement(0, 200)                                     # the draft never agrees
+    asks = [policy.worth_drafting() for _ in range(40)]
+    assert asks.count(True) == 2 and not any(asks[:16])                  # still drafts once every 17 asks
 
 
 def test_a_draft_that_never_agrees_stays_exact():

@@ -81,7 +81,7 @@ def environment() -> str:
         versions += [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
     except ImportError:
         pass
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = __import__("os").cpu_count()             # the machine's, whatever this process is pinned to
     return (f"{platform.machine()} CPU, {cores} cores, {platform.system()} ({', '.join(versions)}), "
             f"{datetime.date.today().isoformat()}")
 

@@ -48,6 +48,7 @@ from covspec.runtime_device.stats import GenerationStats
 
 MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
 VERIFIED_LEN = 8           # tokens past the overlap with the adaptive policy (the toy pair accepts ~4.5 a round)
+EXPLORE_EVERY = 16         # a chunk "not worth drafting" is drafted anyway after this many asks
 QUIET_S = 0.05             # with no chunk in flight, draft one anyway after this long without a token
 
 
@@ -63,15 +64,17 @@ class LeadPolicy:
     ``agreement ** overlap`` (agreement: the share of the draft's tokens that equalled
     the target's, counted as chunks are judged); below ``min_survival`` the device
     drafts nothing and lets the edge generate (on a slow link with a fast target,
-    drafting would only spend the device's power). Kept across generations
+    drafting would only spend the device's power), except now and then to keep the
+    estimates current. Kept across generations
     (``CoInference.policy_for``), so what it learns carries over."""
 
-    def __init__(self, draft_len: int, max_len: int = MAX_LEAD_LEN, min_survival: float = 0.02):
+    def __init__(self, draft_len: int, max_len: int = MAX_LEAD_LEN, min_survival: float = 0.1):
         self.draft_len, self.max_len, self.min_survival = draft_len, max_len, min_survival
         self.edge_step_s: float | None = None
         self.rtt_s: float | None = None
         self.draft_step_s: float | None = None
         self.agreed, self.compared = 7.0, 10.0              # a prior of 0.7 worth ten tokens
+        self.skipped = 0                                    # asks answered "not worth it" in a row
 
     def overlap(self) -> float:
         """The tokens the edge is expected to generate before a chunk drafted now arrives."""
@@ -85,7 +88,13 @@ class LeadPolicy:
         return int(min(self.max_len, math.ceil(self.overlap() + self.draft_len)))
 
     def worth_drafting(self) -> bool:
-        return (self.agreed / self.compared) ** self.overlap() >= self.min_survival
+        """Whether to draft a chunk now; below ``min_survival`` still once every
+        ``EXPLORE_EVERY`` asks, so that the estimates it rests on stay current."""
+        if (self.agreed / self.compared) ** self.overlap() >= self.min_survival or self.skipped >= EXPLORE_EVERY:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False
 
     def observe_agreement(self, agreed: int, compared: int) -> None:
         self.agreed, self.compared = self.agreed + agreed, self.compared + compared
