@@ -6,9 +6,13 @@ name. Stages (each reported to ``progress``): load the model, export the fp32
 graphs, write the embedding table and tokenizer, check fp32 parity (logits and
 greedy tokens, run through the device's own drafter), quantize (int8: per-channel and per-tensor measured, the better kept;
 int4: MatMulNBits; the vision graph is quantized too only if that does not lower
-top-1 agreement), convert to ORT format on request, and write ``manifest.json``
-(validated by reading it back). Everything is built in ``<out>.partial`` and renamed
-into place at the end, so a failed export leaves no half artifact behind.
+top-1 agreement; the token table is stored in the quantization's precision, and the
+quantized candidates are measured on it), convert to ORT format on request, and write
+``manifest.json`` (validated by reading it back). Everything is built in
+``<out>.partial`` and renamed into place at the end, so a failed export leaves no half
+artifact behind. A graph past 2 GiB keeps its weights in external data
+(``onnx_files``), listed and hashed in the manifest like every file; the manifest's
+``decoder.kv_cache`` says whether the decoder's cache can be one shared buffer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from covspec.export import onnx_files
+from covspec.export.embedding import write_table
 from covspec.export.errors import ExportError, OutputExistsError, ParityError
 from covspec.export.quantize import SCHEMES
 
@@ -38,6 +44,8 @@ if TYPE_CHECKING:  # torch-side types; this module imports torch only when it ex
 DEFAULT_MIN_AGREEMENT = {"int8": 0.90, "int4": 0.75}
 GRAPH_FORMATS = ("onnx", "ort")
 EXPORTERS = ("torchscript", "dynamo")
+EMBEDDINGS = ("artifact", "float32")
+VISION_QUANTIZATION = ("auto", "always", "never")
 
 
 # The draft's default share of visual tokens, written into the manifest; chosen from
@@ -57,6 +65,8 @@ class ExportOptions:
     min_agreement: float | None = None  # None: DEFAULT_MIN_AGREEMENT[quant]
     keep_ratio: float = DEFAULT_KEEP_RATIO
     image_size: tuple[int, int] | None = None  # (width, height) of a dynamic-resolution family's vision graph
+    embedding: str = "artifact"   # the token table's precision: "artifact" (the quantization's) or "float32"
+    quantize_vision: str = "auto"  # "auto": only if top-1 agreement does not drop; "always"; "never"
 
 
 @dataclass
@@ -85,14 +95,15 @@ def source_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _quantize_stage(folder: Path, scheme: str, runner: Callable[..., ExportedDraft], samples: list[Sample],
-                    bound: float) -> tuple[dict, dict]:
+def _quantize_stage(folder: Path, scheme: str, reference: Callable[..., ExportedDraft],
+                    runner: Callable[..., ExportedDraft], samples: list[Sample], bound: float,
+                    vision: str = "auto") -> tuple[dict, dict]:
     """Quantize the decoder (int8: per-channel and per-tensor, ties keep per-channel), then
     the vision graph too if that does not lower agreement; returns (quantization, parity)."""
     from covspec.export.parity import agreement_references, top1_agreement
     from covspec.export.quantize import quantize
 
-    reference = agreement_references(runner(), samples)
+    reference = agreement_references(reference(), samples)
     variants = [True, False] if scheme == "int8" else [True]
     measured, best = {}, None
     for per_channel in variants:
@@ -103,16 +114,19 @@ def _quantize_stage(folder: Path, scheme: str, runner: Callable[..., ExportedDra
         if best is None or result["top1_agreement"] > measured[best[0]]["top1_agreement"]:
             best = (tag, details)
     tag, details = best
-    quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("per_channel", True))
-    with_vision = top1_agreement(runner(vision="vision.quant.onnx", decoder=f"decoder.{tag}.onnx"), reference)
-    vision_quantized = with_vision["top1_agreement"] >= measured[tag]["top1_agreement"]
+    with_vision = {"top1_agreement": None}
+    if vision != "never":
+        quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("per_channel", True))
+        with_vision = top1_agreement(runner(vision="vision.quant.onnx", decoder=f"decoder.{tag}.onnx"), reference)
+    vision_quantized = vision == "always" or (
+        vision == "auto" and with_vision["top1_agreement"] >= measured[tag]["top1_agreement"])
     final = with_vision if vision_quantized else measured[tag]
     if vision_quantized:
-        (folder / "vision.quant.onnx").replace(folder / "vision.onnx")
-    (folder / f"decoder.{tag}.onnx").replace(folder / "decoder.onnx")
+        onnx_files.replace(folder / "vision.quant.onnx", folder / "vision.onnx")
+    onnx_files.replace(folder / f"decoder.{tag}.onnx", folder / "decoder.onnx")
     for leftover in folder.glob("*.onnx"):
         if leftover.name not in ("vision.onnx", "decoder.onnx", "scorer.onnx"):
-            leftover.unlink()
+            onnx_files.remove(leftover)
     parity = {**final, "bound": bound, "variant": tag,
               "candidates": {name: r["top1_agreement"] for name, r in measured.items()},
               "vision_quantized_top1_agreement": with_vision["top1_agreement"]}
@@ -126,6 +140,10 @@ def _quantize_stage(folder: Path, scheme: str, runner: Callable[..., ExportedDra
 
 def _convert_to_ort(folder: Path, graphs: dict) -> None:
     """onnxruntime's own converter; adds ``ort_file`` to each graph entry."""
+    big = [spec["file"] for spec in graphs.values() if onnx_files.uses_external(folder / spec["file"])]
+    if big:
+        raise ExportError(f"--format ort holds a graph in one file of at most 2 GiB; {', '.join(big)} keeps its "
+                          "weights in external data. Export with --format onnx, or quantize.")
     command = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(folder),
                "--output_dir", str(folder), "--optimization_style", "Fixed"]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -151,9 +169,11 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
 
     options = options or ExportOptions()
     if (options.quant not in SCHEMES or options.graph_format not in GRAPH_FORMATS
-            or options.exporter not in EXPORTERS):
-        raise ValueError(f"quant must be one of {SCHEMES}, format one of {GRAPH_FORMATS} and exporter "
-                         f"one of {EXPORTERS}.")
+            or options.exporter not in EXPORTERS or options.embedding not in EMBEDDINGS
+            or options.quantize_vision not in VISION_QUANTIZATION):
+        raise ValueError(f"quant must be one of {SCHEMES}, format one of {GRAPH_FORMATS}, exporter "
+                         f"one of {EXPORTERS}, embedding one of {EMBEDDINGS} and quantize_vision one of "
+                         f"{VISION_QUANTIZATION}.")
     model_dir, out = Path(model_dir), Path(out)
     family = family_for_folder(model_dir)
     if options.image_size is not None and not getattr(family, "dynamic_resolution", False):
@@ -189,6 +209,7 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
     from covspec import __version__
     from covspec.export import graphs, parity
     from covspec.export.parity import ExportedDraft
+    from covspec.protocol.manifest import FORMAT_VERSION
 
     progress("load model")
     model, processor = family.load(model_dir)
@@ -203,9 +224,13 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
                                        options.exporter),
     }
 
+    decoder_section = {**half.decoder_spec.to_dict(),
+                       "kv_cache": graphs.kv_cache_layout(folder / "decoder.onnx",
+                                                          half.decoder_spec.to_dict()["past_input_names"])}
+
     progress("embeddings + tokenizer")
     table = half.embed_tokens()
-    np.save(folder / "embed_tokens.npy", table, allow_pickle=False)
+    embedding, _ = write_table(table, folder, "float32")
     shutil.copyfile(model_dir / "tokenizer.json", folder / "tokenizer.json")
     tokenizer = half.tokenizer_section(folder / "tokenizer.json")
     image = half.image_section()
@@ -214,9 +239,9 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
     device_half = family.device(image=image, tokenizer_section=tokenizer, prompt_template=half.template,
                                 tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")), embed_tokens=table)
 
-    def runner(vision: str = "vision.onnx", decoder: str = "decoder.onnx") -> ExportedDraft:
-        return ExportedDraft(folder / vision, folder / decoder, half.decoder_spec.to_dict(), device_half, table,
-                             tokenizer["eos_ids"])
+    def runner(vision: str = "vision.onnx", decoder: str = "decoder.onnx", half=device_half,
+               lookup: np.ndarray = table) -> ExportedDraft:
+        return ExportedDraft(folder / vision, folder / decoder, decoder_section, half, lookup, tokenizer["eos_ids"])
 
     samples = [parity.sample_input(half, prompt) for prompt in (prompts or [parity.default_prompt(half)])]
     fp32 = runner()
@@ -228,20 +253,27 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
     if options.quant != "fp32":
         progress("quantize")
         bound = options.min_agreement if options.min_agreement is not None else DEFAULT_MIN_AGREEMENT[options.quant]
-        quantization, report[options.quant] = _quantize_stage(folder, options.quant, runner, samples, bound)
+        # The candidates run as the device will: on the table in the artifact's precision.
+        precision = options.quant if options.embedding == "artifact" else "float32"
+        embedding, stored = write_table(table, folder, precision)
+        stored_half = family.device(image=image, tokenizer_section=tokenizer, prompt_template=half.template,
+                                    tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")), embed_tokens=stored)
+        quantization, report[options.quant] = _quantize_stage(
+            folder, options.quant, runner, lambda **names: runner(**names, half=stored_half, lookup=stored), samples,
+            bound, options.quantize_vision)
     if options.graph_format == "ort":
         progress("convert to ORT")
         _convert_to_ort(folder, graph_specs)
 
     return {
-        "format": "covspec-artifact", "format_version": 1,
+        "format": "covspec-artifact", "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "covspec_version": __version__,
         "source": {"path": str(model_dir.resolve()), "sha256": source_hash(model_dir), "family": family.name,
                    **half.source_section(), "torch_version": torch.__version__, "exporter": options.exporter},
         "quantization": quantization, "opset": options.opset, "graph_format": options.graph_format,
-        "files": {}, "graphs": graph_specs, "decoder": half.decoder_spec.to_dict(),
-        "embedding": {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)},
+        "files": {}, "graphs": graph_specs, "decoder": decoder_section,
+        "embedding": embedding,
         "tokenizer": tokenizer, "image": image,
         "num_visual_tokens": num_visual_tokens, "prompt_template": half.template,
         "pruning": {"keep_ratio": options.keep_ratio, "selection": "covspec"}, "parity": report,

@@ -78,7 +78,7 @@ class Manifest:
         "source": ("path", "sha256", "family", "architecture"),
         "quantization": ("scheme",),
         "decoder": ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
-                    "past_input_names", "present_output_names"),
+                    "past_input_names", "present_output_names", "kv_cache"),
         "embedding": ("file", "dtype", "shape"),
         "tokenizer": ("file", "vocab_size", "vocab_hash", "bos_id", "eos_ids", "pad_id", "image_token_id"),
         "image": (),  # its keys are the family's (checked by the family's device half)

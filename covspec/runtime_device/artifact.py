@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from covspec.families import DeviceHalf, UnsupportedModelError, family_named
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
+from covspec.runtime_device.embedding import QuantizedTable, load_table
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -74,7 +75,7 @@ class DraftArtifact:
     vision: ort.InferenceSession
     scorer: ort.InferenceSession
     decoder: ort.InferenceSession
-    embed_tokens: np.ndarray          # [V, D] float32
+    embed_tokens: np.ndarray | QuantizedTable   # [V, D]; lookups give float32 rows
     tokenizer: Tokenizer
     family: DeviceHalf                # the device half of the artifact's model family
 
@@ -86,11 +87,7 @@ class DraftArtifact:
             family = family_named(manifest.source["family"])
         except UnsupportedModelError as exc:
             raise ArtifactError(f"manifest.json: field 'source.family': {exc}") from None
-        embed = np.load(folder / manifest.embedding["file"], allow_pickle=False)
-        if list(embed.shape) != list(manifest.embedding["shape"]):
-            raise ArtifactError(f"{manifest.embedding['file']}: shape {list(embed.shape)} differs from the "
-                                f"manifest's {manifest.embedding['shape']}.")
-        embed = embed.astype(np.float32, copy=False)
+        embed = load_table(folder, manifest.embedding)      # memory-mapped, in the artifact's precision
         tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer["file"]))
         device_half = family.device(image=manifest.image, tokenizer_section=manifest.tokenizer,
                                     prompt_template=manifest.prompt_template, tokenizer=tokenizer,

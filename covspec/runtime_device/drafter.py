@@ -1,4 +1,4 @@
-"""The draft decoder over onnxruntime with a numpy KV cache.
+"""The draft decoder over onnxruntime with its KV cache (``kv_cache``).
 
 The cache holds the draft's context (a ``DraftContext``: prompt with its kept visual
 tokens, built by the artifact's family) followed by generated tokens. Generated
@@ -10,9 +10,15 @@ several). Everything after the context is addressed by generated position
 (0 = first generated token), the protocol's unit: ``truncate(m)`` keeps the KV of
 the first ``m`` generated tokens. The drafter remembers which tokens it fed
 (``fed``), so ``extend_to(sequence)`` reuses the longest valid prefix of its cache
-and feeds only the rest. ``snapshot``/``restore`` fork the cache for branches:
-onnxruntime returns fresh arrays and truncation only slices, so a snapshot is a
-list of references, not a copy.
+and feeds only the rest. ``snapshot``/``restore`` fork the cache for branches.
+
+A ``"shared-buffer"`` decoder (the manifest's ``decoder.kv_cache``) runs with IO
+binding on preallocated buffers (``kv_cache.SharedBufferCache``): no step copies the
+cache, truncation is free, forks copy only the rows a later step overwrites. Its
+prefill runs in chunks of ``prefill_chunk`` rows (attention scores of one chunk at a
+time) and asks the graph for the logits of the last row only (``num_logits``) where
+only that row is returned. Any other decoder (or a session without IO binding) feeds
+the past as arrays and keeps the presents (``kv_cache.CopyingCache``).
 
 A decoder graph with an ``image_groups`` input (a family whose image tokens attend to
 each other bidirectionally, e.g. Gemma 3) is fed the context's
@@ -33,32 +39,40 @@ import numpy as np
 
 from covspec.families import DraftContext
 from covspec.runtime_device.artifact import DraftArtifact
+from covspec.runtime_device.kv_cache import SharedBufferCache, cache_for
+
+
+PREFILL_CHUNK = 256        # context rows per decoder run in a chunked prefill
 
 
 @dataclass(frozen=True)
 class DrafterState:
-    """A fork point: the cache arrays and the generated tokens they hold."""
+    """A fork point: the cache's snapshot, the generated tokens it holds and the context it follows."""
 
-    cache: tuple
+    cache: object
     fed: tuple
+    context: tuple = ()
 
 
 class Drafter:
-    def __init__(self, decoder, spec: Mapping, embed: Callable[[list[int]], np.ndarray]):
+    def __init__(self, decoder, spec: Mapping, embed: Callable[[list[int]], np.ndarray],
+                 prefill_chunk: int = PREFILL_CHUNK, kv_cache: str | None = None):
         """decoder: an onnxruntime session of ``decoder.onnx``; spec: the manifest's
-        ``decoder`` section; embed: token ids [n] -> embeddings [n, D]."""
+        ``decoder`` section; embed: token ids [n] -> embeddings [n, D]; kv_cache: the
+        layout to assume instead of ``spec["kv_cache"]`` ("concat" forces the copying cache)."""
         self.decoder = decoder
         self.embed = embed
-        self.past_names: list[str] = spec["past_input_names"]
-        self.present_names: list[str] = spec["present_output_names"]
-        self.kv_shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
-        self.cache: list[np.ndarray] = []
+        self.cache = cache_for(decoder, spec, kv_cache)
+        self.shared = isinstance(self.cache, SharedBufferCache)
+        self.prefill_chunk = prefill_chunk if self.shared else 0    # 0: one run (a concat graph may not be causal)
         self.context_len = 0           # cache entries of the context
         self.next_position = 0         # position of the first generated token
         self.position_axes = 0         # 0: 1-D positions; A: A position axes
         self.fed: list[int] = []       # generated tokens whose KV is in the cache
         inputs = getattr(decoder, "get_inputs", lambda: [])()
         self.takes_image_groups = any(spec.name == "image_groups" for spec in inputs)
+        optional = getattr(decoder, "get_overridable_initializers", lambda: [])()
+        self.takes_num_logits = any(spec.name == "num_logits" for spec in optional)
 
     @classmethod
     def from_artifact(cls, artifact: DraftArtifact) -> Drafter:
@@ -70,12 +84,15 @@ class Drafter:
 
     def prefill(self, context: DraftContext) -> np.ndarray:
         """Run the context (replacing any earlier one) -> logits [V] after it."""
-        return self.prefill_rows(context)[-1]
+        return self._prefill(context, (), last_only=True)[-1]
 
     def prefill_rows(self, context: DraftContext, generated: list[int] = ()) -> np.ndarray:
         """Run the context followed by ``generated`` tokens in one pass (replacing any
         earlier cache) -> logits [S + n, V], one row per context entry and token."""
-        self.cache = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
+        return self._prefill(context, generated, last_only=False)
+
+    def _prefill(self, context: DraftContext, generated, last_only: bool) -> np.ndarray:
+        self.cache.reset()
         self.context_len = 0
         self.position_axes = context.positions.shape[0] if context.positions.ndim == 2 else 0
         self.next_position = context.next_position
@@ -86,10 +103,16 @@ class Drafter:
             embeds = np.concatenate([embeds, self.embed(generated)])
             positions = np.concatenate([positions, self._positions(len(generated))], axis=-1)
             groups = np.concatenate([groups, np.zeros(len(generated), np.int64)])
-        logits = self._run(embeds, positions, groups)
+        total = embeds.shape[0]
+        step = self.prefill_chunk or total
+        rows = []
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            rows.append(self._run(embeds[start:stop], positions[..., start:stop], groups[start:stop],
+                                  last_only=last_only))
         self.context_len = len(context)
         self.fed = [int(t) for t in generated]
-        return logits
+        return rows[-1] if last_only else np.concatenate(rows)
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Append generated tokens (at positions ``generated``...). Returns logits [n, V]."""
@@ -110,18 +133,20 @@ class Drafter:
         return self.feed(sequence[keep:])[-1]
 
     def snapshot(self) -> DrafterState:
-        return DrafterState(tuple(self.cache), tuple(self.fed))
+        return DrafterState(self.cache.snapshot(), tuple(self.fed),
+                            (self.context_len, self.next_position, self.position_axes))
 
     def restore(self, state: DrafterState) -> None:
-        self.cache = list(state.cache)
+        self.cache.restore(state.cache)
         self.fed = list(state.fed)
+        if state.context:
+            self.context_len, self.next_position, self.position_axes = state.context
 
     def truncate(self, generated: int) -> None:
         """Forget the KV of generated tokens at positions >= ``generated``."""
         if generated > self.generated:
             raise ValueError(f"cannot keep {generated} generated tokens; the cache has {self.generated}")
-        keep = self.context_len + generated
-        self.cache = [kv[:, :, :keep] for kv in self.cache]
+        self.cache.truncate(self.context_len + generated)
         del self.fed[generated:]
 
     def _positions(self, count: int) -> np.ndarray:
@@ -130,20 +155,20 @@ class Drafter:
         positions = np.arange(start, start + count, dtype=np.int64)
         return np.broadcast_to(positions, (self.position_axes, count)) if self.position_axes else positions
 
-    def _run(self, embeds: np.ndarray, positions: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, groups: np.ndarray | None = None,
+             last_only: bool = False) -> np.ndarray:
         """embeds [S, D], positions [S] or [A, S], image groups [S] (None: text) -> logits
-        [S, V]; the cache grows by S."""
-        past_len = self.cache[0].shape[2]
+        [S, V] (or [1, V] with ``last_only`` on a graph that takes ``num_logits``); the cache grows by S."""
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
-            "attention_mask": np.ones((1, past_len + embeds.shape[0]), dtype=np.int64),
             "position_ids": np.ascontiguousarray(np.expand_dims(positions, -2), dtype=np.int64),  # [1, S] / [A, 1, S]
         }
         if self.takes_image_groups:
             groups = np.zeros(embeds.shape[0], np.int64) if groups is None else groups
             feeds["image_groups"] = np.ascontiguousarray(groups[None], dtype=np.int64)          # [1, S]
-        for name, kv in zip(self.past_names, self.cache):
-            feeds[name] = np.ascontiguousarray(kv)
-        outputs = self.decoder.run(["logits"] + self.present_names, feeds)
-        self.cache = outputs[1:]
-        return outputs[0][0]                                                   # [S, V]
+        rows_out = None
+        if last_only and self.takes_num_logits:
+            feeds["num_logits"], rows_out = np.array(1, np.int64), 1
+        if not self.shared:
+            feeds["attention_mask"] = np.ones((1, self.cache.rows + embeds.shape[0]), dtype=np.int64)
+        return self.cache.run(feeds, rows_out)                                  # [S, V] or [1, V]

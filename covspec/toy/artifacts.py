@@ -48,6 +48,6 @@ def ensure_toy_artifacts(folder: Path = DEFAULT_ARTIFACTS, log: Callable[[str], 
         pass
 
     log(f"exporting the toy draft to {folder} (int8, once) ...")
-    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="int8", force=True),
+    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="int8", force=True, embedding="float32"),
                  progress=lambda stage: log(f"  export: {stage}"), prompts=parity_prompts())
     return folder

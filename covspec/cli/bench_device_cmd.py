@@ -1,0 +1,59 @@
+"""``covspec bench device --config NAME``: the draft on the device at real size.
+
+A click command for the ``bench`` group (``covspec.bench.device_size`` does the work):
+builds a random-weight model of the config's dimensions, exports it fp32/int8/int4,
+measures each artifact with one onnxruntime thread and with all (size, load time, peak
+RSS, vision, LM prefill per keep ratio, per-token decode per context), the same text
+decoder under onnxruntime-genai when it is installed, and the bandwidth floor. Writes
+``<out>/<config>/device-size.json`` and ``.md`` and prints the Markdown. Heavy: a
+0.5B config exports about 4 GB of fp32 graphs and takes tens of minutes on two cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+CONFIG_NAMES = ("llava-interleave-qwen-0.5b", "llava-smollm2-135m", "smolvlm-256m")
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter("give positive integers", param_hint=name)
+    return values
+
+
+@click.command("device")
+@click.option("--config", "config_name", type=click.Choice(CONFIG_NAMES), required=True,
+              help="The real draft's dimensions to build (random weights) and measure.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/device-size"), show_default=True,
+              help="Folder for the model, the artifacts and the report (reused when present).")
+@click.option("--quant", "quants", type=click.Choice(["fp32", "int8", "int4"]), multiple=True,
+              help="Precisions to export and measure [default: fp32, int8, int4].")
+@click.option("--contexts", default="256,1024,2048", show_default=True,
+              help="Context lengths of the per-token decode measurement.")
+@click.option("--threads", "threads_text", default=None,
+              help="onnxruntime thread counts to measure with [default: 1 and all cores].")
+@click.option("--decode-tokens", type=click.IntRange(1, 1000), default=16, show_default=True,
+              help="Decode steps timed per context (their median is reported).")
+@click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai anchor.")
+def device(config_name: str, out: Path, quants: tuple[str, ...], contexts: str, threads_text: str | None,
+           decode_tokens: int, no_genai: bool) -> None:
+    """Measure a real-size draft on this machine's CPU (the device side)."""
+    from covspec.bench.device_size import CONFIGS, PENDING, run_bench
+
+    if config_name not in CONFIGS:
+        raise click.UsageError(f"--config {config_name}: {PENDING.get(config_name, 'not available')}.")
+    report = run_bench(config_name, out, quants=quants or ("fp32", "int8", "int4"),
+                       contexts=_ints(contexts, "--contexts"),
+                       threads=_ints(threads_text, "--threads") if threads_text else None, genai=not no_genai,
+                       decode_tokens=decode_tokens, log=lambda line: click.echo(line, err=True))
+    click.echo((out / config_name / "device-size.md").read_text())
+    if any("error" in probe for entry in report["artifacts"].values()
+           for key, probe in entry.items() if key.startswith("threads_")):
+        raise click.ClickException("a measurement failed; see the report.")
