@@ -10,11 +10,13 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy.stats import chisquare
 
+from covspec.protocol.manifest import load_manifest
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, RetryPolicy
 from covspec.runtime_device.engine import CoInference
@@ -82,6 +84,36 @@ def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Imag
     return total
 
 
+def acceptance(stats: GenerationStats) -> float:
+    """The share of drafted tokens the target accepted (some must have been drafted)."""
+    assert stats.drafted > 0
+    return sum(stats.accepted) / stats.drafted
+
+
+def pruned_options(draft_len: int) -> DraftingOptions:
+    """Half the visual tokens kept, device-led at a fixed chunk length: the pruned-draft checks."""
+    return DraftingOptions(lead="device", policy="fixed", draft_len=draft_len, pipeline=False, branches=0,
+                           keep_ratio=0.5)
+
+
+def check_pruned_exact(artifact, address: str, model, inputs_for: Callable[[Image.Image, str], dict],
+                       image: Image.Image, question: str, draft_len: int = 4,
+                       max_new_tokens: int = 16) -> GenerationStats:
+    """A draft keeping half its visual tokens still gives ``generate()``'s answer; its statistics."""
+    tokens, stats = co_generate(artifact, address, png(image), question,
+                                GenerationSettings(max_new_tokens=max_new_tokens), pruned_options(draft_len))
+    assert tokens == reference(model, inputs_for(image, question), max_new_tokens)
+    return stats
+
+
+def check_int8_export(root: Path) -> None:
+    """The int8 draft's manifest records its quantized decoder and parity; the fp32 self-draft's parity holds."""
+    int8 = load_manifest(root / "draft-int8")
+    assert int8.quantization["scheme"] == "int8" and "decoder" in int8.quantization["graphs"]
+    assert int8.parity["int8"]["positions"] >= 64 and 0 <= int8.parity["int8"]["top1_agreement"] <= 1
+    assert load_manifest(root / "self-fp32").parity["fp32"]["max_abs_diff_logits"] <= 1e-4
+
+
 def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Image, question: str,
                            temperature: float, top_k: int, runs: int, wire: str = "compact") -> None:
     """The first two committed tokens of ``runs`` seeded co-inference runs follow ``joint``,
@@ -91,7 +123,7 @@ def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Ima
     counts = Counter()
     try:
         engine = CoInference(DraftArtifact.load(artifact), client)
-        options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire, keep_ratio=1.0)
+        options = replace(SELF_DRAFT, wire=wire)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
             counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1

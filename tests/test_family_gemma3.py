@@ -30,12 +30,13 @@ from covspec.protocol.manifest import ArtifactError, load_manifest
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact, open_graph
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, check_greedy_exact, check_sampling_follows,
-                           co_generate, device_run_without_torch, noise, png, reference)
+from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
+                           check_sampling_follows, co_generate, device_run_without_torch, noise, png,
+                           pruned_options, reference)
 
 TOKENS = 16          # visual tokens per image: 32 px, patch 4 -> 8 x 8 patches, pooled 2 x 2
 
@@ -203,16 +204,13 @@ def test_export_records_parity_and_the_image_sequence(pair):
     assert fp32.image["image_text_after"] == "<end_of_image>\n\n"
     assert "image_groups" in fp32.graphs["decoder"]["inputs"]
     assert open_graph(pair.root / "draft-fp32" / "decoder.onnx").get_inputs()[3].name == "image_groups"
-    int8 = load_manifest(pair.root / "draft-int8")
-    assert int8.quantization["scheme"] == "int8" and "decoder" in int8.quantization["graphs"]
-    assert int8.parity["int8"]["positions"] >= 64 and 0 <= int8.parity["int8"]["top1_agreement"] <= 1
-    assert load_manifest(pair.root / "self-fp32").parity["fp32"]["max_abs_diff_logits"] <= 1e-4
+    check_int8_export(pair.root)
 
 
 def test_self_draft_is_accepted_and_exact(pair, edge):
     """The target exported as its own draft (fp32, keep ratio 1, fixed length 4)."""
     stats = check_greedy_exact(pair.root / "self-fp32", edge.address, pair.model, target_inputs(pair))
-    assert stats.drafted > 0 and sum(stats.accepted) / stats.drafted >= 0.95
+    assert acceptance(stats) >= 0.95
 
 
 @pytest.mark.parametrize("artifact", ["draft-fp32", "draft-int8"])
@@ -225,7 +223,7 @@ def test_pruned_draft_stays_exact_and_pruned_target_is_opt_in(pair, edge):
     is still the target's own. The pruned target (opt-in) keeps its kept tokens bidirectional."""
     image, question = noise(57, 40, seed=2), QUESTIONS[0]
     expected = reference(pair.model, target_inputs(pair)(image, question), 16)
-    half = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    half = pruned_options(3)
     for artifact in ("draft-fp32", "self-fp32"):
         tokens, stats = co_generate(pair.root / artifact, edge.address, png(image), question,
                                     GenerationSettings(max_new_tokens=16), half)

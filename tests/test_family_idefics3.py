@@ -25,12 +25,12 @@ from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.manifest import ArtifactError, load_manifest
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.hf.tiny_idefics3 import save_tiny_idefics3
-from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, check_greedy_exact, co_generate, device_run_without_torch,
-                           noise, png, reference)
+from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
+                           co_generate, device_run_without_torch, noise, png, pruned_options, reference)
 
 # Tiles of 32 px, patch 8, pixel shuffle 2: 4 tokens per frame; images resized to a
 # longest edge of 96 px: up to 3 x 3 tiles + the global image (40 visual tokens).
@@ -170,16 +170,13 @@ def test_export_records_parity_and_the_tiling(pair):
     assert fp32.num_visual_tokens == 40                                  # a square image: 3 x 3 tiles + global
     assert {"tile": 32, "longest_edge": 96, "do_image_splitting": True, "image_seq_len": 4}.items() <= \
         fp32.image.items()
-    int8 = load_manifest(pair.root / "draft-int8")
-    assert int8.quantization["scheme"] == "int8" and "decoder" in int8.quantization["graphs"]
-    assert int8.parity["int8"]["positions"] >= 64 and 0 <= int8.parity["int8"]["top1_agreement"] <= 1
-    assert load_manifest(pair.root / "self-fp32").parity["fp32"]["max_abs_diff_logits"] <= 1e-4
+    check_int8_export(pair.root)
 
 
 def test_self_draft_is_accepted_and_exact(pair, edge):
     """The target exported as its own draft (fp32, keep ratio 1, fixed length 4)."""
     stats = check_greedy_exact(pair.root / "self-fp32", edge.address, pair.model, target_inputs(pair))
-    assert stats.drafted > 0 and sum(stats.accepted) / stats.drafted >= 0.95
+    assert acceptance(stats) >= 0.95
 
 
 @pytest.mark.parametrize("artifact", ["draft-fp32", "draft-int8"])
@@ -190,7 +187,7 @@ def test_greedy_output_equals_target_generate(pair, edge, artifact):
 def test_pruned_draft_stays_exact_and_pruned_target_is_opt_in(pair, edge):
     image, question = noise(57, 40, seed=2), QUESTIONS[0]
     expected = reference(pair.model, target_inputs(pair)(image, question), 16)
-    half = DraftingOptions(lead="device", policy="fixed", draft_len=3, pipeline=False, branches=0, keep_ratio=0.5)
+    half = pruned_options(3)
     tokens, stats = co_generate(pair.root / "draft-fp32", edge.address, png(image), question,
                                 GenerationSettings(max_new_tokens=16), half)
     assert tokens == expected and stats.kept_visual_tokens == 20

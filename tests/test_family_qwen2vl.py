@@ -31,11 +31,11 @@ from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
 from covspec.protocol.manifest import load_manifest
 from covspec.protocol.speculative import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SIZES, check_greedy_exact, check_sampling_follows, co_generate,
-                           device_run_without_torch, noise, png, reference)
+from family_checks import (QUESTIONS, SIZES, check_greedy_exact, check_pruned_exact, check_sampling_follows,
+                           co_generate, device_run_without_torch, noise, png, reference)
 
 EXPORT_SIZE = (64, 48)                  # (width, height): 8 x 6 patches of 8 px, 4 x 3 merged tokens
 MORE_SIZES = SIZES + [(200, 150), (31, 31), (64, 48)]
@@ -188,11 +188,8 @@ def test_self_draft_acceptance_and_greedy_exactness(pair, edge):
 def test_pruned_draft_is_exact(pair, edge):
     """Half the visual tokens kept (their 3-D positions kept) on the 96x96 draft."""
     image, question = noise(100, 31, seed=3), QUESTIONS[2]
-    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=0.5)
-    tokens, stats = co_generate(pair.root / "draft-fp32", edge.address, png(image), question,
-                                GenerationSettings(max_new_tokens=16), options)
+    stats = check_pruned_exact(pair.root / "draft-fp32", edge.address, pair.model, inputs_for(pair), image, question)
     assert stats.kept_visual_tokens == 18
-    assert tokens == reference(pair.model, inputs_for(pair)(image, question), 16)
 
 
 def test_device_run_without_torch(pair, edge, tmp_path, no_torch):
