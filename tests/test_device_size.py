@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from covspec.bench import device_probe
-from covspec.bench.device_size import goals, markdown
+from covspec.bench.device_size import CONFIGS, goals, markdown, run_bench
 from covspec.cli.bench_device_cmd import device
 from covspec.export import onnx_files
 from covspec.export.embedding import write_table
@@ -92,9 +92,13 @@ def test_goals_and_report_read_the_probe(external_int8):
     assert "| int8 | 1 |" in markdown(report)
 
 
-def test_a_pending_config_is_a_usage_error():
-    result = CliRunner().invoke(device, ["--config", "smolvlm-256m"])
-    assert result.exit_code == 2 and "Idefics3" in result.output
+def test_the_cli_offers_every_config_and_refuses_others():
+    option = next(param for param in device.params if param.name == "config_name")
+    assert set(option.type.choices) == set(CONFIGS) >= {"smolvlm-256m", "llava-smollm2-135m"}
+    result = CliRunner().invoke(device, ["--config", "paligemma-3b"])
+    assert result.exit_code == 2 and "'paligemma-3b' is not one of" in result.output
+    with pytest.raises(ValueError, match="unknown config"):
+        run_bench("paligemma-3b", "unused")
 
 
 @pytest.mark.skipif(not os.environ.get("COVSPEC_SLOW"), reason="exports a 3.5 GB decoder (COVSPEC_SLOW=1)")

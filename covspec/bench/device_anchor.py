@@ -31,14 +31,18 @@ CONTEXTS = (256, 1024, 2048)
 
 
 def language_model_folder(vlm_folder: Path, out: Path) -> Path:
-    """Save the VLM's language model + LM head as a ``*ForCausalLM`` folder with its tokenizer."""
+    """Save the VLM's language model + LM head as a ``*ForCausalLM`` folder with its tokenizer.
+
+    The VLM's decoder is found by transformers' own accessor (``get_decoder()``:
+    ``model.language_model`` in a LLaVA, ``model.text_model`` in an Idefics3 / SmolVLM),
+    its head by ``get_output_embeddings()``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     vlm = AutoModelForImageTextToText.from_pretrained(vlm_folder)
     text_config = AutoConfig.for_model(**vlm.config.text_config.to_dict())
     model = AutoModelForCausalLM.from_config(text_config)
-    model.model.load_state_dict(vlm.model.language_model.state_dict())
-    model.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    model.get_decoder().load_state_dict(vlm.get_decoder().state_dict())
+    model.get_output_embeddings().load_state_dict(vlm.get_output_embeddings().state_dict())
     model.generation_config = vlm.generation_config
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -1,4 +1,5 @@
-"""Tiny random Idefics3 (SmolVLM-style) folders built from configs, for tests.
+"""Tiny random Idefics3 (SmolVLM-style) folders built from configs, for tests (and, with a
+real model's dimensions, for the device bench: ``covspec.bench.device_size``).
 
 A folder is a standard transformers folder: ``config.json`` + ``model.safetensors``
 (``Idefics3ForConditionalGeneration``: a small SigLIP-like vision tower, the
@@ -53,24 +54,35 @@ def build_idefics3_tokenizer(vocab_size: int):
 
 def tiny_idefics3_config(vocab_size: int, token_ids: dict[str, int], *, tile: int = 32, patch_size: int = 8,
                          scale_factor: int = 2, text_hidden: int = 32, text_layers: int = 2,
-                         vision_hidden: int = 32, vision_layers: int = 2, smolvlm: bool = False):
+                         vision_hidden: int = 32, vision_layers: int = 2, smolvlm: bool = False,
+                         vision: dict | None = None, text: dict | None = None):
     """An Idefics3Config (a SmolVLMConfig with ``smolvlm``): a SigLIP-like tower on
-    ``tile`` x ``tile`` tiles and a Llama."""
+    ``tile`` x ``tile`` tiles and a Llama.
+
+    ``vision`` (Idefics3/SmolVLM vision config fields, as SiglipVisionConfig's) and
+    ``text`` (LlamaConfig fields) override the tiny defaults, e.g. with a real model's
+    dimensions. The vocabulary size and the special token ids are the tokenizer's; the
+    tower's ``image_size`` must be the tile size; the VLM ties its LM head as the
+    language model does."""
     from transformers import Idefics3Config, LlamaConfig, SmolVLMConfig, SmolVLMVisionConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
     vision_class, config_class = (SmolVLMVisionConfig, SmolVLMConfig) if smolvlm else \
         (Idefics3VisionConfig, Idefics3Config)
-    vision = vision_class(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                                  num_hidden_layers=vision_layers, num_attention_heads=2, image_size=tile,
-                                  patch_size=patch_size)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=1024, bos_token_id=token_ids[BOS_TOKEN],
-                       eos_token_id=token_ids[END_OF_UTTERANCE], pad_token_id=token_ids[PAD_TOKEN],
-                       tie_word_embeddings=False)
-    return config_class(vision_config=vision, text_config=text, image_token_id=token_ids[IMAGE_TOKEN],
-                          scale_factor=scale_factor, tie_word_embeddings=False)
+    vision_fields = {"hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                     "num_hidden_layers": vision_layers, "num_attention_heads": 2, "image_size": tile,
+                     "patch_size": patch_size, **(vision or {})}
+    if vision_fields["image_size"] != tile:
+        raise ValueError(f"the vision tower takes {vision_fields['image_size']} px images but the tiles are {tile} "
+                         "px; they must be equal.")
+    text_fields = {"hidden_size": text_hidden, "intermediate_size": text_hidden * 2, "num_hidden_layers": text_layers,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                   "tie_word_embeddings": False, **(text or {}),
+                   "vocab_size": vocab_size, "bos_token_id": token_ids[BOS_TOKEN],
+                   "eos_token_id": token_ids[END_OF_UTTERANCE], "pad_token_id": token_ids[PAD_TOKEN]}
+    return config_class(vision_config=vision_class(**vision_fields), text_config=LlamaConfig(**text_fields),
+                        image_token_id=token_ids[IMAGE_TOKEN], scale_factor=scale_factor,
+                        tie_word_embeddings=text_fields["tie_word_embeddings"])
 
 
 def save_tiny_idefics3(path: str | Path, *, vocab_size: int = 96, seed: int = 0, longest_edge: int = 96,
@@ -78,7 +90,9 @@ def save_tiny_idefics3(path: str | Path, *, vocab_size: int = 96, seed: int = 0,
     """Build a seeded random tiny Idefics3 and save it with its tokenizer and processor.
 
     Images are resized so the longest edge is ``longest_edge``, then split into tiles of
-    ``tile`` pixels (up to (longest_edge / tile)^2 tiles) plus a global image. With
+    ``tile`` pixels (up to (longest_edge / tile)^2 tiles) plus a global image.
+    ``config_kwargs`` go to ``tiny_idefics3_config`` (``vision`` and ``text`` give real
+    dimensions; ``vocab_size`` sizes the word tokenizer, and so the vocabulary). With
     ``smolvlm`` the model is a ``SmolVLMForConditionalGeneration`` (same layout) and the
     processor files name ``SmolVLMProcessor`` / ``SmolVLMImageProcessor`` as a SmolVLM
     checkpoint's do (``SmolVLMProcessor`` itself cannot be built here: it needs
