@@ -26,32 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
+from covspec.runtime_device.memory import peak_rss_mb, rss_mb
+
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
 CONTEXTS = (256, 1024, 2048)
 QUESTION = "what color is the circle ?"
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process, MiB."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 2 ** 20
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MiB: ``VmHWM`` (``ru_maxrss`` would carry the
-    parent's high-water mark over fork and exec)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:

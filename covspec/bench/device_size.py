@@ -31,7 +31,8 @@ CONTEXTS = (256, 1024, 2048)
 
 @dataclass(frozen=True)
 class SizeConfig:
-    """A real draft's dimensions: a SigLIP tower and a Qwen2 or Llama language model."""
+    """A real draft's dimensions: a SigLIP(-like) tower and a Qwen2 or Llama language model,
+    in a VLM family (``"llava"`` or ``"idefics3"``)."""
 
     name: str
     description: str
@@ -39,11 +40,14 @@ class SizeConfig:
     language: str                  # "qwen2" or "llama"
     text: dict                     # the language model config's fields
     family: str = "llava"
+    options: dict = field(default_factory=dict)    # the family builder's other arguments (see BUILDERS)
     notes: list[str] = field(default_factory=list)
 
 
 SIGLIP_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                      "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
+SIGLIP_BASE_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
 QWEN2_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
              "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
              "rope_theta": 1000000.0, "tie_word_embeddings": True}
@@ -58,14 +62,23 @@ CONFIGS = {config.name: config for config in (
                "SmolLM2-135M language model dimensions",
                {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6,
                 "image_size": 224, "patch_size": 14}, "llama", SMOLLM2_135M),
+    SizeConfig("smolvlm-256m", "SmolVLM-256M-Instruct dimensions: SigLIP-base-patch16 on 512 px tiles, pixel "
+               "shuffle 4 (64 visual tokens a tile; images resized to a longest edge of 2048 px: up to 4 x 4 tiles "
+               "+ the global image), SmolLM2-135M language model", SIGLIP_BASE_512, "llama", SMOLLM2_135M,
+               family="idefics3", options={"scale_factor": 4, "longest_edge": 2048, "tile": 512, "smolvlm": True}),
 )}
-PENDING = {"smolvlm-256m": "SmolVLM-256M (SigLIP-base at 512 px, SmolLM2-135M) needs a real-size Idefics3 builder "
-                           "(covspec.hf.tiny_idefics3 fixes heads and widths)"}
 
 
 def build_model(config: SizeConfig, folder: Path, seed: int = 0) -> Path:
-    """A seeded random-weight LLaVA of ``config``'s dimensions, saved with a word tokenizer
-    of its vocabulary size and its processor (SigLIP: square resize, "full" features)."""
+    """A seeded random-weight VLM of ``config``'s dimensions, saved with a word tokenizer of
+    its vocabulary size and its processor, by its family's builder."""
+    if config.family not in BUILDERS:
+        raise ValueError(f"{config.name}: no builder for the {config.family!r} family; one of {sorted(BUILDERS)}.")
+    return BUILDERS[config.family](config, Path(folder), seed)
+
+
+def _build_llava(config: SizeConfig, folder: Path, seed: int) -> Path:
+    """A LLaVA (SigLIP: square resize, "full" features)."""
     import torch
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
     from transformers import SiglipVisionConfig
@@ -87,7 +100,21 @@ def build_model(config: SizeConfig, folder: Path, seed: int = 0) -> Path:
         model = LlavaForConditionalGeneration(llava).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
-    return save_llava_folder(model, tokenizer, folder, image_size=vision.image_size, siglip=True)
+    return save_llava_folder(model, tokenizer, folder, image_size=vision.image_size, siglip=True, **config.options)
+
+
+def _build_idefics3(config: SizeConfig, folder: Path, seed: int) -> Path:
+    """An Idefics3 (a SmolVLM with ``options["smolvlm"]``): tiles of ``options["tile"]`` px
+    from images resized to ``options["longest_edge"]``, pixel shuffle ``options["scale_factor"]``."""
+    from covspec.hf.tiny_idefics3 import save_tiny_idefics3
+
+    if config.language != "llama":
+        raise ValueError(f"{config.name}: an Idefics3 language model is a Llama, not {config.language!r}.")
+    return save_tiny_idefics3(folder, vocab_size=config.text["vocab_size"], seed=seed, vision=config.vision,
+                              text=config.text, **config.options)
+
+
+BUILDERS: dict[str, Callable[[SizeConfig, Path, int], Path]] = {"llava": _build_llava, "idefics3": _build_idefics3}
 
 
 def _json_run(command: list[str], log: Callable[[str], None]) -> dict:
@@ -103,13 +130,14 @@ def _json_run(command: list[str], log: Callable[[str], None]) -> dict:
 
 
 def run_bench(config_name: str, out: Path, *, quants=QUANTS, contexts=CONTEXTS, threads: tuple[int, ...] | None = None,
-              genai: bool = True, decode_tokens: int = 16, log: Callable[[str], None] = print) -> dict:
+              genai: bool = True, device_runs: bool = True, decode_tokens: int = 16,
+              log: Callable[[str], None] = print) -> dict:
     """Build, export, measure; returns (and writes) the report."""
     from covspec.export.pipeline import ExportOptions, export_model
     from covspec.protocol.manifest import ArtifactError, load_manifest
 
     if config_name not in CONFIGS:
-        raise ValueError(PENDING.get(config_name, f"unknown config {config_name!r}; choose one of {sorted(CONFIGS)}"))
+        raise ValueError(f"unknown config {config_name!r}; choose one of {sorted(CONFIGS)}")
     config = CONFIGS[config_name]
     root = Path(out) / config.name
     root.mkdir(parents=True, exist_ok=True)
@@ -148,6 +176,10 @@ def run_bench(config_name: str, out: Path, *, quants=QUANTS, contexts=CONTEXTS, 
             command = [sys.executable, "-m", "covspec.bench.device_probe", str(artifact), "--threads", str(count),
                        "--contexts", ",".join(str(c) for c in contexts), "--decode-tokens", str(decode_tokens)]
             entry[f"threads_{count}"] = _json_run(command + ([] if count == 1 else ["--no-copying"]), log)
+        if device_runs:
+            from covspec.bench.device_run import device_run
+
+            entry["device_run"] = device_run(folder, artifact, root / f"device-run-{quant}", log=log)
     if genai:
         _genai_anchor(folder, root, quants, contexts, threads, decode_tokens, report, log)
     report["goals"] = goals(report)
@@ -182,7 +214,7 @@ def goals(report: dict) -> dict:
     from covspec.bench.device_anchor import floor_ms
 
     out: dict = {"decode_vs_genai": {}, "decode_vs_floor": {}, "growth_256_to_2048": {}, "prefill_speedup_keep_0.25": {},
-                 "peak_rss_mb": {}}
+                 "peak_rss_mb": {}, "device_run_peak_rss_mb": {}}
     contexts = [str(c) for c in report["contexts"]]
     for quant, entry in report["artifacts"].items():
         weights = sum(size for name, size in entry["files"].items() if name.startswith("decoder.onnx"))
@@ -192,7 +224,7 @@ def goals(report: dict) -> dict:
             tag = f"{quant}/{key}"
             ms = {c: probe["decode"][c]["ms"] for c in contexts if c in probe["decode"]}
             out["peak_rss_mb"][tag] = round(probe["rss_peak_mb"], 1)
-            if contexts[0] in ms and contexts[-1] in ms:
+            if len(contexts) > 1 and contexts[0] in ms and contexts[-1] in ms:
                 out["growth_256_to_2048"][tag] = round(ms[contexts[-1]] / ms[contexts[0]], 3)
             out["decode_vs_floor"][tag] = {c: round(ms[c] / floor_ms(weights, entry["decoder"], int(c),
                                                                        probe["bandwidth_gbs"]), 2) for c in ms}
@@ -201,9 +233,14 @@ def goals(report: dict) -> dict:
             anchor = report["genai"].get(quant, {}).get(key, {})
             if anchor and "error" not in anchor:
                 out["decode_vs_genai"][tag] = {c: round(ms[c] / anchor[c]["ms"], 3) for c in ms if c in anchor}
+    for quant, entry in report["artifacts"].items():
+        runs = entry.get("device_run", {})
+        out["device_run_peak_rss_mb"][quant] = {mode: runs[mode].get("peak_rss_mb") for mode in ("lean", "resident")
+                                                if mode in runs}
     out["targets"] = {"decode_vs_genai": "<= 1.2", "decode_vs_floor": "<= 2", "growth_256_to_2048": "<= 1.5",
                       "prefill_speedup_keep_0.25": ">= 3 (2,048 visual tokens)",
-                      "peak_rss_mb": "< 1024 for int4 (0.5B)"}
+                      "peak_rss_mb": "probe (every graph open, 2,048-row prefills); the goal is device_run's",
+                      "device_run_peak_rss_mb": "< 1024 for int4 (0.5B), covspec device run"}
     return out
 
 
@@ -227,6 +264,17 @@ def markdown(report: dict) -> str:
             lines.append(f"| {quant} | {key[8:]} | {entry['bytes'] / 2**20:.0f} | {probe['load_s']:.2f} | "
                          f"{probe['rss_peak_mb']:.0f} | {probe['vision_s']:.2f} | {probe['visual_tokens']} | {prefill} | "
                          f"{synthetic['1.0']['s']:.2f} / {synthetic['0.25']['s']:.2f} | {decode} | {copying} |")
+    runs = {quant: entry["device_run"] for quant, entry in report["artifacts"].items() if "device_run" in entry}
+    if runs:
+        lines += ["", "`covspec device run` (one question, the model itself as the target, 1 thread):", "",
+                  "| artifact | memory | peak RSS MB | first token s | wall s | tokens | same answer |",
+                  "|---|---|---|---|---|---|---|"]
+        for quant, run in runs.items():
+            for mode in ("lean", "resident"):
+                got = run.get(mode, {})
+                cells = "error | | |" if "error" in got else \
+                    f"{got.get('peak_rss_mb')} | {got.get('ttft_s')} | {got.get('wall_s')} | {got.get('tokens')}"
+                lines.append(f"| {quant} | {mode} | {cells} | {run.get('same_answer')} |")
     if report["genai"]:
         lines += ["", "onnxruntime-genai, same language model (per-token decode ms):", "",
                   "| precision | threads | MB | " + " | ".join(f"@{c}" for c in contexts) + " |",

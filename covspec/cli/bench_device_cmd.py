@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-CONFIG_NAMES = ("llava-interleave-qwen-0.5b", "llava-smollm2-135m", "smolvlm-256m")
+from covspec.bench.device_size import CONFIGS, run_bench     # torch is imported when a bench runs
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 
 
 @click.command("device")
-@click.option("--config", "config_name", type=click.Choice(CONFIG_NAMES), required=True,
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), required=True,
               help="The real draft's dimensions to build (random weights) and measure.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts/device-size"), show_default=True,
               help="Folder for the model, the artifacts and the report (reused when present).")
@@ -42,16 +42,15 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 @click.option("--decode-tokens", type=click.IntRange(1, 1000), default=16, show_default=True,
               help="Decode steps timed per context (their median is reported).")
 @click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai anchor.")
+@click.option("--no-device-run", is_flag=True,
+              help="Skip `covspec device run` against the model served as its own target (peak RSS lean/resident).")
 def device(config_name: str, out: Path, quants: tuple[str, ...], contexts: str, threads_text: str | None,
-           decode_tokens: int, no_genai: bool) -> None:
+           decode_tokens: int, no_genai: bool, no_device_run: bool) -> None:
     """Measure a real-size draft on this machine's CPU (the device side)."""
-    from covspec.bench.device_size import CONFIGS, PENDING, run_bench
-
-    if config_name not in CONFIGS:
-        raise click.UsageError(f"--config {config_name}: {PENDING.get(config_name, 'not available')}.")
     report = run_bench(config_name, out, quants=quants or ("fp32", "int8", "int4"),
                        contexts=_ints(contexts, "--contexts"),
                        threads=_ints(threads_text, "--threads") if threads_text else None, genai=not no_genai,
+                       device_runs=not no_device_run,
                        decode_tokens=decode_tokens, log=lambda line: click.echo(line, err=True))
     click.echo((out / config_name / "device-size.md").read_text())
     if any("error" in probe for entry in report["artifacts"].values()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -65,6 +64,10 @@ def device() -> None:
               help="Append one JSON line per drafting decision to this file.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="onnxruntime intra-op threads.")
+@click.option("--memory", default="lean", show_default=True, type=click.Choice(["lean", "resident"]),
+              help="lean: open each graph when first needed and close the vision graph once the image is "
+                   "encoded, so the vision tower and the decoder are never in memory together (the edge also "
+                   "starts sooner); resident: open every graph before connecting (a broken graph fails first).")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
               help="This device's CurveZMQ secret key (NAME.key_secret from `covspec keys new`); with --edge-key.")
 @click.option("--edge-key", "edge_key_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -76,7 +79,7 @@ def device() -> None:
 def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, seed: int, lead: str, draft_policy: str, draft_len: int,
         max_draft_len: int, pipeline: bool, max_in_flight: int, branches: int, wire: str, keep_ratio: float | None,
-        keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int,
+        keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int, memory: str,
         key_file: Path | None, edge_key_file: Path | None, timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
 
@@ -87,6 +90,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
     from covspec.runtime_device.engine import CoInference
+    from covspec.runtime_device.memory import peak_rss_mb
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
     from covspec.runtime_device.stats import GenerationStats, trace_to_file
     from covspec.runtime_device.preprocess import ImageError, load_image
@@ -108,7 +112,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     image_bytes = image_file.read_bytes()
     try:
         load_image(image_bytes)
-        artifact = DraftArtifact.load(artifacts_dir, threads=threads)
+        artifact = DraftArtifact.load(artifacts_dir, threads=threads, lean=memory == "lean")
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
     options = DraftingOptions(lead=lead, policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,
@@ -137,7 +141,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         close_trace()
     if as_json:
         report = {"answer": stream.text.strip(), "token_ids": stream.tokens, **stats.as_dict(),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                  "peak_rss_mb": round(peak_rss_mb(), 1)}
         click.echo(json.dumps(report))
     else:
         click.echo("")

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from covspec.families.fused_layers import FusedLayers, fusable, rotary_caches
+from covspec.families.fused_layers import dynamo_translations as fused_translations
 from covspec.families.interface import DecoderSpec, GraphTrace, past_names, present_names
 
 TRACE_BATCH, TRACE_PAST, TRACE_QUERY = 2, 7, 3
@@ -73,13 +75,15 @@ class _SharedStep:
     total: torch.Tensor                 # [] int32: the mask's width
     query_lens: torch.Tensor            # [B] int32: S
     windows: list[int]                  # per layer: local_window_size (-1: full attention)
+    position_ids: torch.Tensor | None = None      # [B, S], for fused layers
+    rotary: tuple | None = None                   # (cos, sin) [M, HD/2], for fused layers
     presents: dict = field(default_factory=dict)
 
 
 class FlatCacheDecoder(nn.Module):
     """A language model + LM head with explicit, flat KV cache inputs and outputs."""
 
-    def __init__(self, language_model, lm_head, text_config, kv_cache: str = "shared-buffer"):
+    def __init__(self, language_model, lm_head, text_config, kv_cache: str = "shared-buffer", fuse: bool = True):
         super().__init__()
         if kv_cache not in KV_CACHE_LAYOUTS:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}, not {kv_cache!r}")
@@ -91,6 +95,12 @@ class FlatCacheDecoder(nn.Module):
         layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * self.num_layers
         self.layer_windows = [self.window if self.window is not None and (self.all_sliding or kind == "sliding_attention")
                               else -1 for kind in layer_types]
+        fused = fuse and kv_cache == "shared-buffer" and fusable(language_model)
+        self.fused = FusedLayers(language_model) if fused else None
+        if fused:     # buffers in the state dict: one initializer each (not a constant per use), shared by every layer
+            cos, sin = rotary_caches(language_model)
+            self.register_buffer("rotary_cos", cos)
+            self.register_buffer("rotary_sin", sin)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
         """``rest``: the past (key, value per layer), then optionally ``num_logits`` (shared layout)."""
@@ -108,10 +118,12 @@ class FlatCacheDecoder(nn.Module):
         step = _SharedStep(past=past, seqlens_k=attention_mask.sum(1).to(torch.int32) - 1,
                            total=torch.ones_like(attention_mask[0]).sum().to(torch.int32),
                            query_lens=torch.ones_like(inputs_embeds[:, :, 0], dtype=torch.int64).sum(1).to(torch.int32),
-                           windows=self.layer_windows)
+                           windows=self.layer_windows, position_ids=position_ids,
+                           rotary=(self.rotary_cos, self.rotary_sin) if self.fused is not None else None)
         config = self.language_model.config
         unused = inputs_embeds.new_zeros(1, 1, 1, 1)            # the attention reads no mask
-        with _attention_implementation(config, ATTENTION):
+        fused = self.fused.active(_fused_attention) if self.fused is not None else contextlib.nullcontext()
+        with _attention_implementation(config, ATTENTION), fused:
             out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids,
                                       attention_mask={"full_attention": unused, "sliding_attention": unused},
                                       use_cache=False, return_dict=True, covspec_kv=step)
@@ -163,18 +175,31 @@ def _shared_attention(module, query, key, value, attention_mask, scaling=None, d
                       covspec_kv: _SharedStep | None = None, **kwargs):
     """The transformers attention function of a shared-buffer decoder: query [B,H,S,HD],
     key/value [B,KVH,S,HD] (position-encoded, new tokens only) -> ([B,S,H,HD], None)."""
-    if covspec_kv is None:
-        raise RuntimeError(f"the {ATTENTION!r} attention runs only inside FlatCacheDecoder.")
     batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    layer = module.layer_idx
     flat = [t.transpose(1, 2).reshape(batch, length, -1) for t in (query, key, value)]     # [B, S, N*HD]
-    out, present_key, present_value = torch.ops.covspec.group_query_attention(
-        *flat, covspec_kv.past[2 * layer], covspec_kv.past[2 * layer + 1], covspec_kv.seqlens_k, covspec_kv.total,
-        covspec_kv.query_lens, heads, kv_heads, float(scaling if scaling is not None else head_dim ** -0.5),
-        covspec_kv.windows[layer], float(softcap or 0.0))
-    covspec_kv.presents[layer] = (present_key, present_value)
+    out = _attend(module, *flat, heads, key.shape[1], scaling if scaling is not None else head_dim ** -0.5,
+                  softcap, covspec_kv)
     return out.reshape(batch, length, heads, head_dim), None
+
+
+def _fused_attention(module, query, key, value, covspec_kv: _SharedStep | None = None, **kwargs):
+    """A fused layer's attention (``fused_layers``): query [B,S,H*HD], key/value [B,S,KVH*HD]
+    (position-encoded, new tokens only) -> [B,S,H*HD]."""
+    config = module.config
+    return _attend(module, query, key, value, config.num_attention_heads,
+                   config.num_key_value_heads or config.num_attention_heads, module.scaling, None, covspec_kv)
+
+
+def _attend(module, query, key, value, heads: int, kv_heads: int, scaling: float, softcap, step: _SharedStep | None):
+    """The op over layer ``module.layer_idx``'s past; records its presents in ``step``."""
+    if step is None:
+        raise RuntimeError(f"the {ATTENTION!r} attention runs only inside FlatCacheDecoder.")
+    layer = module.layer_idx
+    out, present_key, present_value = torch.ops.covspec.group_query_attention(
+        query, key, value, step.past[2 * layer], step.past[2 * layer + 1], step.seqlens_k, step.total,
+        step.query_lens, heads, kv_heads, float(scaling), step.windows[layer], float(softcap or 0.0))
+    step.presents[layer] = (present_key, present_value)
+    return out
 
 
 def group_query_attention(query, key, value, past_key, past_value, num_heads: int, scale: float,
@@ -245,7 +270,8 @@ def _symbolic(g, query, key, value, past_key, past_value, seqlens_k, total, quer
 
 
 def dynamo_translations() -> dict:
-    """The dynamo exporter's ``custom_translation_table`` entry for the op."""
+    """The dynamo exporter's ``custom_translation_table`` entries for the ops (this one's and
+    the fused layers' rotary op)."""
     import onnxscript
 
     _register()
@@ -259,7 +285,7 @@ def dynamo_translations() -> dict:
             kv_num_heads=kv_num_heads, scale=scale, local_window_size=local_window_size, softcap=softcap,
             _outputs=3)
 
-    return {torch.ops.covspec.group_query_attention.default: translate}
+    return {torch.ops.covspec.group_query_attention.default: translate, **fused_translations()}
 
 
 def _gqa_schema():

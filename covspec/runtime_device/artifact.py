@@ -1,10 +1,21 @@
 """Load a `covspec export` artifact folder for the device.
 
 ``DraftArtifact.load`` checks the manifest (format version, every file's sha256)
-before anything runs, then opens the onnxruntime sessions, the token embedding table
-and the tokenizer, and builds the device half of the family the manifest names
-(``family``: image preprocessing, prompt layout, draft context). Numpy,
-onnxruntime and tokenizers only.
+before anything runs, then opens the token embedding table (memory-mapped) and the
+tokenizer, builds the device half of the family the manifest names (``family``:
+image preprocessing, prompt layout, draft context) and holds each graph as a
+``Graph``: an onnxruntime session opened when first used (or at once, ``open``).
+
+Memory (``lean``): by default every graph is opened at load, so a broken graph is
+an error before anything else runs, and stays open (a process that answers many
+images). A ``lean`` artifact opens each graph when it is first used and closes the
+vision graph once it has encoded an image (``encode_image``, which also closes the
+decoder before it starts: a new image replaces the draft's context), giving the
+freed pages back (``memory.release_heap``), so the vision tower and the decoder are
+never in memory together and the process peaks near the larger of the two instead
+of their sum. The price is opening both graphs again for every image; a one-shot
+``covspec device run`` opens each once either way.
+Numpy, onnxruntime and tokenizers only.
 
 ``run_vision`` feeds the vision graph what the family's preprocessing produced,
 after checking every input's rank and fixed sizes against the graph: a
@@ -26,6 +37,9 @@ from tokenizers import Tokenizer
 from covspec.families import DeviceHalf, UnsupportedModelError, family_named
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
 from covspec.runtime_device.embedding import QuantizedTable, load_table
+from covspec.runtime_device.memory import release_heap
+
+GRAPHS = ("vision", "scorer", "decoder")
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -45,6 +59,37 @@ def open_graph(path: str | Path, threads: int = 2) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise ArtifactError(f"{path.name}: onnxruntime cannot load it ({exc}).") from None
+
+
+class Graph:
+    """An artifact graph: its onnxruntime session, opened when first used.
+
+    Stands in for the session (``run``, ``get_inputs``, ... pass through), so the code
+    that runs a graph never knows whether it was open before. ``close`` drops the
+    session and gives its memory back; the next use opens it again.
+    """
+
+    def __init__(self, path: str | Path, threads: int):
+        self.path, self.threads = Path(path), threads
+        self._session: ort.InferenceSession | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    def open(self) -> ort.InferenceSession:
+        if self._session is None:
+            self._session = open_graph(self.path, self.threads)
+            release_heap()          # the parsed graph file's buffers, freed once the session is built
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session = None
+            release_heap()
+
+    def __getattr__(self, name: str):
+        return getattr(self.open(), name)
 
 
 def run_vision(vision: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -72,15 +117,17 @@ def run_vision(vision: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> tu
 class DraftArtifact:
     folder: Path
     manifest: Manifest
-    vision: ort.InferenceSession
-    scorer: ort.InferenceSession
-    decoder: ort.InferenceSession
+    vision: Graph
+    scorer: Graph
+    decoder: Graph
     embed_tokens: np.ndarray | QuantizedTable   # [V, D]; lookups give float32 rows
     tokenizer: Tokenizer
     family: DeviceHalf                # the device half of the artifact's model family
+    lean: bool = False                # graphs opened when first used; the vision graph closed after each image
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int = 2, verify_hashes: bool = True) -> DraftArtifact:
+    def load(cls, folder: str | Path, threads: int = 2, verify_hashes: bool = True,
+             lean: bool = False) -> DraftArtifact:
         folder = Path(folder)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
         try:
@@ -92,8 +139,23 @@ class DraftArtifact:
         device_half = family.device(image=manifest.image, tokenizer_section=manifest.tokenizer,
                                     prompt_template=manifest.prompt_template, tokenizer=tokenizer,
                                     embed_tokens=embed)
-        graphs = [open_graph(manifest.graph_path(folder, name), threads) for name in ("vision", "scorer", "decoder")]
-        return cls(folder, manifest, *graphs, embed, tokenizer, device_half)
+        graphs = [Graph(manifest.graph_path(folder, name), threads) for name in GRAPHS]
+        if not lean:
+            for graph in graphs:
+                graph.open()
+        return cls(folder, manifest, *graphs, embed, tokenizer, device_half, lean)
+
+    def encode_image(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The vision graph on the family's preprocessed ``feeds`` (``run_vision``); a lean
+        artifact closes the decoder first (a new image replaces the draft's context) and
+        the vision graph afterwards."""
+        if self.lean:
+            self.decoder.close()
+        try:
+            return run_vision(self.vision, feeds)
+        finally:
+            if self.lean:
+                self.vision.close()
 
     @property
     def eos_ids(self) -> set[int]:

@@ -32,6 +32,7 @@ parity checks through this same class before any manifest exists.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -62,17 +63,35 @@ class Drafter:
         layout to assume instead of ``spec["kv_cache"]`` ("concat" forces the copying cache)."""
         self.decoder = decoder
         self.embed = embed
-        self.cache = cache_for(decoder, spec, kv_cache)
-        self.shared = isinstance(self.cache, SharedBufferCache)
-        self.prefill_chunk = prefill_chunk if self.shared else 0    # 0: one run (a concat graph may not be causal)
+        self.spec, self.kv_cache, self.chunk = spec, kv_cache, prefill_chunk
         self.context_len = 0           # cache entries of the context
         self.next_position = 0         # position of the first generated token
         self.position_axes = 0         # 0: 1-D positions; A: A position axes
         self.fed: list[int] = []       # generated tokens whose KV is in the cache
-        inputs = getattr(decoder, "get_inputs", lambda: [])()
-        self.takes_image_groups = any(spec.name == "image_groups" for spec in inputs)
-        optional = getattr(decoder, "get_overridable_initializers", lambda: [])()
-        self.takes_num_logits = any(spec.name == "num_logits" for spec in optional)
+
+    # The decoder is first touched here, on first use: an artifact ``Graph`` opens its
+    # session then (a lean artifact's decoder after the image is encoded).
+    @functools.cached_property
+    def cache(self):
+        return cache_for(self.decoder, self.spec, self.kv_cache)
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.cache, SharedBufferCache)
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Context rows per prefill run; 0: one run (a concat graph may not be causal)."""
+        return self.chunk if self.shared else 0
+
+    @functools.cached_property
+    def takes_image_groups(self) -> bool:
+        return any(spec.name == "image_groups" for spec in getattr(self.decoder, "get_inputs", lambda: [])())
+
+    @functools.cached_property
+    def takes_num_logits(self) -> bool:
+        optional = getattr(self.decoder, "get_overridable_initializers", lambda: [])()
+        return any(spec.name == "num_logits" for spec in optional)
 
     @classmethod
     def from_artifact(cls, artifact: DraftArtifact) -> Drafter:

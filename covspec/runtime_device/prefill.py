@@ -1,6 +1,6 @@
 """The draft's prefill: vision -> scorer -> kept visual tokens -> decoder context.
 
-``prefill_draft`` runs the artifact's vision graph on the image (``run_vision``:
+``prefill_draft`` runs the artifact's vision graph on the image (``encode_image``:
 its inputs checked against what the family's preprocessing produced), has the
 family turn its outputs into the image's visual tokens (``visual_tokens``: e.g.
 tiles packed), keeps the visual tokens the pruning settings ask for (``pruning.select`` over the scorer's outputs),
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from covspec.families import visual_tokens
-from covspec.runtime_device.artifact import DraftArtifact, run_vision
+from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.options import DraftingOptions
 from covspec.runtime_device.pruning import TokenScores, keep_count, select
@@ -36,7 +36,7 @@ class DraftPrefill:
 def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: str, options: DraftingOptions,
                   seed: int, trace: Callable[[dict], None] = lambda event: None) -> DraftPrefill:
     feeds = artifact.family.vision_inputs(image)
-    visual, activity = visual_tokens(artifact.family, feeds, *run_vision(artifact.vision, feeds))  # [N, D], [N]
+    visual, activity = visual_tokens(artifact.family, feeds, *artifact.encode_image(feeds))  # [N, D], [N]
     n = visual.shape[0]
     ratio = options.keep_ratio if options.keep_ratio is not None else \
         artifact.manifest.pruning.get("keep_ratio", 1.0)
