@@ -25,6 +25,10 @@ model is a transformers decoder (Llama, Mistral, Qwen2, SmolLM, ...).
   every layer for Mistral's ``sliding_window``, the ``sliding_attention`` layers of
   ``layer_types`` for Qwen2 with ``use_sliding_window``; ``local_window_size`` = window
   in the shared layout); the cache keeps every token, so rollback works at any length.
+  A shared-buffer decoder of a Llama, Mistral or Qwen2 language model runs its layers
+  fused (``fused_layers``: one q/k/v and one gate/up projection, onnxruntime's
+  ``RotaryEmbedding``; at SmolLM2-135M size an int4 decode step went from 13.2 to 9.0 ms
+  and an int8 one from 15.6 to 12.2 ms, one thread, context 256), unless ``fuse=False``.
 - ``decoder_spec``, ``decoder_graph``: its cache layout and how to trace it (batch >= 2,
   past 7, query 3, so no size collapses to a constant).
 - ``tokenizer_section``: the manifest's tokenizer section (ids, EOS as ``generate``
