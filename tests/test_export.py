@@ -107,12 +107,14 @@ def test_int8_ort_export_quantizes_and_runs(int8_ort_artifact, fp32_artifact, ti
     manifest = load_manifest(int8_ort_artifact)
     report = manifest.parity["int8"]
     assert report["positions"] >= 64 and report["top1_agreement"] >= report["bound"] == 0.9
-    assert set(report["candidates"]) == {"int8_per_channel", "int8_per_tensor"}
+    assert set(report["candidates"]) == {"int8_blockwise", "int8_per_channel", "int8_per_tensor"}
+    assert report["candidates"][report["variant"]] == max(report["candidates"].values())   # the best kept
     assert manifest.quantization["scheme"] == "int8" and "decoder" in manifest.quantization["graphs"]
     assert manifest.graph_format == "ort"
     assert {"vision.ort", "scorer.ort", "decoder.ort"} <= set(manifest.files)
     ops = {node.op_type for node in onnx.load(str(int8_ort_artifact / "decoder.onnx")).graph.node}
-    assert "MatMulInteger" in ops
+    variant = manifest.quantization["variant"]
+    assert ("MatMulNBits" if variant == "blockwise" else "MatMulInteger") in ops
     fp32 = load_manifest(fp32_artifact)
     assert manifest.files["decoder.onnx"]["sha256"] != fp32.files["decoder.onnx"]["sha256"]
     assert manifest.graph_path(int8_ort_artifact, "decoder").name == "decoder.ort"

@@ -61,8 +61,10 @@ def agreement(out: Path, int4_levels=(0, 4)) -> dict:
         export_graph(decoder_graph(FlatCacheDecoder(model.model, model.lm_head, config).eval(), spec),
                      out / "fp32.onnx", 18, "torchscript")
     variants = {"fp32": ("fp32.onnx", "float32")}
-    quantize("int8", out / "fp32.onnx", out / "int8.onnx", per_channel=True)
-    variants["int8"] = ("int8.onnx", "int8")
+    quantize("int8", out / "fp32.onnx", out / "int8.onnx", "blockwise")
+    variants["int8 (blockwise, the default)"] = ("int8.onnx", "int8")
+    quantize("int8", out / "fp32.onnx", out / "int8-dynamic.onnx", "per_channel")
+    variants["int8 (dynamic, per channel)"] = ("int8-dynamic.onnx", "int8")
     for level in int4_levels:
         quantize("int4", out / "fp32.onnx", out / f"int4-level{level}.onnx", accuracy_level=level)
         variants[f"int4 (accuracy level {level})"] = (f"int4-level{level}.onnx", "int4")

@@ -98,17 +98,17 @@ def source_hash(model_dir: Path) -> str:
 def _quantize_stage(folder: Path, scheme: str, reference: Callable[..., ExportedDraft],
                     runner: Callable[..., ExportedDraft], samples: list[Sample], bound: float,
                     vision: str = "auto") -> tuple[dict, dict]:
-    """Quantize the decoder (int8: per-channel and per-tensor, ties keep per-channel), then
+    """Quantize the decoder (int8: each of ``INT8_VARIANTS``, ties keep the first), then
     the vision graph too if that does not lower agreement; returns (quantization, parity)."""
     from covspec.export.parity import agreement_references, top1_agreement
-    from covspec.export.quantize import quantize
+    from covspec.export.quantize import INT8_VARIANTS, quantize
 
     reference = agreement_references(reference(), samples)
-    variants = [True, False] if scheme == "int8" else [True]
+    variants = INT8_VARIANTS if scheme == "int8" else (None,)
     measured, best = {}, None
-    for per_channel in variants:
-        tag = f"{scheme}{'' if scheme == 'int4' else ('_per_channel' if per_channel else '_per_tensor')}"
-        details = quantize(scheme, folder / "decoder.onnx", folder / f"decoder.{tag}.onnx", per_channel)
+    for variant in variants:
+        tag = scheme if variant is None else f"{scheme}_{variant}"
+        details = quantize(scheme, folder / "decoder.onnx", folder / f"decoder.{tag}.onnx", variant)
         result = top1_agreement(runner(decoder=f"decoder.{tag}.onnx"), reference)
         measured[tag] = result
         if best is None or result["top1_agreement"] > measured[best[0]]["top1_agreement"]:
@@ -116,7 +116,7 @@ def _quantize_stage(folder: Path, scheme: str, reference: Callable[..., Exported
     tag, details = best
     with_vision = {"top1_agreement": None}
     if vision != "never":
-        quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("per_channel", True))
+        quantize(scheme, folder / "vision.onnx", folder / "vision.quant.onnx", details.get("variant"))
         with_vision = top1_agreement(runner(vision="vision.quant.onnx", decoder=f"decoder.{tag}.onnx"), reference)
     vision_quantized = vision == "always" or (
         vision == "auto" and with_vision["top1_agreement"] >= measured[tag]["top1_agreement"])

@@ -13,10 +13,10 @@ embedding, attention, output projection) runs instead as
     o_proj(out)
 
 and each MLP of a class in ``FUSABLE_MLP`` (``down(act(gate(x)) * up(x))``) with one
-gate+up projection, split. The cos/sin caches are the model's own rotary module's
-output for positions ``0..max_positions-1`` (so every position-only rope type, its
-scaling and attention factor, is what the model computes), held once by the decoder.
-Positions may skip values (pruned visual tokens keep theirs). Layers of any other
+gate+up projection, split. The cos/sin rows are the model's own rotary module's output
+at the step's positions (``rotary_rows``: so every position-only rope type, its scaling
+and attention factor, is what the model computes, at any position), computed once per
+forward. Positions may skip values (pruned visual tokens keep theirs). Layers of any other
 class, a rope that depends on the sequence length (``dynamic``), partial rotary, or
 a model whose attention class is not listed (M-RoPE's, Gemma's with its norms) keep
 the traced path: ``fusable`` says which.
@@ -38,7 +38,6 @@ from torch import nn
 
 FUSABLE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 FUSABLE_MLP = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-MAX_POSITIONS = 65536            # the decoder graph's largest traced length
 ROTARY_OP = "covspec::rotary_embedding"
 
 
@@ -60,15 +59,14 @@ def fusable(language_model) -> bool:
                                    for m in attention)
 
 
-def rotary_caches(language_model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [M, HD/2] of the model's rotary module for positions 0..M-1."""
-    config = language_model.config
-    count = min(int(getattr(config, "max_position_embeddings", MAX_POSITIONS) or MAX_POSITIONS), MAX_POSITIONS)
-    positions = torch.arange(count, dtype=torch.int64)[None]
-    with torch.no_grad():
-        cos, sin = language_model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+def rotary_rows(language_model, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The model's own rotary (cos, sin) at ``position_ids`` [B, S] (any position, whatever its
+    rope type computes), as the op takes them: caches [B*S, HD/2] and the row of each query
+    in them [B, S]. Computed once per forward, shared by every layer."""
+    cos, sin = language_model.rotary_emb(hidden, position_ids)                 # [B, S, HD]
     half = cos.shape[-1] // 2
-    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+    rows = torch.arange(position_ids.numel(), device=position_ids.device).reshape(position_ids.shape)
+    return rows, (cos[..., :half].reshape(-1, half), sin[..., :half].reshape(-1, half))
 
 
 class FusedLayers(nn.Module):

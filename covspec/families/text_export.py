@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from covspec.families.fused_layers import FusedLayers, fusable, rotary_caches
+from covspec.families.fused_layers import FusedLayers, fusable, rotary_rows
 from covspec.families.fused_layers import dynamo_translations as fused_translations
 from covspec.families.interface import DecoderSpec, GraphTrace, past_names, present_names
 
@@ -79,8 +79,8 @@ class _SharedStep:
     total: torch.Tensor                 # [] int32: the mask's width
     query_lens: torch.Tensor            # [B] int32: S
     windows: list[int]                  # per layer: local_window_size (-1: full attention)
-    position_ids: torch.Tensor | None = None      # [B, S], for fused layers
-    rotary: tuple | None = None                   # (cos, sin) [M, HD/2], for fused layers
+    position_ids: torch.Tensor | None = None      # fused layers: each query's row in ``rotary`` [B, S]
+    rotary: tuple | None = None                   # fused layers: (cos, sin) [B*S, HD/2]
     presents: dict = field(default_factory=dict)
 
 
@@ -101,10 +101,6 @@ class FlatCacheDecoder(nn.Module):
                               else -1 for kind in layer_types]
         fused = fuse and kv_cache == "shared-buffer" and fusable(language_model)
         self.fused = FusedLayers(language_model) if fused else None
-        if fused:     # buffers in the state dict: one initializer each (not a constant per use), shared by every layer
-            cos, sin = rotary_caches(language_model)
-            self.register_buffer("rotary_cos", cos)
-            self.register_buffer("rotary_sin", sin)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
         """``rest``: the past (key, value per layer), then optionally ``num_logits`` (shared layout)."""
@@ -122,8 +118,9 @@ class FlatCacheDecoder(nn.Module):
         step = _SharedStep(past=past, seqlens_k=attention_mask.sum(1).to(torch.int32) - 1,
                            total=torch.ones_like(attention_mask[0]).sum().to(torch.int32),
                            query_lens=torch.ones_like(inputs_embeds[:, :, 0], dtype=torch.int64).sum(1).to(torch.int32),
-                           windows=self.layer_windows, position_ids=position_ids,
-                           rotary=(self.rotary_cos, self.rotary_sin) if self.fused is not None else None)
+                           windows=self.layer_windows)
+        if self.fused is not None:
+            step.position_ids, step.rotary = rotary_rows(self.language_model, inputs_embeds, position_ids)
         config = self.language_model.config
         unused = inputs_embeds.new_zeros(1, 1, 1, 1)            # the attention reads no mask
         fused = self.fused.active(_fused_attention) if self.fused is not None else contextlib.nullcontext()
