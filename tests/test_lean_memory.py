@@ -88,3 +88,13 @@ def test_memory_figures_are_real():
     del block
     release_heap()
     assert rss_mb() - before < 32
+
+
+def test_the_bench_runs_covspec_device_run_lean_and_resident(pair, tmp_path):
+    from covspec.bench.device_run import MEMORY_MODES, device_run
+
+    artifact, _ = pair
+    result = device_run(artifact.parent / "draft", artifact, tmp_path, max_new_tokens=6, log=lambda line: None)
+    assert result["same_answer"]
+    for mode in MEMORY_MODES:
+        assert result[mode]["tokens"] == 6 and result[mode]["peak_rss_mb"] > 50

@@ -7,7 +7,9 @@ random weights), then measures every artifact in a process of its own
 (``device_probe``: load, peak RSS, vision, the LM prefill per keep ratio, per-token
 decode per context length, with the shared-buffer cache and the copying one) with one
 onnxruntime thread and with all, and in the same run its anchors (``device_anchor``:
-the same text decoder under onnxruntime-genai, and the bandwidth floor). ``report``
+the same text decoder under onnxruntime-genai, and the bandwidth floor), then ``covspec
+device run`` itself, lean and resident, against the model served as its own target
+(``device_run``: the peak RSS the issue's goal is about). ``report``
 turns the figures into the issue's goals, met or not, with the numbers.
 
 Output: ``<out>/<config>/device-size.json`` and ``device-size.md``. Torch and

@@ -4,7 +4,9 @@ A click command for the ``bench`` group (``covspec.bench.device_size`` does the 
 builds a random-weight model of the config's dimensions, exports it fp32/int8/int4,
 measures each artifact with one onnxruntime thread and with all (size, load time, peak
 RSS, vision, LM prefill per keep ratio, per-token decode per context), the same text
-decoder under onnxruntime-genai when it is installed, and the bandwidth floor. Writes
+decoder under onnxruntime-genai when it is installed, the bandwidth floor, and `covspec
+device run` itself against the model served as its own target (peak RSS, lean and
+resident). Writes
 ``<out>/<config>/device-size.json`` and ``.md`` and prints the Markdown. Heavy: a
 0.5B config exports about 4 GB of fp32 graphs and takes tens of minutes on two cores.
 """
