@@ -228,3 +228,21 @@ def test_smolvlm_model_loads_exports_and_drafts_for_itself(tmp_path):
         stats = check_greedy_exact(tmp_path / "self-fp32", server.address, model,
                                    lambda image, question: target.context(question, image).inputs, max_new_tokens=12)
     assert sum(stats.accepted) / stats.drafted >= 0.95
+
+
+def test_the_vision_graph_runs_a_few_frames_at_a_time_and_equals_one_run(pair):
+    from covspec.families.idefics3.device import FRAMES_PER_RUN
+    from PIL import Image
+
+    from covspec.runtime_device.artifact import run_vision
+
+    artifact = DraftArtifact.load(pair.root / "draft-fp32")
+    feeds = artifact.family.vision_inputs(Image.fromarray(np.random.default_rng(3).integers(0, 256, (70, 90, 3),
+                                                                                            dtype=np.uint8)))
+    frames = feeds["pixel_values"].shape[0]
+    runs = artifact.family.vision_runs(feeds)
+    assert frames > FRAMES_PER_RUN and len(runs) == -(-frames // FRAMES_PER_RUN)
+    whole, split = run_vision(artifact.vision, feeds), artifact.encode_image(feeds)
+    for one, parts in zip(whole, split):
+        assert one.shape == parts.shape
+        np.testing.assert_allclose(parts, one, atol=1e-5)

@@ -59,36 +59,22 @@ def kept_evenly(n: int, ratio: float) -> np.ndarray:
 def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS, synthetic_visual: int = 2048,
           decode_tokens: int = 16, copying: bool = True) -> dict:
     from PIL import Image
-    from tokenizers import Tokenizer
-
-    from covspec.families import DraftContext, family_named, visual_tokens
-    from covspec.protocol.manifest import load_manifest
-    from covspec.runtime_device.artifact import open_graph, run_vision
+    from covspec.families import DraftContext, visual_tokens
+    from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.drafter import Drafter
-    from covspec.runtime_device.embedding import load_table
 
     began = time.perf_counter()
-    manifest = load_manifest(folder)
-    table = load_table(folder, manifest.embedding)
-    tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer["file"]))
-    half = family_named(manifest.source["family"]).device(
-        image=manifest.image, tokenizer_section=manifest.tokenizer, prompt_template=manifest.prompt_template,
-        tokenizer=tokenizer, embed_tokens=table)
-    vision = open_graph(manifest.graph_path(folder, "vision"), threads)
-    decoder = open_graph(manifest.graph_path(folder, "decoder"), threads)
+    artifact = DraftArtifact.load(folder, threads)        # resident: every graph open, as a long-lived app
+    manifest, half, decoder, embed = artifact.manifest, artifact.family, artifact.decoder, artifact.embed
     result = {"threads": threads, "load_s": time.perf_counter() - began, "rss_load_mb": rss_mb(),
               "kv_cache": manifest.decoder.get("kv_cache", "concat"), "embedding_dtype": manifest.embedding["dtype"]}
-
-    def embed(ids):
-        return table[np.asarray(ids, dtype=np.int64)]
-
     drafter = Drafter(decoder, manifest.decoder, embed)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     feeds = half.vision_inputs(image)
-    run_vision(vision, feeds)
-    result["vision_s"] = _timed(lambda: run_vision(vision, feeds))
-    visual, _ = visual_tokens(half, feeds, *run_vision(vision, feeds))
+    artifact.encode_image(feeds)
+    result["vision_s"] = _timed(lambda: artifact.encode_image(feeds))
+    visual, _ = visual_tokens(half, feeds, *artifact.encode_image(feeds))
     layout = half.prompt_layout(QUESTION, feeds)
     result["visual_tokens"] = int(visual.shape[0])
     result["prefill_s"] = {}

@@ -147,6 +147,11 @@ class DeviceHalf(Protocol):
     # order (e.g. tiles packed, unpadded, with newline tokens). A family without it
     # has a vision graph whose outputs for one image ([1, N, D], [1, N]) are already
     # those tokens. Call it through ``visual_tokens``.
+    #
+    # Optional: ``vision_runs(feeds) -> list[feeds]`` splits one image's vision feeds
+    # into several runs of the vision graph whose outputs, concatenated along axis 1
+    # (tokens), equal one run's (a graph that treats its frames independently, e.g.
+    # tiles): the tower's activations are then held for a few frames at a time.
 
     def prompt_layout(self, question: str, feeds: Mapping[str, np.ndarray] | None = None) -> PromptLayout:
         """The prompt template filled with ``question``, tokenized as the processor

@@ -146,13 +146,18 @@ class DraftArtifact:
         return cls(folder, manifest, *graphs, embed, tokenizer, device_half, lean)
 
     def encode_image(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The vision graph on the family's preprocessed ``feeds`` (``run_vision``); a lean
-        artifact closes the decoder first (a new image replaces the draft's context) and
-        the vision graph afterwards."""
+        """The vision graph on the family's preprocessed ``feeds`` (``run_vision``; in several
+        runs where the family splits them, ``vision_runs``); a lean artifact closes the
+        decoder first (a new image replaces the draft's context) and the vision graph
+        afterwards."""
         if self.lean:
             self.decoder.close()
+        split = getattr(self.family, "vision_runs", None)
         try:
-            return run_vision(self.vision, feeds)
+            if split is None:
+                return run_vision(self.vision, feeds)
+            parts = [run_vision(self.vision, part) for part in split(feeds)]
+            return tuple(np.concatenate([part[i] for part in parts], axis=1) for i in range(2))
         finally:
             if self.lean:
                 self.vision.close()

@@ -48,6 +48,7 @@ IMAGE_KEYS = ("tile", "longest_edge", "do_resize", "do_image_splitting", "resamp
               "do_rescale", "rescale_factor", "do_normalize", "mean", "std", "image_seq_len", "image_token",
               "fake_image_token", "global_image_token")
 MAX_IMAGE_SIZE = 4096   # the processor's absolute bound on the resized image
+FRAMES_PER_RUN = 2      # frames per vision-graph run (vision_runs)
 
 
 def resized_size(width: int, height: int, longest_edge: int) -> tuple[int, int]:
@@ -168,6 +169,15 @@ class Idefics3Device:
     def vision_inputs(self, image: Image.Image) -> dict[str, np.ndarray]:
         pixels, grid = pixel_values(image, self.image)
         return {"pixel_values": pixels, "image_grid": np.asarray(grid, dtype=np.int64)}
+
+    def vision_runs(self, feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The frames (tiles, then the global image) in runs of ``FRAMES_PER_RUN``: the vision
+        graph treats frames independently and flattens them in order, so the runs' outputs
+        concatenated along the token axis are one run's, with the tower's activations held
+        for a few frames at a time (SmolVLM-256M: 17 frames of 1,024 patches)."""
+        pixels = feeds["pixel_values"]
+        return [{**feeds, "pixel_values": pixels[start:start + FRAMES_PER_RUN]}
+                for start in range(0, pixels.shape[0], FRAMES_PER_RUN)]
 
     def pack_visual_tokens(self, feeds, features: np.ndarray, activity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The vision graph's [1, N, D] and [1, N] are already the image's N visual tokens in
