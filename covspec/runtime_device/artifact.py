@@ -89,6 +89,8 @@ class Graph:
             release_heap()
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):       # private and special names (copy, pickle) never open a session
+            raise AttributeError(name)
         return getattr(self.open(), name)
 
 
