@@ -5,9 +5,9 @@
   ``blockwise``: ``MatMulNBitsQuantizer`` with 8 bits, symmetric weight-only MatMul in
   blocks of ``BLOCK_SIZE`` (onnxruntime-genai's int8); ``per_channel`` and
   ``per_tensor``: ``quantize_dynamic`` (int8 weights, activations quantized per tensor
-  at run time) on MatMul/Gemm. On SmolLM2-135M's real weights blockwise keeps 0.983
-  top-1 agreement with fp32 step by step and decodes a token in 10.5 ms; dynamic
-  per-channel keeps 0.879 at 11.5 ms.
+  at run time) on MatMul/Gemm. On SmolLM2-135M's real weights blockwise keeps 0.967
+  top-1 agreement with fp32 step by step, dynamic per-channel 0.871
+  (``python -m covspec.bench.device_quality``).
 - ``int4``: ``MatMulNBitsQuantizer``, 4-bit symmetric weight-only MatMul in blocks
   of ``BLOCK_SIZE``.
 
