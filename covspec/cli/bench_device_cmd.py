@@ -17,17 +17,9 @@ from pathlib import Path
 
 import click
 
+from covspec.cli.values import positive_ints
+
 from covspec.bench.device_size import CONFIGS, run_bench     # torch is imported when a bench runs
-
-
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
-    if not values or min(values) < 1:
-        raise click.BadParameter("give positive integers", param_hint=name)
-    return values
 
 
 @click.command("device")
@@ -50,8 +42,8 @@ def device(config_name: str, out: Path, quants: tuple[str, ...], contexts: str, 
            decode_tokens: int, no_genai: bool, no_device_run: bool) -> None:
     """Measure a real-size draft on this machine's CPU (the device side)."""
     report = run_bench(config_name, out, quants=quants or ("fp32", "int8", "int4"),
-                       contexts=_ints(contexts, "--contexts"),
-                       threads=_ints(threads_text, "--threads") if threads_text else None, genai=not no_genai,
+                       contexts=positive_ints(contexts, "--contexts"),
+                       threads=positive_ints(threads_text, "--threads") if threads_text else None, genai=not no_genai,
                        device_runs=not no_device_run,
                        decode_tokens=decode_tokens, log=lambda line: click.echo(line, err=True))
     click.echo((out / config_name / "device-size.md").read_text())

@@ -16,18 +16,10 @@ from pathlib import Path
 
 import click
 
+from covspec.cli.values import positive_ints
+
 CUDA_DEFAULTS = {"vocabs": "32000,151936", "batches": "1,8,64", "cases": 4, "repeats": 20}
 CPU_DEFAULTS = {"vocabs": "64,300", "batches": "1,4", "cases": 1, "repeats": 2}
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
-    if not values or min(values) < 1:
-        raise click.BadParameter("give positive integers", param_hint=name)
-    return values
 
 
 @click.command("gpu")
@@ -68,8 +60,8 @@ def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, ma
         raise click.ClickException("no CUDA device found (torch.cuda.is_available() is False); this check "
                                    "needs a CUDA GPU. --allow-cpu runs it on CPU in Triton's interpreter "
                                    "with tiny sizes, which tests the check, not the kernel's speed.")
-    vocab_list = _ints(vocabs or defaults["vocabs"], "--vocabs")
-    batch_list = _ints(batches or defaults["batches"], "--batches")
+    vocab_list = list(positive_ints(vocabs or defaults["vocabs"], "--vocabs"))
+    batch_list = list(positive_ints(batches or defaults["batches"], "--batches"))
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     from covspec.bench import gpu as check
     from covspec.runtime_edge import verify_triton
