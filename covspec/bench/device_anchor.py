@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covspec.bench.timing import median_step_ms, timed_s
+
 CONTEXTS = (256, 1024, 2048)
 
 
@@ -86,17 +88,9 @@ def genai_decode(folder: Path, threads: int, contexts=CONTEXTS, decode_tokens: i
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=length + decode_tokens + 4, do_sample=False)
         generator = og.Generator(model, params)
-        began = time.perf_counter()
-        generator.append_tokens(rng.integers(8, vocab, length).astype(np.int32))
-        prefill = time.perf_counter() - began
-        times = []
-        for step in range(decode_tokens + 2):
-            began = time.perf_counter()
-            generator.generate_next_token()
-            if step >= 2:
-                times.append(time.perf_counter() - began)
-        result[str(length)] = {"prefill_s": prefill, "ms": float(np.median(times) * 1000)}
-        del generator
+        tokens = rng.integers(8, vocab, length).astype(np.int32)
+        result[str(length)] = {"prefill_s": timed_s(lambda: generator.append_tokens(tokens)),
+                               "ms": median_step_ms(generator.generate_next_token, decode_tokens)}
     return result
 
 

