@@ -18,7 +18,7 @@ from pathlib import Path
 
 from covspec.bench.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Patience
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -63,15 +63,15 @@ class DeviceLoop(threading.Thread):
     def __init__(self, index: int, artifact: DraftArtifact, address: str, questions: list[Question],
                  references: list[list[int]], stop: threading.Event, *,
                  settings: GenerationSettings = GenerationSettings(), options: DraftingOptions = DraftingOptions(),
-                 policy: RetryPolicy = RetryPolicy(timeout_s=10.0)):
+                 patience: Patience = Patience(timeout_s=10.0)):
         super().__init__(name=f"device-{index}", daemon=True)
         self.index, self.artifact, self.address = index, artifact, address
         self.questions, self.references, self.stop = questions, references, stop
-        self.settings, self.options, self.policy = settings, options, policy
+        self.settings, self.options, self.patience = settings, options, patience
         self.answers: list[Answer] = []
 
     def run(self) -> None:
-        client = EdgeClient(self.address, self.policy)
+        client = EdgeClient(self.address, self.patience)
         engine = CoInference(self.artifact, client)
         turn = self.index
         try:

@@ -41,7 +41,7 @@ from covspec.bench.reliability import REPLY_TIMEOUT_S, RssSampler, run_fuzz
 from covspec.protocol.messages import Error, Open, Ping, Verify, decode, encode
 from covspec.bench.workload import toy_questions
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import RetryPolicy
+from covspec.runtime_device.client import Patience
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_edge import EdgeProcess, ServerConfig
 
@@ -135,7 +135,7 @@ def restart_phase(target_dir: Path, address: str, log_path: Path, world: dict, *
             events.append({"sessions_live_at_kill": sessions, "exit_status": status,
                            "restart_s": round(time.monotonic() - killed, 2)})
 
-    tolerant = {**world, "policy": RetryPolicy(timeout_s=2.0, retries=4, backoff_s=0.1),
+    tolerant = {**world, "patience": Patience(timeout_s=2.0, retries=4, backoff_s=0.1),
                 "options": DraftingOptions(reopen_attempts=10)}
     try:
         answers, wall = run_devices(devices, seconds, address=address, during=killer, **tolerant)

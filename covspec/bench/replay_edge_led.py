@@ -19,7 +19,7 @@ nothing. One session over the device's ``EdgeClient`` (one DEALER socket):
    edge answers it ``stale`` (ignored) and the next chunk is the table's for the new
    prefix.
 
-Unlike the real device it never declines to draft (no ``LeadPolicy``) and never
+Unlike the real device it never declines to draft (no ``LeadPlanner``) and never
 reopens: a lost session is the answer's error. Each verdict is one round
 (``round_s``: chunk sent to verdict; ``accepted``: tokens accepted after ``start``);
 ``edge_steps`` counts the streamed tokens.
@@ -32,7 +32,7 @@ import time
 from covspec.bench.replay import ChunkTable, ReplayAnswer, device_time, record_commit
 from covspec.protocol.errors import BUSY
 from covspec.protocol.messages import Error, Message, Result
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 from covspec.protocol.wire import codec_named
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.options import GenerationSettings
@@ -77,7 +77,7 @@ class _EdgeLedReplay:
 
     def _absorb(self) -> None:
         """Apply the session's next message and every one already waiting after it."""
-        timeout = self.client.policy.timeout_s
+        timeout = self.client.patience.timeout_s
         reply = self.client.receive_any(self.session.id, timeout)
         if reply is None:
             raise EdgeUnreachable(f"nothing from the edge at {self.client.address} for {timeout:g} s")

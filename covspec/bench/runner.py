@@ -21,7 +21,7 @@ from covspec.bench.link import LinkEmulator, LinkProfile
 from covspec.bench.scenarios import Scenario
 from covspec.bench.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Patience
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -91,7 +91,7 @@ class Bench:
         records: list[Record] = []
         for profile in profiles:
             link = LinkEmulator("tcp://127.0.0.1:0", self.edge.address, profile).start()
-            client = EdgeClient(link.address, RetryPolicy(timeout_s=30.0))
+            client = EdgeClient(link.address, Patience(timeout_s=30.0))
             engine = CoInference(self.artifact, client)
             try:
                 self._warm_up(engine, client, scenarios, questions[0])

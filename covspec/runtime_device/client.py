@@ -27,7 +27,7 @@ from covspec.protocol.messages import Error, Limits, Message, ProtocolError, dec
 
 BUSY_WAIT_S = 1.0                # the longest pause before asking a busy edge again
 
-__all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "RetryPolicy"]
+__all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "Patience"]
 
 
 class EdgeUnreachable(ConnectionError):
@@ -35,7 +35,7 @@ class EdgeUnreachable(ConnectionError):
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class Patience:
     """Per-attempt receive timeout, number of resends, and backoff between them."""
 
     timeout_s: float = 5.0
@@ -74,10 +74,10 @@ HANDSHAKE_FAILURES = {
 
 
 class EdgeClient:
-    def __init__(self, address: str, policy: RetryPolicy = RetryPolicy(), curve: CurveKeys | None = None,
+    def __init__(self, address: str, patience: Patience = Patience(), curve: CurveKeys | None = None,
                  context: zmq.Context | None = None):
         self.address = address
-        self.policy = policy
+        self.patience = patience
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -85,7 +85,7 @@ class EdgeClient:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
-        self.socket.setsockopt(zmq.SNDTIMEO, max(int(policy.timeout_s * 1000), 1))
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(patience.timeout_s * 1000), 1))
         self._monitor = self.socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES))
         self._handshake_failure: str | None = None
@@ -104,7 +104,7 @@ class EdgeClient:
             self.socket.send_multipart(frames)
         except zmq.Again:
             raise EdgeUnreachable(self.explain(f"could not send to the edge at {self.address} within "
-                                               f"{self.policy.timeout_s:g} s")) from None
+                                               f"{self.patience.timeout_s:g} s")) from None
 
     def explain(self, problem: str) -> str:
         """``problem``, with the reason the handshake failed when the socket monitor saw one."""
@@ -170,24 +170,24 @@ class EdgeClient:
         """Send ``message`` and return its reply, resending on timeout. A ``busy`` edge is
         asked again with backoff for as long as the attempts would have waited in all;
         then its error is raised."""
-        timeout = timeout_s or self.policy.timeout_s
-        patience = time.monotonic() + timeout * (self.policy.retries + 1)
+        timeout = timeout_s or self.patience.timeout_s
+        deadline = time.monotonic() + timeout * (self.patience.retries + 1)
         attempt = busy = 0
-        while attempt <= self.policy.retries:
+        while attempt <= self.patience.retries:
             self.send(message)
             reply = self.receive(message.session, message.seq, timeout)
-            if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < patience:
-                time.sleep(min(self.policy.backoff_s * (2 ** busy), BUSY_WAIT_S, max(patience - time.monotonic(), 0)))
+            if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < deadline:
+                time.sleep(min(self.patience.backoff_s * (2 ** busy), BUSY_WAIT_S, max(deadline - time.monotonic(), 0)))
                 busy += 1
                 continue
             if reply is not None:
                 if isinstance(reply, Error):
                     raise EdgeError(reply.code, reply.message)
                 return reply
-            time.sleep(self.policy.backoff_s * (2 ** attempt))
+            time.sleep(self.patience.backoff_s * (2 ** attempt))
             attempt += 1
         raise EdgeUnreachable(self.explain(f"no reply from the edge at {self.address} after "
-                                           f"{self.policy.retries + 1} attempts of {timeout:.1f} s"))
+                                           f"{self.patience.retries + 1} attempts of {timeout:.1f} s"))
 
     def close(self) -> None:
         self.socket.disable_monitor()

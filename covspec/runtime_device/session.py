@@ -57,7 +57,7 @@ class DeviceSession:
 
     def await_opened(self, message: Open) -> Opened:
         """The reply to an ``open`` already sent (sent again if it does not come)."""
-        reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
+        reply = self.client.receive(message.session, message.seq, self.client.patience.timeout_s * 2)
         if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
             reply = self.client.request(message)           # resends, and waits out a busy edge
         if isinstance(reply, Error):
@@ -74,7 +74,7 @@ class DeviceSession:
                 return self.client.request(self.open_message(committed, target_keep))
             except EdgeUnreachable as exc:
                 last = exc
-                time.sleep(self.client.policy.backoff_s * (2 ** attempt))
+                time.sleep(self.client.patience.backoff_s * (2 ** attempt))
         raise EdgeUnreachable(f"the edge at {self.client.address} stayed unreachable: {last}")
 
     # -- rounds --------------------------------------------------------------------------------
@@ -94,9 +94,9 @@ class DeviceSession:
         timeout; None when the session is lost (unknown to the edge, or no reply after
         every retry). A ``busy`` edge is asked again; any other error raises ``EdgeError``."""
         chunks = list(in_flight)
-        policy = self.client.policy
-        for attempt in range(policy.retries + 1):
-            reply = self.client.receive(self.id, chunks[0].seq, policy.timeout_s)
+        patience = self.client.patience
+        for attempt in range(patience.retries + 1):
+            reply = self.client.receive(self.id, chunks[0].seq, patience.timeout_s)
             if isinstance(reply, Result):
                 return reply
             if isinstance(reply, Error) and reply.code == UNKNOWN_SESSION:
@@ -105,7 +105,7 @@ class DeviceSession:
                 raise EdgeError(reply.code, reply.message)
             for chunk in chunks:                    # no reply, or a busy edge: ask again
                 self.client.send(self._verify(chunk))
-            time.sleep(policy.backoff_s * (2 ** attempt))
+            time.sleep(patience.backoff_s * (2 ** attempt))
         return None
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from covspec.protocol.messages import Close, Open, Result
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.session import new_session_id
@@ -32,7 +32,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
     tokens = 0
     owner = ""
     try:
-        opened = client.request(message, timeout_s=client.policy.timeout_s * 2)
+        opened = client.request(message, timeout_s=client.patience.timeout_s * 2)
         owner = opened.owner
         stats.edge_prefill_ms += opened.prefill_ms
         tokens = 1
@@ -40,7 +40,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
         yield [opened.token]
         done = opened.done
         while not done:
-            reply = client.receive(message.session, message.seq, client.policy.timeout_s)
+            reply = client.receive(message.session, message.seq, client.patience.timeout_s)
             if reply is None:
                 raise EdgeUnreachable(f"the edge at {client.address} stopped streaming")
             if not isinstance(reply, Result):

@@ -1,4 +1,4 @@
-"""The edge server: a ZeroMQ ROUTER in front of one model-owner thread.
+"""The edge server: a ZeroMQ ROUTER in front of one model thread.
 
 Python API (used by ``covspec edge serve``, the device tests and the demo)::
 
@@ -17,8 +17,8 @@ the same server in a child process.
 
 Threads: the *I/O thread* owns the ROUTER socket. It decodes every request
 (``covspec.protocol.messages.decode`` with the configured limits), answers
-malformed ones and pings itself, and queues the rest for the *model owner thread*
-(``owner.ModelOwner``), which alone touches the model and the sessions. Its replies
+malformed ones and pings itself, and queues the rest for the *model thread*
+(``model_thread.ModelThread``), which alone touches the model and the sessions. Its replies
 travel back to the I/O thread over an inproc PUSH/PULL pair. The server never crashes on a request: every
 refusal is an ``Error`` reply with a code and a sentence.
 
@@ -59,7 +59,7 @@ from covspec.protocol.frames import INT_RANGE, parse_header
 from covspec.protocol.messages import (MAX_SESSION_ID, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Close, Error, Limits,
                                        Open, Ping, Pong, ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
-from covspec.runtime_edge.owner import ModelOwner, Request
+from covspec.runtime_edge.model_thread import ModelThread, Request
 from covspec.runtime_edge.target import TargetModel
 
 log = logging.getLogger("covspec.edge")
@@ -81,7 +81,7 @@ class EdgeServer:
         self._model_source = model
         self.target: TargetModel | None = model if isinstance(model, TargetModel) else None
         self.address: str | None = None
-        self._owner: ModelOwner | None = None
+        self._model_thread: ModelThread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -99,7 +99,7 @@ class EdgeServer:
             torch.set_num_threads(self.config.threads)
         if self.target is None:
             self.target = TargetModel.load(self._model_source, device=self.config.device, dtype=self.config.dtype)
-        self._owner = ModelOwner(self.target, self.config, self._stopping)
+        self._model_thread = ModelThread(self.target, self.config, self._stopping)
         context = self._context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -127,7 +127,7 @@ class EdgeServer:
         monitor = router.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
         self._threads = [threading.Thread(target=self._io_loop, args=(router, pull, monitor), name="edge-io",
                                           daemon=True),
-                         threading.Thread(target=self._owner.run, args=(push,), name="edge-model", daemon=True)]
+                         threading.Thread(target=self._model_thread.run, args=(push,), name="edge-model", daemon=True)]
         for thread in self._threads:
             thread.start()
         target = self.target
@@ -147,8 +147,8 @@ class EdgeServer:
         for thread in self._threads:
             thread.join(timeout)
         hung = [t.name for t in self._threads if t.is_alive()]
-        for session in list(self._owner.sessions.values() if self._owner else ()):
-            self._owner.end(session, "shutdown")
+        for session in list(self._model_thread.sessions.values() if self._model_thread else ()):
+            self._model_thread.end(session, "shutdown")
         if hung:   # a forward still running: leave its sockets to the daemon thread and the process exit
             log.warning("threads %s did not stop within %g s; not waiting for them", hung, timeout)
         else:
@@ -162,16 +162,17 @@ class EdgeServer:
 
     @property
     def session_count(self) -> int:
-        return len(self._owner.sessions) if self._owner else 0
+        return len(self._model_thread.sessions) if self._model_thread else 0
 
     def counters(self) -> dict[str, int]:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
         opening sessions and running rounds, peak memory."""
-        owner = self._owner
-        if owner is None:
+        model_thread = self._model_thread
+        if model_thread is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
-        return {"forwards": owner.forwards, "committed": owner.committed, "prefill_ms": int(owner.prefill_s * 1000),
-                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device)}
+        return {"forwards": model_thread.forwards, "committed": model_thread.committed,
+                "prefill_ms": int(model_thread.prefill_s * 1000), "rounds_ms": int(model_thread.rounds_s * 1000),
+                "peak_bytes": peak_memory_bytes(self.config.device)}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()
@@ -261,7 +262,7 @@ class EdgeServer:
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
-            self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
+            self._model_thread.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
         except queue.Full:
             _send(router, [identity] + encode(Error(
                 session=message.session, seq=message.seq, code=errors.BUSY, version=message.version,

@@ -14,7 +14,7 @@ scheduler can batch the middle one across sessions:
    return a ``Round``: the forward's inputs ``[pending] + chunk``;
 2. ``forward(target, round)``: one cached target forward -> logits [n + 1, V];
 3. ``commit(target, round, logits)``: the acceptance rule and the correction/bonus
-   (``covspec.protocol.speculative``), the stops (EOS, ``max_new_tokens``), commit,
+   (``covspec.protocol.verification``), the stops (EOS, ``max_new_tokens``), commit,
    and crop the cache so that it again holds everything except the new last token.
 
 A target-only step is the same round with an empty chunk (``prepare_step``). Once a
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covspec.protocol import speculative as spec
+from covspec.protocol import verification as spec
 from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
 from covspec.protocol.sampling import SamplingParams

@@ -5,7 +5,7 @@ only; everything architecture-specific (loading, the prompt template, the contex
 and the opt-in pruned inputs) is asked of the model's family (``covspec.families``).
 It knows nothing about sessions, sockets, sampling or stopping: callers get float32
 logits as numpy arrays and decide themselves (``session.py``). All calls must come
-from one thread (the server's model owner), under ``torch.inference_mode``.
+from one thread (the server's model thread), under ``torch.inference_mode``.
 
 KV-cache contract: ``prefill`` returns a cache (``TargetCache``: the model's KV cache
 and how generated tokens are positioned) holding every input token; ``extend``

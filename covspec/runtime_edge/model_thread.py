@@ -1,6 +1,6 @@
-"""The model owner: the one thread that touches the target and the sessions.
+"""The model thread: the one thread that touches the target and the sessions.
 
-``ModelOwner.run`` takes decoded requests (``Request``) from a queue filled by the
+``ModelThread.run`` takes decoded requests (``Request``) from a queue filled by the
 server's I/O thread and schedules them. Each iteration it handles the waiting requests
 in arrival order (a session's own requests keep their order; different sessions' may
 pass each other): opens (a prefill each, at most one per iteration so a burst of opens
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import zmq
 
 from covspec.protocol import errors
-from covspec.protocol import speculative as spec
+from covspec.protocol import verification as spec
 from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.runtime_edge.config import ServerConfig
@@ -48,7 +48,7 @@ POLL_S = 0.1         # longest wait for a request when nothing else is due
 
 @dataclass
 class Request:
-    """A decoded request waiting for the model owner."""
+    """A decoded request waiting for the model thread."""
 
     identity: bytes
     message: Message
@@ -65,7 +65,7 @@ class _Work:
     request: Request | None
 
 
-class ModelOwner:
+class ModelThread:
     """The sessions of one target, served from one thread."""
 
     def __init__(self, target: TargetModel, config: ServerConfig, stopping: threading.Event):

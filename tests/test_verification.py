@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from covspec.protocol import speculative
-from covspec.protocol.speculative import (
+from covspec.protocol import verification
+from covspec.protocol.verification import (
     NO_TOKEN, apply_stops, dense_q, sample, sparse_proposal, sparse_q, target_probs, trim_proposals, verify_greedy,
     verify_sampling)
 
@@ -44,9 +44,9 @@ def test_correction_eos_ends_generation():
 
 def test_stops_at_max_new_tokens():
     draft = np.array([3, 5, 6, 7])
-    assert apply_stops(draft, 4, 1, {2}, remaining=2) == speculative.Verdict(2, NO_TOKEN, True)
-    assert apply_stops(draft, 4, 1, {2}, remaining=5) == speculative.Verdict(4, 1, True)
-    assert apply_stops(draft, 4, 1, {2}, remaining=6) == speculative.Verdict(4, 1, False)
+    assert apply_stops(draft, 4, 1, {2}, remaining=2) == verification.Verdict(2, NO_TOKEN, True)
+    assert apply_stops(draft, 4, 1, {2}, remaining=5) == verification.Verdict(4, 1, True)
+    assert apply_stops(draft, 4, 1, {2}, remaining=6) == verification.Verdict(4, 1, False)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8),
@@ -144,7 +144,7 @@ def test_sampling_follows_target_distribution(exactness_setup):
 def test_wrong_residual_is_caught(exactness_setup, monkeypatch):
     """Negative control: drawing the correction from p instead of the residual
     biases the output, and the same test detects it."""
-    monkeypatch.setattr(speculative, "residual", lambda p_row, q_row: p_row)
+    monkeypatch.setattr(verification, "residual", lambda p_row, q_row: p_row)
     p, q_full = exactness_setup
     first, _ = committed_counts(np.random.default_rng(7), p, q_full, draws=20_000)
     assert chi2_pvalue(first, p[0]) < 1e-6

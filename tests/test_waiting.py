@@ -1,4 +1,4 @@
-"""Speculation planning and bookkeeping: pure functions on crafted numbers, and the
+"""What a wait for a verdict is spent on (``runtime_device.waiting``): pure functions on crafted numbers, and the
 device loop on crafted scenarios (table-driven draft and target, in-process edge)."""
 
 from collections import Counter
@@ -10,8 +10,8 @@ from crafted import InProcessEdge, TableDraft, TableTarget, greedy_sequence, ran
 from scipy.stats import chisquare
 
 from covspec.protocol.messages import Result
-from covspec.protocol.speculative import target_probs
-from covspec.runtime_device import speculation
+from covspec.protocol.verification import target_probs
+from covspec.runtime_device import waiting
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk
@@ -23,7 +23,7 @@ from covspec.runtime_device.verdicts import judge
 
 def test_branch_outcomes_on_crafted_numbers():
     acceptance = [0.9, 0.5]
-    outcomes = speculation.branch_outcomes(acceptance, confidences=[0.9, 0.6], alternatives=[7, 8],
+    outcomes = waiting.branch_outcomes(acceptance, confidences=[0.9, 0.6], alternatives=[7, 8],
                                            alternative_probs=[0.05, 0.3], bonus=(9, 0.8))
     by_verdict = {(o.accepted, o.token): o.probability for o in outcomes}
     assert by_verdict[(0, 7)] == pytest.approx(0.1 * 0.05 / 0.1)            # (1 - a0) * q(alt)/(1 - q(tok))
@@ -31,36 +31,36 @@ def test_branch_outcomes_on_crafted_numbers():
     assert by_verdict[(2, 9)] == pytest.approx(0.9 * 0.5 * 0.8)              # full acceptance, then the bonus
     assert [o.probability for o in outcomes] == sorted(by_verdict.values(), reverse=True)
     # The share of the rest of the draft's mass is capped at 1; no bonus, no full-acceptance outcome.
-    capped = speculation.branch_outcomes([0.0], [0.5], [3], [0.9])
-    assert capped == [speculation.Outcome(1.0, 0, 3)]
+    capped = waiting.branch_outcomes([0.0], [0.5], [3], [0.9])
+    assert capped == [waiting.Outcome(1.0, 0, 3)]
 
 
 def test_all_accepted_probability_counts_open_assumed_bonuses():
     chunks = [SimpleNamespace(start=3, confidences=[0.5, 0.5], assumed=-1, assumed_confidence=1.0),
               SimpleNamespace(start=6, confidences=[0.5], assumed=4, assumed_confidence=0.25)]
-    assert speculation.all_accepted_probability(chunks, 3, lambda c: c) == pytest.approx(0.5 ** 3 * 0.25)
+    assert waiting.all_accepted_probability(chunks, 3, lambda c: c) == pytest.approx(0.5 ** 3 * 0.25)
     # Once a verdict confirmed the second chunk's assumption, only its own tokens are open.
-    assert speculation.all_accepted_probability(chunks[1:], 6, lambda c: c) == pytest.approx(0.5)
-    assert speculation.all_accepted_probability([], 0, lambda c: c) == 1.0
+    assert waiting.all_accepted_probability(chunks[1:], 6, lambda c: c) == pytest.approx(0.5)
+    assert waiting.all_accepted_probability([], 0, lambda c: c) == 1.0
 
 
 def test_next_use_weighs_a_pipelined_chunk_by_what_it_saves():
-    likely_branch = [speculation.Outcome(0.3, 1, 5)]
-    assert speculation.next_use(True, 0.2, 1.0, likely_branch) == "branch"
-    assert speculation.next_use(True, 0.2, 2.0, likely_branch) == "pipeline"      # saves the round trip too
-    assert speculation.next_use(False, 1.0, 9.0, likely_branch) == "branch"
-    assert speculation.next_use(True, 0.0, 1.0, []) == "pipeline"
-    assert speculation.next_use(False, 0.0, 1.0, []) is None
+    likely_branch = [waiting.Outcome(0.3, 1, 5)]
+    assert waiting.next_use(True, 0.2, 1.0, likely_branch) == "branch"
+    assert waiting.next_use(True, 0.2, 2.0, likely_branch) == "pipeline"      # saves the round trip too
+    assert waiting.next_use(False, 1.0, 9.0, likely_branch) == "branch"
+    assert waiting.next_use(True, 0.0, 1.0, []) == "pipeline"
+    assert waiting.next_use(False, 0.0, 1.0, []) is None
 
 
 def test_ends_generation_and_assumed_prefix():
-    assert speculation.ends_generation(2, end=5, eos_ids={2}, max_new_tokens=64)
-    assert speculation.ends_generation(3, end=7, eos_ids={2}, max_new_tokens=8)       # the bonus is the last token
-    assert not speculation.ends_generation(3, end=6, eos_ids={2}, max_new_tokens=8)
+    assert waiting.ends_generation(2, end=5, eos_ids={2}, max_new_tokens=64)
+    assert waiting.ends_generation(3, end=7, eos_ids={2}, max_new_tokens=8)       # the bonus is the last token
+    assert not waiting.ends_generation(3, end=6, eos_ids={2}, max_new_tokens=8)
     chunks = [SimpleNamespace(start=2, tokens=[5, 6], assumed=-1), SimpleNamespace(start=5, tokens=[8], assumed=7)]
-    assert speculation.assumed_prefix([1, 2], chunks) == [1, 2, 5, 6, 7, 8]
+    assert waiting.assumed_prefix([1, 2], chunks) == [1, 2, 5, 6, 7, 8]
     # After a verdict confirmed it, the follower's assumed bonus is committed: not counted twice.
-    assert speculation.assumed_prefix([1, 2, 5, 6, 7], chunks[1:]) == [1, 2, 5, 6, 7, 8]
+    assert waiting.assumed_prefix([1, 2, 5, 6, 7], chunks[1:]) == [1, 2, 5, 6, 7, 8]
 
 
 def test_judge_keeps_followers_only_when_the_assumption_came_true():

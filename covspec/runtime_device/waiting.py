@@ -1,4 +1,4 @@
-"""Speculation planning while a verdict is awaited: pure functions over numbers.
+"""What a wait for a verdict is spent on: pure functions over numbers.
 
 While the edge verifies, the device can spend each moment on one of two things:
 
@@ -9,7 +9,7 @@ While the edge verifies, the device can spend each moment on one of two things:
   full acceptance with the draft's guess as bonus); used if that verdict comes, and
   then it saves drafting that chunk.
 
-Each function takes plain numbers (acceptance estimates come from the policy) and
+Each function takes plain numbers (acceptance estimates come from the drafting policy) and
 returns plain numbers, so they are tested on crafted inputs. Nothing here drafts,
 sends or sleeps.
 """
