@@ -21,12 +21,12 @@ from conftest import torch_on_one_thread
 from click.testing import CliRunner
 
 import covspec
-from covspec.bench.capacity import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
+from covspec.bench.capacity.load import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
                                     phase_figures)
-from covspec.bench.capacity_report import markdown
-from covspec.bench.devices import greedy_references
-from covspec.bench.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
-from covspec.bench.workload import toy_questions
+from covspec.bench.capacity.report import markdown
+from covspec.bench.harness.devices import greedy_references
+from covspec.bench.capacity.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
+from covspec.bench.harness.workload import toy_questions
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Patience
 from covspec.runtime_device.drafter import Drafter

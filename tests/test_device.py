@@ -342,7 +342,7 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
 def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
     """The product promise on the trained toy pair: int8 draft on the device, toy target
     on the edge, every CoVSpec feature on; 50 held-out questions, token for token."""
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.workload import toy_questions
     from covspec.toy.models import bundled_model_dir
 
     from covspec.toy.artifacts import parity_prompts

@@ -121,8 +121,8 @@ def test_negative_control_a_choice_that_looks_at_the_verified_token_is_caught():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from covspec.bench.devices import greedy_references
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.devices import greedy_references
+    from covspec.bench.harness.workload import toy_questions
     from covspec.export.pipeline import ExportOptions, export_model
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.toy.models import bundled_model_dir

@@ -91,7 +91,7 @@ def test_memory_figures_are_real():
 
 
 def test_the_bench_runs_covspec_device_run_lean_and_resident(pair, tmp_path):
-    from covspec.bench.device_run import MEMORY_MODES, device_run
+    from covspec.bench.device.run import MEMORY_MODES, device_run
 
     artifact, _ = pair
     result = device_run(artifact.parent / "draft", artifact, tmp_path, max_new_tokens=6, log=lambda line: None)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import torch_on_one_thread
 
-from covspec.bench.devices import greedy_references, run_devices
-from covspec.bench.fuzz import CLASSES, Fuzzer
-from covspec.bench.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
-from covspec.bench.reliability import run_fuzz
-from covspec.bench.workload import toy_questions
+from covspec.bench.harness.devices import greedy_references, run_devices
+from covspec.bench.reliability.fuzz import CLASSES, Fuzzer
+from covspec.bench.reliability.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
+from covspec.bench.reliability.fuzz_run import run_fuzz
+from covspec.bench.harness.workload import toy_questions
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.protocol import errors
 from covspec.protocol.messages import Ping, Pong

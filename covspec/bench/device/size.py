@@ -4,13 +4,13 @@ A config names the dimensions of a real draft VLM. The bench builds a random-wei
 of those dimensions (no weights needed: ``build_model``), exports it with ``covspec
 export`` in each precision (fp32, int8, int4; parity reported, agreement not enforced:
 random weights), then measures every artifact in a process of its own
-(``device_probe``: load, peak RSS, vision, the LM prefill per keep ratio, per-token
+(``probe``: load, peak RSS, vision, the LM prefill per keep ratio, per-token
 decode per context length, with the shared-buffer cache and the copying one) with one
-onnxruntime thread and with all, and in the same run its anchors (``device_anchor``:
+onnxruntime thread and with all, and in the same run its anchors (``anchor``:
 the same text decoder under onnxruntime-genai, and the bandwidth floor), then ``covspec
 device run`` itself, lean and resident, against the model served as its own target
-(``device_run``: the peak RSS the issue's goal is about). ``report``
-turns the figures into the issue's goals, met or not, with the numbers.
+(``run``: the peak RSS the issue's goal is about). ``goals`` turns the figures into
+the issue's goals, met or not, with the numbers; ``markdown`` renders them.
 
 Output: ``<out>/<config>/device-size.json`` and ``device-size.md``. Torch and
 transformers (to build and export); the probes are torch-free.
@@ -175,11 +175,11 @@ def run_bench(config_name: str, out: Path, *, quants=QUANTS, contexts=CONTEXTS, 
                       "quantization": manifest.quantization})
         for count in threads:
             log(f"measuring {quant} with {count} thread(s) ...")
-            command = [sys.executable, "-m", "covspec.bench.device_probe", str(artifact), "--threads", str(count),
+            command = [sys.executable, "-m", "covspec.bench.device.probe", str(artifact), "--threads", str(count),
                        "--contexts", ",".join(str(c) for c in contexts), "--decode-tokens", str(decode_tokens)]
             entry[f"threads_{count}"] = _json_run(command + ([] if count == 1 else ["--no-copying"]), log)
         if device_runs:
-            from covspec.bench.device_run import device_run
+            from covspec.bench.device.run import device_run
 
             entry["device_run"] = device_run(folder, artifact, root / f"device-run-{quant}", log=log)
     if genai:
@@ -191,7 +191,7 @@ def run_bench(config_name: str, out: Path, *, quants=QUANTS, contexts=CONTEXTS, 
 
 
 def _genai_anchor(folder: Path, root: Path, quants, contexts, threads, decode_tokens, report: dict, log) -> None:
-    from covspec.bench.device_anchor import build_genai, language_model_folder
+    from covspec.bench.device.anchor import build_genai, language_model_folder
 
     lm = root / "language-model"
     if not (lm / "config.json").is_file():
@@ -207,13 +207,13 @@ def _genai_anchor(folder: Path, root: Path, quants, contexts, threads, decode_to
             continue
         for count in threads:
             entry[f"threads_{count}"] = _json_run(
-                [sys.executable, "-m", "covspec.bench.device_anchor", str(target), "--threads", str(count),
+                [sys.executable, "-m", "covspec.bench.device.anchor", str(target), "--threads", str(count),
                  "--contexts", ",".join(str(c) for c in contexts), "--decode-tokens", str(decode_tokens)], log)
 
 
 def goals(report: dict) -> dict:
     """The issue's goals against the measured figures (None where a figure is missing)."""
-    from covspec.bench.device_anchor import floor_ms
+    from covspec.bench.device.anchor import floor_ms
 
     out: dict = {"decode_vs_genai": {}, "decode_vs_floor": {}, "growth_256_to_2048": {}, "prefill_speedup_keep_0.25": {},
                  "peak_rss_mb": {}, "device_run_peak_rss_mb": {}}

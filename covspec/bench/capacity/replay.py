@@ -21,7 +21,7 @@ sends exactly what a real device would, without running a model:
    before its first), sleeping, so it takes the real device's time without its
    CPU; at pace 0 it drafts instantly. Its ``target_only`` mode is the baseline:
    a ``target_only`` session (``generate_target_only``) whose streamed tokens it
-   reads. Its ``edge_led`` mode (``covspec.bench.replay_edge_led``) sends the same
+   reads. Its ``edge_led`` mode (``covspec.bench.capacity.replay_edge_led``) sends the same
    table's chunks to an edge that generates by itself meanwhile.
 
 A ``ReplayDevice`` (a thread; ``run_replay`` starts N of them) answers questions
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covspec.bench.devices import run_for
-from covspec.bench.workload import Question
+from covspec.bench.harness.devices import run_for
+from covspec.bench.harness.workload import Question
 from covspec.protocol.verification import NO_TOKEN
 from covspec.protocol.wire import codec_named
 from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, Patience
@@ -243,7 +243,7 @@ MODES = (*ROUNDS, "edge_led")
 def rounds_for(mode: str) -> Callable:
     """The loop of a replay device in ``mode``; edge-led's is in its own module, built on this one."""
     if mode == "edge_led":
-        from covspec.bench.replay_edge_led import edge_led_rounds
+        from covspec.bench.capacity.replay_edge_led import edge_led_rounds
 
         return edge_led_rounds
     return ROUNDS[mode]

@@ -4,7 +4,7 @@ onnxruntime-genai, and the physical floor of a decode step.
 - ``language_model_folder``: the draft's language model alone (its weights, as a
   transformers ``*ForCausalLM`` folder with the tokenizer) from the VLM folder;
 - ``build_genai``: onnxruntime-genai's model builder on it (``-e cpu -p int4|int8|fp32``);
-- ``genai_decode`` (``python -m covspec.bench.device_anchor MODEL --threads N``, a process
+- ``genai_decode`` (``python -m covspec.bench.device.anchor MODEL --threads N``, a process
   of its own): per context length, ``append_tokens`` of that many tokens, then the median
   ``generate_next_token`` time (greedy) over ``decode_tokens`` steps;
 - ``floor_ms``: bytes a decode step must read (the decoder's weights + the KV cache of
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.timing import median_step_ms, timed_s
+from covspec.bench.harness.timing import median_step_ms, timed_s
 
 CONTEXTS = (256, 1024, 2048)
 

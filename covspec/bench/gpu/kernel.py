@@ -221,7 +221,7 @@ def meta(device: torch.device) -> dict:
 
 def markdown(report: dict) -> str:
     """The report's ``meta`` and ``kernel`` sections as compact Markdown (the ``serve``
-    section has its own, ``gpu_serve.markdown``)."""
+    section has its own, ``serve.markdown``)."""
     info = report["meta"]
     lines = [f"Device: {info['device']}; torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
              + (" **in the interpreter: times are not kernel speed**" if info["interpreted"] else "") + "."]

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from covspec.bench.workload import Question
+from covspec.bench.harness.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Patience
 from covspec.runtime_device.engine import CoInference

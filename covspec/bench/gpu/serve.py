@@ -3,7 +3,7 @@
 ``serve_check(device, workdir, ...)`` runs two short checks against ``covspec edge
 serve --device DEVICE`` (a child process, as in production):
 
-- the toy target through a short load run (``covspec.bench.capacity``: replay devices
+- the toy target through a short load run (``covspec.bench.capacity.load``: replay devices
   sending the real int8 draft's chunks; target-only batched and CoVSpec batched at a few
   device counts), every answer checked against the target's own;
 - a tiny random LLaVA (built from a config, no weights needed) served to a real device
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.bench.capacity import BATCHED, TARGET_ONLY, CapacityPlan, measure_phase, prepare_tables
+from covspec.bench.capacity.load import BATCHED, TARGET_ONLY, CapacityPlan, measure_phase, prepare_tables
 from covspec.runtime_edge import EdgeProcess, ServerConfig
 
 QUESTION = "what color is the circle ?"

@@ -1,5 +1,5 @@
 """One device measurement of one artifact, run in a process of its own (so that its peak
-RSS is the artifact's): ``python -m covspec.bench.device_probe ARTIFACT --threads N``
+RSS is the artifact's): ``python -m covspec.bench.device.probe ARTIFACT --threads N``
 prints one JSON object.
 
 What it measures, with ``N`` onnxruntime threads, as the device runs the artifact:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.timing import median_step_ms, timed_s
+from covspec.bench.harness.timing import median_step_ms, timed_s
 from covspec.runtime_device.memory import peak_rss_mb, rss_mb
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)

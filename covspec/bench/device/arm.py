@@ -3,7 +3,7 @@
 ``scripts/arm_device_check.sh`` builds an arm64 Debian root with ``covspec[device]``
 installed from aarch64 wheels, then runs this module on the host::
 
-    python -m covspec.bench.arm --root ROOT --device-python /opt/covspec/bin/python --work DIR --questions N
+    python -m covspec.bench.device.arm --root ROOT --device-python /opt/covspec/bin/python --work DIR --questions N
 
 It exports the toy draft int8 and int4 on the host (reused while the bundled draft is
 unchanged), computes the target's greedy answer to N toy questions (transformers
@@ -142,7 +142,7 @@ def describe_platforms(arm_python: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m covspec.bench.arm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m covspec.bench.device.arm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="The arm64 root with covspec[device] installed.")
     parser.add_argument("--device-python", default="/opt/covspec/bin/python",
                         help="The Python of covspec[device], as a path inside the root.")
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Write the results as JSON here (default: WORK/result.json).")
     args = parser.parse_args(argv)
 
-    from covspec.bench.devices import greedy_references
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.devices import greedy_references
+    from covspec.bench.harness.workload import toy_questions
     from covspec.runtime_edge import EdgeProcess, ServerConfig
     from covspec.toy.models import bundled_model_dir
 

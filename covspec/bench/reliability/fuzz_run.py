@@ -1,7 +1,7 @@
 """Hostile messages against a live edge, with a well-behaved device alongside.
 
 ``run_fuzz(address, facts, messages, sockets, seed)`` drives ``sockets`` fuzzing
-workers, each a ZeroMQ DEALER with a ``covspec.bench.fuzz.Fuzzer`` of its own seed, in
+workers, each a ZeroMQ DEALER with a ``reliability.fuzz.Fuzzer`` of its own seed, in
 lock-step: send one case, wait for its reply (``timeout_s``), judge it. A case whose
 reply never comes is *unanswered* (and its socket is replaced, so a late reply cannot
 be taken for the next one's); ``close`` cases are not waited for (the protocol answers
@@ -12,8 +12,7 @@ class, replies by label, labels outside what the case allows (``unexpected``, wi
 examples), unanswered messages, the replies that by design do not come, and replies
 naming another session or seq than the request's (``misaddressed``).
 
-``RssSampler`` watches a process's resident memory (before, peak, after) and notices
-when it dies. Nothing here starts or stops an edge; ``covspec.bench.load`` does.
+Nothing here starts or stops an edge or watches its memory; ``reliability.phases`` does.
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from covspec.bench.fuzz import Fuzzer
-from covspec.bench.hostile import ANY_ERROR, NO_REPLY, Case, OwnSession, TargetFacts, WorkerState
+from covspec.bench.reliability.fuzz import Fuzzer
+from covspec.bench.reliability.hostile import ANY_ERROR, NO_REPLY, Case, OwnSession, TargetFacts, WorkerState
 from covspec.protocol.messages import Close, Error, Message, Opened, ProtocolError, decode, encode
 
 EXAMPLES = 5                      # examples kept per (class, label) of something unexpected
@@ -215,44 +214,3 @@ def run_fuzz(address: str, facts: TargetFacts, messages: int, sockets: int = 8, 
     for thread in threads:
         thread.join()
     return tally
-
-
-class RssSampler(threading.Thread):
-    """Resident memory of process ``pid`` every ``every_s``: ``before``, ``peak``, ``after``
-    (bytes); ``died`` when the process ended (or became a zombie) while watched."""
-
-    def __init__(self, pid: int, every_s: float = 0.1):
-        import psutil
-
-        super().__init__(name="rss", daemon=True)
-        self.process = psutil.Process(pid)
-        self.every_s = every_s
-        self.before = self.peak = self.after = self.process.memory_info().rss
-        self.died = False
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.every_s):
-            self._sample()
-
-    def _sample(self) -> None:
-        import psutil
-
-        try:
-            if self.process.status() == psutil.STATUS_ZOMBIE:
-                raise psutil.NoSuchProcess(self.process.pid)
-            self.after = self.process.memory_info().rss
-            self.peak = max(self.peak, self.after)
-        except psutil.NoSuchProcess:
-            self.died = True
-            self._halt.set()
-
-    def finish(self) -> dict:
-        """Stop watching; the figures in MiB."""
-        self._halt.set()
-        self.join()
-        if not self.died:
-            self._sample()
-        mib = 1024 * 1024
-        return {"rss_before_mib": round(self.before / mib, 1), "rss_peak_mib": round(self.peak / mib, 1),
-                "rss_after_mib": round(self.after / mib, 1), "died": self.died}

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from covspec.bench.link import LinkEmulator, LinkProfile
-from covspec.bench.scenarios import Scenario
-from covspec.bench.workload import Question
+from covspec.bench.harness.link import LinkEmulator, LinkProfile
+from covspec.bench.end_to_end.scenarios import Scenario
+from covspec.bench.harness.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Patience
 from covspec.runtime_device.engine import CoInference
@@ -129,7 +129,7 @@ class Bench:
 
     def _forwards(self) -> int:
         """The edge's count of target forwards so far (asked directly, not over the link)."""
-        from covspec.bench.load import ask
+        from covspec.bench.harness.edge import ask
         from covspec.protocol.messages import Ping
 
         pong = ask(self.edge.address, Ping(session="", seq=0))

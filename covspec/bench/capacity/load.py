@@ -6,7 +6,7 @@ CoVSpec on a batching edge, CoVSpec on an edge that runs one session per forward
 as ``edge_steps`` says: ``auto``, the edge's default, and ``always``) a fresh edge
 child process (``EdgeProcess``, one torch thread; one per configuration and N, levels
 outermost so drifts of a shared machine hit every configuration alike) serves N
-replay devices (``covspec.bench.replay``: the real int8 draft's chunks, precomputed
+replay devices (``covspec.bench.capacity.replay``: the real int8 draft's chunks, precomputed
 along the target's own answers, at negligible device CPU) for ``seconds`` on
 descriptions, then for ``seconds`` on a mixed stream (descriptions and short answers).
 Replay devices take the real draft's time (``plan.pace`` times it, sleeping: each
@@ -43,11 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.devices import greedy_references, run_devices
-from covspec.bench.load import ask, start_edge
-from covspec.bench.reliability import RssSampler
-from covspec.bench.replay import DEFAULT_CHUNK, ChunkTable, ReplayAnswer, build_chunk_table, replay_options, run_replay
-from covspec.bench.workload import toy_questions
+from covspec.bench.capacity.replay import (DEFAULT_CHUNK, ChunkTable, ReplayAnswer, build_chunk_table, replay_options,
+                                           run_replay)
+from covspec.bench.harness.devices import greedy_references, run_devices
+from covspec.bench.harness.edge import ask, start_edge
+from covspec.bench.harness.rss import RssSampler
+from covspec.bench.harness.workload import toy_questions
 from covspec.protocol.messages import Ping, Pong
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.engine import ArtifactDraft

@@ -13,8 +13,8 @@ Each worker also keeps a session of its own (``OwnSession``: opened, verified wi
 random chunks, closed), so stale chunks, replays, repeats, bad tokens and wrong
 owners hit live sessions; ``WorkerState.foreign`` lends other workers' sessions for
 ownership attacks. The generator never touches a socket and never decides whether
-the edge was right; the runner (``covspec.bench.reliability``) does. The records and
-hostile values it draws from live in ``covspec.bench.hostile``.
+the edge was right; the runner (``covspec.bench.reliability.fuzz_run``) does. The records and
+hostile values it draws from live in ``covspec.bench.reliability.hostile``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import json
 
 import numpy as np
 
-from covspec.bench.hostile import (ANY_ERROR, BAD_SAMPLING, DIGIT_LIMIT, FIELD_KINDS, HOSTILE_IMAGES, HUGE_INTS, MAX_HEADER,
-                                   NO_REPLY, NON_FINITE, QUESTION, WRONG_VALUES, Case, OwnSession, TargetFacts,
-                                   WorkerState)
+from covspec.bench.reliability.hostile import (ANY_ERROR, BAD_SAMPLING, DIGIT_LIMIT, FIELD_KINDS, HOSTILE_IMAGES,
+                                               HUGE_INTS, MAX_HEADER, NO_REPLY, NON_FINITE, QUESTION, WRONG_VALUES,
+                                               Case, OwnSession, TargetFacts, WorkerState)
 from covspec.protocol.messages import Close, Error, Message, Open, Opened, Ping, Pong, Result, Verify, encode
 
 class Fuzzer:

@@ -1,4 +1,4 @@
-"""Markdown tables of a ``covspec bench reliability`` summary (``load.measure_reliability``).
+"""Markdown tables of a ``covspec bench reliability`` summary (``phases.measure_reliability``).
 
 ``markdown(summary)`` renders the fuzz (totals, replies by code, per class), the load
 levels and the faults; ``verdict(summary)`` lists what broke a promise (a message

@@ -1,4 +1,4 @@
-"""What the fuzzer's cases are made of (``covspec.bench.fuzz`` draws them, ``reliability`` sends them).
+"""What the fuzzer's cases are made of (``fuzz`` draws them, ``fuzz_run`` sends them).
 
 - ``Case``: one message to send (its frames), its class, the reply labels the edge may
   answer with (an ``error`` reply's code, or another reply's type; ``NO_REPLY`` when

@@ -1,6 +1,6 @@
 """Edge-led replay devices: the table's chunks sent to an edge that generates by itself.
 
-``edge_led_rounds`` is the ``edge_led`` mode of ``covspec.bench.replay``: what the
+``edge_led_rounds`` is the ``edge_led`` mode of ``covspec.bench.capacity.replay``: what the
 real edge-led device (``covspec.runtime_device.edge_led``) does, with the draft
 replaced by a ``ChunkTable`` lookup, so N of them cost this machine's CPU almost
 nothing. One session over the device's ``EdgeClient`` (one DEALER socket):
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 
-from covspec.bench.replay import ChunkTable, ReplayAnswer, device_time, record_commit
+from covspec.bench.capacity.replay import ChunkTable, ReplayAnswer, device_time, record_commit
 from covspec.protocol.errors import BUSY
 from covspec.protocol.messages import Error, Message, Result
 from covspec.protocol.verification import NO_TOKEN
