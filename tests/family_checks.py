@@ -1,4 +1,4 @@
-"""The checks every model family passes end to end (DESIGN.md section 10), shared by the
+"""The checks every model family passes end to end (ARCHITECTURE.md, "Model families"), shared by the
 per-family test modules: non-square test images, a co-inference run against a real
 edge, greedy exactness against the target's own ``generate()``, self-draft
 acceptance, and ``covspec device run`` with torch blocked."""

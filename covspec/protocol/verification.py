@@ -1,6 +1,6 @@
 """Verification and correction math for speculative decoding (pure numpy functions).
 
-Terms (DESIGN.md section 6), used the same way everywhere:
+Terms (ARCHITECTURE.md, "Terms"), used the same way everywhere:
 
 - **q**: the draft distribution at a drafted position. On the wire it is sparse:
   the draft's top-k ids and their float16 probabilities, and the draft samples from
