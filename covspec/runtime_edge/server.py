@@ -6,7 +6,7 @@ Python API (used by ``covspec edge serve``, the device tests and the demo)::
 
     with EdgeServer("covspec/toy/models/target", ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         print(server.address)          # the bound endpoint, e.g. tcp://127.0.0.1:40123
-        ...                            # devices talk protocol v1 to server.address
+        ...                            # devices talk the protocol (PROTOCOL.md) to server.address
 
 ``EdgeServer(model, config)`` takes a model folder (or an already loaded
 ``TargetModel``, so tests can share one) and a ``ServerConfig``; ``start()`` loads
@@ -24,7 +24,8 @@ refusal is an ``Error`` reply with a code and a sentence.
 
 What a device can rely on (the round logic itself lives in ``session.py``):
 
-- ``open`` creates the session (an open for an existing id replaces it) and is
+- ``open`` creates the session (an open for an existing id replaces it when it
+  carries that session's owner secret, else ``not_owner``) and is
   answered ``opened`` with the first token, or the next one after ``committed`` on
   a reopen (``token`` -1 and ``done`` when those already ended generation). The
   vocabulary hash must match the target's tokenizer (``vocab_mismatch``); a
@@ -32,13 +33,16 @@ What a device can rely on (the round logic itself lives in ``session.py``):
   takes the draft's full q per drafted position and returns the full p at the
   correction/bonus position beside the sampled token.
 - ``verify`` is answered ``result``: ``stale`` (nothing changed) unless ``start``
-  is the committed length and ``assumed`` is -1 or the last committed token. A
-  repeated ``seq`` gets the session's last reply again without recomputation; an
-  older one gets ``replayed``. Errors are not remembered as replies.
-- ``target_only``: after ``opened`` the edge streams one ``result`` per token, each
-  with the open's ``seq``, ``start`` = the token's position and ``accepted`` 0.
-- ``close`` frees the session without a reply; ``ping`` gets ``pong`` with the
-  number of live sessions. A session silent for ``idle_timeout_s`` is dropped
+  is the committed length (an ``edge_led`` chunk may start earlier, if its tokens
+  there equal the committed ones) and ``assumed`` is -1 or the committed token
+  before ``start``. A repeated ``seq`` gets the session's last reply again without
+  recomputation; an older one gets ``replayed``. Errors are not remembered as replies.
+- ``target_only`` and ``edge_led``: after ``opened`` the edge streams one ``result``
+  per token it generates by itself, each with the open's ``seq``, ``start`` = the
+  token's position and ``accepted`` 0 (``edge_led`` as ``edge_steps`` allows).
+- ``close`` frees the session without a reply (a refused close is answered);
+  ``ping`` gets ``pong`` with the number of live sessions and, to a v2 device, the
+  edge's counters. A session silent for ``idle_timeout_s`` is dropped
   (``unknown_session`` afterwards: reopen with the committed tokens).
 - Each session leaves one log line when it ends (closed, replaced, expired,
   shutdown): tokens, rounds, accepted mean, bytes in/out, prefill and verify time.

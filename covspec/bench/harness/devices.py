@@ -1,5 +1,5 @@
-"""Well-behaved devices for the reliability benchmarks: real ``CoInference`` sessions
-whose every answer is checked against the target's own greedy answer.
+"""Well-behaved devices for the benchmarks (reliability, capacity, arm64): real
+``CoInference`` sessions whose every answer is checked against the target's own greedy answer.
 
 ``greedy_references`` computes those answers in this process (transformers'
 ``generate`` on the target folder, the answer the edge must reproduce token for
