@@ -332,7 +332,9 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
 from covspec.cli.bench_device_cmd import device  # noqa: E402 - commands in modules of their own join the group here
 from covspec.cli.bench_gpu_cmd import gpu  # noqa: E402
 from covspec.cli.bench_load_cmd import load  # noqa: E402
+from covspec.cli.bench_regime_cmd import regime  # noqa: E402
 
 bench.add_command(load)
+bench.add_command(regime)
 bench.add_command(gpu)
 bench.add_command(device)
