@@ -8,8 +8,10 @@ Scanned: README.md, ARCHITECTURE.md, PROTOCOL.md, BENCHMARKS.md, the comments of
   relative to ``covspec/`` (``runtime_edge/kv.py``) or to the citing file's folder, a
   file name alone (``session.py``, ``PROTOCOL.md``); a path that climbs out of the
   repository never exists. ``NAME``, ``X`` and ``N`` stand for any name
-  (``covspec/cli/bench_X_cmd.py``). What commands write under ``artifacts/`` is built,
-  not committed, and not checked;
+  (``covspec/cli/bench_X_cmd.py``). What commands build under ``artifacts/`` is never
+  committed and not checked; ``benchmarks/`` (where benches write their results) is
+  checked in the Markdown docs, which show committed results, not in docstrings, which
+  say where a command writes;
 - a module: ``covspec.a.b`` must be a package or module, and a name after the module
   (``covspec.a.b.thing``) must occur in it;
 - a section: a Markdown file's name, a comma and a heading in double quotes must name
@@ -38,7 +40,8 @@ FILE_NAME = re.compile(r"(?<![\w/.-])([\w-]+\.(?:py|sh)|[A-Z][A-Z_]*\.md)\b")
 MODULE = re.compile(r"(?<![\w.])covspec(?:\.\w+)+")
 SECTION = re.compile(r"\b([A-Z][A-Z_]*\.md),? \"([^\"]+)\"")
 OWN_SECTION = re.compile(r"\bsee \"([^\"]+)\"")
-BUILT = ("artifacts/",)
+BUILT = ("artifacts/",)          # built by commands, never committed
+WRITTEN = ("benchmarks/",)       # where the benches write: committed results, checked where the docs show them
 
 
 def tracked() -> list[str]:
@@ -84,7 +87,7 @@ def _has_section(doc: str, heading: str) -> bool:
 
 def _path_problem(path: str, citing: str) -> str | None:
     path = path.rstrip(".,;:")
-    if path.startswith(BUILT):
+    if path.startswith(BUILT) or (path.startswith(WRITTEN) and citing.endswith(".py")):
         return None
     first = path.split("/")[0]
     if first not in ROOTS and first not in PACKAGES:

@@ -4,7 +4,8 @@
   requests to it, the emulated link, well-behaved devices, the questions, timing,
   memory sampling, the sections of BENCHMARKS.md;
 - ``end_to_end``: device and edge over emulated links (``covspec bench run``,
-  ``pruning``, ``drafting``) and the wire traffic at real vocabulary sizes (``wire``);
+  ``pruning``, ``drafting``, and under emulated deployment regimes: ``regime``) and the
+  wire traffic at real vocabulary sizes (``wire``);
 - ``capacity``: N devices against one edge (``covspec bench load``), with replay devices;
 - ``reliability``: hostile messages, load and faults (``covspec bench reliability``);
 - ``device``: the draft on the device at real size (``covspec bench device``), its

@@ -15,6 +15,7 @@ from covspec.cli.bench_families_cmd import families
 from covspec.cli.bench_gpu_cmd import gpu
 from covspec.cli.bench_load_cmd import load
 from covspec.cli.bench_pruning_cmd import pruning
+from covspec.cli.bench_regime_cmd import regime
 from covspec.cli.bench_reliability_cmd import reliability
 from covspec.cli.bench_run_cmd import run
 from covspec.cli.bench_wire_cmd import wire
@@ -26,5 +27,5 @@ def bench() -> None:
     benchmarks/ (JSON, PNG) and BENCHMARKS.md (Markdown tables)."""
 
 
-for command in (run, pruning, drafting, wire, families, reliability, load, device, gpu):
+for command in (run, pruning, drafting, wire, families, reliability, load, regime, device, gpu):
     bench.add_command(command)

@@ -48,6 +48,12 @@ def since(version: int, default):
     return field(default=default, metadata={"since": version})
 
 
+def counter(version: int):
+    """An integer counter from protocol ``version`` on that a message may omit (0 when absent),
+    so a side that counts more than an older peer stays readable by it and reads it."""
+    return field(default=0, metadata={"since": version, "optional": True})
+
+
 def array_field(dtype: str, ndim: int, optional: bool = False):
     """A dataclass field holding an ndarray of a fixed dtype and rank."""
     meta = {"array": True, "dtype": dtype, "ndim": ndim}
@@ -233,7 +239,10 @@ class Pong(Message):
     edge's counters since it started: target ``forwards`` (prefills included),
     ``committed`` tokens over all sessions, milliseconds spent opening sessions
     (``prefill_ms``) and running rounds (``rounds_ms``), ``peak_bytes`` of memory (the
-    CUDA allocator's peak on a GPU, else the process's peak resident set)."""
+    CUDA allocator's peak on a GPU, else the process's peak resident set). Under a
+    deployment regime (``covspec edge serve --regime``), ``overruns`` counts the target
+    forwards whose real compute took longer than the regime's emulated time, and
+    ``overrun_ms`` the time beyond it (both optional: an edge that predates them sends none)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -242,6 +251,8 @@ class Pong(Message):
     prefill_ms: int = since(2, 0)
     rounds_ms: int = since(2, 0)
     peak_bytes: int = since(2, 0)
+    overruns: int = counter(2)
+    overrun_ms: int = counter(2)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -305,7 +316,7 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
     for f in _fields(cls, version):
-        if f.metadata.get("array"):
+        if f.metadata.get("array") or (f.metadata.get("optional") and f.name not in header):
             continue
         values[f.name] = scalar(header, f.name, _TYPE_NAMES[f.type])
     require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,
