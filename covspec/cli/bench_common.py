@@ -1,8 +1,10 @@
 """What the ``covspec bench`` commands share: where results go (``RESULTS``), the link
-profiles a run covers (``LINKS``), writing a section of BENCHMARKS.md (``write_section``)
-and one run of scenarios against a fresh edge (``measure``, for ``pruning`` and
-``drafting``). Heavy imports stay inside the functions: ``covspec bench --help`` loads
-this module."""
+profiles a run covers (``LINKS``), writing a section of BENCHMARKS.md (``write_section``),
+one run of scenarios against a fresh edge (``measure``, for ``pruning`` and
+``drafting``), and the ``--regime`` option's help, the line that labels an emulated
+table (``regime_label``), the regime as the JSON records it (``described``) and as a
+file name (``regime_slug``). Heavy imports stay inside the functions: ``covspec bench
+--help`` loads this module."""
 
 from __future__ import annotations
 
@@ -25,10 +27,35 @@ def write_section(command: str, title: str, body: str) -> None:
     append_markdown(Path("BENCHMARKS.md"), f"{title} (`covspec bench {command}`)", line, body)
 
 
+REGIME_HELP = ("Emulate a deployment (DEVICE@TARGET or a profile file; `covspec plan --list`): the edge's forwards "
+               "and the draft's runs padded to a phone and a GPU-served target. Real time only by default.")
+
+
+def regime_label(regime: str | None, records: list[dict]) -> str:
+    """The line that says a table's timings are emulated, and how faithfully; "" without a regime."""
+    if not regime:
+        return ""
+    from covspec.bench.end_to_end.regime import overrun_line
+
+    return overrun_line(regime, records) + "\n\n"
+
+
+def regime_slug(regime: str) -> str:
+    """A file-name form of a regime spec (``phone-135m@7b-a100-hf`` -> ``phone-135m-7b-a100-hf``)."""
+    return Path(regime).stem.replace("@", "-")
+
+
+def described(regime: str | None) -> dict | None:
+    """The regime's profile as the JSON results record it; None without a regime."""
+    from covspec.regime import load_regime
+
+    return load_regime(regime).describe() if regime else None
+
+
 def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios: list, questions: list,
-            max_new_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge; write
-    ``out/NAME.json`` and return (raw records, summary rows)."""
+            max_new_tokens: int, regime: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge (under
+    ``regime`` when given); write ``out/NAME.json`` and return (raw records, summary rows)."""
     from tqdm import tqdm
 
     from covspec.bench.end_to_end import report
@@ -40,7 +67,7 @@ def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     out.mkdir(parents=True, exist_ok=True)
     bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
-                      out / "edge.log")
+                      out / "edge.log", regime=regime)
     try:
         total = len(profiles) * len(scenarios) * len(questions)
         with tqdm(total=total, desc=name, unit="run", file=sys.stderr) as bar:
@@ -49,5 +76,6 @@ def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios
         bench_run.close()
     raw = records_to_json(records)
     rows = report.summarize(raw)
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw, "regime": described(regime)},
+                                                 indent=1))
     return raw, rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from covspec.cli.bench_common import LINKS, RESULTS, write_section
+from covspec.cli.bench_common import LINKS, REGIME_HELP, RESULTS, described, regime_label, write_section
 
 
 @click.command("run")
@@ -24,10 +24,11 @@ from covspec.cli.bench_common import LINKS, RESULTS, write_section
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE", help=REGIME_HELP)
 @click.option("--markdown/--no-markdown", default=True, show_default=True,
               help="Append the table to BENCHMARKS.md.")
 def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: float | None,
-        artifacts_dir: Path, out: Path, markdown: bool) -> None:
+        artifacts_dir: Path, out: Path, regime: str | None, markdown: bool) -> None:
     """Target-only vs vanilla speculative decoding vs CoVSpec (and CoVSpec minus each
     feature) over emulated links, plus transformers' assisted generation."""
     from tqdm import tqdm
@@ -58,26 +59,28 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
         records = run_assisted(bundled_model_dir("draft"), bundled_model_dir("target"), questions, settings,
                                tick=bar.update)
-        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, out / "edge.log")
+        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, out / "edge.log", regime=regime)
         try:
             records += bench_run.run(profiles, scenarios, questions, tick=bar.update)
         finally:
             bench_run.close()
     raw = records_to_json(records)
     rows = report.summarize(raw)
-    name = "bench-quick" if quick else "bench"
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
-    table = report.markdown_table(rows)
+    name = ("bench-quick" if quick else "bench") + ("-regime" if regime else "")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw, "regime": described(regime)},
+                                                 indent=1))
+    table = regime_label(regime, raw) + report.markdown_table(rows)
     lead = lead_report.lead_table(lead_report.lead_rows(raw, {p.name: p.rtt_ms for p in profiles}))
     click.echo(table + "\n\n" + lead)
-    if not quick:
+    if not quick and not regime:
         report.plot_speedup(rows, out / "speedup_vs_link.png")
         report.plot_bytes(rows, out / "bytes_per_token.png", profiles[0].name)
     if markdown and not quick:
+        plots = "" if regime else \
+            "\n\n![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)"
         body = (f"{len(questions)} held-out ShapesVQA questions (half descriptions), greedy, max {max_new_tokens} "
                 f"new tokens, CoVSpec keep ratio {ratio}.\n\n{table}\n\n"
                 f"Never slower than the edge alone? Speedup over target-only per workload (median per question), "
-                f"TTFT, and the target's forwards per committed token (target-only's in brackets):\n\n{lead}\n\n"
-                f"![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)")
-        write_section("run", "Side by side", body)
+                f"TTFT, and the target's forwards per committed token (target-only's in brackets):\n\n{lead}{plots}")
+        write_section("run", "Side by side" + (f", EMULATED {regime}" if regime else ""), body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
