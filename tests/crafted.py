@@ -11,6 +11,8 @@ at once, and a verdict becomes *ready* only after ``delay`` polls of
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 
 import numpy as np
@@ -95,6 +97,9 @@ class TableDraft:
     def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
         self.drafter.fed = []
         return DraftPrefill(kept=np.zeros(0, np.int64), visual_tokens=0, selection="none")
+
+    def interrupted(self):
+        return contextlib.nullcontext()
 
 
 class TableTarget:

@@ -24,11 +24,11 @@ from covspec.runtime_device.stats import GenerationStats
 SLACK_S = 0.005       # a padded call may take this much beyond its emulated time (sleep wake-up, bookkeeping)
 
 
-def fast_regime(tmp_path, step_ms: float = 4.0, draft_ms: float = 1.0):
+def fast_regime(tmp_path, step_ms: float = 4.0, draft_ms: float = 1.0, vision_ms: float = 5.0):
     """A profile file whose times are small but above the tiny models' real compute."""
     builtin = load_regime("phone-135m@7b-a100-hf")
     device = {**builtin.device.__dict__, "phone_factor": 1.0, "decode_step_ms": draft_ms, "decode_row_ms": 0.2,
-              "prefill_token_ms": 0.2, "vision_frame_ms": 5.0}
+              "prefill_token_ms": 0.2, "vision_frame_ms": vision_ms}
     target = {**builtin.target.__dict__, "layer_overhead_ms": step_ms / builtin.target.layers, "params_b": 0.001,
               "vision_ms": 5.0}
     path = tmp_path / "fast.json"
@@ -234,3 +234,27 @@ def test_edge_led_sampling_follows_the_target_under_a_regime(tiny_pair, tmp_path
     observed = np.array([counts[c] for c in cells], dtype=float)
     expected = np.array([joint[c] for c in cells]) * runs
     assert chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
+
+
+def test_an_answer_complete_before_the_draft_is_ready_does_not_wait_for_it(tiny_pair, tmp_path):  # noqa: F811
+    """Edge-led, a phone whose vision takes 3 s: a 2-token answer comes in the edge's time,
+    the abandoned prefill ends at once, and the next answer on the same device is exact."""
+    from covspec.runtime_edge import EdgeServer, ServerConfig
+
+    regime = fast_regime(tmp_path, vision_ms=3000.0)
+    artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
+    image, question = png_bytes(0), QUESTIONS[0]
+    with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
+        client = EdgeClient(server.address, RetryPolicy(timeout_s=5))
+        device = CoInference(artifact, client)
+        stats = GenerationStats()
+        began = time.perf_counter()
+        short = [t for c in device.generate(image, question, GenerationSettings(max_new_tokens=2),
+                                            DraftingOptions(lead="edge"), stats) for t in c]
+        assert time.perf_counter() - began < 1.0
+        assert stats.prefill_abandoned and short == reference(tiny_pair, image, question, 2)
+        stats = GenerationStats()
+        long = [t for c in device.generate(image, question, GenerationSettings(max_new_tokens=24),
+                                           DraftingOptions(lead="edge"), stats) for t in c]
+        client.close()
+    assert long == reference(tiny_pair, image, question, 24)

@@ -5,7 +5,9 @@ less than ``seconds`` it sleeps the rest, so the call takes the emulated time (p
 sleep's wake-up latency, well under a millisecond); when it took more, it adds nothing
 and counts an overrun (the real compute exceeded what the named hardware would take).
 Padding only ever adds time. Counters are thread-safe (the device prefills its draft
-in a thread) and cumulative; ``counts()`` reads them.
+in a thread) and cumulative; ``counts()`` reads them. ``interrupt()`` ends the padding
+under way at once and pads nothing until ``resume()``: a generation whose answer is
+complete does not wait for its draft's emulated work.
 
 ``DevicePacing`` and ``EdgePacing`` bind a pacer to a profile and the call shapes of
 each side (``roofline``). ``NO_PACING`` has the same methods and pads nothing: the toy
@@ -29,6 +31,7 @@ class Pacer:
         self.overruns = 0
         self.overrun_s = 0.0      # real time beyond the emulated time, summed over overruns
         self.padded_s = 0.0       # time added by padding
+        self._interrupted = threading.Event()
 
     @contextmanager
     def pad(self, seconds: float):
@@ -43,7 +46,13 @@ class Pacer:
             else:
                 self.padded_s += seconds - spent
         if spent < seconds:
-            time.sleep(seconds - spent)
+            self._interrupted.wait(seconds - spent)
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def resume(self) -> None:
+        self._interrupted.clear()
 
     def counts(self) -> dict:
         with self._lock:

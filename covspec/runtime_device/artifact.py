@@ -17,6 +17,11 @@ of their sum. The price is opening both graphs again for every image; a one-shot
 ``covspec device run`` opens each once either way.
 Numpy, onnxruntime and tokenizers only.
 
+``interrupted()`` is a context in which every run of the artifact's graphs (one under
+way included: onnxruntime's ``RunOptions.terminate``) and every padding of a regime
+ends at once, raising in the thread that runs it: a generation whose answer is
+complete abandons its draft's prefill this way instead of waiting for it.
+
 ``run_vision`` feeds the vision graph what the family's preprocessing produced,
 after checking every input's rank and fixed sizes against the graph: a
 preprocessing that does not match its graph is an ``ArtifactError`` that says so,
@@ -27,6 +32,7 @@ than the draft's) is embedded as the pad token, which only the draft sees.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +79,7 @@ class Graph:
     def __init__(self, path: str | Path, threads: int):
         self.path, self.threads = Path(path), threads
         self._session: ort.InferenceSession | None = None
+        self.run_options = ort.RunOptions()     # its ``terminate`` ends the graph's runs (``interrupted``)
 
     @property
     def is_open(self) -> bool:
@@ -88,6 +95,9 @@ class Graph:
         if self._session is not None:
             self._session = None
             release_heap()
+
+    def run(self, output_names, feeds, run_options=None):
+        return self.open().run(output_names, feeds, run_options or self.run_options)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):       # private and special names (copy, pickle) never open a session
@@ -176,6 +186,20 @@ class DraftArtifact:
         finally:
             if self.lean:
                 self.vision.close()
+
+    @contextmanager
+    def interrupted(self):
+        """Within: every graph run (under way or new) and every regime padding ends at once."""
+        graphs = (self.vision, self.scorer, self.decoder)
+        for graph in graphs:
+            graph.run_options.terminate = True
+        self.pacing.pacer.interrupt()
+        try:
+            yield
+        finally:
+            for graph in graphs:
+                graph.run_options.terminate = False
+            self.pacing.pacer.resume()
 
     @property
     def eos_ids(self) -> set[int]:

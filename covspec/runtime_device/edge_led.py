@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -145,9 +145,11 @@ class EdgeLedGeneration:
             self.client.send(opening)
             # The draft prefills in a thread (onnxruntime releases the GIL) while the edge's
             # tokens stream in: the first token and a short answer come as fast as the edge
-            # alone; drafting starts once the draft is ready.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-prefill") as pool:
-                prefill = pool.submit(self._prefill)
+            # alone; drafting starts once the draft is ready. The answer never waits for the
+            # draft: a prefill still under way when it is complete is interrupted.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-prefill")
+            prefill = pool.submit(self._prefill)
+            try:
                 first = self._opened(self.session.await_opened(opening))
                 self.stats.ttft_s = time.perf_counter() - began
                 yield first
@@ -160,12 +162,24 @@ class EdgeLedGeneration:
                     quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
                     if new:
                         yield new
+            finally:
+                self._abandon(prefill)
+                pool.shutdown(wait=True)
         finally:
             self.session.close()
             self.stats.tokens = len(self.committed)
             self.stats.wall_s = time.perf_counter() - began
             self.stats.bytes_up += self.client.bytes_up - up0
             self.stats.bytes_down += self.client.bytes_down - down0
+
+    def _abandon(self, prefill) -> None:
+        """End a draft prefill still under way (its runs and padding stop at once, raising
+        in its thread): nothing the device does for itself delays a complete answer."""
+        if prefill.done():
+            return
+        with self.draft.interrupted():
+            wait([prefill])
+        self.stats.prefill_abandoned = True
 
     def _prefill(self) -> None:
         started = time.perf_counter()

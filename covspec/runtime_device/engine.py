@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +74,10 @@ class DraftModel(Protocol):
                 trace: Callable[[dict], None]) -> DraftPrefill:
         """Prefill the drafter; which visual tokens it kept."""
 
+    def interrupted(self) -> AbstractContextManager:
+        """A context within which the draft's work (a prefill under way in another thread)
+        ends at once, raising there; the drafter is prefilled afresh afterwards."""
+
 
 class ArtifactDraft:
     """The draft of an exported artifact, run with onnxruntime."""
@@ -86,6 +91,9 @@ class ArtifactDraft:
     def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
                 trace: Callable[[dict], None]) -> DraftPrefill:
         return prefill_draft(self.artifact, self.drafter, load_image(image_bytes), question, options, seed, trace)
+
+    def interrupted(self) -> AbstractContextManager:
+        return self.artifact.interrupted()
 
 
 class CoInference:
