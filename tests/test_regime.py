@@ -245,7 +245,7 @@ def test_an_answer_complete_before_the_draft_is_ready_does_not_wait_for_it(tiny_
     artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
     image, question = png_bytes(0), QUESTIONS[0]
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=5))
+        client = EdgeClient(server.address, Patience(timeout_s=5))
         device = CoInference(artifact, client)
         stats = GenerationStats()
         began = time.perf_counter()
