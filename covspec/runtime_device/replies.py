@@ -12,7 +12,8 @@ at once (code ``bad_reply``, a subclass of ``EdgeError``), naming what was wrong
   after the chunk's (edge-led);
 - a streamed token accepts nothing beside it;
 - ``opened`` names the position after the committed tokens;
-- nothing commits past ``max_new_tokens``.
+- nothing commits past ``max_new_tokens``, and a reply that reaches it ends the
+  generation (``done``).
 
 What cannot be checked here (a reply for another round or session, a reply that does
 not decode) is dropped by ``client.EdgeClient`` and counted, and the wait ends with
@@ -52,6 +53,8 @@ def check_commit(reply: Opened | Result, new: int, committed: int, max_new_token
     if committed + new > max_new_tokens:
         raise EdgeMisbehaved(f"{what} commits {new} token(s) after {committed}, beyond max_new_tokens "
                              f"{max_new_tokens}")
+    if committed + new == max_new_tokens and not reply.done:
+        raise EdgeMisbehaved(f"{what} reaches max_new_tokens ({max_new_tokens}) but does not end the generation")
 
 
 def check_opened(opened: Opened, committed: int, max_new_tokens: int, vocab_size: int | None) -> None:

@@ -22,9 +22,17 @@ import numpy as np
 from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.protocol.ownership import new_owner, session_id_for
-from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
+from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.proposer import Chunk
+
+
+def patience_s(policy: RetryPolicy, attempts: int) -> float:
+    """The longest a generation waits on an edge that verifies nothing before it ends with an
+    error: the open (twice the timeout, then a whole request), then ``attempts`` + 1 losses
+    in a row (``DeviceSession.reopen``), each the wait for a verdict and a reopen. The
+    draft's own prefill comes on top."""
+    return 2 * policy.timeout_s + policy.patience_s + (attempts + 1) * 2 * policy.patience_s
 
 
 class DeviceSession:
@@ -70,7 +78,7 @@ class DeviceSession:
         self.lost += 1
         if self.lost > attempts:
             raise EdgeUnreachable(self.client.explain(
-                f"the edge at {self.client.address} lost session {self.id} {attempts} times in a row without a "
+                f"the edge at {self.client.address} lost session {self.id} {attempts} time(s) in a row without a "
                 f"verdict between (the last time: {why}); giving up"))
         last: Exception | None = None
         for attempt in range(attempts):
