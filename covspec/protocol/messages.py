@@ -9,12 +9,14 @@ and each array listed in ``arrays`` follows as its own raw little-endian frame, 
 that order. Positions count generated tokens only (0 = the first generated token).
 
 ``decode`` validates everything (JSON, version, type, every field's presence and
-strict type, no field the message type and version lack, each array's dtype, rank and
-byte length, size limits, frame count) and raises one typed error, ``ProtocolError``,
+strict type, in a request no field its type and version lack, each array's dtype,
+rank and byte length, size limits, frame count) and raises one typed error, ``ProtocolError``,
 whose ``code`` names the class of problem and whose message names the field. A
 message that decodes is well-formed down to its strings (valid Unicode) and owner
-(within ``MAX_OWNER``), so nothing later can fail on its form. Nothing is ever
-unpickled or evaluated.
+(within ``MAX_OWNER``), so nothing later can fail on its form. A reply (from the edge)
+may carry fields this side does not know, which are ignored: an edge may add optional
+counters (``counter``) without breaking older devices. Nothing is ever unpickled or
+evaluated.
 
 Versions: v2 added the ``edge_led`` mode of ``open`` and ``pong``'s counters (fields
 marked ``since(2)``); v3 made session ids self-certifying (``covspec.protocol.ownership``):
@@ -54,6 +56,12 @@ SEED_RANGE = (0, 2 ** 64)
 def since(version: int, default):
     """A scalar field that exists from protocol ``version`` on (``default`` in older messages)."""
     return field(default=default, metadata={"since": version})
+
+
+def counter(version: int):
+    """An integer counter from protocol ``version`` on that a message may omit (0 when absent),
+    so a side that counts more than an older peer stays readable by it and reads it."""
+    return field(default=0, metadata={"since": version, "optional": True})
 
 
 def array_field(dtype: str, ndim: int, optional: bool = False):
@@ -247,7 +255,10 @@ class Pong(Message):
     edge's counters since it started: target ``forwards`` (prefills included),
     ``committed`` tokens over all sessions, milliseconds spent opening sessions
     (``prefill_ms``) and running rounds (``rounds_ms``), ``peak_bytes`` of memory (the
-    CUDA allocator's peak on a GPU, else the process's peak resident set)."""
+    CUDA allocator's peak on a GPU, else the process's peak resident set). Under a
+    deployment regime (``covspec edge serve --regime``), ``overruns`` counts the target
+    forwards whose real compute took longer than the regime's emulated time, and
+    ``overrun_ms`` the time beyond it (both optional: an edge that predates them sends none)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -256,8 +267,11 @@ class Pong(Message):
     prefill_ms: int = since(2, 0)
     rounds_ms: int = since(2, 0)
     peak_bytes: int = since(2, 0)
+    overruns: int = counter(2)
+    overrun_ms: int = counter(2)
 
 
+REQUEST_TYPES = ("open", "verify", "close", "ping")     # what a device sends: no field beyond its type's
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Open, Opened, Verify, Result, Close, Error, Ping, Pong)}
 
@@ -321,11 +335,11 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     fields = _fields(cls, version)
     known = {"v", "type", "session", "seq", "arrays"} | {f.name for f in fields if not f.metadata.get("array")}
     unknown = sorted(str(name) for name in header if name not in known)
-    if unknown:
+    if unknown and kind in REQUEST_TYPES:
         raise ProtocolError(errors.BAD_FIELD, f"a v{version} {kind} has no field {unknown[0]!a}; "
                                               f"its fields are {', '.join(sorted(known))}")
     for f in fields:
-        if f.metadata.get("array"):
+        if f.metadata.get("array") or (f.metadata.get("optional") and f.name not in header):
             continue
         values[f.name] = scalar(header, f.name, _TYPE_NAMES[f.type])
     require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,

@@ -99,6 +99,9 @@ class EdgeServer:
             torch.set_num_threads(self.config.threads)
         if self.target is None:
             self.target = TargetModel.load(self._model_source, device=self.config.device, dtype=self.config.dtype)
+        if self.config.regime is not None:
+            from covspec.regime import EdgePacing, load_regime
+            self.target.pacing = EdgePacing(load_regime(self.config.regime).target)
         self._owner = ModelOwner(self.target, self.config, self._stopping)
         context = self._context = zmq.Context()
         router = context.socket(zmq.ROUTER)
@@ -166,12 +169,15 @@ class EdgeServer:
 
     def counters(self) -> dict[str, int]:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
-        opening sessions and running rounds, peak memory."""
+        opening sessions and running rounds, peak memory, and under a regime the forwards whose
+        real compute overran their emulated time."""
         owner = self._owner
         if owner is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
+        pacing = self.target.pacing.pacer.counts()
         return {"forwards": owner.forwards, "committed": owner.committed, "prefill_ms": int(owner.prefill_s * 1000),
-                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device)}
+                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device),
+                "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"])}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()
