@@ -93,6 +93,7 @@ class TableDraft:
     def __init__(self, logits: Logits, eos_ids=frozenset()):
         self.drafter = TableDrafter(logits)
         self.eos_ids = eos_ids
+        self.vocab_size = len(logits(()))
 
     def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
         self.drafter.fed = []
