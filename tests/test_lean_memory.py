@@ -13,7 +13,7 @@ from PIL import Image
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.hf.tiny import save_tiny_llava
 from covspec.runtime_device.artifact import DraftArtifact, Graph
-from covspec.runtime_device.client import EdgeClient, Patience
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.memory import peak_rss_mb, release_heap, rss_mb
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
@@ -37,7 +37,7 @@ def pair(tmp_path_factory):
 
 
 def answers(artifact: DraftArtifact, address: str, watch=lambda: None) -> list[list[int]]:
-    client = EdgeClient(address, Patience(timeout_s=5))
+    client = EdgeClient(address, Backoff(timeout_s=5))
     out = []
     try:
         engine = CoInference(artifact, client)

@@ -15,13 +15,14 @@ from test_device import QUESTIONS, png_bytes, reference, target_joint, tiny_pair
 from covspec.regime import DevicePacing, EdgePacing, Pacer, RegimeError, builtin_regimes, load_regime
 from covspec.regime import plan, roofline
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, Patience
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
 
 SLACK_S = 0.005       # a padded call may take this much beyond its emulated time (sleep wake-up, bookkeeping)
+REPEATS = 3           # the least of a few repeats: a loaded machine's late wake-ups are noise, not padding
 
 
 def fast_regime(tmp_path, step_ms: float = 4.0, draft_ms: float = 1.0, vision_ms: float = 5.0):
@@ -82,12 +83,17 @@ def test_overruns_are_counted_and_padding_only_adds_time():
     assert counts["padded_ms"] > 15
 
 
-def timed(pacing, call) -> tuple[float, bool]:
-    """(seconds ``call`` took, whether the pacer counted it an overrun)."""
-    before = pacing.pacer.overruns
-    began = time.perf_counter()
-    call()
-    return time.perf_counter() - began, pacing.pacer.overruns > before
+def timed(pacing, call, repeats: int = 1) -> tuple[float, bool]:
+    """(the least seconds ``call`` took over ``repeats`` calls, whether the pacer counted
+    an overrun in every one of them)."""
+    least, overran = float("inf"), True
+    for _ in range(repeats):
+        before = pacing.pacer.overruns
+        began = time.perf_counter()
+        call()
+        least = min(least, time.perf_counter() - began)
+        overran = overran and pacing.pacer.overruns > before
+    return least, overran
 
 
 def assert_paced(elapsed: float, overran: bool, emulated: float) -> None:
@@ -121,7 +127,12 @@ def test_a_padded_target_forward_takes_the_profiles_time():
         cache = holder["cache"]
         for chunk in ([5], [5, 6, 7, 8], [9]):
             past = cache.kv.length
-            elapsed, overran = timed(target.pacing, lambda: target.extend(cache, chunk))
+
+            def forward() -> None:
+                target.extend(cache, chunk)
+                target.rollback(cache, past)
+
+            elapsed, overran = timed(target.pacing, forward, REPEATS)
             assert_paced(elapsed, overran, roofline.forward_s(regime.target, [past], [len(chunk)]))
             padded.append(not overran)
     assert any(padded), "every forward overran: nothing here tested the padding"
@@ -142,7 +153,13 @@ def test_a_padded_draft_run_takes_the_phones_time():
     assert elapsed >= roofline.vision_s(regime.device, 1) + roofline.decoder_s(regime.device, drafter.context_len, True)
     padded = []
     for tokens in ([5], [5, 6, 7], [8]):
-        elapsed, overran = timed(artifact.pacing, lambda: drafter.feed(tokens))
+        fed = drafter.generated
+
+        def run() -> None:
+            drafter.feed(tokens)
+            drafter.truncate(fed)
+
+        elapsed, overran = timed(artifact.pacing, run, REPEATS)
         assert_paced(elapsed, overran, roofline.decoder_s(regime.device, len(tokens), prefill=False))
         padded.append(not overran)
     assert any(padded), "every draft run overran: nothing here tested the padding"
@@ -193,7 +210,7 @@ def test_greedy_is_exact_under_a_regime(tiny_pair, tmp_path, lead):  # noqa: F81
     artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
     drafted = 0
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, Patience(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         device = CoInference(artifact, client)
         for seed, question in enumerate(QUESTIONS):
             image, stats = png_bytes(seed), GenerationStats()
@@ -219,7 +236,7 @@ def test_edge_led_sampling_follows_the_target_under_a_regime(tiny_pair, tmp_path
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32", pacing=DevicePacing(load_regime(regime).device))
     counts, accepted = Counter(), 0
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, Patience(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         engine = CoInference(artifact, client)
         for seed in range(runs):
             stats = GenerationStats()
@@ -245,7 +262,7 @@ def test_an_answer_complete_before_the_draft_is_ready_does_not_wait_for_it(tiny_
     artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
     image, question = png_bytes(0), QUESTIONS[0]
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, Patience(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         device = CoInference(artifact, client)
         stats = GenerationStats()
         began = time.perf_counter()

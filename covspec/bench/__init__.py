@@ -7,7 +7,8 @@
   ``pruning``, ``drafting``, and under emulated deployment regimes: ``regime``) and the
   wire traffic at real vocabulary sizes (``wire``);
 - ``capacity``: N devices against one edge (``covspec bench load``), with replay devices;
-- ``reliability``: hostile messages, load and faults (``covspec bench reliability``);
+- ``reliability``: hostile messages, load and faults, and a hostile edge against the
+  device (``covspec bench reliability``);
 - ``device``: the draft on the device at real size (``covspec bench device``), its
   anchors (onnxruntime-genai, llama.cpp), quantization quality, and arm64;
 - ``families``: per-family figures on tiny configs (``covspec bench families``);

@@ -1,4 +1,5 @@
-"""`covspec bench reliability`: hostile messages, load and faults against a live edge.
+"""`covspec bench reliability`: hostile messages, load and faults against a live edge, or
+(``--hostile-edge``) a fake, hostile edge against the real device.
 
 A click command of the ``bench`` group (``covspec/cli/bench_cmd.py``)."""
 
@@ -27,16 +28,22 @@ from covspec.cli.bench_common import RESULTS, write_section
               help="Clients that open a session and disappear.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--quick", is_flag=True, help="A smoke test: 2,000 messages, 1 and 4 devices for 10 s, one kill.")
+@click.option("--hostile-edge", is_flag=True,
+              help="Instead: a fake edge answers the real device with malformed and hostile replies (< 1 min).")
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def reliability(messages: int, sockets: int, levels: str, seconds: float, kills: int, vanished: int, seed: int,
-                quick: bool, artifacts_dir: Path, out: Path, markdown: bool) -> None:
+                quick: bool, hostile_edge: bool, artifacts_dir: Path, out: Path, markdown: bool) -> None:
     """Hostile messages against a live edge with a well-behaved device alongside (replies
     by code, messages without a reply, crashes, edge memory), then 1..N concurrent
     devices, SIGKILL + restart mid-generation and vanished clients; every answer is
-    checked against the target's greedy answer. Exits 1 if a promise was broken."""
+    checked against the target's greedy answer. With --hostile-edge, the other way round:
+    a fake edge against the real device, which must end every generation with a clear
+    error within its patience. Exits 1 if a promise was broken."""
+    if hostile_edge:
+        return _hostile_edge(artifacts_dir, out, markdown)
     from tqdm import tqdm
 
     from covspec.bench.reliability.phases import ReliabilityPlan, measure_reliability
@@ -71,3 +78,26 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
     problems = verdict(summary)
     if problems:
         raise click.ClickException("broken promises: " + "; ".join(problems))
+
+
+def _hostile_edge(artifacts_dir: Path, out: Path, markdown: bool) -> None:
+    from covspec.bench.harness.workload import toy_questions
+    from covspec.bench.reliability import hostile_edge
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.runtime_device.client import Backoff
+    from covspec.toy.artifacts import ensure_toy_artifacts
+
+    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)))
+    question = toy_questions(1)[0]
+    backoff, attempts = Backoff(timeout_s=0.5, retries=1, backoff_s=0.05), 2
+    outcomes = hostile_edge.run_hostile_edge(artifact, question.image_png, question.question, backoff=backoff,
+                                             reopen_attempts=attempts, tick=lambda line: click.echo(line, err=True))
+    summary = hostile_edge.summary(outcomes, backoff, attempts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability-hostile-edge.json").write_text(json.dumps(summary, indent=1))
+    body = hostile_edge.report(summary)
+    click.echo(body)
+    if markdown:
+        write_section("reliability", "A hostile edge against the real device", body)
+    if summary["broken"]:
+        raise click.ClickException("broken promises: " + "; ".join(summary["broken"]))

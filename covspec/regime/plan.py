@@ -17,12 +17,14 @@ times are seconds from the moment the device sends ``open``.
 - edge-led (today's default for greedy): the target steps by itself from F on; the
   draft is ready at D; each chunk is ``L = ceil(overlap + v)`` tokens (``LeadPlanner``'s
   rule, v = 8), where the overlap is what the edge generates while the chunk is drafted
-  and travels, ``o = (rtt + L t_d) / t_e``. A chunk whose overlap agrees (chance
-  prod_{i<=o} alpha_i) jumps the edge ahead by the accepted tokens past the overlap,
-  G = sum_{i=o+1..L} prod_{j<=i} alpha_j on average, one cycle
-  (catch-up + L t_d + rtt + t_v) after the previous chunk; chunks are not drafted when
-  the overlap survives with chance below 0.1. The generation ends when n tokens arrived,
-  and not before the draft's prefill ended (the device joins its prefill thread).
+  (after feeding the streamed tokens: one more run), travels, and waits for the edge's
+  step under way: ``o = (rtt + (L + 1) t_d + t_e / 2) / t_e``. A chunk whose overlap
+  agrees (chance S = prod_{i<=o} alpha_i) jumps the edge ahead by the accepted tokens
+  past the overlap, G = sum_{i=o+1..L} prod_{j<=i} alpha_j on average, when its verdict
+  arrives; one a streamed token contradicts is dropped when that token arrives and the
+  next drafted at once. Chunks are not drafted when the overlap survives with chance
+  below 0.1. The generation ends when n tokens arrived: a draft prefill still under way
+  then is abandoned.
 
 ``recommend`` picks the mode (and k) of least expected time. Device-led with adaptive
 lengths, pipelining and branches is not modelled: its draft length is the plan's k.
@@ -100,39 +102,43 @@ def target_only_s(costs: Costs, n: int) -> float:
 
 def device_led_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
     start = max(costs.first_token_s, costs.draft_prefill_s)
-    per_round = expected_accepted(alpha, k) + 1
-    round_s = k * costs.draft_step_s + costs.rtt_s + costs.verify(k)
-    return start + max(n - 1, 0) / per_round * round_s
+    if n <= 1:
+        return start
+    rounds = max(1.0, (n - 1) / (expected_accepted(alpha, k) + 1))     # a round commits at least one token
+    return start + rounds * (k * costs.draft_step_s + costs.rtt_s + costs.verify(k))
 
 
-def lead_chunk(costs: Costs) -> tuple[int, float]:
-    """(chunk length L, the overlap o it meets at the edge), by ``LeadPlanner``'s rule."""
+def lead_chunk(costs: Costs, alpha: Sequence[float]) -> tuple[int, float, bool]:
+    """(chunk length L, the overlap it meets at the edge, whether it is drafted at all):
+    ``LeadPlanner``'s length rule and its test that the estimated overlap survives with
+    chance at least 0.1. A chunk is drafted after the tokens streamed meanwhile are fed
+    (one decoder run), and meets the edge mid-step (half a step later on average)."""
     step, draft = costs.target_step_s, costs.draft_step_s
     estimate = (costs.rtt_s + LEAD_VERIFIED * draft) / step / max(1.0 - draft / step, 0.25)
     length = int(min(LEAD_MAX, math.ceil(estimate + LEAD_VERIFIED)))
-    return length, (costs.rtt_s + length * draft) / step
+    overlap = (costs.rtt_s + (length + 1) * draft + step / 2) / step
+    return length, overlap, survival(alpha, math.ceil(estimate)) >= LEAD_MIN_SURVIVAL
 
 
 def edge_led_s(costs: Costs, n: int, alpha: Sequence[float]) -> float:
     first, step = costs.first_token_s, costs.target_step_s
-    alone = target_only_s(costs, n)
-    length, overlap = lead_chunk(costs)
+    length, overlap, drafted = lead_chunk(costs, alpha)
     covered = math.ceil(overlap)
-    survive = survival(alpha, covered) if covered < length else 0.0
-    if survive < LEAD_MIN_SURVIVAL:
-        return max(alone, costs.draft_prefill_s)
+    if not drafted or covered >= length:
+        return target_only_s(costs, n)
+    survive = survival(alpha, covered)
     gain = expected_accepted(alpha, length, skip=covered)
-    cycle = (length + 1) * costs.draft_step_s + costs.rtt_s + costs.verify(length - covered)
+    drafting = (length + 1) * costs.draft_step_s
+    # a chunk whose overlap agrees is verified and answered; one a streamed token contradicts
+    # is dropped when that token arrives, and the next is drafted at once
+    cycle = survive * (drafting + costs.rtt_s + step / 2 + costs.verify(length - covered)) + \
+        (1 - survive) * (drafting + costs.rtt_s / 2)
     now = max(first, costs.draft_prefill_s)
     gained = 0.0
-    while True:
-        produced = (now + cycle - first) / step + gained          # tokens after the first, by the next verdict
-        if produced >= n - 1:
-            break
+    while (now + cycle - first) / step + gained < n - 1:        # tokens after the first, by the next verdict
         gained += gain
         now += cycle
-    finish = first + max(n - 1 - gained, 0) * step
-    return max(finish, costs.draft_prefill_s)
+    return first + max(n - 1 - gained, 0) * step
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ def recommend(costs: Costs, n: int, alpha: Sequence[float], max_draft_len: int =
     if best.startswith("device-led"):
         mode, length = "device-led", int(best.split("=")[1])
     else:
-        mode, length = best, lead_chunk(costs)[0] if best == "edge-led" else 0
+        mode, length = best, lead_chunk(costs, alpha)[0] if best == "edge-led" else 0
     return Plan(mode, length, times[best], baseline, times)
 
 

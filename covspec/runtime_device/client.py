@@ -7,7 +7,12 @@ comes after every retry and ``EdgeError`` when the edge answers with an error.
 Replies to older rounds (duplicates from retries) are dropped. Sends time out too (a
 DEALER whose connection never completes would block forever), and a handshake the
 edge refused (socket monitor events) turns into a clear ``EdgeUnreachable``: the edge
-refused this device's key, or the two sides disagree on encryption. Every byte sent
+refused this device's key, or the two sides disagree on encryption. Replies are
+bounded (``REPLY_LIMITS``; the socket's ``MAXMSGSIZE`` disconnects an edge that sends a
+bigger message); replies that do not decode and replies to other sessions or rounds
+are dropped and counted, and an ``EdgeUnreachable`` says how many came meanwhile, so a
+misbehaving edge is told apart from a silent one. ``Backoff.patience_s`` is the
+longest one request waits. Every byte sent
 and received on the socket is counted
 (frame payloads; ZeroMQ adds a few bytes of framing per frame), in total and per
 message type.
@@ -26,8 +31,9 @@ from covspec.protocol.errors import BUSY, EdgeError
 from covspec.protocol.messages import Error, Limits, Message, ProtocolError, decode, encode
 
 BUSY_WAIT_S = 1.0                # the longest pause before asking a busy edge again
+REPLY_LIMITS = Limits(max_array_bytes=8 * 1024 * 1024, max_message_bytes=8 * 1024 * 1024)   # p_dense of 4M ids
 
-__all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "Patience"]
+__all__ = ["Backoff", "CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable"]
 
 
 class EdgeUnreachable(ConnectionError):
@@ -35,12 +41,18 @@ class EdgeUnreachable(ConnectionError):
 
 
 @dataclass(frozen=True)
-class Patience:
+class Backoff:
     """Per-attempt receive timeout, number of resends, and backoff between them."""
 
     timeout_s: float = 5.0
     retries: int = 3
     backoff_s: float = 0.2
+
+    @property
+    def patience_s(self) -> float:
+        """The longest one request waits for its reply before ``EdgeUnreachable``: every
+        attempt's timeout and the backoff after it."""
+        return sum(self.timeout_s + self.backoff_s * 2 ** attempt for attempt in range(self.retries + 1))
 
 
 @dataclass
@@ -74,10 +86,10 @@ HANDSHAKE_FAILURES = {
 
 
 class EdgeClient:
-    def __init__(self, address: str, patience: Patience = Patience(), curve: CurveKeys | None = None,
+    def __init__(self, address: str, backoff: Backoff = Backoff(), curve: CurveKeys | None = None,
                  context: zmq.Context | None = None):
         self.address = address
-        self.patience = patience
+        self.backoff = backoff
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -85,7 +97,8 @@ class EdgeClient:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
-        self.socket.setsockopt(zmq.SNDTIMEO, max(int(patience.timeout_s * 1000), 1))
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(backoff.timeout_s * 1000), 1))
+        self.socket.setsockopt(zmq.MAXMSGSIZE, REPLY_LIMITS.max_message_bytes)
         self._monitor = self.socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES))
         self._handshake_failure: str | None = None
@@ -94,6 +107,8 @@ class EdgeClient:
         self.bytes_down = 0
         self.bytes_by_type: Counter[str] = Counter()     # e.g. "up:verify", "down:result"
         self._held: Message | None = None                # an awaited reply seen by reply_ready
+        self.dropped: Counter[str] = Counter()           # replies dropped since the last awaited one, by why
+        self._last_undecodable = ""
 
     def send(self, message: Message) -> None:
         frames = encode(message)
@@ -104,14 +119,20 @@ class EdgeClient:
             self.socket.send_multipart(frames)
         except zmq.Again:
             raise EdgeUnreachable(self.explain(f"could not send to the edge at {self.address} within "
-                                               f"{self.patience.timeout_s:g} s")) from None
+                                               f"{self.backoff.timeout_s:g} s")) from None
 
     def explain(self, problem: str) -> str:
         """``problem``, with the reason the handshake failed when the socket monitor saw one."""
         while self._monitor.poll(0):
             event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
             self._handshake_failure = HANDSHAKE_FAILURES.get(event)
-        return f"{problem}: {self._handshake_failure}" if self._handshake_failure else problem
+        if self._handshake_failure:
+            return f"{problem}: {self._handshake_failure}"
+        if self.dropped:
+            problem += (f" (meanwhile {self.dropped['undecodable']} replies did not decode"
+                        f"{f', the last: {self._last_undecodable}' if self._last_undecodable else ''}; "
+                        f"{self.dropped['unmatched']} answered other sessions or rounds)")
+        return problem
 
     def _read(self) -> Message | None:
         """One waiting message off the socket (counted), or None if it does not decode."""
@@ -119,8 +140,10 @@ class EdgeClient:
         size = sum(len(f) for f in frames)
         self.bytes_down += size
         try:
-            reply = decode(frames, Limits())
-        except ProtocolError:
+            reply = decode(frames, REPLY_LIMITS)
+        except ProtocolError as exc:
+            self.dropped["undecodable"] += 1
+            self._last_undecodable = str(exc)[:200]
             return None                            # garbage on the wire: not our reply
         self.bytes_by_type[f"down:{reply.TYPE}"] += size
         return reply
@@ -138,9 +161,20 @@ class EdgeClient:
             if not self.socket.poll(int(left * 1000) + 1):
                 return None
             reply = self._read()
-            if reply is not None and reply.session == session and reply.seq == seq:
+            if self._matches(reply, session, seq):
                 return reply
         return None
+
+    def _matches(self, reply: Message | None, session: str, seq: int | None = None) -> bool:
+        """Whether ``reply`` is the one awaited (then the dropped count starts over)."""
+        if reply is None:
+            return False
+        if reply.session != session or (seq is not None and reply.seq != seq):
+            self.dropped["unmatched"] += 1
+            return False
+        self.dropped.clear()
+        self._last_undecodable = ""
+        return True
 
     def receive_any(self, session: str, timeout_s: float) -> Message | None:
         """The next message about ``session`` whatever its seq (edge-led sessions get
@@ -153,7 +187,7 @@ class EdgeClient:
             if not self.socket.poll(max(int((deadline - time.monotonic()) * 1000), 0)):
                 return None
             reply = self._read()
-            if reply is not None and reply.session == session:
+            if self._matches(reply, session):
                 return reply
 
     def reply_ready(self, session: str, seq: int) -> bool:
@@ -170,24 +204,24 @@ class EdgeClient:
         """Send ``message`` and return its reply, resending on timeout. A ``busy`` edge is
         asked again with backoff for as long as the attempts would have waited in all;
         then its error is raised."""
-        timeout = timeout_s or self.patience.timeout_s
-        deadline = time.monotonic() + timeout * (self.patience.retries + 1)
+        timeout = timeout_s or self.backoff.timeout_s
+        deadline = time.monotonic() + timeout * (self.backoff.retries + 1)
         attempt = busy = 0
-        while attempt <= self.patience.retries:
+        while attempt <= self.backoff.retries:
             self.send(message)
             reply = self.receive(message.session, message.seq, timeout)
             if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < deadline:
-                time.sleep(min(self.patience.backoff_s * (2 ** busy), BUSY_WAIT_S, max(deadline - time.monotonic(), 0)))
+                time.sleep(min(self.backoff.backoff_s * (2 ** busy), BUSY_WAIT_S, max(deadline - time.monotonic(), 0)))
                 busy += 1
                 continue
             if reply is not None:
                 if isinstance(reply, Error):
                     raise EdgeError(reply.code, reply.message)
                 return reply
-            time.sleep(self.patience.backoff_s * (2 ** attempt))
+            time.sleep(self.backoff.backoff_s * (2 ** attempt))
             attempt += 1
         raise EdgeUnreachable(self.explain(f"no reply from the edge at {self.address} after "
-                                           f"{self.patience.retries + 1} attempts of {timeout:.1f} s"))
+                                           f"{self.backoff.retries + 1} attempts of {timeout:.1f} s"))
 
     def close(self) -> None:
         self.socket.disable_monitor()

@@ -26,6 +26,11 @@ chunk is drafted to a length fixed before drafting (``fixed_length``: not cut at
 by confidence), which makes its drafting time independent of its own tokens; the
 edge's overlap test looks only at tokens before L. PROTOCOL.md has the argument;
 tests/test_edge_led.py tests it, with a negative control that breaks the rule.
+
+Every reply is checked (``replies``) before it is applied; messages are taken for at
+most one timeout per wait, a ``busy`` edge is asked again at most ``retries`` times in
+a row, and a session lost again and again is given up (``DeviceSession.reopen``), so a
+hostile edge ends the generation with a clear error within the device's patience.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
+from covspec.runtime_device.replies import check_opened, check_streamed, check_verdict
 from covspec.runtime_device.session import DeviceSession
 from covspec.runtime_device.stats import GenerationStats
 
@@ -136,6 +142,7 @@ class EdgeLedGeneration:
         self.stream_seq = -1                  # the seq of the open whose steps the edge streams
         self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
         self.last_step_at: float | None = None
+        self.busy = 0                         # busy replies since the last token
 
     def tokens(self) -> Iterator[list[int]]:
         began = time.perf_counter()
@@ -188,6 +195,7 @@ class EdgeLedGeneration:
         self.stats.kept_visual_tokens = int(len(prefill.kept))
 
     def _opened(self, opened) -> list[int]:
+        check_opened(opened, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
         self.stream_seq, self.done = opened.seq, opened.done
         self.stats.edge_prefill_ms += opened.prefill_ms
         self.chunk, self.last_step_at = None, None
@@ -210,26 +218,28 @@ class EdgeLedGeneration:
         """Wait for the next message of the session and apply it and any that follow it
         at once; the tokens they commit. Reopens the session when the edge lost it."""
         new: list[int] = []
-        timeout = self.client.patience.timeout_s if self.chunk is not None else QUIET_S
+        timeout = self.client.backoff.timeout_s if self.chunk is not None else QUIET_S
         reply = self.client.receive_any(self.session.id, timeout)
+        until = time.perf_counter() + self.client.backoff.timeout_s      # an endless stream still yields
         while reply is not None:
             new += self._apply(reply)
-            if self.done:
+            if self.done or time.perf_counter() > until:
                 return new
             reply = self.client.receive_any(self.session.id, 0.0)
         if self.chunk is not None and not self._alive(self.chunk):
             self._judged(self.chunk)
             self.chunk = None                 # contradicted by a streamed token: the edge drops it
         if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > \
-                self.client.patience.timeout_s:
-            new = self._reopen()              # nothing for a whole timeout: the edge is lost
+                self.client.backoff.timeout_s:
+            new = self._reopen("no reply for a whole timeout")          # the edge is lost
         return new
 
     def _apply(self, reply) -> list[int]:
         if isinstance(reply, Error):
             if reply.code == UNKNOWN_SESSION:
-                return self._reopen()
-            if reply.code == BUSY:
+                return self._reopen("the edge did not know it")
+            if reply.code == BUSY and self.busy < self.client.backoff.retries:
+                self.busy += 1
                 self.chunk = None
                 return []
             raise EdgeError(reply.code, reply.message)
@@ -237,7 +247,8 @@ class EdgeLedGeneration:
             return []
         if reply.seq == self.stream_seq:                               # a token the target generated
             if reply.start != len(self.committed):
-                return self._reopen()
+                return self._reopen(f"a streamed token at {reply.start} when {len(self.committed)} were committed")
+            check_streamed(reply, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
             now = time.perf_counter()
             if self.last_step_at is not None:
                 self.planner.observe_edge_step(now - self.last_step_at)
@@ -253,13 +264,14 @@ class EdgeLedGeneration:
             self.stats.stale += 1
             return []
         if reply.start != len(self.committed):
-            return self._reopen()
+            return self._reopen(f"a verdict from {reply.start} when {len(self.committed)} were committed")
+        skip = check_verdict(reply, chunk.start, len(chunk.tokens), len(self.committed),
+                             self.settings.max_new_tokens, self.draft.vocab_size, edge_led=True)
         self.planner.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
         self.last_step_at = None              # a verify forward is not an edge step
         self.stats.rounds += 1
         self.stats.accepted.append(reply.accepted)
         self.stats.edge_verify_ms += reply.verify_ms
-        skip = reply.start - chunk.start
         rejected = reply.accepted < len(chunk.tokens) - skip
         self.planner.observe_agreement(skip + reply.accepted, skip + reply.accepted + rejected)
         self.trace({"event": "verdict", "seq": chunk.seq, "start": reply.start, "skipped": skip,
@@ -267,6 +279,8 @@ class EdgeLedGeneration:
         return self._commit(chunk.tokens[skip:skip + reply.accepted], reply)
 
     def _commit(self, accepted: list[int], reply: Result) -> list[int]:
+        self.session.progress()
+        self.busy = 0
         new = list(accepted) + ([] if reply.token == NO_TOKEN else [reply.token])
         self.committed += new
         self.done = reply.done
@@ -284,10 +298,10 @@ class EdgeLedGeneration:
         covered = len(self.committed) - chunk.start
         return covered < len(chunk.tokens) and chunk.tokens[:covered] == self.committed[chunk.start:]
 
-    def _reopen(self) -> list[int]:
+    def _reopen(self, why: str) -> list[int]:
         def attempt(number: int) -> None:
             self.stats.reopens += 1
             self.trace({"event": "reopen", "committed": len(self.committed), "attempt": number})
 
-        opened = self.session.reopen(self.committed, None, self.options.reopen_attempts, attempt)
+        opened = self.session.reopen(self.committed, None, self.options.reopen_attempts, attempt, why)
         return self._opened(opened)

@@ -59,7 +59,7 @@ import zmq
 import zmq.utils.monitor
 
 from covspec.protocol import errors
-from covspec.protocol.frames import INT_RANGE, parse_header
+from covspec.protocol.frames import is_int, parse_header, scalar
 from covspec.protocol.messages import (MAX_SESSION_ID, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Close, Error, Limits,
                                        Open, Ping, Pong, ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
@@ -296,14 +296,21 @@ def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int, int]
         header = parse_header(payload[0], limits) if payload else {}
     except ProtocolError:
         return "", 0, PROTOCOL_VERSION
-    session = header.get("session")
-    seq = header.get("seq")
-    session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and INT_RANGE[0] <= seq < INT_RANGE[1] else 0
+    session = _valid_or(header, "session", str, "")
+    session = session if len(session) <= MAX_SESSION_ID else ""
+    seq = _valid_or(header, "seq", int, 0)
     version = header.get("v")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if not is_int(version) or version not in SUPPORTED_VERSIONS:
         version = PROTOCOL_VERSION
     return session, seq, version
+
+
+def _valid_or(header: dict, name: str, kind: type, default):
+    """``header[name]`` if it is a valid ``kind`` field, else ``default``."""
+    try:
+        return scalar(header, name, kind)
+    except ProtocolError:
+        return default
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -46,7 +46,7 @@ from covspec.bench.harness.devices import run_for
 from covspec.bench.harness.workload import Question
 from covspec.protocol.verification import NO_TOKEN
 from covspec.protocol.wire import codec_named
-from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, Patience
+from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, Backoff
 from covspec.runtime_device.engine import DRAFT_STREAM, DraftModel
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
@@ -54,7 +54,7 @@ from covspec.runtime_device.session import DeviceSession
 from covspec.runtime_device.target_only import generate_target_only
 
 DEFAULT_CHUNK = 8
-REPLAY_PATIENCE = Patience(timeout_s=30.0, retries=2, backoff_s=0.2)
+REPLAY_BACKOFF = Backoff(timeout_s=30.0, retries=2, backoff_s=0.2)
 
 
 def replay_options(chunk: int = DEFAULT_CHUNK, base: DraftingOptions = DraftingOptions()) -> DraftingOptions:
@@ -262,15 +262,15 @@ class ReplayDevice(threading.Thread):
 
     def __init__(self, index: int, address: str, tables: Sequence[ChunkTable], stop: threading.Event, *,
                  mode: str = "speculative", pace: float = 1.0, settings: GenerationSettings = GenerationSettings(),
-                 patience: Patience = REPLAY_PATIENCE):
+                 backoff: Backoff = REPLAY_BACKOFF):
         assert mode in MODES, f"mode must be one of {', '.join(MODES)}"
         super().__init__(name=f"replay-{mode}-{index}", daemon=True)
         self.index, self.address, self.tables, self.stop = index, address, tables, stop
-        self.mode, self.pace, self.settings, self.patience = mode, pace, settings, patience
+        self.mode, self.pace, self.settings, self.backoff = mode, pace, settings, backoff
         self.answers: list[ReplayAnswer] = []
 
     def run(self) -> None:
-        client = EdgeClient(self.address, self.patience)
+        client = EdgeClient(self.address, self.backoff)
         turn = self.index
         try:
             while not self.stop.is_set():
@@ -284,7 +284,7 @@ class ReplayDevice(threading.Thread):
 
 def run_replay(count: int, seconds: float, address: str, tables: Sequence[ChunkTable], *, mode: str = "speculative",
                pace: float = 1.0, settings: GenerationSettings = GenerationSettings(),
-               patience: Patience = REPLAY_PATIENCE,
+               backoff: Backoff = REPLAY_BACKOFF,
                during: Callable[[threading.Event], None] | None = None) -> tuple[list[ReplayAnswer], float, float]:
     """``count`` devices (``mode``: ``speculative`` replays chunks at ``pace``,
     ``target_only`` is the baseline, ``edge_led`` replays chunks beside the edge's own
@@ -292,6 +292,6 @@ def run_replay(count: int, seconds: float, address: str, tables: Sequence[ChunkT
     answer in progress; ``during(stop)`` runs meanwhile in this thread. The answers,
     the monotonic time the devices started, and the wall time to the last answer."""
     stop = threading.Event()
-    devices = [ReplayDevice(i, address, tables, stop, mode=mode, pace=pace, settings=settings, patience=patience)
+    devices = [ReplayDevice(i, address, tables, stop, mode=mode, pace=pace, settings=settings, backoff=backoff)
                for i in range(count)]
     return run_for(devices, stop, seconds, during)

@@ -77,7 +77,7 @@ class _EdgeLedReplay:
 
     def _absorb(self) -> None:
         """Apply the session's next message and every one already waiting after it."""
-        timeout = self.client.patience.timeout_s
+        timeout = self.client.backoff.timeout_s
         reply = self.client.receive_any(self.session.id, timeout)
         if reply is None:
             raise EdgeUnreachable(f"nothing from the edge at {self.client.address} for {timeout:g} s")

@@ -1,9 +1,10 @@
 """``covspec plan --validate``: the plan's predicted speedups against emulated runs.
 
 Takes the records of ``covspec bench regime`` (``benchmarks/regime.json``). The
-acceptance curve is measured from the runs themselves, from the rounds of the
-fixed-length device-led scenario (``plan-device-led``), per workload (descriptions,
-short answers), pooled over regimes and links (acceptance depends on neither). For
+acceptance curve is measured from the runs themselves: the rounds of the fixed-length
+device-led scenario (``plan-device-led``) on descriptions (short answers end before a
+round can draft its full length), pooled over regimes and links (acceptance depends on
+neither); positions past the rounds' length take the geometric mean of the measured ones. For
 each regime x link x workload and each modelled scenario (the default, edge-led, and
 ``plan-device-led``) every question's time is predicted from its own answer length and
 upload bytes; the predicted speedup (median over questions of target-only's predicted
@@ -12,8 +13,6 @@ and the relative error reported.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 
@@ -27,16 +26,14 @@ TOY_DRAFT_ROWS = 82         # the toy draft's context at the artifact's keep rat
 MODELLED = {"covspec": "edge-led", "plan-device-led": "device-led"}
 
 
-def curves(records_by_regime: dict[str, list[dict]]) -> dict[str, list[float]]:
-    """Workload -> the acceptance curve of the fixed-length device-led rounds."""
-    counts: dict[str, list[int]] = defaultdict(list)
-    for records in records_by_regime.values():
-        for r in records:
-            if r["scenario"] == "plan-device-led":
-                for name, wanted in WORKLOADS.items():
-                    if name != "all" and wanted(r["qtype"]):
-                        counts[name] += r["accepted_counts"]
-    return {name: model.acceptance_curve(c, PLAN_DRAFT_LEN) for name, c in counts.items() if c}
+def curve(records_by_regime: dict[str, list[dict]]) -> list[float]:
+    """The acceptance curve of the fixed-length device-led rounds on descriptions,
+    extended to the longest edge-led chunk by the measured positions' geometric mean."""
+    counts = [a for records in records_by_regime.values() for r in records
+              if r["scenario"] == "plan-device-led" and r["qtype"] == "describe" for a in r["accepted_counts"]]
+    measured = model.acceptance_curve(counts, PLAN_DRAFT_LEN)
+    mean = float(np.prod(measured) ** (1 / len(measured)))
+    return measured + [mean] * (model.LEAD_MAX - len(measured))
 
 
 def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float]) -> float:
@@ -53,7 +50,7 @@ def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float])
 def validate(data: dict) -> list[dict]:
     """One row per regime x link x workload x modelled scenario: measured and predicted speedups."""
     links = {link["name"]: link for link in data["links"]}
-    alpha = curves(data["records"])
+    alpha = curve(data["records"])
     rows = []
     for name, records in data["records"].items():
         regime = load_regime(name)
@@ -66,21 +63,21 @@ def validate(data: dict) -> list[dict]:
                     pairs = [(r, baseline[(link_name, r["scene"])]) for r in records
                              if r["link"] == link_name and r["scenario"] == scenario and wanted(r["qtype"])
                              and (link_name, r["scene"]) in baseline]
-                    if not pairs or workload not in alpha:
+                    if not pairs:
                         continue
                     measured = np.median([b["wall_s"] / r["wall_s"] for r, b in pairs])
-                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha[workload]) /
-                                           predicted_s(regime, link, r, mode, alpha[workload]) for r, b in pairs])
+                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha) /
+                                           predicted_s(regime, link, r, mode, alpha) for r, b in pairs])
                     rows.append({"regime": name, "link": link_name, "scenario": scenario, "workload": workload,
                                  "measured": float(measured), "predicted": float(predicted),
                                  "error": float(predicted / measured - 1)})
     return rows
 
 
-def error_table(rows: list[dict], alpha: dict[str, list[float]]) -> str:
+def error_table(rows: list[dict], alpha: list[float]) -> str:
     within = sum(abs(r["error"]) <= 0.15 for r in rows)
-    lines = [f"Acceptance curves (from the `plan-device-led` rounds): " + "; ".join(
-                 f"{name} " + ", ".join(f"{a:.2f}" for a in curve) for name, curve in alpha.items()),
+    lines = ["Acceptance by position (the `plan-device-led` rounds on descriptions; later positions their "
+             f"geometric mean): {', '.join(f'{a:.2f}' for a in alpha[:PLAN_DRAFT_LEN + 1])}, ...",
              "", f"{within} of {len(rows)} predictions within ±15% of the emulated runs; largest error "
              f"{max((abs(r['error']) for r in rows), default=0):.0%}.", "",
              "| regime | link | scenario | workload | measured speedup | predicted | error |", "|---|---|---|---|---|---|---|"]

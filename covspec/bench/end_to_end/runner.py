@@ -26,7 +26,7 @@ from covspec.bench.harness.link import LinkEmulator, LinkProfile
 from covspec.bench.end_to_end.scenarios import Scenario
 from covspec.bench.harness.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, Patience
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -104,7 +104,7 @@ class Bench:
         records: list[Record] = []
         for profile in profiles:
             link = LinkEmulator("tcp://127.0.0.1:0", self.edge.address, profile).start()
-            client = EdgeClient(link.address, Patience(timeout_s=30.0))
+            client = EdgeClient(link.address, Backoff(timeout_s=30.0))
             engine = CoInference(self.artifact, client)
             try:
                 self._warm_up(engine, client, scenarios, questions[0])

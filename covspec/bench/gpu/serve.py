@@ -66,7 +66,7 @@ def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int
     from covspec.families import family_for_folder
     from covspec.hf.tiny import save_tiny_llava
     from covspec.runtime_device.artifact import DraftArtifact
-    from covspec.runtime_device.client import EdgeClient, Patience
+    from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 
@@ -92,7 +92,7 @@ def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int
     results = {"prompts": prompts, "edge_led_equal": 0, "device_led_equal": 0}
     edge = EdgeProcess(folder, ServerConfig(bind="tcp://127.0.0.1:*", device=device),
                        log_path=workdir / "edge-tiny.log").start()
-    client = EdgeClient(edge.address, Patience(timeout_s=30.0))
+    client = EdgeClient(edge.address, Backoff(timeout_s=30.0))
     try:
         engine = CoInference(DraftArtifact.load(workdir / "tiny-llava-self"), client)
         for lead in ("edge", "device"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from covspec.bench.harness.workload import Question
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, Patience
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -63,15 +63,15 @@ class DeviceLoop(threading.Thread):
     def __init__(self, index: int, artifact: DraftArtifact, address: str, questions: list[Question],
                  references: list[list[int]], stop: threading.Event, *,
                  settings: GenerationSettings = GenerationSettings(), options: DraftingOptions = DraftingOptions(),
-                 patience: Patience = Patience(timeout_s=10.0)):
+                 backoff: Backoff = Backoff(timeout_s=10.0)):
         super().__init__(name=f"device-{index}", daemon=True)
         self.index, self.artifact, self.address = index, artifact, address
         self.questions, self.references, self.stop = questions, references, stop
-        self.settings, self.options, self.patience = settings, options, patience
+        self.settings, self.options, self.backoff = settings, options, backoff
         self.answers: list[Answer] = []
 
     def run(self) -> None:
-        client = EdgeClient(self.address, self.patience)
+        client = EdgeClient(self.address, self.backoff)
         engine = CoInference(self.artifact, client)
         turn = self.index
         try:

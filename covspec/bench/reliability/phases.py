@@ -41,8 +41,9 @@ from covspec.bench.harness.workload import toy_questions
 from covspec.bench.reliability.fuzz_run import REPLY_TIMEOUT_S, run_fuzz
 from covspec.bench.reliability.hostile import QUESTION, TargetFacts
 from covspec.protocol.messages import Error, Open, Verify
+from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import Patience
+from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_edge import EdgeProcess
 
@@ -114,7 +115,7 @@ def restart_phase(target_dir: Path, address: str, log_path: Path, world: dict, *
             events.append({"sessions_live_at_kill": sessions, "exit_status": status,
                            "restart_s": round(time.monotonic() - killed, 2)})
 
-    tolerant = {**world, "patience": Patience(timeout_s=2.0, retries=4, backoff_s=0.1),
+    tolerant = {**world, "backoff": Backoff(timeout_s=2.0, retries=4, backoff_s=0.1),
                 "options": DraftingOptions(reopen_attempts=10)}
     try:
         answers, wall = run_devices(devices, seconds, address=address, during=killer, **tolerant)
@@ -133,8 +134,9 @@ def vanished_phase(address: str, facts: TargetFacts, world: dict, *, clients: in
         before = live_sessions(address)
         owners = {}
         for i in range(clients):
-            session = f"vanished-{i}-{os.urandom(4).hex()}"
-            owners[session] = os.urandom(12).hex()
+            owner = new_owner()
+            session = session_id_for(owner)
+            owners[session] = owner
             reply = ask(address, Open(session=session, seq=0, prompt=QUESTION, image=np.frombuffer(
                 facts.image_png, np.uint8), vocab_hash=facts.vocab_hash, owner=owners[session],
                 committed=np.zeros(0, np.int32)), timeout_s=30)
