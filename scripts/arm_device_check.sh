@@ -13,10 +13,12 @@
 #      `pip --no-index` (pip inside the root has no CA bundle for the registry);
 #   4. runs `python -m covspec.bench.arm` on the host: exports the toy draft int8 and
 #      int4, starts an edge on the host (loopback), answers N toy questions with
-#      `covspec device run` inside the root (chroot + qemu) and natively on x86 with the
-#      same fixed-length settings, compares every answer token for token with the
-#      target's greedy answer and prints ARM vs x86 acceptance per quantization.
-# Exits 0 when every answer is identical, 1 when one differs, 2 on a missing prerequisite.
+#      `covspec device run` inside the root (chroot + qemu) and natively on x86, both
+#      device-led with the same fixed-length drafting (--lead device --draft-policy fixed),
+#      compares every answer token for token with the target's greedy answer and ARM's
+#      drafted and accepted counts with x86's, question by question.
+# Exits 0 when every answer is identical, every run drafted and ARM's counts equal x86's
+# on every question; 1 otherwise (each failure listed); 2 on a missing prerequisite.
 # Environment: COVSPEC_ARM_CACHE (cache folder), DEBIAN_MIRROR (debootstrap mirror).
 set -euo pipefail
 {   # the whole script is read before it runs, so editing it meanwhile cannot break a run
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
         --questions) QUESTIONS=$2; shift 2 ;;
         --cache) CACHE=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "arm_device_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -1,10 +1,15 @@
-"""The device runtime on arm64 under emulation (scripts/arm_device_check.sh), opt-in.
+"""The device runtime on arm64 under emulation (scripts/arm_device_check.sh).
 
-Takes minutes (about 5 the first time, to build the arm64 root) and needs root and
-the network to Debian's mirror and the package registry, so the default suite skips
-it. Run it with:
+The emulated check itself is opt-in: it takes minutes (about 5 the first time, to
+build the arm64 root) and needs root and the network to Debian's mirror and the
+package registry, so the default suite skips it. Run it with:
 
     COVSPEC_ARM=1 .venv/bin/python -m pytest -q tests/test_arm.py
+
+It must prove something about ARM's drafts: every run drafted (device-led, fixed
+length), and ARM's drafted and accepted counts equal x86's question by question. The
+check's verdict (``covspec.bench.arm.failures``) is tested in the default suite, so a
+check that cannot fail is caught without the emulator.
 """
 
 import json
@@ -14,30 +19,58 @@ from pathlib import Path
 
 import pytest
 
+from covspec.bench.arm import FIXED_DRAFTING, Run, failures
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "arm_device_check.sh"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("COVSPEC_ARM") != "1", reason="opt-in: set COVSPEC_ARM=1 (minutes; root)"),
-]
+QUESTIONS = 2
 
 
+def runs(arm: tuple[int, int], x86: tuple[int, int] = (8, 5), identical: bool = True) -> list[Run]:
+    """One question, int8, on both platforms: (drafted, accepted) each."""
+    return [Run("arm64", "int8", 0, identical, 12, *arm, wall_s=3.0), Run("x86_64", "int8", 0, True, 12, *x86, 0.4)]
+
+
+def test_the_check_runs_device_led_with_fixed_drafting():
+    drafting = " ".join(FIXED_DRAFTING)
+    assert "--lead device" in drafting and "--draft-policy fixed" in drafting
+    assert "--no-pipeline" in drafting and "--branches 0" in drafting
+
+
+def test_the_check_passes_only_when_both_platforms_drafted_the_same():
+    assert failures(runs((8, 5))) == []
+    assert failures(runs((8, 4))) == ["int8 q0: ARM accepted 4/8, x86 5/8"]
+    assert failures(runs((9, 5))) == ["int8 q0: ARM accepted 5/9, x86 5/8"]
+    # Nothing drafted on either side fails, even though the counts agree (0/0 = 0/0).
+    assert failures(runs((0, 0), (0, 0))) == ["arm64 int8 q0: nothing drafted", "x86_64 int8 q0: nothing drafted"]
+    assert failures(runs((8, 5), identical=False)) == ["arm64 int8 q0: answer differs from the target's"]
+    assert failures(runs((8, 5))[:1]) == ["int8 q0: no x86_64 run to compare with"]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_device_on_arm64_answers_exactly(tmp_path):
+@pytest.mark.skipif(os.environ.get("COVSPEC_ARM") != "1", reason="opt-in: set COVSPEC_ARM=1 (minutes; root)")
+def test_device_on_arm64_drafts_and_answers_as_on_x86(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the ARM check needs root (debootstrap, binfmt_misc, chroot)")
     out = tmp_path / "result.json"
-    done = subprocess.run([str(SCRIPT), "--questions", "2", "--out", str(out)], capture_output=True, text=True,
-                          timeout=1700)
+    done = subprocess.run([str(SCRIPT), "--questions", str(QUESTIONS), "--out", str(out)], capture_output=True,
+                          text=True, timeout=1700)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     result = json.loads(out.read_text())
     assert result["arm64"]["machine"] == "aarch64"
     assert result["host"]["machine"] == "x86_64"
+    assert "--lead device" in result["settings"]["drafting"]
+    assert result["failures"] == [] and result["same_counts_arm_x86"]
     assert {row["quant"] for row in result["summary"]} == {"int8", "int4"}
-    runs = result["runs"]
-    assert len(runs) == 2 * 2 * 2    # questions x quantizations x platforms
-    assert all(run["identical"] and not run["error"] and run["tokens"] > 0 for run in runs)
+    runs_ = result["runs"]
+    assert len(runs_) == QUESTIONS * 2 * 2    # questions x quantizations x platforms
+    assert all(run["identical"] and not run["error"] and run["tokens"] > 0 and run["drafted"] > 0 for run in runs_)
+    counts = {}
+    for run in runs_:
+        counts.setdefault((run["quant"], run["question"]), {})[run["platform"]] = (run["drafted"], run["accepted"])
+    for key, both in counts.items():
+        assert both["arm64"] == both["x86_64"], key
     for row in result["summary"]:
         for name in ("arm64", "x86_64"):
             assert row[name]["drafted"] > 0 and 0 < row[name]["acceptance"] <= 1

@@ -1,4 +1,4 @@
-"""The device runtime on arm64 (emulated) beside x86_64: exact answers, acceptance per quantization.
+"""The device runtime on arm64 (emulated) beside x86_64: exact answers, the same drafts.
 
 ``scripts/arm_device_check.sh`` builds an arm64 Debian root with ``covspec[device]``
 installed from aarch64 wheels, then runs this module on the host::
@@ -10,13 +10,21 @@ unchanged), computes the target's greedy answer to N toy questions (transformers
 ``generate``), starts an edge on the host's loopback, and runs ``covspec device run``
 for every question and quantization twice: inside the root (``chroot``; qemu-aarch64
 through binfmt runs the arm64 Python, numpy and onnxruntime) and natively on x86_64.
-Both use the same fixed drafting (4 tokens a chunk, no pipelining, no branches), so
-their acceptance differs only where onnxruntime's ARM and x86 kernels make the draft
-propose different tokens; the adaptive policy would also react to the emulator's slow
-drafting. Every answer must equal the target's greedy answer token for token.
+Both run device-led (``--lead device``: the target waits for every chunk, so what is
+committed never depends on how fast the device drafts) with the same fixed drafting
+(4 tokens a chunk, no pipelining, no branches). Edge-led, the emulated device (seconds
+a question) never drafted before the target finished by itself, and the check compared
+nothing of ARM's kernels; the adaptive policy would react to the emulator's slow
+drafting. So both platforms draft the same chunks unless onnxruntime's ARM and x86
+kernels make the draft propose different tokens.
 
-Exit status 0 when all answers are identical, 1 otherwise. Wall times are recorded but
-they are times under emulation, not the device's speed.
+The check fails (exit status 1, every failure listed by ``failures``) when
+- an answer differs from the target's greedy answer token for token (or a run failed),
+- a run drafted nothing (its answer would prove nothing about the draft on ARM), or
+- ARM's drafted or accepted count differs from x86's on the same question and
+  quantization (same policy on both sides: the counts must be equal).
+Exit status 0 otherwise. Wall times are recorded but they are times under emulation,
+not the device's speed.
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ from pathlib import Path
 
 QUANTS = ("int8", "int4")
 MAX_NEW_TOKENS = 64
-# Fixed drafting: the chunk length does not depend on measured times (emulation is slow).
-FIXED_DRAFTING = ["--draft-policy", "fixed", "--draft-len", "4", "--no-pipeline", "--branches", "0"]
+# Device-led fixed drafting: the target waits for every chunk and the chunk length does not
+# depend on measured times, so the emulator's slowness changes no count (edge-led: nothing drafted).
+FIXED_DRAFTING = ["--lead", "device", "--draft-policy", "fixed", "--draft-len", "4", "--no-pipeline",
+                  "--branches", "0"]
+PLATFORMS = ("arm64", "x86_64")
 IN_ROOT = Path("/opt/covspec-check")     # where artifacts and images lie inside the arm64 root
 REPLY_TIMEOUT_S = 30                     # the edge shares 2 cores with qemu: do not resend early
 
@@ -113,7 +124,7 @@ def summarize(runs: list[Run], questions: int) -> list[dict]:
     rows = []
     for quant in QUANTS:
         row = {"quant": quant, "questions": questions}
-        for name in ("arm64", "x86_64"):
+        for name in PLATFORMS:
             mine = [r for r in runs if r.quant == quant and r.platform == name]
             row[name] = {"identical": sum(r.identical for r in mine), "runs": len(mine),
                          "drafted": sum(r.drafted for r in mine), "accepted": sum(r.accepted for r in mine),
@@ -121,6 +132,30 @@ def summarize(runs: list[Run], questions: int) -> list[dict]:
                          "wall_s": round(sum(r.wall_s for r in mine), 1)}
         rows.append(row)
     return rows
+
+
+def count_mismatches(runs: list[Run]) -> list[str]:
+    """One line per question and quantization where ARM's drafted or accepted count is
+    not x86's (or one platform has no run); empty when they are equal everywhere."""
+    by_key = {(r.platform, r.quant, r.question): r for r in runs}
+    found = []
+    for quant, question in sorted({(r.quant, r.question) for r in runs}):
+        arm, x86 = (by_key.get((name, quant, question)) for name in PLATFORMS)
+        if arm is None or x86 is None:
+            found.append(f"{quant} q{question}: no {'arm64' if arm is None else 'x86_64'} run to compare with")
+        elif (arm.drafted, arm.accepted) != (x86.drafted, x86.accepted):
+            found.append(f"{quant} q{question}: ARM accepted {arm.accepted}/{arm.drafted}, "
+                         f"x86 {x86.accepted}/{x86.drafted}")
+    return found
+
+
+def failures(runs: list[Run]) -> list[str]:
+    """Why the check fails, one line per problem (empty: it passes): an answer not the
+    target's, a run that drafted nothing, ARM's counts not x86's on a question."""
+    found = [f"{r.platform} {r.quant} q{r.question}: answer differs from the target's {r.error}".rstrip()
+             for r in runs if not r.identical]
+    found += [f"{r.platform} {r.quant} q{r.question}: nothing drafted" for r in runs if r.drafted == 0 and not r.error]
+    return found + count_mismatches(runs)
 
 
 def describe_platforms(arm_python: list[str]) -> dict:
@@ -207,22 +242,22 @@ def main(argv: list[str] | None = None) -> int:
         arm, x86 = row["arm64"], row["x86_64"]
         print(f"   {row['quant']:5}  {arm['acceptance']:14.3f}  {x86['acceptance']:14.3f}  "
               f"{arm['identical']}/{arm['runs']}, {x86['identical']}/{x86['runs']}")
-    proposals_equal = all(a.drafted == b.drafted and a.accepted == b.accepted for a, b in zip(
-        [r for r in runs if r.platform == "arm64"], [r for r in runs if r.platform == "x86_64"]))
-    print(f"   ARM and x86 drafted and accepted the same counts on every question: {proposals_equal}")
+    problems = failures(runs)
+    same = not count_mismatches(runs)
+    print(f"   ARM and x86 drafted and accepted the same counts on every question: {same}")
 
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **machines,
               "settings": {"max_new_tokens": MAX_NEW_TOKENS, "drafting": " ".join(FIXED_DRAFTING)},
-              "summary": rows, "same_counts_arm_x86": proposals_equal,
+              "summary": rows, "same_counts_arm_x86": same, "failures": problems,
               "runs": [asdict(r) for r in runs], "wall_s": round(time.monotonic() - began, 1)}
     out = args.out or args.work / "result.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"   results: {out}")
-    differing = [r for r in runs if not r.identical]
-    if differing:
-        print(f"FAIL: {len(differing)} of {len(runs)} answers differ from the target's greedy answer", file=sys.stderr)
+    if problems:
+        print(f"FAIL: {len(problems)} problems in {len(runs)} runs:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    print(f"OK: {len(runs)} of {len(runs)} answers equal the target's greedy answer token for token")
+    print(f"OK: {len(runs)} of {len(runs)} answers equal the target's greedy answer token for token, every run "
+          f"drafted, and ARM drafted and accepted what x86 did on every question")
     return 0
 
 
