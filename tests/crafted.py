@@ -11,6 +11,8 @@ at once, and a verdict becomes *ready* only after ``delay`` polls of
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 
 import numpy as np
@@ -91,10 +93,14 @@ class TableDraft:
     def __init__(self, logits: Logits, eos_ids=frozenset()):
         self.drafter = TableDrafter(logits)
         self.eos_ids = eos_ids
+        self.vocab_size = len(logits(()))
 
     def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
         self.drafter.fed = []
         return DraftPrefill(kept=np.zeros(0, np.int64), visual_tokens=0, selection="none")
+
+    def interrupted(self):
+        return contextlib.nullcontext()
 
 
 class TableTarget:

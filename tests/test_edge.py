@@ -87,6 +87,9 @@ def noise_image(seed: int, size: int = 40) -> Image.Image:
 
 
 def open_message(target: TargetModel, session: str, image: Image.Image, **fields) -> Open:
+    """An open of ``session`` as a v2 device sends it (an id of its choosing, the owner secret
+    issued by the edge unless given); v3's self-certifying ids: tests/test_ownership.py."""
+    fields.setdefault("version", 2)
     fields.setdefault("prompt", QUESTION)
     fields.setdefault("max_new_tokens", 16)
     fields.setdefault("vocab_hash", target.vocab_hash)
@@ -470,7 +473,11 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
     return [
         ("header is not JSON", [b"\xff{not json"], "bad_json"),
         ("empty header frame", [b""], "bad_json"),
-        ("wrong protocol version", raw({"v": 3}), "bad_version"),
+        ("wrong protocol version", raw({"v": 4}), "bad_version"),
+        ("a float version", raw({"v": 1.0}), "bad_version"),
+        # Issue 30: an owner UTF-8 cannot encode made the owner check raise and dropped the victim.
+        ("owner of lone surrogates", raw({"owner": "\ud800" * 16, "arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4),
+         "bad_field"),
         ("unknown message type", raw({"type": "hello"}), "unknown_type"),
         ("seq of the wrong type", raw({"seq": "7", "arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4), "bad_field"),
         ("truncated array frame", raw({"arrays": [{**tokens, "shape": [4]}]}, b"\0" * 8), "bad_array"),
@@ -488,7 +495,8 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
          "bad_token"),
         ("wrong vocab hash", encode(open_message(target, "vh", image, vocab_hash="0" * 64)), "vocab_mismatch"),
         ("image bytes that are no image", encode(Open(session="img", seq=0, image=np.frombuffer(b"GIF89a-no", np.uint8),
-                                                      vocab_hash=target.vocab_hash, committed=np.zeros(0, np.int32))), "bad_image"),
+                                                      vocab_hash=target.vocab_hash, committed=np.zeros(0, np.int32),
+                                                      version=2)), "bad_image"),
         ("prompt places its own image", encode(open_message(target, "p", image, prompt="<image> what ?")), "bad_field"),
         ("context + max_new_tokens over the limit", encode(open_message(target, "long", image, max_new_tokens=500)),
          "too_long"),
@@ -586,7 +594,7 @@ def test_message_size_limits(tiny):
             assert c.recv().code == "too_large"
             # One frame over MAXMSGSIZE: the socket drops the peer, nothing comes back.
             c.send(Open(session="x", seq=2, image=np.zeros(100_000, np.uint8), vocab_hash=tiny.vocab_hash,
-                        committed=np.zeros(0, np.int32)))
+                        committed=np.zeros(0, np.int32), version=2))
             with pytest.raises(TimeoutError):
                 c.recv(timeout_ms=1000)
         finally:

@@ -212,7 +212,7 @@ def _v1_edge_led_open(prompt: str, image: np.ndarray, vocab_hash: str) -> list[b
     import json
 
     frames = encode(Open(session="old-led", seq=0, prompt=prompt, image=image, vocab_hash=vocab_hash,
-                         committed=np.zeros(0, np.int32), mode="edge_led"))
+                         committed=np.zeros(0, np.int32), mode="edge_led", version=2))
     header = json.loads(frames[0])
     header["v"] = 1
     return [json.dumps(header).encode()] + frames[1:]

@@ -13,7 +13,7 @@ import pytest
 
 import covspec
 
-LAYERS = {"protocol": 0, "hf": 1, "families": 1, "runtime_device": 2, "runtime_edge": 2,
+LAYERS = {"protocol": 0, "hf": 1, "families": 1, "regime": 1, "runtime_device": 2, "runtime_edge": 2,
           "export": 3, "toy": 4, "bench": 5, "cli": 6}
 APART = {("runtime_device", "runtime_edge"), ("runtime_edge", "runtime_device")}
 ROOT = pathlib.Path(covspec.__file__).parent

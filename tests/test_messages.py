@@ -1,4 +1,5 @@
-"""Protocol v1 messages: round trips and a table of malformed inputs."""
+"""Protocol messages: round trips, versions, self-certifying ids, strict types, and a
+table of malformed inputs."""
 
 import json
 
@@ -7,9 +8,13 @@ import pytest
 
 from covspec.protocol.messages import (
     PROTOCOL_VERSION, Close, Error, Limits, Open, Opened, Ping, Pong, ProtocolError, Result, Verify, decode, encode)
+from covspec.protocol.ownership import certifies, derived_form, new_owner, session_id_for
+
+OWNER = "o" * 16
+SID = session_id_for(OWNER)
 
 EXAMPLES = [
-    Open(session="s1", seq=0, prompt="what color is the circle ?",
+    Open(session=SID, seq=0, owner=OWNER, prompt="what color is the circle ?",
          image=np.frombuffer(b"\x89PNG fake bytes", np.uint8), max_new_tokens=32, vocab_hash="ab" * 32,
          temperature=0.7, top_k=20, top_p=0.9, seed=5, committed=np.array([7, 8], np.int32)),
     Opened(session="s1", seq=0, token=12, position=0, done=False, prefill_ms=3.5, context_len=160),
@@ -41,7 +46,7 @@ def assert_same(a, b):
 @pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
 def test_round_trip(message):
     frames = encode(message)
-    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == PROTOCOL_VERSION == 2
+    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == PROTOCOL_VERSION == 3
     assert_same(message, decode(frames))
 
 
@@ -59,10 +64,102 @@ def test_a_v1_message_decodes_and_its_reply_goes_back_in_v1():
 
 
 def test_edge_led_needs_v2():
-    opened = Open(session="s", seq=0, image=np.ones(3, np.uint8), mode="edge_led", committed=np.zeros(0, np.int32))
+    opened = Open(session=SID, seq=0, owner=OWNER, image=np.ones(3, np.uint8), mode="edge_led",
+                  committed=np.zeros(0, np.int32))
     assert decode(encode(opened)).mode == "edge_led"
     with pytest.raises(ProtocolError, match="edge_led.*v2"):
         decode(with_header(encode(opened), v=1))
+
+
+def legacy_open(session: str, owner: str = "", version: int = 2) -> Open:
+    return Open(session=session, seq=0, owner=owner, image=np.ones(3, np.uint8), committed=np.zeros(0, np.int32),
+                version=version)
+
+
+def test_a_v3_open_names_the_session_its_owner_certifies():
+    owner = new_owner()
+    sid = session_id_for(owner)
+    assert derived_form(sid) and certifies(owner, sid) and not certifies(owner + "x", sid)
+    assert session_id_for(owner) == sid != session_id_for(new_owner())          # stable, and one per owner
+    assert decode(encode(Open(session=sid, seq=0, owner=owner, image=np.ones(3, np.uint8),
+                              committed=np.zeros(0, np.int32)))).session == sid
+    refusals = {
+        "another owner's id": with_header(encode(EXAMPLES[0]), owner="p" * 16),
+        "a chosen id": with_header(encode(EXAMPLES[0]), session="victim"),
+        "no owner (v3: the device brings it)": with_header(encode(EXAMPLES[0]), owner=""),
+        # A v1/v2 device may choose any id, but not one of the derived form it cannot prove.
+        "legacy open of a derived id": with_header(encode(EXAMPLES[0]), v=2, owner="p" * 16),
+        "legacy open of a derived id, edge-issued owner": with_header(encode(EXAMPLES[0]), v=1, owner=""),
+    }
+    for name, frames in refusals.items():
+        with pytest.raises(ProtocolError) as info:
+            decode(frames)
+        assert info.value.code == "bad_field", name
+        assert "owner" in info.value.message, name
+    # Older devices are served as before: their ids (16 hex digits) are not of the derived form.
+    for version in (1, 2):
+        legacy = decode(encode(legacy_open("0123456789abcdef", version=version)))
+        assert (legacy.version, legacy.owner) == (version, "")
+    assert decode(encode(legacy_open(SID, OWNER))).session == SID          # a legacy open may prove it too
+
+
+STRICT = {   # every header field takes exactly its JSON type: an int is not 1.0 or true
+    "v": [1.0, 2.0, 3.0, True, "3", None], "seq": [1.0, True, "1", None, [1]], "start": [0.0, False, "0"],
+    "assumed": [-1.0], "session": [5, None, True, ["s"]], "owner": [1.0, None, 16],
+    "type": [1, None, ["verify"]], "arrays": [{}, "tokens", 1],
+}
+
+
+@pytest.mark.parametrize("field", sorted(STRICT))
+def test_every_header_field_is_strictly_typed(field):
+    frames = encode(Verify(session="s", seq=1, owner=OWNER, start=0, tokens=np.array([1], np.int32)))
+    for value in STRICT[field]:
+        with pytest.raises(ProtocolError) as info:
+            decode(with_header(frames, **{field: value}))
+        assert info.value.code in ("bad_version", "bad_field", "unknown_type", "bad_array"), (field, value)
+
+
+def test_opens_and_results_are_strictly_typed_too():
+    strict = {"max_new_tokens": [16.0, True], "top_k": [0.0, False], "seed": [5.0], "done": [0, 1, "true", None],
+              "prompt": [1, None], "temperature": ["0.5", True, None]}
+    frames_of = {"done": encode(Result(session="s", seq=1, start=0, accepted=1, token=3))}
+    for field, values in strict.items():
+        for value in values:
+            with pytest.raises(ProtocolError, match="bad_field"):
+                decode(with_header(frames_of.get(field, encode(EXAMPLES[0])), **{field: value}))
+    # JSON has one number type: a float field takes an integer (many encoders write 1.0 as 1).
+    assert decode(with_header(encode(EXAMPLES[0]), temperature=1, top_p=1)).top_p == 1.0
+
+
+def test_strings_that_utf8_cannot_encode_are_refused_with_bad_field():
+    """A lone surrogate survives JSON but not UTF-8; it is refused at decode, in every string
+    field, with a reply a strict device can decode (the message stays ASCII)."""
+    verify = encode(Verify(session="s", seq=1, owner=OWNER, start=0, tokens=np.array([1], np.int32)))
+    cases = [with_header(verify, owner="\ud800" * 16), with_header(verify, session="\udfff"),
+             with_header(encode(EXAMPLES[0]), prompt="a\ud800b"), with_header(encode(EXAMPLES[0]), mode="\ud800")]
+    for frames in cases:
+        with pytest.raises(ProtocolError) as info:
+            decode(frames)
+        assert info.value.code == "bad_field" and "surrogate" in info.value.message
+        decode(encode(Error(session="", seq=0, code=info.value.code, message=info.value.message)))
+    with pytest.raises(ProtocolError) as info:
+        decode(with_header(verify, type="\ud800"))
+    assert info.value.code == "unknown_type" and info.value.message.isascii()
+
+
+def test_fields_a_request_does_not_have_are_refused_and_a_reply_may_add_some():
+    ping = encode(Ping(session="s", seq=1))
+    for frames, field in [(with_header(good_verify_frames(), temprature=0.7), "temprature"),
+                          (with_header(ping, x=1), "x")]:
+        with pytest.raises(ProtocolError, match=f"bad_field.*{field}"):
+            decode(frames)
+    # A newer edge may add counters to a reply; an older device reads the rest.
+    pong = decode(with_header(encode(Pong(session="s", seq=1, forwards=3)), counted_later=7))
+    assert pong.forwards == 3
+    bad_spec = with_header(good_verify_frames(), arrays=[{"name": "tokens", "dtype": "int32", "shape": [2],
+                                                          "order": "F"}])
+    with pytest.raises(ProtocolError, match="bad_array"):
+        decode(bad_spec)
 
 
 def test_arrays_travel_raw_little_endian():
@@ -89,7 +186,8 @@ MALFORMED = {
     "not utf8": ([b"\xff\xfe"], "bad_json"),
     "json list": ([b"[1, 2]"], "bad_json"),
     "no frames": ([], "missing_frames"),
-    "wrong version": (with_header(good_verify_frames(), v=3), "bad_version"),
+    "wrong version": (with_header(good_verify_frames(), v=4), "bad_version"),
+    "float version": (with_header(good_verify_frames(), v=2.0), "bad_version"),
     "boolean version": (with_header(good_verify_frames(), v=True), "bad_version"),
     "unknown type": (with_header(good_verify_frames(), type="explode"), "unknown_type"),
     "missing seq": (with_header(good_verify_frames(), seq=KeyError), "missing_field"),

@@ -10,7 +10,9 @@ replay devices (``covspec.bench.replay``: the real int8 draft's chunks, precompu
 along the target's own answers, at negligible device CPU) for ``seconds`` on
 descriptions, then for ``seconds`` on a mixed stream (descriptions and short answers).
 Replay devices take the real draft's time (``plan.pace`` times it, sleeping: each
-stands for a device with a CPU of its own). A phase reports (``phase_figures``):
+stands for a device with a CPU of its own). Under a deployment regime (``plan.regime``)
+every edge pads its batched forwards by the regime's roofline (nearly free batching
+until the knee, as on a GPU) and the chunk tables record the regime's phone times. A phase reports (``phase_figures``):
 
 - aggregate committed tokens/s: tokens committed in the window [start, start +
   seconds] over all devices, divided by ``seconds`` (devices then finish the answer in
@@ -49,6 +51,8 @@ from covspec.bench.reliability import RssSampler
 from covspec.bench.replay import DEFAULT_CHUNK, ChunkTable, ReplayAnswer, build_chunk_table, replay_options, run_replay
 from covspec.bench.workload import toy_questions
 from covspec.protocol.messages import Ping, Pong
+from covspec.regime import DevicePacing, load_regime
+from covspec.regime.pacing import NO_PACING
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.engine import ArtifactDraft
 from covspec.runtime_device.options import GenerationSettings
@@ -92,6 +96,7 @@ class CapacityPlan:
     pace: float = 1.0                  # replay devices take this times the real draft's time (0: none)
     agreement_levels: tuple[int, ...] = (1, 4)
     seed: int = 0
+    regime: str | None = None          # a deployment regime: the edge's forwards and the draft's runs padded to it
 
     def __post_init__(self) -> None:
         if not self.levels or min(self.levels) < 1:
@@ -109,6 +114,12 @@ class CapacityPlan:
     def quick(cls) -> "CapacityPlan":
         """A smoke test of every phase: 2 devices, 1 s per phase, 2 questions, short answers."""
         return cls(levels=(2,), seconds=1.0, questions=2, max_new_tokens=24, agreement_levels=(2,))
+
+
+def device_pacing(regime: str | None):
+    """The draft's pacing under ``regime`` (none without one): chunk tables built with it
+    record the phone's times, which the replay devices then take."""
+    return DevicePacing(load_regime(regime).device) if regime else NO_PACING
 
 
 def prepare_tables(plan: CapacityPlan, artifact: DraftArtifact, target_dir: Path) -> dict[str, list[ChunkTable]]:
@@ -186,7 +197,7 @@ def counter_figures(before: Pong, after: Pong) -> dict:
             "forwards_per_token": round(forwards / committed, 3) if committed else None,
             "prefill_ms": prefill_ms, "rounds_ms": rounds_ms,
             "prefill_share": round(prefill_ms / (prefill_ms + rounds_ms), 3) if prefill_ms + rounds_ms else None,
-            "edge_peak_mib": round(after.peak_bytes / MIB, 1)}
+            "edge_peak_mib": round(after.peak_bytes / MIB, 1), "overruns": after.overruns - before.overruns}
 
 
 def measure_phase(configuration: Configuration, devices: int, workload: str, tables: Sequence[ChunkTable],
@@ -230,14 +241,15 @@ def measure_capacity(plan: CapacityPlan, artifacts: Path, target_dir: Path, log_
                      phase: Callable[[str], None] = lambda name: None, tick: Callable[[], None] = lambda: None) -> dict:
     """Every phase of ``plan``; ``phase(name)`` is called as each begins, ``tick()`` as each ends."""
     phase("chunk tables: the target's answers, the real draft along them")
-    artifact = DraftArtifact.load(artifacts, threads=1)
+    artifact = DraftArtifact.load(artifacts, threads=1, pacing=device_pacing(plan.regime))
     tables = prepare_tables(plan, artifact, target_dir)
     summary: dict = {"plan": asdict(plan), "configurations": [asdict(c) for c in CONFIGURATIONS],
                      "tables": {name: table_figures(t) for name, t in tables.items()}, "phases": [], "agreement": []}
     for devices in plan.levels:                 # configurations interleaved per level: drifts hit them alike
         for configuration in CONFIGURATIONS:
             edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, max_batch=configuration.max_batch,
-                              edge_steps=configuration.edge_steps, max_sessions=max(64, 2 * devices))
+                              edge_steps=configuration.edge_steps, max_sessions=max(64, 2 * devices),
+                              regime=plan.regime)
             try:
                 for workload in WORKLOADS:
                     phase(f"{configuration.name}: {devices} devices, {workload}")
@@ -254,6 +266,7 @@ def measure_capacity(plan: CapacityPlan, artifacts: Path, target_dir: Path, log_
             finally:
                 edge.stop()
     summary["ratios"] = capacity_ratios(summary["phases"])
+    summary["overruns"] = sum(p["overruns"] for p in summary["phases"])
     summary["all_correct"] = (all(p["all_correct"] for p in summary["phases"])
                               and all(a["real_all_correct"] for a in summary["agreement"]))
     return summary

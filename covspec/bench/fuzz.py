@@ -27,6 +27,7 @@ from covspec.bench.hostile import (ANY_ERROR, BAD_SAMPLING, DIGIT_LIMIT, FIELD_K
                                    NO_REPLY, NON_FINITE, QUESTION, WRONG_VALUES, Case, OwnSession, TargetFacts,
                                    WorkerState)
 from covspec.protocol.messages import Close, Error, Message, Open, Opened, Ping, Pong, Result, Verify, encode
+from covspec.protocol.ownership import session_id_for
 
 class Fuzzer:
     """Seeded generator of hostile (and some well-formed) messages."""
@@ -56,10 +57,15 @@ class Fuzzer:
     def _id(self) -> str:
         return self.rng.bytes(8).hex()
 
-    def _open(self, state: WorkerState, session: str | None = None, **fields) -> Open:
+    def _owner(self) -> str:
+        return self._id() + self._id()
+
+    def _open(self, state: WorkerState, **fields) -> Open:
+        """A v3 open: the session id is the one its owner secret (drawn here unless given) certifies."""
         defaults = {"max_new_tokens": 24, "prompt": QUESTION, "image": self.image, "vocab_hash": self.facts.vocab_hash,
-                    "committed": np.zeros(0, np.int32)}
-        return Open(session=session or self._id(), seq=state.next_seq(), **{**defaults, **fields})
+                    "committed": np.zeros(0, np.int32), "owner": self._owner()}
+        fields = {**defaults, **fields}
+        return Open(session=session_id_for(fields["owner"]), seq=state.next_seq(), **fields)
 
     def _verify(self, state: WorkerState, session: str = "", tokens=(3,), **fields) -> Verify:
         return Verify(session=session or self._id(), seq=state.next_seq(), tokens=np.asarray(tokens, np.int32),
@@ -120,7 +126,7 @@ class Fuzzer:
         frame = b'{"v":1,"type":"ping","session":"%s","seq":%d,"x":%s}' % (session.encode(), seq, nested)
         if len(frame) > MAX_HEADER:
             return Case("", [frame], frozenset(["too_large"]))
-        return Case("", [frame], frozenset(["bad_json"] if depth > 7 else ["pong"]),
+        return Case("", [frame], frozenset(["bad_json"] if depth > 7 else ["bad_field"]),   # a ping has no "x"
                     None if depth > 7 else (session, seq))
 
     def _huge_ints(self, state):
@@ -142,7 +148,7 @@ class Fuzzer:
             del header[name]
             expect = {"v": "bad_version", "type": "unknown_type"}.get(name, "missing_field")
         elif name == "v":
-            header[name], expect = self._pick(["1", 3, 0, -1, None, [1], True]), "bad_version"
+            header[name], expect = self._pick(["1", 4, 0, -1, None, [1], True, 1.0, 3.0]), "bad_version"
         elif name == "type":
             header[name], expect = self._pick([["ping"], {"a": 1}, 5, None, "PING", "open "]), "unknown_type"
         elif name == "arrays":
@@ -256,9 +262,10 @@ class Fuzzer:
         if variant == 0:
             message = self._verify(state, victim.id, self._token_chunk(2), owner=owner, start=victim.committed)
             return self._case(message, ["not_owner", "unknown_session"])
-        if variant == 1:
-            return self._case(self._open(state, victim.id, owner=owner if len(owner) >= 16 else ""),
-                              ["not_owner", "opened"], role="hijack")
+        if variant == 1:     # an open of the victim's id with another owner (v3: the id is not that owner's)
+            header, arrays = self._header(self._open(state))
+            header.update(session=victim.id, owner=owner)
+            return Case("", self._frames(header, arrays), frozenset(["bad_field"]), (victim.id, header["seq"]))
         return self._case(Close(session=victim.id, seq=state.next_seq(), owner=owner), ["not_owner", NO_REPLY],
                           kind="close")
 
@@ -317,7 +324,7 @@ class Fuzzer:
     def _versions_and_types(self, state):
         header, arrays = self._header(self._any_message(state))
         if self.rng.random() < 0.5:
-            header["v"] = self._pick([0, 3, 99, -1, 2 ** 40, "v1", True])
+            header["v"] = self._pick([0, 4, 99, -1, 2 ** 40, "v1", True, 1.0, 3.0])
             return Case("", self._frames(header, arrays), frozenset(["bad_version"]))
         header["type"] = self._pick(["hello", "", "Open", "ping\u0000", "verify2", "x" * 1000, "__class__"])
         return Case("", self._frames(header, arrays), frozenset(["unknown_type"]))
@@ -342,9 +349,9 @@ class Fuzzer:
         own = state.own
         if own is None:
             sampling, wire = bool(self.rng.random() < 0.4), self._pick(["compact", "compact", "dense"])
-            owner = self._pick(["", self._id() + self._id()])
+            owner = self._owner()
             state.opened += 1
-            message = self._open(state, f"fz{state.index}-{state.opened}-{self._id()[:6]}", owner=owner, wire=wire,
+            message = self._open(state, owner=owner, wire=wire,
                                  max_new_tokens=int(self.rng.integers(4, 40)), seed=int(self.rng.integers(2 ** 63)),
                                  temperature=0.8 if sampling else 0.0, top_k=self._pick([0, 5]),
                                  top_p=self._pick([1.0, 0.9]))

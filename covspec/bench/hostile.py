@@ -123,7 +123,7 @@ HUGE_INTS = [str(2 ** 64).encode(), str(2 ** 64 + 1).encode(), str(-(2 ** 63) - 
              b"-1" + b"0" * 30, b"1" + b"0" * 100, b"9" * 4300, b"9" * 4301, b"1" + b"0" * 5000]
 DIGIT_LIMIT = 4300                 # Python's int parsing limit: longer literals are not usable JSON
 WRONG_VALUES = {"int": ["7", 1.5, 1.0, True, None, [1], {"a": 1}], "float": ["0.5", True, None, [0.5], {}],
-                "str": [5, 0.5, True, None, ["x"], {"x": 1}]}
+                "str": [5, 0.5, True, None, ["x"], {"x": 1}, "\ud800" * 16]}   # a lone surrogate UTF-8 cannot encode
 FIELD_KINDS = {"session": "str", "seq": "int", "prompt": "str", "max_new_tokens": "int", "vocab_hash": "str",
                "temperature": "float", "top_k": "int", "top_p": "float", "seed": "int", "mode": "str",
                "wire": "str", "owner": "str", "start": "int", "assumed": "int"}

@@ -39,6 +39,7 @@ from covspec.bench.devices import Answer, greedy_references, run_devices
 from covspec.bench.hostile import QUESTION, TargetFacts
 from covspec.bench.reliability import REPLY_TIMEOUT_S, RssSampler, run_fuzz
 from covspec.protocol.messages import Error, Open, Ping, Verify, decode, encode
+from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.bench.workload import toy_questions
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import RetryPolicy
@@ -154,8 +155,9 @@ def vanished_phase(address: str, facts: TargetFacts, world: dict, *, clients: in
         before = live_sessions(address)
         owners = {}
         for i in range(clients):
-            session = f"vanished-{i}-{os.urandom(4).hex()}"
-            owners[session] = os.urandom(12).hex()
+            owner = new_owner()
+            session = session_id_for(owner)
+            owners[session] = owner
             reply = ask(address, Open(session=session, seq=0, prompt=QUESTION, image=np.frombuffer(
                 facts.image_png, np.uint8), vocab_hash=facts.vocab_hash, owner=owners[session],
                 committed=np.zeros(0, np.int32)), timeout_s=30)

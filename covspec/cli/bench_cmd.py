@@ -21,14 +21,27 @@ def write_section(command: str, title: str, body: str) -> None:
     report.append_markdown(Path("BENCHMARKS.md"), f"{title} (`covspec bench {command}`)", line, body)
 
 
+REGIME_HELP = ("Emulate a deployment (DEVICE@TARGET or a profile file; `covspec plan --list`): the edge's forwards "
+               "and the draft's runs padded to a phone and a GPU-served target. Real time only by default.")
+
+
+def regime_label(regime: str | None, records: list[dict]) -> str:
+    """The line that says a table's timings are emulated, and how faithfully; "" without a regime."""
+    if not regime:
+        return ""
+    from covspec.bench.regime import overrun_line
+
+    return overrun_line(regime, records) + "\n\n"
+
+
 def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios: list, questions: list,
-            max_new_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge; write
-    ``out/NAME.json`` and return (raw records, summary rows)."""
+            max_new_tokens: int, regime: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Run ``scenarios`` on ``questions`` over ``profiles`` against a fresh edge (under
+    ``regime`` when given); write ``out/NAME.json`` and return (raw records, summary rows)."""
     from tqdm import tqdm
 
     from covspec.bench import report
-    from covspec.bench.runner import Bench, check_drafting, records_to_json
+    from covspec.bench.runner import Bench, records_to_json
     from covspec.runtime_device.options import GenerationSettings
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.models import bundled_model_dir
@@ -36,7 +49,7 @@ def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     out.mkdir(parents=True, exist_ok=True)
     bench_run = Bench(artifacts, bundled_model_dir("target"), GenerationSettings(max_new_tokens=max_new_tokens),
-                      out / "edge.log")
+                      out / "edge.log", regime=regime)
     try:
         total = len(profiles) * len(scenarios) * len(questions)
         with tqdm(total=total, desc=name, unit="run", file=sys.stderr) as bar:
@@ -45,9 +58,15 @@ def measure(name: str, artifacts_dir: Path, out: Path, profiles: list, scenarios
         bench_run.close()
     raw = records_to_json(records)
     rows = report.summarize(raw)
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
-    check_drafting(records, scenarios)
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw, "regime": _described(regime)},
+                                                 indent=1))
     return raw, rows
+
+
+def _described(regime: str | None) -> dict | None:
+    from covspec.regime import load_regime
+
+    return load_regime(regime).describe() if regime else None
 
 
 @click.group()
@@ -66,17 +85,18 @@ def bench() -> None:
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE", help=REGIME_HELP)
 @click.option("--markdown/--no-markdown", default=True, show_default=True,
               help="Append the table to BENCHMARKS.md.")
 def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: float | None,
-        artifacts_dir: Path, out: Path, markdown: bool) -> None:
+        artifacts_dir: Path, out: Path, regime: str | None, markdown: bool) -> None:
     """Target-only vs vanilla speculative decoding vs CoVSpec (and CoVSpec minus each
     feature) over emulated links, plus transformers' assisted generation."""
     from tqdm import tqdm
 
     from covspec.bench import lead_report, report
     from covspec.bench.link import profile_named
-    from covspec.bench.runner import Bench, check_drafting, records_to_json, run_assisted
+    from covspec.bench.runner import Bench, records_to_json, run_assisted
     from covspec.bench.scenarios import standard_scenarios
     from covspec.bench.workload import toy_questions
     from covspec.protocol.manifest import load_manifest
@@ -100,29 +120,30 @@ def run(quick: bool, links: str, count: int, max_new_tokens: int, keep_ratio: fl
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
         records = run_assisted(bundled_model_dir("draft"), bundled_model_dir("target"), questions, settings,
                                tick=bar.update)
-        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, out / "edge.log")
+        bench_run = Bench(artifacts, bundled_model_dir("target"), settings, out / "edge.log", regime=regime)
         try:
             records += bench_run.run(profiles, scenarios, questions, tick=bar.update)
         finally:
             bench_run.close()
     raw = records_to_json(records)
     rows = report.summarize(raw)
-    name = "bench-quick" if quick else "bench"
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw}, indent=1))
-    check_drafting(records, scenarios)
-    table = report.markdown_table(rows)
+    name = ("bench-quick" if quick else "bench") + ("-regime" if regime else "")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "records": raw, "regime": _described(regime)},
+                                                 indent=1))
+    table = regime_label(regime, raw) + report.markdown_table(rows)
     lead = lead_report.lead_table(lead_report.lead_rows(raw, {p.name: p.rtt_ms for p in profiles}))
     click.echo(table + "\n\n" + lead)
-    if not quick:
+    if not quick and not regime:
         report.plot_speedup(rows, out / "speedup_vs_link.png")
         report.plot_bytes(rows, out / "bytes_per_token.png", profiles[0].name)
     if markdown and not quick:
+        plots = "" if regime else \
+            "\n\n![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)"
         body = (f"{len(questions)} held-out ShapesVQA questions (half descriptions), greedy, max {max_new_tokens} "
                 f"new tokens, CoVSpec keep ratio {ratio}.\n\n{table}\n\n"
                 f"Never slower than the edge alone? Speedup over target-only per workload (median per question), "
-                f"TTFT, and the target's forwards per committed token (target-only's in brackets):\n\n{lead}\n\n"
-                f"![speedup](benchmarks/speedup_vs_link.png) ![bytes](benchmarks/bytes_per_token.png)")
-        write_section("run", "Side by side", body)
+                f"TTFT, and the target's forwards per committed token (target-only's in brackets):\n\n{lead}{plots}")
+        write_section("run", "Side by side" + (f", EMULATED {regime}" if regime else ""), body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
 
 
@@ -207,8 +228,10 @@ def wire(vocab_sizes: str, sessions: int, out: Path, markdown: bool) -> None:
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE", help=REGIME_HELP)
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
-def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, out: Path, markdown: bool) -> None:
+def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, out: Path, regime: str | None,
+             markdown: bool) -> None:
     """Fixed draft lengths 2/4/6/8 vs adaptive, and pipelining / branching on and off
     (pipelining also capped at two chunks in flight), all device-led, and edge-led
     beside them, on every link profile (no pruning, compact wire)."""
@@ -233,12 +256,16 @@ def drafting(links: str, count: int, max_new_tokens: int, artifacts_dir: Path, o
                            dataclasses.replace(plain, pipeline=True, max_in_flight=2, branches=2)),
                   Scenario("edge-led", "speculative", dataclasses.replace(plain, lead="edge"))]
     profiles = [profile_named(name.strip()) for name in links.split(",") if name.strip()]
-    _, rows = measure("drafting", artifacts_dir, out, profiles, scenarios, toy_questions(count, describe_share=1.0),
-                      max_new_tokens)
-    report.plot_speedup(rows, out / "drafting_speedup_vs_link.png")
-    table = report.markdown_table(rows)
+    name = f"drafting-{Path(regime).stem.replace('@', '-')}" if regime else "drafting"
+    raw, rows = measure(name, artifacts_dir, out, profiles, scenarios, toy_questions(count, describe_share=1.0),
+                        max_new_tokens, regime)
+    report.plot_speedup(rows, out / f"{name}_speedup_vs_link.png")
+    table = regime_label(regime, raw) + report.markdown_table(rows)
     click.echo(table)
-    if markdown:
+    if markdown and regime:
+        write_section("drafting", f"Drafting policy, pipelining, branching, emulated {regime}",
+                      f"{count} held-out ShapesVQA descriptions, greedy, EMULATED regime `{regime}`.\n\n{table}")
+    elif markdown:
         body = (f"{count} held-out ShapesVQA descriptions, greedy, max {max_new_tokens} new tokens, no "
                 f"pruning, compact wire.\n\n{table}\n\n![drafting](benchmarks/drafting_speedup_vs_link.png)")
         write_section("drafting", "Drafting policy, pipelining, branching", body)
@@ -285,16 +312,22 @@ def families(names: str, out: Path, markdown: bool) -> None:
               help="Clients that open a session and disappear.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--quick", is_flag=True, help="A smoke test: 2,000 messages, 1 and 4 devices for 10 s, one kill.")
+@click.option("--hostile-edge", is_flag=True,
+              help="Instead: a fake edge answers the real device with malformed and hostile replies (< 1 min).")
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def reliability(messages: int, sockets: int, levels: str, seconds: float, kills: int, vanished: int, seed: int,
-                quick: bool, artifacts_dir: Path, out: Path, markdown: bool) -> None:
+                quick: bool, hostile_edge: bool, artifacts_dir: Path, out: Path, markdown: bool) -> None:
     """Hostile messages against a live edge with a well-behaved device alongside (replies
     by code, messages without a reply, crashes, edge memory), then 1..N concurrent
     devices, SIGKILL + restart mid-generation and vanished clients; every answer is
-    checked against the target's greedy answer. Exits 1 if a promise was broken."""
+    checked against the target's greedy answer. With --hostile-edge, the other way round:
+    a fake edge against the real device, which must end every generation with a clear
+    error within its patience. Exits 1 if a promise was broken."""
+    if hostile_edge:
+        return _hostile_edge(artifacts_dir, out, markdown)
     from tqdm import tqdm
 
     from covspec.bench.load import ReliabilityPlan, measure_reliability
@@ -331,10 +364,35 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
         raise click.ClickException("broken promises: " + "; ".join(problems))
 
 
+def _hostile_edge(artifacts_dir: Path, out: Path, markdown: bool) -> None:
+    from covspec.bench import hostile_edge
+    from covspec.bench.workload import toy_questions
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.runtime_device.client import RetryPolicy
+    from covspec.toy.artifacts import ensure_toy_artifacts
+
+    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)))
+    question = toy_questions(1)[0]
+    policy, attempts = RetryPolicy(timeout_s=0.5, retries=1, backoff_s=0.05), 2
+    outcomes = hostile_edge.run_hostile_edge(artifact, question.image_png, question.question, policy=policy,
+                                             reopen_attempts=attempts, tick=lambda line: click.echo(line, err=True))
+    summary = hostile_edge.summary(outcomes, policy, attempts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability-hostile-edge.json").write_text(json.dumps(summary, indent=1))
+    body = hostile_edge.report(summary)
+    click.echo(body)
+    if markdown:
+        write_section("reliability", "A hostile edge against the real device", body)
+    if summary["broken"]:
+        raise click.ClickException("broken promises: " + "; ".join(summary["broken"]))
+
+
 from covspec.cli.bench_device_cmd import device  # noqa: E402 - commands in modules of their own join the group here
 from covspec.cli.bench_gpu_cmd import gpu  # noqa: E402
 from covspec.cli.bench_load_cmd import load  # noqa: E402
+from covspec.cli.bench_regime_cmd import regime  # noqa: E402
 
 bench.add_command(load)
+bench.add_command(regime)
 bench.add_command(gpu)
 bench.add_command(device)

@@ -14,6 +14,11 @@ import click
 DEFAULT_CHUNK = 8          # covspec.bench.replay.DEFAULT_CHUNK (not imported: subcommands load lazily)
 
 
+def regime_slug(regime: str) -> str:
+    """A file-name form of a regime spec (``phone-135m@7b-a100-hf`` -> ``phone-135m-7b-a100-hf``)."""
+    return Path(regime).stem.replace("@", "-")
+
+
 def parse_levels(text: str, option: str) -> tuple[int, ...]:
     """``1,4,16`` -> (1, 4, 16); ``click.BadParameter`` naming ``option`` otherwise."""
     try:
@@ -42,6 +47,9 @@ def parse_levels(text: str, option: str) -> tuple[int, ...]:
                    "without using this CPU; 0: they draft instantly.")
 @click.option("--agreement", default="1,4", show_default=True,
               help="Levels at which real drafting devices are run beside the replay ones (must be among --levels).")
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
+              help="Emulate a deployment: each edge's batched forward padded by the regime's roofline (batching "
+                   "nearly free until the knee, as on a GPU) and the replay devices paced by its phone.")
 @click.option("--quick", is_flag=True, help="A smoke test: 2 devices, 1 s per phase, 2 short questions.")
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
@@ -52,8 +60,8 @@ def parse_levels(text: str, option: str) -> tuple[int, ...]:
 @click.option("--markdown/--no-markdown", default=True, show_default=True,
               help="Put the tables in BENCHMARKS.md (never with --quick).")
 def load(levels: str, seconds: float, count: int, describe_share: float, max_new_tokens: int, chunk: int,
-         pace: float, agreement: str, quick: bool, artifacts_dir: Path, out: Path, plot_path: Path | None,
-         markdown: bool) -> None:
+         pace: float, agreement: str, regime: str | None, quick: bool, artifacts_dir: Path, out: Path,
+         plot_path: Path | None, markdown: bool) -> None:
     """N devices against one edge: target-only batched, CoVSpec batched, CoVSpec
     unbatched, edge-led CoVSpec batched (edge steps auto and always), on descriptions
     and on a mixed stream. Replay devices send the real int8 draft's chunks at
@@ -68,13 +76,22 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.models import bundled_model_dir
 
+    import dataclasses
+
+    from covspec.regime import RegimeError, load_regime
+
+    if regime is not None:
+        try:
+            load_regime(regime)
+        except RegimeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--regime") from None
     if quick:
-        plan = CapacityPlan.quick()
+        plan = dataclasses.replace(CapacityPlan.quick(), regime=regime)
     else:
         try:
             plan = CapacityPlan(levels=parse_levels(levels, "--levels"), seconds=seconds, questions=count,
                                 describe_share=describe_share, max_new_tokens=max_new_tokens, chunk=chunk,
-                                pace=pace, agreement_levels=parse_levels(agreement, "--agreement"))
+                                pace=pace, agreement_levels=parse_levels(agreement, "--agreement"), regime=regime)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
@@ -82,11 +99,14 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     with tqdm(total=phase_count(plan), desc="load", unit="phase", file=sys.stderr) as bar:
         summary = measure_capacity(plan, artifacts, bundled_model_dir("target"), out / "edge.log",
                                    phase=lambda name: bar.write(f"load: {name}", file=sys.stderr), tick=bar.update)
-    name = "load-quick" if quick else "load"
+    name = ("load-quick" if quick else "load") + (f"-{regime_slug(regime)}" if regime else "")
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     body = render(summary)
+    if regime:
+        body = (f"EMULATED deployment regime `{regime}` (`covspec/regime/profiles.json`): {summary['overruns']} target "
+                f"forwards overran their emulated time.\n\n{body}")
     if plot_path is None and not quick:
-        plot_path = out / "load_capacity.png"
+        plot_path = out / f"{name.replace('load', 'load_capacity', 1)}.png"
     if plot_path is not None:
         plot_capacity(summary, plot_path)
         body += f"\n\n![capacity]({plot_path.as_posix()})"
@@ -94,7 +114,8 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     if markdown and not quick:
         from covspec.cli.bench_cmd import write_section
 
-        write_section("load", "Edge capacity: N devices against one edge", body)
+        title = "Edge capacity: N devices against one edge" + (f", emulated {regime}" if regime else "")
+        write_section("load", title, body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
     if not summary["all_correct"]:
         raise click.ClickException("not every answer equals the target's own; see the JSON")

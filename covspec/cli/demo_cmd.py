@@ -19,12 +19,17 @@ import click
 @click.option("--questions", "per_image", default=2, show_default=True, type=click.IntRange(min=1),
               help="Questions per sample image (the description question is always asked).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
+              help="Emulate a deployment: the edge's forwards and the draft's runs padded to a phone and a "
+                   "GPU-served target (`covspec plan --list`). Real time only by default.")
+def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str | None) -> None:
     """Ask the toy VLM pair about bundled sample images, co-inference vs target alone.
 
     Everything runs on this machine: an edge server with the toy target in a child
-    process, and the device side (onnxruntime draft) in this process.
+    process, and the device side (onnxruntime draft) in this process. With --regime the
+    timings are emulated (and labelled so); the answers are the same.
     """
+    from covspec.cli.device_cmd import device_pacing
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient
     from covspec.runtime_device.engine import CoInference
@@ -37,12 +42,13 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
     from covspec.toy.demo_samples import load_samples
     from covspec.toy.models import bundled_model_dir
 
+    pacing = device_pacing(regime)
     artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)),
-                                  threads=1)
+                                  threads=1, pacing=pacing)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     edge_log = artifacts_dir.parent / "demo-edge.log"
     click.echo(f"starting the edge (toy target; its log: {edge_log}) ...", err=True)
-    with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1),
+    with EdgeProcess(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", threads=1, regime=regime),
                      log_path=edge_log) as edge:
         client = EdgeClient(edge.address)
         engine = CoInference(artifact, client)
@@ -76,8 +82,10 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int) -> None:
         finally:
             client.close()
     speedups.sort()
+    where = (f"EMULATED regime {regime}, loopback; {pacing.pacer.overruns} draft runs overran their emulated time"
+             if regime else "this machine, loopback")
     click.secho(f"\n{identical}/{total} answers identical to the target's own; median speedup "
-                f"{speedups[len(speedups) // 2]:.2f}x over target-only (this machine, loopback).", bold=True)
+                f"{speedups[len(speedups) // 2]:.2f}x over target-only ({where}).", bold=True)
 
 
 def _pick(questions: list[dict], count: int) -> list[dict]:

@@ -19,6 +19,17 @@ def device() -> None:
     """Device side: the draft VLM in onnxruntime, verified by an edge server."""
 
 
+def device_pacing(regime: str | None):
+    """The draft's pacing under ``regime`` (none without one); BadParameter for a bad regime."""
+    from covspec.regime import DevicePacing, RegimeError, load_regime
+    from covspec.regime.pacing import NO_PACING
+
+    try:
+        return DevicePacing(load_regime(regime).device) if regime else NO_PACING
+    except RegimeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--regime") from None
+
+
 @device.command()
 @click.option("--artifacts", "artifacts_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Artifact folder written by `covspec export`.")
@@ -68,6 +79,9 @@ def device() -> None:
               help="lean: open each graph when first needed and close the vision graph once the image is "
                    "encoded, so the vision tower and the decoder are never in memory together (the edge also "
                    "starts sooner); resident: open every graph before connecting (a broken graph fails first).")
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
+              help="Emulate a phone: pad every draft run to what the regime's device would take (with "
+                   "`covspec edge serve --regime` on the edge). Real time only by default.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
               help="This device's CurveZMQ secret key (NAME.key_secret from `covspec keys new`); with --edge-key.")
 @click.option("--edge-key", "edge_key_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -80,7 +94,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         temperature: float, top_k: int, top_p: float, seed: int, lead: str, draft_policy: str, draft_len: int,
         max_draft_len: int, pipeline: bool, max_in_flight: int, branches: int, wire: str, keep_ratio: float | None,
         keep_tokens: int | None, selection: str, prune_target: bool, trace_file: Path | None, threads: int, memory: str,
-        key_file: Path | None, edge_key_file: Path | None, timeout: float, retries: int, as_json: bool) -> None:
+        regime: str | None, key_file: Path | None, edge_key_file: Path | None, timeout: float, retries: int, as_json: bool) -> None:
     """Answer PROMPT about IMAGE: draft on this device, verify on the edge.
 
     The text is streamed as the edge commits it and equals the target model's own
@@ -112,7 +126,8 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     image_bytes = image_file.read_bytes()
     try:
         load_image(image_bytes)
-        artifact = DraftArtifact.load(artifacts_dir, threads=threads, lean=memory == "lean")
+        artifact = DraftArtifact.load(artifacts_dir, threads=threads, lean=memory == "lean",
+                                      pacing=device_pacing(regime))
     except (ImageError, ArtifactError) as exc:
         raise click.ClickException(str(exc)) from None
     options = DraftingOptions(lead=lead, policy=draft_policy, draft_len=draft_len, max_draft_len=max_draft_len,

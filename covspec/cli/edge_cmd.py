@@ -59,6 +59,9 @@ def edge() -> None:
 @click.option("--threads", type=int,
               help="torch CPU threads (default: torch's choice). On a CPU shared with the device, 1 is often "
                    "much faster.")
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
+              help="Emulate a deployment: pad every target forward to what the regime's target model would "
+                   "take on its GPU (a roofline; see `covspec plan --list`). Real time only by default.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     """Serve MODEL_DIR (default: the bundled toy target) to devices until Ctrl-C or SIGTERM.

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("covspec.cli.demo_cmd:demo", "Run the toy end-to-end demo on bundled sample images."),
     "bench": ("covspec.cli.bench_cmd:bench", "Measure scenarios side by side and write BENCHMARKS.md."),
     "toy": ("covspec.cli.toy_cmd:toy", "The ShapesVQA toy world: build and evaluate toy models."),
+    "plan": ("covspec.cli.plan_cmd:plan", "Which mode and draft length to run: a model of time-to-answer."),
     "keys": ("covspec.cli.keys_cmd:keys", "Make CurveZMQ key pairs for an edge and its devices."),
     "link": ("covspec.cli.link_cmd:link", "Emulate a network link (delay, bandwidth) between device and edge."),
 }

@@ -32,7 +32,10 @@ UNEXPECTED_TYPE = "unexpected_type"   # a message only the edge sends (opened, r
 WRONG_MODE = "wrong_mode"             # verify sent to a target_only session
 TOO_LONG = "too_long"                 # context + max_new_tokens beyond max_context
 BUSY = "busy"                         # max_sessions or the request queue is full
-INTERNAL = "internal"                 # an unexpected failure; the session was dropped
+INTERNAL = "internal"                 # an unexpected failure (the session was dropped if its owner sent it)
+
+# -- judging a reply (the device; never sent on the wire) ----------------------------------------
+BAD_REPLY = "bad_reply"               # a reply that breaks the protocol (covspec.runtime_device.replies)
 
 
 class EdgeError(Exception):

@@ -1,6 +1,9 @@
 """The frame layer of the protocol: a header frame's JSON parsed within limits, its
 scalar fields type-checked, and raw array frames read by their declared dtype and
-shape. Every problem is one ``ProtocolError`` whose ``code`` (``covspec.protocol.errors``)
+shape. Types are strict: an ``int`` field takes a JSON integer only (not ``1.0``, not
+``true``), a ``bool`` field ``true``/``false`` only, a ``str`` field a string that UTF-8
+can encode (no lone surrogates such as ``"\ud800"``); a ``float`` field takes any finite
+JSON number (JSON encoders write ``1.0`` as ``1``). Every problem is one ``ProtocolError`` whose ``code`` (``covspec.protocol.errors``)
 names the class of problem; nothing is unpickled or evaluated.
 """
 
@@ -71,6 +74,9 @@ def scalar(header: dict, name: str, kind: type) -> Any:
     value = header[name]
     ok = isinstance(value, _SCALAR_TYPES[kind]) and not (kind is not bool and isinstance(value, bool))
     require(ok, errors.BAD_FIELD, f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    if kind is str:
+        require(_utf8(value), errors.BAD_FIELD, f"field {name!r} is not valid Unicode (it holds a lone surrogate "
+                                                "such as \\ud800, which UTF-8 cannot encode); send real text")
     if kind is int:
         require(INT_RANGE[0] <= value < INT_RANGE[1], errors.BAD_FIELD, f"field {name!r} is beyond 64 bits")
     if kind is float:
@@ -80,6 +86,19 @@ def scalar(header: dict, name: str, kind: type) -> Any:
             raise ProtocolError(errors.BAD_FIELD, f"field {name!r} is beyond the float range") from None
         require(math.isfinite(value), errors.BAD_FIELD, f"field {name!r} must be a finite number")
     return value
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a JSON integer: an int, not a bool, not a float equal to an int."""
+    return type(value) is int
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_array(name: str, spec: dict, frame: bytes, limits: Limits) -> np.ndarray:

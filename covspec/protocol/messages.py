@@ -1,24 +1,33 @@
-"""Protocol v2: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
+"""Protocol v3: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
 
 A message is a list of frames. Frame 0 is a UTF-8 JSON header::
 
-    {"v": 2, "type": "verify", "session": "...", "seq": 3, <scalar fields>,
+    {"v": 3, "type": "verify", "session": "...", "seq": 3, <scalar fields>,
      "arrays": [{"name": "tokens", "dtype": "int32", "shape": [4]}, ...]}
 
 and each array listed in ``arrays`` follows as its own raw little-endian frame, in
 that order. Positions count generated tokens only (0 = the first generated token).
 
 ``decode`` validates everything (JSON, version, type, every field's presence and
-type, each array's dtype, rank and byte length, size limits, frame count) and raises
-one typed error, ``ProtocolError``, whose ``code`` names the class of problem and
-whose message names the field. Nothing is ever unpickled or evaluated.
+strict type, in a request no field its type and version lack, each array's dtype,
+rank and byte length, size limits, frame count) and raises one typed error, ``ProtocolError``,
+whose ``code`` names the class of problem and whose message names the field. A
+message that decodes is well-formed down to its strings (valid Unicode) and owner
+(within ``MAX_OWNER``), so nothing later can fail on its form. A reply (from the edge)
+may carry fields this side does not know, which are ignored: an edge may add optional
+counters (``counter``) without breaking older devices. Nothing is ever unpickled or
+evaluated.
 
 Versions: v2 added the ``edge_led`` mode of ``open`` and ``pong``'s counters (fields
-marked ``since(2)``). Both sides decode v1 and v2; a decoded message remembers its
-``version`` and a reply is encoded in the version of its request, without the fields
-the older version lacks, so a v1 device is served as before. A v1 message asking
-for what only v2 has (``edge_led``) is refused with ``bad_field``. PROTOCOL.md
-describes the messages and both modes.
+marked ``since(2)``); v3 made session ids self-certifying (``covspec.protocol.ownership``):
+a v3 ``open`` carries the device's owner secret and names the session
+``session_id_for(owner)``. An open naming an id of that form must carry its owner in
+every version, so no v1/v2 device can take a v3 device's id. All three versions
+decode; a decoded message remembers its ``version`` and a reply is encoded in the
+version of its request, without the fields the older version lacks, so v1 and v2
+devices are served as before. A v1 message asking for what only v2 has
+(``edge_led``) is refused with ``bad_field``. PROTOCOL.md describes the messages and
+the modes.
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from covspec.protocol import errors
-from covspec.protocol.frames import Limits, ProtocolError, parse_header, read_array, require, scalar
+from covspec.protocol.frames import Limits, ProtocolError, is_int, parse_header, read_array, require, scalar
+from covspec.protocol.ownership import certifies, derived_form
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS
 
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 MODES = ("speculative", "target_only", "edge_led")
 MAX_SESSION_ID = 64
 MIN_OWNER, MAX_OWNER = 16, 64             # characters of a session's owner secret
@@ -46,6 +56,12 @@ SEED_RANGE = (0, 2 ** 64)
 def since(version: int, default):
     """A scalar field that exists from protocol ``version`` on (``default`` in older messages)."""
     return field(default=default, metadata={"since": version})
+
+
+def counter(version: int):
+    """An integer counter from protocol ``version`` on that a message may omit (0 when absent),
+    so a side that counts more than an older peer stays readable by it and reads it."""
+    return field(default=0, metadata={"since": version, "optional": True})
 
 
 def array_field(dtype: str, ndim: int, optional: bool = False):
@@ -113,8 +129,14 @@ class Open(Message):
                 "mode 'edge_led' needs protocol v2; this message is v1")
         require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
         require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+        require(self.owner != "" or self.version < 3, errors.BAD_FIELD,
+                "a v3 open carries the device's owner secret (the session id is derived from it); "
+                "see covspec.protocol.ownership")
         require(self.owner == "" or len(self.owner) >= MIN_OWNER, errors.BAD_FIELD,
                  f"owner must be empty (the edge issues one) or at least {MIN_OWNER} random characters")
+        require(not (self.version >= 3 or derived_form(self.session)) or certifies(self.owner, self.session),
+                errors.BAD_FIELD, f"session id {self.session!r} is not derived from this open's owner secret; "
+                "name the session session_id_for(owner) (covspec.protocol.ownership), or pick another owner")
         require(SEED_RANGE[0] <= self.seed < SEED_RANGE[1], errors.BAD_FIELD,
                  "seed must be an unsigned 64-bit integer (0 <= seed < 2**64)")
 
@@ -233,7 +255,10 @@ class Pong(Message):
     edge's counters since it started: target ``forwards`` (prefills included),
     ``committed`` tokens over all sessions, milliseconds spent opening sessions
     (``prefill_ms``) and running rounds (``rounds_ms``), ``peak_bytes`` of memory (the
-    CUDA allocator's peak on a GPU, else the process's peak resident set)."""
+    CUDA allocator's peak on a GPU, else the process's peak resident set). Under a
+    deployment regime (``covspec edge serve --regime``), ``overruns`` counts the target
+    forwards whose real compute took longer than the regime's emulated time, and
+    ``overrun_ms`` the time beyond it (both optional: an edge that predates them sends none)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -242,8 +267,11 @@ class Pong(Message):
     prefill_ms: int = since(2, 0)
     rounds_ms: int = since(2, 0)
     peak_bytes: int = since(2, 0)
+    overruns: int = counter(2)
+    overrun_ms: int = counter(2)
 
 
+REQUEST_TYPES = ("open", "verify", "close", "ping")     # what a device sends: no field beyond its type's
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Open, Opened, Verify, Result, Close, Error, Ping, Pong)}
 
@@ -288,12 +316,12 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
              f"message is {total} bytes; the limit is {limits.max_message_bytes}")
     header = parse_header(frames[0], limits)
     version = header.get("v")
-    require(version in SUPPORTED_VERSIONS and not isinstance(version, bool), errors.BAD_VERSION,
-            f"protocol version {version!r} is not supported; this side speaks "
+    require(is_int(version) and version in SUPPORTED_VERSIONS, errors.BAD_VERSION,
+            f"protocol version {version!a} is not supported; this side speaks "
             f"{' and '.join(f'v{v}' for v in SUPPORTED_VERSIONS)}: update covspec on the older side")
     kind = header.get("type")
     require(isinstance(kind, str) and kind in MESSAGE_TYPES, errors.UNKNOWN_TYPE,
-             f"message type {kind!r} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
+             f"message type {kind!a} is unknown; expected one of {sorted(MESSAGE_TYPES)}")
     cls = MESSAGE_TYPES[kind]
     values: dict[str, Any] = {
         "session": scalar(header, "session", str),
@@ -304,8 +332,14 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     declared = _array_specs(header, cls)
     require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
-    for f in _fields(cls, version):
-        if f.metadata.get("array"):
+    fields = _fields(cls, version)
+    known = {"v", "type", "session", "seq", "arrays"} | {f.name for f in fields if not f.metadata.get("array")}
+    unknown = sorted(str(name) for name in header if name not in known)
+    if unknown and kind in REQUEST_TYPES:
+        raise ProtocolError(errors.BAD_FIELD, f"a v{version} {kind} has no field {unknown[0]!a}; "
+                                              f"its fields are {', '.join(sorted(known))}")
+    for f in fields:
+        if f.metadata.get("array") or (f.metadata.get("optional") and f.name not in header):
             continue
         values[f.name] = scalar(header, f.name, _TYPE_NAMES[f.type])
     require(len(values.get("owner", "")) <= MAX_OWNER, errors.BAD_FIELD,
@@ -329,14 +363,16 @@ def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
         require(isinstance(spec, dict) and isinstance(spec.get("name"), str), errors.BAD_ARRAY,
                  "each entry of 'arrays' needs a name")
         name = spec["name"]
-        require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!r}")
-        require(name not in declared, errors.BAD_ARRAY, f"array {name!r} is declared twice")
+        require(set(spec) <= {"name", "dtype", "shape"}, errors.BAD_ARRAY,
+                f"array {name!a} is declared with keys {sorted(spec)!a}; an array has a name, dtype and shape only")
+        require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!a}")
+        require(name not in declared, errors.BAD_ARRAY, f"array {name!a} is declared twice")
         meta = allowed[name]
         require(spec.get("dtype") == meta["dtype"], errors.BAD_ARRAY,
-                 f"array {name!r} must be {meta['dtype']}, declared {spec.get('dtype')!r}")
+                 f"array {name!a} must be {meta['dtype']}, declared {spec.get('dtype')!a}")
         shape = spec.get("shape")
         require(isinstance(shape, list) and len(shape) == meta["ndim"]
-                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
+                 and all(is_int(d) and d >= 0 for d in shape),
                  errors.BAD_ARRAY, f"array {name!r} needs a shape of {meta['ndim']} non-negative ints")
         declared[name] = {"dtype": meta["dtype"], "shape": shape}
     return declared

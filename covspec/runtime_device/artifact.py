@@ -17,6 +17,11 @@ of their sum. The price is opening both graphs again for every image; a one-shot
 ``covspec device run`` opens each once either way.
 Numpy, onnxruntime and tokenizers only.
 
+``interrupted()`` is a context in which every run of the artifact's graphs (one under
+way included: onnxruntime's ``RunOptions.terminate``) and every padding of a regime
+ends at once, raising in the thread that runs it: a generation whose answer is
+complete abandons its draft's prefill this way instead of waiting for it.
+
 ``run_vision`` feeds the vision graph what the family's preprocessing produced,
 after checking every input's rank and fixed sizes against the graph: a
 preprocessing that does not match its graph is an ``ArtifactError`` that says so,
@@ -27,6 +32,7 @@ than the draft's) is embedded as the pad token, which only the draft sees.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from tokenizers import Tokenizer
 
 from covspec.families import DeviceHalf, UnsupportedModelError, family_named
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
+from covspec.regime.pacing import NO_PACING
 from covspec.runtime_device.embedding import QuantizedTable, load_table
 from covspec.runtime_device.memory import release_heap
 
@@ -72,6 +79,7 @@ class Graph:
     def __init__(self, path: str | Path, threads: int):
         self.path, self.threads = Path(path), threads
         self._session: ort.InferenceSession | None = None
+        self.run_options = ort.RunOptions()     # its ``terminate`` ends the graph's runs (``interrupted``)
 
     @property
     def is_open(self) -> bool:
@@ -87,6 +95,9 @@ class Graph:
         if self._session is not None:
             self._session = None
             release_heap()
+
+    def run(self, output_names, feeds, run_options=None):
+        return self.open().run(output_names, feeds, run_options or self.run_options)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):       # private and special names (copy, pickle) never open a session
@@ -115,6 +126,16 @@ def run_vision(vision: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> tu
     return features, activity
 
 
+def frame_count(feeds: dict[str, np.ndarray]) -> int:
+    """Tiles or frames in the vision inputs: the leading sizes of the pixel array (the
+    input of the most dimensions, four or more: [..., channels, height, width]); 1 for
+    inputs of patches already flattened (e.g. Qwen2-VL's)."""
+    pixels = max(feeds.values(), key=lambda value: getattr(value, "ndim", 0), default=None)
+    if pixels is None or pixels.ndim < 4:
+        return 1
+    return max(1, int(np.prod(pixels.shape[:-3])))
+
+
 @dataclass
 class DraftArtifact:
     folder: Path
@@ -126,10 +147,11 @@ class DraftArtifact:
     tokenizer: Tokenizer
     family: DeviceHalf                # the device half of the artifact's model family
     lean: bool = False                # graphs opened when first used; the vision graph closed after each image
+    pacing: object = NO_PACING        # a regime's DevicePacing: vision and decoder runs padded to the phone's time
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 2, verify_hashes: bool = True,
-             lean: bool = False) -> DraftArtifact:
+             lean: bool = False, pacing=NO_PACING) -> DraftArtifact:
         folder = Path(folder)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
         try:
@@ -145,24 +167,39 @@ class DraftArtifact:
         if not lean:
             for graph in graphs:
                 graph.open()
-        return cls(folder, manifest, *graphs, embed, tokenizer, device_half, lean)
+        return cls(folder, manifest, *graphs, embed, tokenizer, device_half, lean, pacing)
 
     def encode_image(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The vision graph on the family's preprocessed ``feeds`` (``run_vision``; in several
         runs where the family splits them, ``vision_runs``); a lean artifact closes the
         decoder first (a new image replaces the draft's context) and the vision graph
-        afterwards."""
+        afterwards. Under a regime the runs together take the phone's time for their frames."""
         if self.lean:
             self.decoder.close()
         split = getattr(self.family, "vision_runs", None)
         try:
-            if split is None:
-                return run_vision(self.vision, feeds)
-            parts = [run_vision(self.vision, part) for part in split(feeds)]
-            return tuple(np.concatenate([part[i] for part in parts], axis=1) for i in range(2))
+            with self.pacing.vision(frame_count(feeds)):
+                if split is None:
+                    return run_vision(self.vision, feeds)
+                parts = [run_vision(self.vision, part) for part in split(feeds)]
+                return tuple(np.concatenate([part[i] for part in parts], axis=1) for i in range(2))
         finally:
             if self.lean:
                 self.vision.close()
+
+    @contextmanager
+    def interrupted(self):
+        """Within: every graph run (under way or new) and every regime padding ends at once."""
+        graphs = (self.vision, self.scorer, self.decoder)
+        for graph in graphs:
+            graph.run_options.terminate = True
+        self.pacing.pacer.interrupt()
+        try:
+            yield
+        finally:
+            for graph in graphs:
+                graph.run_options.terminate = False
+            self.pacing.pacer.resume()
 
     @property
     def eos_ids(self) -> set[int]:

@@ -7,7 +7,12 @@ comes after every retry and ``EdgeError`` when the edge answers with an error.
 Replies to older rounds (duplicates from retries) are dropped. Sends time out too (a
 DEALER whose connection never completes would block forever), and a handshake the
 edge refused (socket monitor events) turns into a clear ``EdgeUnreachable``: the edge
-refused this device's key, or the two sides disagree on encryption. Every byte sent
+refused this device's key, or the two sides disagree on encryption. Replies are
+bounded (``REPLY_LIMITS``; the socket's ``MAXMSGSIZE`` disconnects an edge that sends a
+bigger message); replies that do not decode and replies to other sessions or rounds
+are dropped and counted, and an ``EdgeUnreachable`` says how many came meanwhile, so a
+misbehaving edge is told apart from a silent one. ``RetryPolicy.patience_s`` is the
+longest one request waits. Every byte sent
 and received on the socket is counted
 (frame payloads; ZeroMQ adds a few bytes of framing per frame), in total and per
 message type.
@@ -26,6 +31,7 @@ from covspec.protocol.errors import BUSY, EdgeError
 from covspec.protocol.messages import Error, Limits, Message, ProtocolError, decode, encode
 
 BUSY_WAIT_S = 1.0                # the longest pause before asking a busy edge again
+REPLY_LIMITS = Limits(max_array_bytes=8 * 1024 * 1024, max_message_bytes=8 * 1024 * 1024)   # p_dense of 4M ids
 
 __all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "RetryPolicy"]
 
@@ -41,6 +47,12 @@ class RetryPolicy:
     timeout_s: float = 5.0
     retries: int = 3
     backoff_s: float = 0.2
+
+    @property
+    def patience_s(self) -> float:
+        """The longest one request waits for its reply before ``EdgeUnreachable``: every
+        attempt's timeout and the backoff after it."""
+        return sum(self.timeout_s + self.backoff_s * 2 ** attempt for attempt in range(self.retries + 1))
 
 
 @dataclass
@@ -86,6 +98,7 @@ class EdgeClient:
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
         self.socket.setsockopt(zmq.SNDTIMEO, max(int(policy.timeout_s * 1000), 1))
+        self.socket.setsockopt(zmq.MAXMSGSIZE, REPLY_LIMITS.max_message_bytes)
         self._monitor = self.socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES))
         self._handshake_failure: str | None = None
@@ -94,6 +107,8 @@ class EdgeClient:
         self.bytes_down = 0
         self.bytes_by_type: Counter[str] = Counter()     # e.g. "up:verify", "down:result"
         self._held: Message | None = None                # an awaited reply seen by reply_ready
+        self.dropped: Counter[str] = Counter()           # replies dropped since the last awaited one, by why
+        self._last_undecodable = ""
 
     def send(self, message: Message) -> None:
         frames = encode(message)
@@ -111,7 +126,13 @@ class EdgeClient:
         while self._monitor.poll(0):
             event = zmq.utils.monitor.recv_monitor_message(self._monitor)["event"]
             self._handshake_failure = HANDSHAKE_FAILURES.get(event)
-        return f"{problem}: {self._handshake_failure}" if self._handshake_failure else problem
+        if self._handshake_failure:
+            return f"{problem}: {self._handshake_failure}"
+        if self.dropped:
+            problem += (f" (meanwhile {self.dropped['undecodable']} replies did not decode"
+                        f"{f', the last: {self._last_undecodable}' if self._last_undecodable else ''}; "
+                        f"{self.dropped['unmatched']} answered other sessions or rounds)")
+        return problem
 
     def _read(self) -> Message | None:
         """One waiting message off the socket (counted), or None if it does not decode."""
@@ -119,8 +140,10 @@ class EdgeClient:
         size = sum(len(f) for f in frames)
         self.bytes_down += size
         try:
-            reply = decode(frames, Limits())
-        except ProtocolError:
+            reply = decode(frames, REPLY_LIMITS)
+        except ProtocolError as exc:
+            self.dropped["undecodable"] += 1
+            self._last_undecodable = str(exc)[:200]
             return None                            # garbage on the wire: not our reply
         self.bytes_by_type[f"down:{reply.TYPE}"] += size
         return reply
@@ -138,9 +161,20 @@ class EdgeClient:
             if not self.socket.poll(int(left * 1000) + 1):
                 return None
             reply = self._read()
-            if reply is not None and reply.session == session and reply.seq == seq:
+            if self._matches(reply, session, seq):
                 return reply
         return None
+
+    def _matches(self, reply: Message | None, session: str, seq: int | None = None) -> bool:
+        """Whether ``reply`` is the one awaited (then the dropped count starts over)."""
+        if reply is None:
+            return False
+        if reply.session != session or (seq is not None and reply.seq != seq):
+            self.dropped["unmatched"] += 1
+            return False
+        self.dropped.clear()
+        self._last_undecodable = ""
+        return True
 
     def receive_any(self, session: str, timeout_s: float) -> Message | None:
         """The next message about ``session`` whatever its seq (edge-led sessions get
@@ -153,7 +187,7 @@ class EdgeClient:
             if not self.socket.poll(max(int((deadline - time.monotonic()) * 1000), 0)):
                 return None
             reply = self._read()
-            if reply is not None and reply.session == session:
+            if self._matches(reply, session):
                 return reply
 
     def reply_ready(self, session: str, seq: int) -> bool:

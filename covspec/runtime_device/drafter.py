@@ -28,6 +28,10 @@ generated token; other decoder graphs never see it.
 The drafter needs only a decoder session, the decoder's cache layout (the
 manifest's ``decoder`` section) and an embedding lookup, so the exporter runs its
 parity checks through this same class before any manifest exists.
+
+Under a deployment regime, ``pacing`` (``covspec.regime.DevicePacing``) pads every
+decoder run to what the regime's phone would take for its rows (a prefill chunk by
+rows, a decode run by its first and further rows); by default nothing is padded.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import numpy as np
 
 from covspec.families import DraftContext
 from covspec.runtime_device.artifact import DraftArtifact
+from covspec.regime.pacing import NO_PACING
 from covspec.runtime_device.kv_cache import SharedBufferCache, cache_for
 
 
@@ -57,11 +62,13 @@ class DrafterState:
 
 class Drafter:
     def __init__(self, decoder, spec: Mapping, embed: Callable[[list[int]], np.ndarray],
-                 prefill_chunk: int = PREFILL_CHUNK, kv_cache: str | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, kv_cache: str | None = None, pacing=NO_PACING):
         """decoder: an onnxruntime session of ``decoder.onnx``; spec: the manifest's
         ``decoder`` section; embed: token ids [n] -> embeddings [n, D]; kv_cache: the
-        layout to assume instead of ``spec["kv_cache"]`` ("concat" forces the copying cache)."""
+        layout to assume instead of ``spec["kv_cache"]`` ("concat" forces the copying cache);
+        pacing: the regime's ``DevicePacing`` (default: none)."""
         self.decoder = decoder
+        self.pacing = pacing
         self.embed = embed
         self.spec, self.kv_cache, self.chunk = spec, kv_cache, prefill_chunk
         self.context_len = 0           # cache entries of the context
@@ -95,7 +102,7 @@ class Drafter:
 
     @classmethod
     def from_artifact(cls, artifact: DraftArtifact) -> Drafter:
-        return cls(artifact.decoder, artifact.manifest.decoder, artifact.embed)
+        return cls(artifact.decoder, artifact.manifest.decoder, artifact.embed, pacing=artifact.pacing)
 
     @property
     def generated(self) -> int:
@@ -128,7 +135,7 @@ class Drafter:
         for start in range(0, total, step):
             stop = min(total, start + step)
             rows.append(self._run(embeds[start:stop], positions[..., start:stop], groups[start:stop],
-                                  last_only=last_only))
+                                  last_only=last_only, prefill=True))
         self.context_len = len(context)
         self.fed = [int(t) for t in generated]
         return rows[-1] if last_only else np.concatenate(rows)
@@ -175,9 +182,10 @@ class Drafter:
         return np.broadcast_to(positions, (self.position_axes, count)) if self.position_axes else positions
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray, groups: np.ndarray | None = None,
-             last_only: bool = False) -> np.ndarray:
+             last_only: bool = False, prefill: bool = False) -> np.ndarray:
         """embeds [S, D], positions [S] or [A, S], image groups [S] (None: text) -> logits
-        [S, V] (or [1, V] with ``last_only`` on a graph that takes ``num_logits``); the cache grows by S."""
+        [S, V] (or [1, V] with ``last_only`` on a graph that takes ``num_logits``); the cache
+        grows by S. ``prefill``: a run of the prefill (paced by rows), else a decode run."""
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
             "position_ids": np.ascontiguousarray(np.expand_dims(positions, -2), dtype=np.int64),  # [1, S] / [A, 1, S]
@@ -190,4 +198,5 @@ class Drafter:
             feeds["num_logits"], rows_out = np.array(1, np.int64), 1
         if not self.shared:
             feeds["attention_mask"] = np.ones((1, self.cache.rows + embeds.shape[0]), dtype=np.int64)
-        return self.cache.run(feeds, rows_out)                                  # [S, V] or [1, V]
+        with self.pacing.decoder(embeds.shape[0], prefill):
+            return self.cache.run(feeds, rows_out)                              # [S, V] or [1, V]

@@ -26,6 +26,11 @@ chunk is drafted to a length fixed before drafting (``fixed_length``: not cut at
 by confidence), which makes its drafting time independent of its own tokens; the
 edge's overlap test looks only at tokens before L. PROTOCOL.md has the argument;
 tests/test_edge_led.py tests it, with a negative control that breaks the rule.
+
+Every reply is checked (``replies``) before it is applied; messages are taken for at
+most one timeout per wait, a ``busy`` edge is asked again at most ``retries`` times in
+a row, and a session lost again and again is given up (``DeviceSession.reopen``), so a
+hostile edge ends the generation with a clear error within the device's patience.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -43,6 +48,7 @@ from covspec.protocol.speculative import NO_TOKEN
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
+from covspec.runtime_device.replies import check_opened, check_streamed, check_verdict
 from covspec.runtime_device.session import DeviceSession
 from covspec.runtime_device.stats import GenerationStats
 
@@ -136,6 +142,7 @@ class EdgeLedGeneration:
         self.stream_seq = -1                  # the seq of the open whose steps the edge streams
         self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
         self.last_step_at: float | None = None
+        self.busy = 0                         # busy replies since the last token
 
     def tokens(self) -> Iterator[list[int]]:
         began = time.perf_counter()
@@ -145,9 +152,11 @@ class EdgeLedGeneration:
             self.client.send(opening)
             # The draft prefills in a thread (onnxruntime releases the GIL) while the edge's
             # tokens stream in: the first token and a short answer come as fast as the edge
-            # alone; drafting starts once the draft is ready.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-prefill") as pool:
-                prefill = pool.submit(self._prefill)
+            # alone; drafting starts once the draft is ready. The answer never waits for the
+            # draft: a prefill still under way when it is complete is interrupted.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-prefill")
+            prefill = pool.submit(self._prefill)
+            try:
                 first = self._opened(self.session.await_opened(opening))
                 self.stats.ttft_s = time.perf_counter() - began
                 yield first
@@ -160,12 +169,24 @@ class EdgeLedGeneration:
                     quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
                     if new:
                         yield new
+            finally:
+                self._abandon(prefill)
+                pool.shutdown(wait=True)
         finally:
             self.session.close()
             self.stats.tokens = len(self.committed)
             self.stats.wall_s = time.perf_counter() - began
             self.stats.bytes_up += self.client.bytes_up - up0
             self.stats.bytes_down += self.client.bytes_down - down0
+
+    def _abandon(self, prefill) -> None:
+        """End a draft prefill still under way (its runs and padding stop at once, raising
+        in its thread): nothing the device does for itself delays a complete answer."""
+        if prefill.done():
+            return
+        with self.draft.interrupted():
+            wait([prefill])
+        self.stats.prefill_abandoned = True
 
     def _prefill(self) -> None:
         started = time.perf_counter()
@@ -174,6 +195,7 @@ class EdgeLedGeneration:
         self.stats.kept_visual_tokens = int(len(prefill.kept))
 
     def _opened(self, opened) -> list[int]:
+        check_opened(opened, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
         self.stream_seq, self.done = opened.seq, opened.done
         self.stats.edge_prefill_ms += opened.prefill_ms
         self.chunk, self.last_step_at = None, None
@@ -198,9 +220,10 @@ class EdgeLedGeneration:
         new: list[int] = []
         timeout = self.client.policy.timeout_s if self.chunk is not None else QUIET_S
         reply = self.client.receive_any(self.session.id, timeout)
+        until = time.perf_counter() + self.client.policy.timeout_s      # an endless stream still yields
         while reply is not None:
             new += self._apply(reply)
-            if self.done:
+            if self.done or time.perf_counter() > until:
                 return new
             reply = self.client.receive_any(self.session.id, 0.0)
         if self.chunk is not None and not self._alive(self.chunk):
@@ -208,14 +231,15 @@ class EdgeLedGeneration:
             self.chunk = None                 # contradicted by a streamed token: the edge drops it
         if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > \
                 self.client.policy.timeout_s:
-            new = self._reopen()              # nothing for a whole timeout: the edge is lost
+            new = self._reopen("no reply for a whole timeout")          # the edge is lost
         return new
 
     def _apply(self, reply) -> list[int]:
         if isinstance(reply, Error):
             if reply.code == UNKNOWN_SESSION:
-                return self._reopen()
-            if reply.code == BUSY:
+                return self._reopen("the edge did not know it")
+            if reply.code == BUSY and self.busy < self.client.policy.retries:
+                self.busy += 1
                 self.chunk = None
                 return []
             raise EdgeError(reply.code, reply.message)
@@ -223,7 +247,8 @@ class EdgeLedGeneration:
             return []
         if reply.seq == self.stream_seq:                               # a token the target generated
             if reply.start != len(self.committed):
-                return self._reopen()
+                return self._reopen(f"a streamed token at {reply.start} when {len(self.committed)} were committed")
+            check_streamed(reply, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
             now = time.perf_counter()
             if self.last_step_at is not None:
                 self.policy.observe_edge_step(now - self.last_step_at)
@@ -239,13 +264,14 @@ class EdgeLedGeneration:
             self.stats.stale += 1
             return []
         if reply.start != len(self.committed):
-            return self._reopen()
+            return self._reopen(f"a verdict from {reply.start} when {len(self.committed)} were committed")
+        skip = check_verdict(reply, chunk.start, len(chunk.tokens), len(self.committed),
+                             self.settings.max_new_tokens, self.draft.vocab_size, edge_led=True)
         self.policy.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
         self.last_step_at = None              # a verify forward is not an edge step
         self.stats.rounds += 1
         self.stats.accepted.append(reply.accepted)
         self.stats.edge_verify_ms += reply.verify_ms
-        skip = reply.start - chunk.start
         rejected = reply.accepted < len(chunk.tokens) - skip
         self.policy.observe_agreement(skip + reply.accepted, skip + reply.accepted + rejected)
         self.trace({"event": "verdict", "seq": chunk.seq, "start": reply.start, "skipped": skip,
@@ -253,6 +279,8 @@ class EdgeLedGeneration:
         return self._commit(chunk.tokens[skip:skip + reply.accepted], reply)
 
     def _commit(self, accepted: list[int], reply: Result) -> list[int]:
+        self.session.progress()
+        self.busy = 0
         new = list(accepted) + ([] if reply.token == NO_TOKEN else [reply.token])
         self.committed += new
         self.done = reply.done
@@ -270,10 +298,10 @@ class EdgeLedGeneration:
         covered = len(self.committed) - chunk.start
         return covered < len(chunk.tokens) and chunk.tokens[:covered] == self.committed[chunk.start:]
 
-    def _reopen(self) -> list[int]:
+    def _reopen(self, why: str) -> list[int]:
         def attempt(number: int) -> None:
             self.stats.reopens += 1
             self.trace({"event": "reopen", "committed": len(self.committed), "attempt": number})
 
-        opened = self.session.reopen(self.committed, None, self.options.reopen_attempts, attempt)
+        opened = self.session.reopen(self.committed, None, self.options.reopen_attempts, attempt, why)
         return self._opened(opened)

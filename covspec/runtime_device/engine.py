@@ -8,7 +8,9 @@ nothing about text or terminals. The parts it drives, one job each:
 - ``proposer.Proposer``: drafts a chunk (tokens, confidences, wire rows);
 - ``speculation``: what the wait for a verdict is best spent on (pure functions);
 - ``verdicts.judge``: what a verdict means for the chunks in flight and the branches;
-- ``session.DeviceSession``: the messages and replies of the session.
+- ``session.DeviceSession``: the messages and replies of the session;
+- ``replies``: whether a reply can be true; one that cannot ends the generation
+  (``EdgeMisbehaved``) before anything of it is committed.
 
 When ``DraftingOptions.edge_led`` says so (greedy by default) the generation is
 edge-led instead (``edge_led.EdgeLedGeneration``): the edge generates by itself and
@@ -33,6 +35,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
@@ -48,6 +51,7 @@ from covspec.runtime_device.policy import DraftPolicy
 from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
 from covspec.runtime_device.preprocess import load_image
 from covspec.runtime_device.proposer import Chunk, Proposer
+from covspec.runtime_device.replies import check_opened, check_verdict
 from covspec.runtime_device.session import DeviceSession
 from covspec.runtime_device.stats import GenerationStats
 from covspec.runtime_device.verdicts import judge, record
@@ -62,16 +66,21 @@ def draft_rng(seed: int) -> np.random.Generator:
 
 
 class DraftModel(Protocol):
-    """What a generation needs of the draft: a drafter, its stop ids and vocabulary
-    hash, and a prefill that readies the drafter for one image and question."""
+    """What a generation needs of the draft: a drafter, its stop ids, vocabulary size
+    and hash, and a prefill that readies the drafter for one image and question."""
 
     drafter: Drafter
     eos_ids: Collection[int]
+    vocab_size: int
     vocab_hash: str
 
     def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
                 trace: Callable[[dict], None]) -> DraftPrefill:
         """Prefill the drafter; which visual tokens it kept."""
+
+    def interrupted(self) -> AbstractContextManager:
+        """A context within which the draft's work (a prefill under way in another thread)
+        ends at once, raising there; the drafter is prefilled afresh afterwards."""
 
 
 class ArtifactDraft:
@@ -81,11 +90,15 @@ class ArtifactDraft:
         self.artifact = artifact
         self.drafter = Drafter.from_artifact(artifact)
         self.eos_ids = artifact.eos_ids
+        self.vocab_size = int(artifact.manifest.tokenizer["vocab_size"])
         self.vocab_hash = artifact.vocab_hash
 
     def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
                 trace: Callable[[dict], None]) -> DraftPrefill:
         return prefill_draft(self.artifact, self.drafter, load_image(image_bytes), question, options, seed, trace)
+
+    def interrupted(self) -> AbstractContextManager:
+        return self.artifact.interrupted()
 
 
 class CoInference:
@@ -191,6 +204,7 @@ class _Generation:
         self.target_keep = prefill.kept if self.settings.prune_target else None
 
     def _commit_opened(self, opened) -> list[int]:
+        check_opened(opened, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
         self.done = opened.done
         self.stats.edge_prefill_ms += opened.prefill_ms
         new = [] if opened.token == NO_TOKEN else [opened.token]
@@ -207,7 +221,8 @@ class _Generation:
             self.trace({"event": "reopen", "committed": len(self.committed), "attempt": number})
 
         return self._commit_opened(self.session.reopen(self.committed, self.target_keep,
-                                                       self.options.reopen_attempts, attempt))
+                                                       self.options.reopen_attempts, attempt,
+                                                       "no verdict within the timeouts, or the edge did not know it"))
 
     def _draft(self, prefix: list[int], start: int, interrupt=None) -> Chunk | None:
         limit = max(min(self.policy.max_len, self.settings.max_new_tokens - start), 1)
@@ -223,7 +238,11 @@ class _Generation:
 
     def _apply(self, result) -> list[int]:
         """Commit the verdict on the oldest chunk; keep what stays valid; send a ready branch."""
-        chunk = self.in_flight.popleft()
+        chunk = self.in_flight[0]
+        check_verdict(result, chunk.start, len(chunk.tokens), len(self.committed), self.settings.max_new_tokens,
+                      self.draft.vocab_size)
+        self.session.progress()
+        self.in_flight.popleft()
         followers = list(self.in_flight)
         verdict = judge(chunk, result, followers[0] if followers else None, self.branches)
         record(self.stats, verdict, result, followers)

@@ -105,7 +105,7 @@ class SharedBufferCache:
         self.vocab_size = vocab_size
         self._fetch_names = ["logits", *self.present_names]
         self._devices = [ort.OrtDevice.make("cpu", 0)._get_c_device()] * len(self._fetch_names)
-        self._run_options = ort.RunOptions()
+        self._run_options = getattr(decoder, "run_options", None) or ort.RunOptions()   # the Graph's: interruptible
         self._vector = OrtValueVector
 
     def reset(self) -> None:

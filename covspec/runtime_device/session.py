@@ -5,28 +5,34 @@
 state) and each chunk's ``verify`` (through the wire codec), and waits for replies
 with the client's timeouts: a lost verdict is asked for again by resending every
 chunk in flight (the edge answers a repeated ``seq`` idempotently), a lost session
-is reopened with backoff. It never drafts and never decides what a verdict means.
+is reopened with backoff. A session lost more than ``attempts`` times in a row, with
+no verdict between (``progress``), is given up (``EdgeUnreachable``): an edge that
+keeps losing it will not serve it. The session id is derived from the device's owner
+secret (``covspec.protocol.ownership``), so only this device can reopen it, even on an
+edge that restarted. It never drafts and never decides what a verdict means.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
-from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
+from covspec.protocol.ownership import new_owner, session_id_for
+from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.proposer import Chunk
 
 
-def new_session_id() -> str:
-    """64 random bits in hex: unique enough per edge, and short on every message."""
-    return uuid.uuid4().hex[:16]
+def patience_s(policy: RetryPolicy, attempts: int) -> float:
+    """The longest a generation waits on an edge that verifies nothing before it ends with an
+    error: the open (twice the timeout, then a whole request), then ``attempts`` + 1 losses
+    in a row (``DeviceSession.reopen``), each the wait for a verdict and a reopen. The
+    draft's own prefill comes on top."""
+    return 2 * policy.timeout_s + policy.patience_s + (attempts + 1) * 2 * policy.patience_s
 
 
 class DeviceSession:
@@ -35,9 +41,10 @@ class DeviceSession:
         self.client, self.codec, self.settings, self.mode = client, codec, settings, mode
         self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
         self.trace = trace
-        self.id = new_session_id()
-        self.owner = secrets.token_urlsafe(12)  # proves on every message that this device opened the session
+        self.owner = new_owner()                # proves on every message that this device opened the session
+        self.id = session_id_for(self.owner)    # self-certifying: only this owner can (re)open it
         self.seq = 0
+        self.lost = 0                           # reopens since the last verdict
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -65,8 +72,14 @@ class DeviceSession:
         return reply
 
     def reopen(self, committed: list[int], target_keep: np.ndarray | None, attempts: int,
-               on_attempt: Callable[[int], None]) -> Opened:
-        """Open the session again with every committed token (the edge restarted or forgot it)."""
+               on_attempt: Callable[[int], None], why: str = "the edge lost it") -> Opened:
+        """Open the session again with every committed token (``why``: the edge restarted,
+        forgot it, or its replies lost track of it)."""
+        self.lost += 1
+        if self.lost > attempts:
+            raise EdgeUnreachable(self.client.explain(
+                f"the edge at {self.client.address} lost session {self.id} {attempts} time(s) in a row without a "
+                f"verdict between (the last time: {why}); giving up"))
         last: Exception | None = None
         for attempt in range(attempts):
             on_attempt(attempt)
@@ -76,6 +89,10 @@ class DeviceSession:
                 last = exc
                 time.sleep(self.client.policy.backoff_s * (2 ** attempt))
         raise EdgeUnreachable(f"the edge at {self.client.address} stayed unreachable: {last}")
+
+    def progress(self) -> None:
+        """A verdict arrived: the session works again (``reopen`` counts losses in a row)."""
+        self.lost = 0
 
     # -- rounds --------------------------------------------------------------------------------
 

@@ -45,7 +45,9 @@ class ServerConfig:
     ``auto``: while the edge has room (the iteration's rounds fill less than half of
     ``max_batch`` and of ``max_batch_tokens``), else it waits for chunks, which yield
     more tokens per forward. ``threads`` sets torch's intra-op threads (None: torch's default; on a
-    CPU shared with other work, fewer threads are often much faster).
+    CPU shared with other work, fewer threads are often much faster). ``regime`` (a
+    ``covspec.regime`` name, ``DEVICE@TARGET``, or a profile file) pads every target forward
+    to what the regime's target model would take on its GPU (None: real time only).
     """
 
     bind: str = "tcp://127.0.0.1:5555"
@@ -66,6 +68,7 @@ class ServerConfig:
     allow_keys: Path | None = None
     insecure: bool = False
     threads: int | None = None
+    regime: str | None = None
 
     def validate(self) -> "ServerConfig":
         """Return self if usable; raise ConfigError naming the first problem."""
@@ -79,6 +82,12 @@ class ServerConfig:
                      "max_batch", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.regime is not None:
+            from covspec.regime import RegimeError, load_regime
+            try:
+                load_regime(self.regime)
+            except RegimeError as exc:
+                raise ConfigError(f"--regime: {exc}") from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}.")
         for name in ("idle_timeout_s", "finished_timeout_s", "max_image_aspect"):

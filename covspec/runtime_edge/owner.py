@@ -11,8 +11,12 @@ sessions and ``max_batch_tokens`` input tokens. Then one target forward
 runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
 did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
 
-A refused request (``EdgeError``) becomes an ``error`` reply (not remembered as the
-round's reply); any other failure drops its session with an ``internal`` error. A batch
+A failure that concerns one message ends nothing but that message. A refused request
+(``EdgeError``) becomes an ``error`` reply (not remembered as the round's reply) and
+changes no session: no state, no counters (the reply is charged to a session only when
+its owner sent the request), no slot. Any other failure is answered ``internal``; it
+drops the session only when the session's owner sent the request (the failure was in
+that session's own model work), never a session named by someone else's message. A batch
 that fails is retried session by session, so one broken session never takes the
 others down. Idle sessions expire here too. Every reply is encoded in the protocol
 version of the device's request.
@@ -24,7 +28,6 @@ import collections
 import hmac
 import logging
 import queue
-import secrets
 import sys
 import threading
 import time
@@ -36,6 +39,7 @@ from covspec.protocol import errors
 from covspec.protocol import speculative as spec
 from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
+from covspec.protocol.ownership import new_owner
 from covspec.runtime_edge.config import ServerConfig
 from covspec.runtime_edge.rounds import pick_verifier, run_rounds
 from covspec.runtime_edge.session import Round, Session
@@ -210,19 +214,23 @@ class ModelOwner:
                     self.end(session, "closed")
             else:
                 return self._verify(request, session)
-        except EdgeError as exc:
+        except EdgeError as exc:        # refused: nothing changed; only the owner's own session pays for the reply
+            owned = self.sessions.get(message.session)
             self._reply(request, Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message),
-                        self.sessions.get(message.session), remember=False)
+                        owned if _owns(owned, request) else None, remember=False)
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
             log.exception("session %s: request %s failed", message.session, message.TYPE)
             broken = self.sessions.get(message.session)
-            if broken is not None:
+            dropped = _owns(broken, request)          # the owner's own model work failed; nobody else's can
+            if dropped:
                 self.end(broken, "dropped after an internal error")
             self._reply(request, Error(
                 session=message.session, seq=message.seq, code=errors.INTERNAL,
-                message=f"the edge failed on this request ({type(exc).__name__}: {exc}); the session was dropped, "
-                        "reopen it with your committed tokens."), None, remember=False)
+                message=f"the edge failed on this request ({type(exc).__name__}: {exc}); "
+                        + ("the session was dropped, reopen it with your committed tokens." if dropped else
+                           "no session was changed; report this to the edge's operator.")), None, remember=False)
         return None
+
     def _open(self, request: Request) -> None:
         message: Open = request.message
         target = self.target
@@ -235,6 +243,9 @@ class ModelOwner:
         old = self.sessions.get(message.session)
         if old is not None:
             _check_owner(old, request)
+        began = time.perf_counter()
+        image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
+        if old is not None:
             self.end(old, "reopened by its owner")
         if len(self.sessions) >= self.config.max_sessions:
             self._expire(time.monotonic())
@@ -244,10 +255,8 @@ class ModelOwner:
             if len(self.sessions) >= self.config.max_sessions:
                 raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
                                              "retry later or ask the operator to raise --max-sessions.")
-        began = time.perf_counter()
-        image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
-                                       owner=message.owner or secrets.token_urlsafe(12), peer_key=request.peer_key)
+                                       owner=message.owner or new_owner(), peer_key=request.peer_key)
         self.prefill_s += time.perf_counter() - began
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
@@ -315,12 +324,19 @@ class ModelOwner:
 
 
 
+def _owns(session: Session | None, request: Request) -> bool:
+    """Whether ``request`` comes from the device that opened ``session``: the owner secret
+    matches (compared in constant time) and so does the CurveZMQ key when keys are on.
+    Never raises (``decode`` guarantees an owner UTF-8 can encode)."""
+    owner = getattr(request.message, "owner", "")
+    return session is not None and hmac.compare_digest(session.owner.encode(), owner.encode()) and \
+        session.peer_key == request.peer_key
+
+
 def _check_owner(session: Session, request: Request) -> None:
-    """Refuse a message about ``session`` from anyone but the device that opened it: the
-    owner secret issued in ``opened`` must match, and the CurveZMQ key when keys are on.
+    """Refuse a message about ``session`` from anyone but the device that opened it (``_owns``).
     Nothing about the session changes before this passes."""
-    message = request.message
-    if not hmac.compare_digest(session.owner.encode(), message.owner.encode()) or \
-            session.peer_key != request.peer_key:
-        raise EdgeError(errors.NOT_OWNER, f"session {message.session!r} belongs to another device; send the owner "
-                                          "secret this edge issued in `opened` (or open a session of your own).")
+    if not _owns(session, request):
+        raise EdgeError(errors.NOT_OWNER, f"session {request.message.session!r} belongs to another device; send "
+                                          "the owner secret of the session (the one it was opened with, or that "
+                                          "this edge issued in `opened`), or open a session of your own.")

@@ -55,7 +55,7 @@ import zmq
 import zmq.utils.monitor
 
 from covspec.protocol import errors
-from covspec.protocol.frames import INT_RANGE, parse_header
+from covspec.protocol.frames import is_int, parse_header, scalar
 from covspec.protocol.messages import (MAX_SESSION_ID, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Close, Error, Limits,
                                        Open, Ping, Pong, ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
@@ -99,6 +99,9 @@ class EdgeServer:
             torch.set_num_threads(self.config.threads)
         if self.target is None:
             self.target = TargetModel.load(self._model_source, device=self.config.device, dtype=self.config.dtype)
+        if self.config.regime is not None:
+            from covspec.regime import EdgePacing, load_regime
+            self.target.pacing = EdgePacing(load_regime(self.config.regime).target)
         self._owner = ModelOwner(self.target, self.config, self._stopping)
         context = self._context = zmq.Context()
         router = context.socket(zmq.ROUTER)
@@ -166,12 +169,15 @@ class EdgeServer:
 
     def counters(self) -> dict[str, int]:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
-        opening sessions and running rounds, peak memory."""
+        opening sessions and running rounds, peak memory, and under a regime the forwards whose
+        real compute overran their emulated time."""
         owner = self._owner
         if owner is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
+        pacing = self.target.pacing.pacer.counts()
         return {"forwards": owner.forwards, "committed": owner.committed, "prefill_ms": int(owner.prefill_s * 1000),
-                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device)}
+                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device),
+                "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"])}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()
@@ -285,14 +291,21 @@ def _reply_address(payload: list[bytes], limits: Limits) -> tuple[str, int, int]
         header = parse_header(payload[0], limits) if payload else {}
     except ProtocolError:
         return "", 0, PROTOCOL_VERSION
-    session = header.get("session")
-    seq = header.get("seq")
-    session = session if isinstance(session, str) and len(session) <= MAX_SESSION_ID else ""
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and INT_RANGE[0] <= seq < INT_RANGE[1] else 0
+    session = _valid_or(header, "session", str, "")
+    session = session if len(session) <= MAX_SESSION_ID else ""
+    seq = _valid_or(header, "seq", int, 0)
     version = header.get("v")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if not is_int(version) or version not in SUPPORTED_VERSIONS:
         version = PROTOCOL_VERSION
     return session, seq, version
+
+
+def _valid_or(header: dict, name: str, kind: type, default):
+    """``header[name]`` if it is a valid ``kind`` field, else ``default``."""
+    try:
+        return scalar(header, name, kind)
+    except ProtocolError:
+        return default
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -5,7 +5,9 @@ only; everything architecture-specific (loading, the prompt template, the contex
 and the opt-in pruned inputs) is asked of the model's family (``covspec.families``).
 It knows nothing about sessions, sockets, sampling or stopping: callers get float32
 logits as numpy arrays and decide themselves (``session.py``). All calls must come
-from one thread (the server's model owner), under ``torch.inference_mode``.
+from one thread (the server's model owner), under ``torch.inference_mode``. Under a
+deployment regime, ``pacing`` (``covspec.regime.EdgePacing``) pads each prefill and
+forward to what the regime's target would take for its shape; by default nothing is padded.
 
 KV-cache contract: ``prefill`` returns a cache (``TargetCache``: the model's KV cache
 and how generated tokens are positioned) holding every input token; ``extend``
@@ -29,6 +31,7 @@ from covspec.families import TargetContext as Context
 from covspec.families import family_for_folder, family_for_model
 from covspec.protocol.errors import BAD_IMAGE, EdgeError
 from covspec.protocol.vocab import vocab_hash
+from covspec.regime.pacing import NO_PACING
 from covspec.runtime_edge.config import ConfigError
 from covspec.runtime_edge.kv import SessionKV, forward_cache, keep_new
 
@@ -86,6 +89,7 @@ class TargetModel:
         # The logits width; may exceed the tokenizer (a padded embedding matrix).
         self.vocab_size = int(model.get_output_embeddings().out_features)
         self.eos_ids = frozenset(self.family.eos_ids())
+        self.pacing = NO_PACING          # a regime's EdgePacing pads each forward to the emulated GPU's time
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> "TargetModel":
@@ -118,7 +122,8 @@ class TargetModel:
         # Full-length layers even for sliding-window models (their own sliding cache cannot
         # be rolled back once the window is full); the masks still apply the window.
         inputs.setdefault("cache", DynamicCache())
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        with self.pacing.prefill(context.length):
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         next_position = getattr(self.family, "next_position", None)
         cache = TargetCache(SessionKV.from_cache(out.cache),
                             None if next_position is None else next_position(context) - context.length)
@@ -152,8 +157,9 @@ class TargetModel:
             start = cache.next_position
             positions[row] = torch.arange(start, start + query_len)
             mask[row, :past - cache.kv.length] = 0
-        out = self.model(input_ids=ids.to(self.device), cache=kv, use_cache=True,
-                         position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
+        with self.pacing.forward([cache.kv.length for cache in caches], [len(tokens) for tokens in inputs]):
+            out = self.model(input_ids=ids.to(self.device), cache=kv, use_cache=True,
+                             position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
         keep_new([cache.kv for cache in caches], kv, past, [len(tokens) for tokens in inputs])
         return torch.cat([out.logits[row, :len(tokens)] for row, tokens in enumerate(inputs)])
 
