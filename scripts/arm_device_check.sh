@@ -11,7 +11,7 @@
 #   3. downloads the aarch64 cp311 wheels of `covspec[device]` on the host, builds a
 #      covspec wheel from this checkout and installs both inside the root with
 #      `pip --no-index` (pip inside the root has no CA bundle for the registry);
-#   4. runs `python -m covspec.bench.arm` on the host: exports the toy draft int8 and
+#   4. runs `python -m covspec.bench.device.arm` on the host: exports the toy draft int8 and
 #      int4, starts an edge on the host (loopback), answers N toy questions with
 #      `covspec device run` inside the root (chroot + qemu) and natively on x86, both
 #      device-led with the same fixed-length drafting (--lead device --draft-policy fixed),
@@ -184,7 +184,7 @@ chroot "$ROOT" "$VENV/bin/python" 2>/dev/null \
 step "device runs: $QUESTIONS toy questions x int8/int4 (MatMulNBits accuracy level 4 and 0), arm64 (emulated) and x86_64"
 status=0
 # This checkout's code on the host too, whichever checkout the host's Python was installed from.
-TQDM_DISABLE=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -m covspec.bench.arm --root "$ROOT" --device-python "$VENV/bin/python" --work "$WORK" \
+TQDM_DISABLE=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -m covspec.bench.device.arm --root "$ROOT" --device-python "$VENV/bin/python" --work "$WORK" \
     --questions "$QUESTIONS" ${OUT:+--out "$OUT"} || status=$?
 step "done (exit $status)"
 exit $status

@@ -19,7 +19,7 @@ import numpy as np
 
 from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Opened, Result, Verify, decode, encode
-from covspec.runtime_device.client import RetryPolicy
+from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.prefill import DraftPrefill
 from covspec.runtime_edge.rounds import run_rounds, verify_one
 from covspec.runtime_edge.session import Session
@@ -142,7 +142,7 @@ class InProcessEdge:
 
     def __init__(self, target: TableTarget, delay: int = 1):
         self.target, self.delay = target, delay
-        self.policy = RetryPolicy(timeout_s=1.0, retries=0, backoff_s=0.0)
+        self.backoff = Backoff(timeout_s=1.0, retries=0, backoff_s=0.0)
         self.sessions: dict[str, Session] = {}
         self.replies: dict[tuple[str, int], list] = {}       # (session, seq) -> [reply, polls left]
         self.bytes_up = self.bytes_down = 0
@@ -203,7 +203,7 @@ class SteppingEdge:
 
     def __init__(self, target: TableTarget, delay: int, biased_token: int | None = None):
         self.target, self.delay, self.biased_token = target, delay, biased_token
-        self.policy = RetryPolicy(timeout_s=1.0, retries=0, backoff_s=0.0)
+        self.backoff = Backoff(timeout_s=1.0, retries=0, backoff_s=0.0)
         self.session: Session | None = None
         self.outbox: list[Message] = []
         self.chunks: list[list] = []                        # [verify, steps until due]

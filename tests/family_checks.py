@@ -1,4 +1,4 @@
-"""The checks every model family passes end to end, shared by the
+"""The checks every model family passes end to end (ARCHITECTURE.md, "Model families"), shared by the
 per-family test modules: non-square test images, a co-inference run against a real
 edge, greedy exactness against the target's own ``generate()``, self-draft
 acceptance, and ``covspec device run`` with torch blocked.
@@ -24,7 +24,7 @@ from scipy.stats import chisquare
 
 from covspec.protocol.manifest import load_manifest
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -50,7 +50,7 @@ def co_generate(artifact, address: str, image: bytes, question: str, settings: G
                 options: DraftingOptions = SELF_DRAFT) -> tuple[list[int], GenerationStats]:
     """One generation through ``CoInference`` with ``artifact`` (a folder or a loaded artifact)."""
     artifact = artifact if isinstance(artifact, DraftArtifact) else DraftArtifact.load(artifact)
-    client = EdgeClient(address, RetryPolicy(timeout_s=10))
+    client = EdgeClient(address, Backoff(timeout_s=10))
     stats = GenerationStats()
     try:
         tokens = [t for chunk in CoInference(artifact, client).generate(image, question, settings, options, stats)
@@ -127,7 +127,7 @@ def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Ima
     """The first two committed tokens of ``runs`` seeded co-inference runs follow ``joint``,
     the target's exact distribution {(t1, t2): probability} (chi-square, p > 1e-3), and
     never a pair the target cannot produce; the second token of every run was drafted and verified."""
-    client = EdgeClient(address, RetryPolicy(timeout_s=10))
+    client = EdgeClient(address, Backoff(timeout_s=10))
     counts = Counter()
     undrafted = 0
     try:

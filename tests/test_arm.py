@@ -11,7 +11,7 @@ length), and with the int8 and int4 drafts computing in float32 from their quant
 weights (accuracy level 0) ARM's drafted and accepted counts equal x86's question by
 question. As exported (level 4, int8 activations) onnxruntime's ARM and x86 kernels
 round differently, so there the differing questions are reported, not failed. The
-check's verdict (``covspec.bench.arm.failures``) is tested in the default suite, so a
+check's verdict (``covspec.bench.device.arm.failures``) is tested in the default suite, so a
 check that cannot fail is caught without the emulator.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from covspec.bench.arm import DRAFTS, FIXED_DRAFTING, LEVEL0, Run, at_accuracy_level_0, failures
+from covspec.bench.device.arm import DRAFTS, FIXED_DRAFTING, LEVEL0, Run, at_accuracy_level_0, failures
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "arm_device_check.sh"
 QUESTIONS = 2

@@ -111,12 +111,12 @@ def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(tmp_path):
     """Eight target-only streams and four drafting devices at once on one edge: the answers
     are the target's own; the streams share forwards (far fewer forwards than tokens),
     which an unbatched edge (``max_batch`` 1) cannot do."""
-    from covspec.bench.devices import greedy_references
-    from covspec.bench.load import ask
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.devices import greedy_references
+    from covspec.bench.harness.edge import ask
+    from covspec.bench.harness.workload import toy_questions
     from covspec.export.pipeline import ExportOptions, export_model
     from covspec.runtime_device.artifact import DraftArtifact
-    from covspec.runtime_device.client import EdgeClient, RetryPolicy
+    from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import GenerationSettings
     from covspec.runtime_device.target_only import generate_target_only
@@ -131,7 +131,7 @@ def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(tmp_path):
 
     def answer(address: str, index: int, answers: dict) -> None:
         question = questions[index % len(questions)]
-        client = EdgeClient(address, RetryPolicy(timeout_s=30.0))
+        client = EdgeClient(address, Backoff(timeout_s=30.0))
         try:
             start.wait()
             if index < 8:

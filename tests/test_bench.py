@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from covspec.bench.scenarios import standard_scenarios
+from covspec.bench.end_to_end.scenarios import standard_scenarios
 
 
 def test_quick_bench_reports_every_scenario(tmp_path):
@@ -31,7 +31,7 @@ def test_quick_bench_reports_every_scenario(tmp_path):
 
 
 def test_markdown_section_is_replaced_on_rerun(tmp_path):
-    from covspec.bench.report import append_markdown
+    from covspec.bench.harness.sections import append_markdown
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nold b\n")

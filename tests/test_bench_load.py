@@ -21,14 +21,14 @@ from conftest import torch_on_one_thread
 from click.testing import CliRunner
 
 import covspec
-from covspec.bench.capacity import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
+from covspec.bench.capacity.load import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
                                     phase_figures)
-from covspec.bench.capacity_report import markdown
-from covspec.bench.devices import greedy_references
-from covspec.bench.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
-from covspec.bench.workload import toy_questions
+from covspec.bench.capacity.report import markdown
+from covspec.bench.harness.devices import greedy_references
+from covspec.bench.capacity.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
+from covspec.bench.harness.workload import toy_questions
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.engine import ArtifactDraft, CoInference
 from covspec.runtime_device.options import GenerationSettings
@@ -62,7 +62,7 @@ def world(artifacts):
 
 def edge_client(**config):
     with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", **config)) as server:
-        edge = EdgeClient(server.address, RetryPolicy(timeout_s=10))
+        edge = EdgeClient(server.address, Backoff(timeout_s=10))
         yield edge
         edge.close()
 

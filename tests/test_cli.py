@@ -1,4 +1,4 @@
-"""The CLI group: help works without torch; unbuilt commands say so and fail."""
+"""The CLI group: help works without torch; every registered command loads; an unknown one fails."""
 
 from click.testing import CliRunner
 
@@ -30,6 +30,14 @@ def test_device_help_without_torch(no_torch):
 def test_torch_is_really_blocked(no_torch):
     result = no_torch("import torch")
     assert result.returncode != 0 and "import of torch halted" in result.stderr
+
+
+def test_every_registered_command_loads():
+    import click
+
+    for name in SUBCOMMANDS:
+        command = cli.get_command(click.Context(cli), name)
+        assert isinstance(command, click.Command) and command.name == name, name
 
 
 def test_unknown_command_fails():

@@ -18,9 +18,9 @@ from scipy.stats import chisquare
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.families.llava.edge import load_llava, prompt_template
 from covspec.hf.tiny import save_tiny_llava
-from covspec.protocol.speculative import target_probs
+from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, EdgeUnreachable, Backoff
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
@@ -69,9 +69,9 @@ def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[in
 BASELINE = DraftingOptions(lead="device", policy="fixed", pipeline=False, branches=0, keep_ratio=1.0)
 
 
-def co_generate(artifact_dir, address, image, question, settings, policy=RetryPolicy(timeout_s=5),
+def co_generate(artifact_dir, address, image, question, settings, backoff=Backoff(timeout_s=5),
                 options=BASELINE):
-    client = EdgeClient(address, policy)
+    client = EdgeClient(address, backoff)
     stats = GenerationStats()
     try:
         tokens = [t for chunk in CoInference(DraftArtifact.load(artifact_dir), client)
@@ -139,7 +139,7 @@ def test_sampling_follows_target_distribution(tiny_pair, edge, wire):
     temperature, top_k, runs = 1.5, 4, 1200
     joint = target_joint(tiny_pair, image, question, temperature, top_k)
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32")
-    client = EdgeClient(edge.address, RetryPolicy(timeout_s=5))
+    client = EdgeClient(edge.address, Backoff(timeout_s=5))
     counts = Counter()
     undrafted = 0
     try:
@@ -169,7 +169,7 @@ def test_edge_restart_loses_no_committed_token(tiny_pair):
     assert len(expected) > 4
     server = EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*")).start()
     address = server.address
-    client = EdgeClient(address, RetryPolicy(timeout_s=0.5, retries=1, backoff_s=0.05))
+    client = EdgeClient(address, Backoff(timeout_s=0.5, retries=1, backoff_s=0.05))
     stats = GenerationStats()
     tokens: list[int] = []
     restarted = None
@@ -250,7 +250,7 @@ def test_preprocessing_matches_the_model_processor(tiny_pair):
 def test_unreachable_edge_raises_in_the_api(tiny_pair):
     with pytest.raises(EdgeUnreachable):
         co_generate(tiny_pair["root"] / "draft-fp32", "tcp://127.0.0.1:9", png_bytes(0), "hi",
-                    GenerationSettings(max_new_tokens=4), RetryPolicy(timeout_s=0.1, retries=1, backoff_s=0.01))
+                    GenerationSettings(max_new_tokens=4), Backoff(timeout_s=0.1, retries=1, backoff_s=0.01))
 
 
 SWITCHES = [DraftingOptions(lead="device", policy=policy, pipeline=pipeline, branches=branches, keep_ratio=keep)
@@ -354,7 +354,7 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
 def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
     """The product promise on the trained toy pair: int8 draft on the device, toy target
     on the edge, every CoVSpec feature on; 50 held-out questions, token for token."""
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.workload import toy_questions
     from covspec.toy.models import bundled_model_dir
 
     from covspec.toy.artifacts import parity_prompts
@@ -365,7 +365,7 @@ def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
     pair = {"model": model, "processor": processor}
     artifact = DraftArtifact.load(tmp_path / "toy-int8")
     with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*")) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=10))
+        client = EdgeClient(server.address, Backoff(timeout_s=10))
         engine = CoInference(artifact, client)
         try:
             for question in toy_questions(50):

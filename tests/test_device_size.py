@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from covspec.bench import device_probe
-from covspec.bench.device_size import CONFIGS, goals, markdown, run_bench
+from covspec.bench.device import probe as device_probe
+from covspec.bench.device.size import CONFIGS, goals, markdown, run_bench
 from covspec.cli.bench_device_cmd import device
 from covspec.export import onnx_files
 from covspec.export.embedding import write_table

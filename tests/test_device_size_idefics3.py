@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from covspec.bench import device_probe
-from covspec.bench.device_anchor import language_model_folder
-from covspec.bench.device_size import CONFIGS, SizeConfig, build_model
+from covspec.bench.device import probe as device_probe
+from covspec.bench.device.anchor import language_model_folder
+from covspec.bench.device.size import CONFIGS, SizeConfig, build_model
 from covspec.export.pipeline import ExportOptions, export_model
 
 VISION = {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3, "num_attention_heads": 3,

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from covspec.cli.main import cli
 from covspec.hf.tiny import save_tiny_llava
-from covspec.protocol import speculative as spec
+from covspec.protocol import verification as spec
 from covspec.protocol.messages import (Close, Error, Open, Opened, Ping, Pong, Result, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
 from covspec.runtime_edge.server import EdgeServer
@@ -626,7 +626,7 @@ def test_idle_session_expires_and_frees_its_cache(tiny):
         c = Client(quick.address)
         try:
             c.request(open_message(tiny, "idle", image))
-            session = quick._owner.sessions.get("idle")
+            session = quick._model_thread.sessions.get("idle")
             assert session is not None and session.cache is not None
             assert wait_for_sessions(c, 0) == 0
             assert session.cache is None                                 # the KV cache was freed
@@ -660,27 +660,27 @@ def test_finished_sessions_give_up_their_slots(tiny):
         c = Client(edge.address)
         try:
             done = c.request(open_message(tiny, "short", image, max_new_tokens=1))
-            assert done.done and edge._owner.sessions["short"].cache is None
+            assert done.done and edge._model_thread.sessions["short"].cache is None
             assert isinstance(c.request(open_message(tiny, "long", image)), Opened)
             # Full: the finished session's slot is handed over at once.
             assert isinstance(c.request(open_message(tiny, "next", image)), Opened)
-            assert "short" not in edge._owner.sessions
+            assert "short" not in edge._model_thread.sessions
             c.send(Close(session="next", seq=1))
             assert c.request(open_message(tiny, "short-again", image, max_new_tokens=1)).done
             assert wait_for_sessions(c, 1) == 1                  # ... and after finished_timeout_s anyway
-            assert set(edge._owner.sessions) == {"long"}
+            assert set(edge._model_thread.sessions) == {"long"}
         finally:
             c.close()
 
 
 def test_the_device_waits_out_a_busy_edge(tiny):
     """CoInference's client asks a busy edge again with backoff instead of failing at once."""
-    from covspec.runtime_device.client import EdgeClient, RetryPolicy
+    from covspec.runtime_device.client import EdgeClient, Backoff
 
     image = noise_image(12)
     with EdgeServer(tiny, ServerConfig(bind=ANY_PORT, max_sessions=1)) as edge:
         holder = Client(edge.address)
-        device = EdgeClient(edge.address, RetryPolicy(timeout_s=1.0, retries=2, backoff_s=0.05))
+        device = EdgeClient(edge.address, Backoff(timeout_s=1.0, retries=2, backoff_s=0.05))
         try:
             assert isinstance(holder.request(open_message(tiny, "holder", image)), Opened)
             threading.Timer(0.5, lambda: holder.send(Close(session="holder", seq=1))).start()
@@ -745,14 +745,14 @@ def test_curve_admits_allowed_keys_only(tiny, tmp_path):
 def test_a_refused_device_gets_a_clear_error_not_a_hang(tiny, tmp_path, caplog):
     """Issue 21, item 13: the device client neither blocks in send nor waits in silence
     when the edge refuses its key or it speaks no encryption to a keyed edge."""
-    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeUnreachable, RetryPolicy
+    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeUnreachable, Backoff
 
     edge_public, _ = make_keys(tmp_path / "edge", "edge")
     make_keys(tmp_path / "allowed", "phone")
     make_keys(tmp_path / "strangers", "stranger")
     config = ServerConfig(bind=ANY_PORT, secret_key=tmp_path / "edge" / "edge.key_secret",
                           allow_keys=tmp_path / "allowed")
-    quick = RetryPolicy(timeout_s=0.5, retries=1, backoff_s=0.01)
+    quick = Backoff(timeout_s=0.5, retries=1, backoff_s=0.01)
     with caplog.at_level("WARNING", logger="covspec.edge"), EdgeServer(tiny, config) as secure:
         cases = {"refused this device's key": CurveKeys.load(tmp_path / "strangers" / "stranger.key_secret",
                                                              tmp_path / "edge" / "edge.key"),

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import zmq
 from crafted import SteppingEdge, TableDraft, TableTarget, greedy_sequence, random_table
-from test_speculation import answers_pvalue, exact_distribution
+from test_waiting import answers_pvalue, exact_distribution
 
 from covspec.protocol.messages import Error, Open, Opened, Verify, decode, encode
-from covspec.runtime_device.edge_led import LeadPolicy
+from covspec.runtime_device.edge_led import LeadPlanner
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -31,8 +31,8 @@ VOCAB = 12
 EDGE_LED = DraftingOptions(lead="edge")
 
 
-class TickPolicy(LeadPolicy):
-    """The lead policy in the crafted world, where time is counted in edge steps: the
+class TickPlanner(LeadPlanner):
+    """The lead planner in the crafted world, where time is counted in edge steps: the
     edge takes ``delay`` steps while a chunk travels (plus the one it takes per poll)."""
 
     def __init__(self, delay: int):
@@ -45,7 +45,7 @@ class TickPolicy(LeadPolicy):
 
 def device_for(draft, edge: SteppingEdge, eos_ids=frozenset()) -> CoInference:
     device = CoInference(TableDraft(draft, eos_ids), edge)
-    device._lead_policies[EDGE_LED] = TickPolicy(edge.delay)
+    device._lead_planners[EDGE_LED] = TickPlanner(edge.delay)
     return device
 
 
@@ -67,15 +67,15 @@ def test_greedy_equals_the_target_whatever_the_delay(delay):
     assert stats.edge_steps > 0 and stats.rounds > 0 and sum(stats.accepted) > 0
 
 
-def test_the_lead_policy_covers_the_overlap_and_keeps_exploring():
-    policy = LeadPolicy(draft_len=4)
-    assert policy.chunk_len() == 4 and policy.worth_drafting()           # nothing measured yet
-    policy.observe_edge_step(0.002)
-    policy.observe_round(0.012, 0.002)                                   # a 10 ms round trip: 5 edge steps
-    policy.observe_draft_step(0.0)
-    assert policy.chunk_len() == 9 and policy.worth_drafting()           # 0.7 ** 5 = 0.17
-    policy.observe_agreement(0, 200)                                     # the draft never agrees
-    asks = [policy.worth_drafting() for _ in range(40)]
+def test_the_lead_planner_covers_the_overlap_and_keeps_exploring():
+    planner = LeadPlanner(draft_len=4)
+    assert planner.chunk_len() == 4 and planner.worth_drafting()           # nothing measured yet
+    planner.observe_edge_step(0.002)
+    planner.observe_round(0.012, 0.002)                                   # a 10 ms round trip: 5 edge steps
+    planner.observe_draft_step(0.0)
+    assert planner.chunk_len() == 9 and planner.worth_drafting()           # 0.7 ** 5 = 0.17
+    planner.observe_agreement(0, 200)                                     # the draft never agrees
+    asks = [planner.worth_drafting() for _ in range(40)]
     assert asks.count(True) == 2 and not any(asks[:16])                  # still drafts once every 17 asks
 
 
@@ -121,8 +121,8 @@ def test_negative_control_a_choice_that_looks_at_the_verified_token_is_caught():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from covspec.bench.devices import greedy_references
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.devices import greedy_references
+    from covspec.bench.harness.workload import toy_questions
     from covspec.export.pipeline import ExportOptions, export_model
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.toy.models import bundled_model_dir

@@ -27,7 +27,7 @@ from covspec.families.gemma3 import GEMMA3
 from covspec.hf.tiny_gemma3 import save_tiny_gemma3
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.manifest import ArtifactError, load_manifest
-from covspec.protocol.speculative import target_probs
+from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact, open_graph
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.options import GenerationSettings

@@ -19,7 +19,7 @@ from covspec.families import family_for_folder
 from covspec.families.onevision.device import image_token_count, pack
 from covspec.hf.tiny_onevision import save_tiny_onevision
 from covspec.protocol.manifest import load_manifest
-from covspec.protocol.speculative import target_probs
+from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact, run_vision
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from family_checks import (QUESTIONS, SIZES, acceptance, check_greedy_exact, check_pruned_exact, check_sampling_follows,

@@ -29,7 +29,7 @@ from covspec.families.qwen2vl import QWEN2VL
 from covspec.families.qwen2vl.device import mrope_positions, pixel_values, smart_resize
 from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
 from covspec.protocol.manifest import load_manifest
-from covspec.protocol.speculative import target_probs
+from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig

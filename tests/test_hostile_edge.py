@@ -1,6 +1,6 @@
 """Issue 30: a hostile edge against the real device.
 
-``covspec.bench.hostile_edge.HostileEdge`` is a fake edge on a real ZeroMQ ROUTER; the
+``covspec.bench.reliability.hostile_edge.HostileEdge`` is a fake edge on a real ZeroMQ ROUTER; the
 device is the real one (``CoInference`` with the toy int8 draft on onnxruntime). For
 every case, device-led and edge-led, the generation must end with ``EdgeError`` or
 ``EdgeUnreachable`` (never another exception), never yield a token outside the
@@ -18,18 +18,18 @@ import pytest
 
 import covspec
 
-from covspec.bench.hostile_edge import CASES, SLACK_S, run_case
-from covspec.bench.workload import toy_questions
+from covspec.bench.reliability.hostile_edge import CASES, SLACK_S, run_case
+from covspec.bench.harness.workload import toy_questions
 from covspec.protocol.errors import BAD_REPLY
 from covspec.protocol.messages import Result
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import RetryPolicy
+from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.engine import ArtifactDraft
 from covspec.runtime_device.replies import EdgeMisbehaved, check_verdict
 from covspec.toy.artifacts import ensure_toy_artifacts
 
 ARTIFACTS = Path(covspec.__file__).parents[1] / "artifacts" / "toy-draft-int8"   # the CLI's default folder
-POLICY = RetryPolicy(timeout_s=0.3, retries=1, backoff_s=0.02)
+POLICY = Backoff(timeout_s=0.3, retries=1, backoff_s=0.02)
 ATTEMPTS = 1
 # How each case must end: refused at once as a reply that cannot be true, or given up on.
 REFUSED = "EdgeMisbehaved bad_reply"

@@ -1,6 +1,6 @@
 """The house: imports only go down, and no module grows past its one job.
 
-protocol <- hf, families <- runtime_device, runtime_edge <- export <- toy <- bench <- cli.
+protocol <- hf, families, regime <- runtime_device, runtime_edge <- export <- toy <- bench <- cli.
 The two runtimes never import each other (the device never sees the edge's code).
 """
 

@@ -13,7 +13,7 @@ from PIL import Image
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.hf.tiny import save_tiny_llava
 from covspec.runtime_device.artifact import DraftArtifact, Graph
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.memory import peak_rss_mb, release_heap, rss_mb
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
@@ -37,7 +37,7 @@ def pair(tmp_path_factory):
 
 
 def answers(artifact: DraftArtifact, address: str, watch=lambda: None) -> list[list[int]]:
-    client = EdgeClient(address, RetryPolicy(timeout_s=5))
+    client = EdgeClient(address, Backoff(timeout_s=5))
     out = []
     try:
         engine = CoInference(artifact, client)
@@ -91,7 +91,7 @@ def test_memory_figures_are_real():
 
 
 def test_the_bench_runs_covspec_device_run_lean_and_resident(pair, tmp_path):
-    from covspec.bench.device_run import MEMORY_MODES, device_run
+    from covspec.bench.device.run import MEMORY_MODES, device_run
 
     artifact, _ = pair
     result = device_run(artifact.parent / "draft", artifact, tmp_path, max_new_tokens=6, log=lambda line: None)

@@ -7,7 +7,7 @@ import time
 import pytest
 import zmq
 
-from covspec.bench.link import LinkEmulator, LinkProfile, profile_named
+from covspec.bench.harness.link import LinkEmulator, LinkProfile, profile_named
 
 
 @pytest.fixture

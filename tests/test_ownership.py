@@ -18,7 +18,7 @@ import pytest
 import zmq
 from conftest import torch_on_one_thread
 
-from covspec.bench.workload import toy_questions
+from covspec.bench.harness.workload import toy_questions
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify, decode, encode
 from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.runtime_edge import EdgeServer, ServerConfig
@@ -77,7 +77,7 @@ def with_owner(frames: list[bytes], owner: str) -> list[bytes]:
 
 
 def snapshot(server: EdgeServer, sid: str) -> tuple:
-    session = server._owner.sessions[sid]
+    session = server._model_thread.sessions[sid]
     return (id(session), list(session.committed), session.last_seq, session.done, session.last_reply,
             session.identity, vars(session.stats).copy(), server.session_count)
 

@@ -15,7 +15,7 @@ from test_device import QUESTIONS, png_bytes, reference, target_joint, tiny_pair
 from covspec.regime import DevicePacing, EdgePacing, Pacer, RegimeError, builtin_regimes, load_regime
 from covspec.regime import plan, roofline
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
@@ -109,7 +109,7 @@ def test_a_padded_target_forward_takes_the_profiles_time():
     import torch
     from PIL import Image
 
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.workload import toy_questions
     from covspec.runtime_edge.target import TargetModel
     from covspec.toy.models import bundled_model_dir
 
@@ -139,7 +139,7 @@ def test_a_padded_target_forward_takes_the_profiles_time():
 
 
 def test_a_padded_draft_run_takes_the_phones_time():
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.workload import toy_questions
     from covspec.runtime_device.prefill import prefill_draft
     from covspec.runtime_device.preprocess import load_image
     from covspec.toy.artifacts import ensure_toy_artifacts
@@ -210,7 +210,7 @@ def test_greedy_is_exact_under_a_regime(tiny_pair, tmp_path, lead):  # noqa: F81
     artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
     drafted = 0
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         device = CoInference(artifact, client)
         for seed, question in enumerate(QUESTIONS):
             image, stats = png_bytes(seed), GenerationStats()
@@ -236,7 +236,7 @@ def test_edge_led_sampling_follows_the_target_under_a_regime(tiny_pair, tmp_path
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32", pacing=DevicePacing(load_regime(regime).device))
     counts, accepted = Counter(), 0
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         engine = CoInference(artifact, client)
         for seed in range(runs):
             stats = GenerationStats()
@@ -262,7 +262,7 @@ def test_an_answer_complete_before_the_draft_is_ready_does_not_wait_for_it(tiny_
     artifact = DraftArtifact.load(tiny_pair["root"] / "self-fp32", pacing=DevicePacing(load_regime(regime).device))
     image, question = png_bytes(0), QUESTIONS[0]
     with EdgeServer(tiny_pair["root"] / "target", ServerConfig(bind="tcp://127.0.0.1:*", regime=regime)) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=5))
+        client = EdgeClient(server.address, Backoff(timeout_s=5))
         device = CoInference(artifact, client)
         stats = GenerationStats()
         began = time.perf_counter()

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from conftest import torch_on_one_thread
 
-from covspec.bench.devices import greedy_references, run_devices
-from covspec.bench.fuzz import CLASSES, Fuzzer
-from covspec.bench.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
-from covspec.bench.reliability import run_fuzz
-from covspec.bench.workload import toy_questions
+from covspec.bench.harness.devices import greedy_references, run_devices
+from covspec.bench.reliability.fuzz import CLASSES, Fuzzer
+from covspec.bench.reliability.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
+from covspec.bench.reliability.fuzz_run import run_fuzz
+from covspec.bench.harness.workload import toy_questions
 from covspec.export.pipeline import ExportOptions, export_model
 from covspec.protocol import errors
 from covspec.protocol.messages import Ping, Pong
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.client import EdgeClient, RetryPolicy
+from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
@@ -96,7 +96,7 @@ def test_thousands_of_hostile_messages_are_answered_while_a_device_answers_right
         assert answers and all(a.correct for a in answers), [a.error for a in answers]
 
         # Afterwards the edge is as good as new: a ping, and a generation equal to the target's.
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=10))
+        client = EdgeClient(server.address, Backoff(timeout_s=10))
         try:
             assert isinstance(client.request(Ping(session="after", seq=1)), Pong)
             question = world["questions"][1]

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from covspec.protocol.speculative import target_probs, verify_greedy, verify_sampling  # noqa: E402
+from covspec.protocol.verification import target_probs, verify_greedy, verify_sampling  # noqa: E402
 from covspec.runtime_edge.verify_batch import target_probs_batch, verify_batch  # noqa: E402
 
 

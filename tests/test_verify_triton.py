@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from click.testing import CliRunner  # noqa: E402
 
-from covspec.bench.gpu import BOUNDARY, GREEDY, Case, boundary_distance, random_case  # noqa: E402
+from covspec.bench.gpu.kernel import BOUNDARY, GREEDY, Case, boundary_distance, random_case  # noqa: E402
 from covspec.cli.bench_gpu_cmd import gpu  # noqa: E402
 from covspec.runtime_edge.verify_batch import target_probs_batch, verify_batch  # noqa: E402
 from covspec.runtime_edge.verify_triton import kernel_available, verify_batch_triton  # noqa: E402

@@ -141,7 +141,7 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
     """
     from covspec.families import family_named
     from covspec.runtime_device.artifact import DraftArtifact
-    from covspec.runtime_device.client import EdgeClient, RetryPolicy
+    from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
     from covspec.runtime_device.stats import GenerationStats, require_drafting
@@ -155,7 +155,7 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
         height, width = loaded.manifest.image["size"]
         sizes = [(width, height)] * len(SIZES)
     with EdgeServer(target, ServerConfig(bind="tcp://127.0.0.1:*")) as server:
-        client = EdgeClient(server.address, RetryPolicy(timeout_s=10))
+        client = EdgeClient(server.address, Backoff(timeout_s=10))
         try:
             engine = CoInference(loaded, client)
             for seed, (size, question) in enumerate(zip(sizes, QUESTIONS)):

@@ -1,6 +1,6 @@
 """``covspec bench device --config NAME``: the draft on the device at real size.
 
-A click command for the ``bench`` group (``covspec.bench.device_size`` does the work):
+A click command for the ``bench`` group (``covspec.bench.device.size`` does the work):
 builds a random-weight model of the config's dimensions, exports it fp32/int8/int4,
 measures each artifact with one onnxruntime thread and with all (size, load time, peak
 RSS, vision, LM prefill per keep ratio, per-token decode per context), the same text
@@ -19,7 +19,7 @@ import click
 
 from covspec.cli.values import positive_ints
 
-from covspec.bench.device_size import CONFIGS, run_bench     # torch is imported when a bench runs
+from covspec.bench.device.size import CONFIGS, run_bench     # torch is imported when a bench runs
 
 
 @click.command("device")

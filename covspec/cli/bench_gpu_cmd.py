@@ -63,7 +63,7 @@ def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, ma
     vocab_list = list(positive_ints(vocabs or defaults["vocabs"], "--vocabs"))
     batch_list = list(positive_ints(batches or defaults["batches"], "--batches"))
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    from covspec.bench import gpu as check
+    from covspec.bench.gpu import kernel as check
     from covspec.runtime_edge import verify_triton
 
     if not mode_list or set(mode_list) - set(check.MODES):
@@ -81,7 +81,7 @@ def gpu(allow_cpu: bool, vocabs: str | None, batches: str | None, modes: str, ma
     if serve if serve is not None else device.type == "cuda":
         import tempfile
 
-        from covspec.bench import gpu_serve
+        from covspec.bench.gpu import serve as gpu_serve
 
         click.echo("serving the toy target and a tiny LLaVA with the edge on " + device.type, err=True)
         with tempfile.TemporaryDirectory() as work:

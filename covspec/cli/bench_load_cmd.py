@@ -1,6 +1,6 @@
 """`covspec bench load`: the edge's capacity with N devices (registered in the ``bench``
-group). Measures with ``covspec.bench.capacity``, reports with
-``covspec.bench.capacity_report``; writes JSON (and a PNG) to ``--out``, prints the
+group). Measures with ``covspec.bench.capacity.load``, reports with
+``covspec.bench.capacity.report``; writes JSON (and a PNG) to ``--out``, prints the
 Markdown, and exits 1 when an answer was not the target's own."""
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from pathlib import Path
 
 import click
 
-DEFAULT_CHUNK = 8          # covspec.bench.replay.DEFAULT_CHUNK (not imported: subcommands load lazily)
+from covspec.cli.bench_common import regime_slug, write_section
 
-
-def regime_slug(regime: str) -> str:
-    """A file-name form of a regime spec (``phone-135m@7b-a100-hf`` -> ``phone-135m-7b-a100-hf``)."""
-    return Path(regime).stem.replace("@", "-")
+DEFAULT_CHUNK = 8          # covspec.bench.capacity.replay.DEFAULT_CHUNK (not imported: subcommands load lazily)
 
 
 def parse_levels(text: str, option: str) -> tuple[int, ...]:
@@ -71,8 +68,8 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     target's own."""
     from tqdm import tqdm
 
-    from covspec.bench.capacity import CapacityPlan, measure_capacity, phase_count
-    from covspec.bench.capacity_report import markdown as render, plot_capacity
+    from covspec.bench.capacity.load import CapacityPlan, measure_capacity, phase_count
+    from covspec.bench.capacity.report import markdown as render, plot_capacity
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.models import bundled_model_dir
 
@@ -112,8 +109,6 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
         body += f"\n\n![capacity]({plot_path.as_posix()})"
     click.echo(body)
     if markdown and not quick:
-        from covspec.cli.bench_cmd import write_section
-
         title = "Edge capacity: N devices against one edge" + (f", emulated {regime}" if regime else "")
         write_section("load", title, body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)

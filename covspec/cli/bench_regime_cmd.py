@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from covspec.cli.bench_cmd import LINKS, RESULTS, write_section
+from covspec.cli.bench_common import LINKS, RESULTS, write_section
 
 
 
@@ -33,9 +33,9 @@ def regime(regimes: str | None, links: str, count: int, max_new_tokens: int, art
     OUT/regime.json for `covspec plan --validate`."""
     from tqdm import tqdm
 
-    from covspec.bench.link import profile_named
-    from covspec.bench.regime import measure_regimes, regime_scenarios, regime_section
-    from covspec.bench.workload import toy_questions
+    from covspec.bench.harness.link import profile_named
+    from covspec.bench.end_to_end.regime import measure_regimes, regime_scenarios, regime_section
+    from covspec.bench.harness.workload import toy_questions
     from covspec.regime import RegimeError, builtin_regimes, load_regime
     from covspec.runtime_device.options import GenerationSettings
     from covspec.toy.artifacts import ensure_toy_artifacts

@@ -102,7 +102,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
     """
     from covspec.protocol.manifest import ArtifactError
     from covspec.runtime_device.artifact import DraftArtifact
-    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
+    from covspec.runtime_device.client import CurveKeys, EdgeClient, EdgeError, EdgeUnreachable, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.memory import peak_rss_mb
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
@@ -137,7 +137,7 @@ def run(artifacts_dir: Path, edge: str, image_file: Path, prompt: str, max_new_t
         click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
                     fg="yellow", err=True)
     trace, close_trace = trace_to_file(trace_file) if trace_file else (None, lambda: None)
-    client = EdgeClient(edge, RetryPolicy(timeout_s=timeout, retries=retries), curve)
+    client = EdgeClient(edge, Backoff(timeout_s=timeout, retries=retries), curve)
     stats = GenerationStats()
     stream = TextStream(artifact.decode_text)
     try:

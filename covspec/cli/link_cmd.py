@@ -7,7 +7,7 @@ import threading
 
 import click
 
-from covspec.bench.link import PROFILES, LinkEmulator, profile_named
+from covspec.bench.harness.link import PROFILES, LinkEmulator, profile_named
 
 
 @click.command()

@@ -1,8 +1,8 @@
 """The ``covspec`` click group.
 
-Subcommands are registered by dotted path and imported only when invoked, so
-``covspec device --help`` never imports torch or transformers. A subcommand whose
-implementation has not landed yet says so and exits with status 2; it never pretends.
+Subcommands are registered by dotted path (``SUBCOMMANDS``) and imported only when
+invoked, so ``covspec --help`` imports none of them and ``covspec device --help`` never
+imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -27,15 +27,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _not_built(name: str, help_text: str) -> click.Command:
-    @click.command(name=name, help=f"{help_text}\n\nNot built yet.",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command() -> None:
-        raise click.UsageError(f"`covspec {name}` is not built yet in this version of covspec.")
-
-    return command
-
-
 class LazyGroup(click.Group):
     """A click group that imports each subcommand's module on first use."""
 
@@ -45,15 +36,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:
             return None
-        target, help_text = SUBCOMMANDS[name]
-        module_name, attribute = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return _not_built(name, help_text)
-            raise
-        return getattr(module, attribute)
+        module_name, attribute = SUBCOMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing uses the static help so that `covspec --help` imports no subcommand.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from covspec.cli.bench_cmd import write_section
+from covspec.cli.bench_common import write_section
 
 
 def _floats(text: str, hint: str) -> list[float]:
@@ -46,7 +46,7 @@ def plan(regime_spec: str, link_name: str, rtt_ms: float | None, bandwidth_mbps:
     """Expected time-to-answer of target-only, device-led (by draft length) and edge-led for
     one request, and the mode to run. The costs come from the regime's profiles (a roofline
     of the target on its GPU, the phone's measured draft times) and the request's shapes."""
-    from covspec.bench.link import profile_named
+    from covspec.bench.harness.link import profile_named
     from covspec.regime import RegimeError, builtin_regimes, load_regime
     from covspec.regime import plan as model
     from covspec.regime import roofline
@@ -62,7 +62,7 @@ def plan(regime_spec: str, link_name: str, rtt_ms: float | None, bandwidth_mbps:
                        f"{roofline.vision_s(regime.device, 1) * 1000:.0f} ms")
         return
     if records_file is not None:
-        from covspec.bench.plan_check import curve, error_table, validate
+        from covspec.bench.end_to_end.plan_check import curve, error_table, validate
 
         data = json.loads(records_file.read_text())
         table = error_table(validate(data), curve(data["records"]))

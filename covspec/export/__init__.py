@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX export of draft VLMs into device artifact folders (DESIGN.md section 9).
+"""PyTorch -> ONNX export of draft VLMs into device artifact folders (ARCHITECTURE.md, "Artifacts").
 
 Family-agnostic: what is specific to an architecture (the modules to trace, the
 manifest's image and tokenizer sections) comes from the model's family

@@ -3,7 +3,7 @@
 Two exporters: ``torchscript`` (the default: about 10x faster on a small CPU; every
 export is checked by the parity stage anyway) and ``dynamo``. Each graph is traced
 with batch >= 2 and non-trivial lengths and explicit, named dynamic dimensions, so
-no size collapses to a constant (PLATFORM.md, ONNX export):
+no size collapses to a constant (a dimension traced at 0 or 1 gets specialized):
 
 - ``vision.onnx`` and ``decoder.onnx``: as the family's ``GraphTrace`` says (for
   LLaVA: dynamic batch; dynamic batch, query length S and past length P);

@@ -7,7 +7,7 @@
   ``per_tensor``: ``quantize_dynamic`` (int8 weights, activations quantized per tensor
   at run time) on MatMul/Gemm. On SmolLM2-135M's real weights blockwise keeps 0.967
   top-1 agreement with fp32 step by step, dynamic per-channel 0.871
-  (``python -m covspec.bench.device_quality``).
+  (``python -m covspec.bench.device.quality``).
 - ``int4``: ``MatMulNBitsQuantizer``, 4-bit symmetric weight-only MatMul in blocks
   of ``BLOCK_SIZE``.
 

@@ -1,4 +1,4 @@
-"""The visual-token scorer exported as ``scorer.onnx`` (DESIGN.md section 7).
+"""The visual-token scorer exported as ``scorer.onnx`` (ARCHITECTURE.md, "Visual token reduction").
 
 Inputs: ``image_features [N, D]`` (visual tokens in the LM embedding space),
 ``activity [N]`` (encoder-side saliency from ``vision.onnx``) and

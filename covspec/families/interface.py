@@ -1,6 +1,6 @@
 """The family contract: what a model family provides on each side, and what it returns.
 
-A *family* owns everything architecture-specific (DESIGN.md section 10), in three
+A *family* owns everything architecture-specific (ARCHITECTURE.md, "Model families"), in three
 halves that are imported separately:
 
 - the **device half** (``DeviceHalf``): image preprocessing, the draft's prompt

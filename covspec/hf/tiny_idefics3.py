@@ -1,5 +1,5 @@
 """Tiny random Idefics3 (SmolVLM-style) folders built from configs, for tests (and, with a
-real model's dimensions, for the device bench: ``covspec.bench.device_size``).
+real model's dimensions, for the device bench: ``covspec.bench.device.size``).
 
 A folder is a standard transformers folder: ``config.json`` + ``model.safetensors``
 (``Idefics3ForConditionalGeneration``: a small SigLIP-like vision tower, the

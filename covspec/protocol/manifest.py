@@ -5,7 +5,7 @@ embedding table (``embed_tokens.npy``), ``tokenizer.json`` and ``manifest.json``
 The manifest names every other file with its sha256 and size, the graphs' input and
 output names, the decoder's cache layout, tokenizer ids and vocabulary hash, the
 model family (``source.family``) with its image preprocessing section, the prompt
-template, pruning defaults and the export's parity report (DESIGN.md section 9).
+template, pruning defaults and the export's parity report (ARCHITECTURE.md, "Artifacts").
 
 ``load_manifest`` refuses an artifact with a missing file, a hash or size mismatch,
 another format or format version, or a missing field, by raising one typed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covspec.protocol.speculative import target_probs
+from covspec.protocol.verification import target_probs
 
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 1e3

@@ -5,7 +5,7 @@ the draft must sample from (the edge verifies against exactly what it receives):
 
 - ``compact`` (protocol v1, the default): greedy sends ids only; sampling sends the
   draft's top-k proposal per position (``q_ids``, ``q_probs`` [n, k]; the draft samples
-  from exactly that truncated distribution, ``speculative.sparse_q``). The verdict is
+  from exactly that truncated distribution, ``verification.sparse_q``). The verdict is
   the accepted count and the correction/bonus token.
 - ``dense`` (the conventional baseline): the draft's full distribution per drafted
   position as float16 (``q_dense`` [n, V]; the draft samples from it), and the verdict
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from covspec.protocol import speculative as spec
+from covspec.protocol import verification as spec
 from covspec.protocol.errors import BAD_FIELD, BAD_TOKEN, MISSING_FIELD, EdgeError
 
 if TYPE_CHECKING:   # messages validates ``wire`` against CODECS, so it imports this module

@@ -15,7 +15,7 @@ times are seconds from the moment the device sends ``open``.
   verified in one forward and commits E[accepted] + 1 tokens, where
   E[accepted] = sum_i prod_{j<=i} alpha_j: ``D + (n - 1) / (E + 1) x (k t_d + rtt + t_v(k))``.
 - edge-led (today's default for greedy): the target steps by itself from F on; the
-  draft is ready at D; each chunk is ``L = ceil(overlap + v)`` tokens (``LeadPolicy``'s
+  draft is ready at D; each chunk is ``L = ceil(overlap + v)`` tokens (``LeadPlanner``'s
   rule, v = 8), where the overlap is what the edge generates while the chunk is drafted
   (after feeding the streamed tokens: one more run), travels, and waits for the edge's
   step under way: ``o = (rtt + (L + 1) t_d + t_e / 2) / t_e``. A chunk whose overlap
@@ -110,7 +110,7 @@ def device_led_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
 
 def lead_chunk(costs: Costs, alpha: Sequence[float]) -> tuple[int, float, bool]:
     """(chunk length L, the overlap it meets at the edge, whether it is drafted at all):
-    ``LeadPolicy``'s length rule and its test that the estimated overlap survives with
+    ``LeadPlanner``'s length rule and its test that the estimated overlap survives with
     chance at least 0.1. A chunk is drafted after the tokens streamed meanwhile are fed
     (one decoder run), and meets the edge mid-step (half a step later on average)."""
     step, draft = costs.target_step_s, costs.draft_step_s

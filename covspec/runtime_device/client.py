@@ -11,7 +11,7 @@ refused this device's key, or the two sides disagree on encryption. Replies are
 bounded (``REPLY_LIMITS``; the socket's ``MAXMSGSIZE`` disconnects an edge that sends a
 bigger message); replies that do not decode and replies to other sessions or rounds
 are dropped and counted, and an ``EdgeUnreachable`` says how many came meanwhile, so a
-misbehaving edge is told apart from a silent one. ``RetryPolicy.patience_s`` is the
+misbehaving edge is told apart from a silent one. ``Backoff.patience_s`` is the
 longest one request waits. Every byte sent
 and received on the socket is counted
 (frame payloads; ZeroMQ adds a few bytes of framing per frame), in total and per
@@ -33,7 +33,7 @@ from covspec.protocol.messages import Error, Limits, Message, ProtocolError, dec
 BUSY_WAIT_S = 1.0                # the longest pause before asking a busy edge again
 REPLY_LIMITS = Limits(max_array_bytes=8 * 1024 * 1024, max_message_bytes=8 * 1024 * 1024)   # p_dense of 4M ids
 
-__all__ = ["CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable", "RetryPolicy"]
+__all__ = ["Backoff", "CurveKeys", "EdgeClient", "EdgeError", "EdgeUnreachable"]
 
 
 class EdgeUnreachable(ConnectionError):
@@ -41,7 +41,7 @@ class EdgeUnreachable(ConnectionError):
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class Backoff:
     """Per-attempt receive timeout, number of resends, and backoff between them."""
 
     timeout_s: float = 5.0
@@ -86,10 +86,10 @@ HANDSHAKE_FAILURES = {
 
 
 class EdgeClient:
-    def __init__(self, address: str, policy: RetryPolicy = RetryPolicy(), curve: CurveKeys | None = None,
+    def __init__(self, address: str, backoff: Backoff = Backoff(), curve: CurveKeys | None = None,
                  context: zmq.Context | None = None):
         self.address = address
-        self.policy = policy
+        self.backoff = backoff
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -97,7 +97,7 @@ class EdgeClient:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
-        self.socket.setsockopt(zmq.SNDTIMEO, max(int(policy.timeout_s * 1000), 1))
+        self.socket.setsockopt(zmq.SNDTIMEO, max(int(backoff.timeout_s * 1000), 1))
         self.socket.setsockopt(zmq.MAXMSGSIZE, REPLY_LIMITS.max_message_bytes)
         self._monitor = self.socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES))
@@ -119,7 +119,7 @@ class EdgeClient:
             self.socket.send_multipart(frames)
         except zmq.Again:
             raise EdgeUnreachable(self.explain(f"could not send to the edge at {self.address} within "
-                                               f"{self.policy.timeout_s:g} s")) from None
+                                               f"{self.backoff.timeout_s:g} s")) from None
 
     def explain(self, problem: str) -> str:
         """``problem``, with the reason the handshake failed when the socket monitor saw one."""
@@ -204,24 +204,24 @@ class EdgeClient:
         """Send ``message`` and return its reply, resending on timeout. A ``busy`` edge is
         asked again with backoff for as long as the attempts would have waited in all;
         then its error is raised."""
-        timeout = timeout_s or self.policy.timeout_s
-        patience = time.monotonic() + timeout * (self.policy.retries + 1)
+        timeout = timeout_s or self.backoff.timeout_s
+        deadline = time.monotonic() + timeout * (self.backoff.retries + 1)
         attempt = busy = 0
-        while attempt <= self.policy.retries:
+        while attempt <= self.backoff.retries:
             self.send(message)
             reply = self.receive(message.session, message.seq, timeout)
-            if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < patience:
-                time.sleep(min(self.policy.backoff_s * (2 ** busy), BUSY_WAIT_S, max(patience - time.monotonic(), 0)))
+            if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < deadline:
+                time.sleep(min(self.backoff.backoff_s * (2 ** busy), BUSY_WAIT_S, max(deadline - time.monotonic(), 0)))
                 busy += 1
                 continue
             if reply is not None:
                 if isinstance(reply, Error):
                     raise EdgeError(reply.code, reply.message)
                 return reply
-            time.sleep(self.policy.backoff_s * (2 ** attempt))
+            time.sleep(self.backoff.backoff_s * (2 ** attempt))
             attempt += 1
         raise EdgeUnreachable(self.explain(f"no reply from the edge at {self.address} after "
-                                           f"{self.policy.retries + 1} attempts of {timeout:.1f} s"))
+                                           f"{self.backoff.retries + 1} attempts of {timeout:.1f} s"))
 
     def close(self) -> None:
         self.socket.disable_monitor()

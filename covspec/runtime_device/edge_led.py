@@ -10,7 +10,7 @@ at least as fast as the target alone (less the cost of the verify forwards), and
 faster whenever a chunk arrives before the target reached its end.
 
 A chunk is long enough to cover what the target generates while it drafts and
-travels (``LeadPolicy``: the edge's token interval, the round trip and the draft's
+travels (``LeadPlanner``: the edge's token interval, the round trip and the draft's
 step time, measured as the generation runs) plus ``draft_len`` tokens to verify.
 A chunk that a streamed token contradicts is given up at once and a fresh one drafted
 (the edge would answer it ``stale``). Pipelining and branches are not used here: the
@@ -44,7 +44,7 @@ import numpy as np
 
 from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Result
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
@@ -58,7 +58,7 @@ EXPLORE_EVERY = 16         # a chunk "not worth drafting" is drafted anyway afte
 QUIET_S = 0.05             # with no chunk in flight, draft one anyway after this long without a token
 
 
-class LeadPolicy:
+class LeadPlanner:
     """How long an edge-led chunk is, and whether one is worth drafting now.
 
     A chunk is ``ceil((rtt / T + draft_len) / (1 - d / T))`` tokens long, where T is the
@@ -72,7 +72,7 @@ class LeadPolicy:
     drafts nothing and lets the edge generate (on a slow link with a fast target,
     drafting would only spend the device's power), except now and then to keep the
     estimates current. Kept across generations
-    (``CoInference.policy_for``), so what it learns carries over."""
+    (``CoInference.lead_planner_for``), so what it learns carries over."""
 
     def __init__(self, draft_len: int, max_len: int = MAX_LEAD_LEN, min_survival: float = 0.1):
         self.draft_len, self.max_len, self.min_survival = draft_len, max_len, min_survival
@@ -105,7 +105,7 @@ class LeadPolicy:
     def observe_agreement(self, agreed: int, compared: int) -> None:
         self.agreed, self.compared = self.agreed + agreed, self.compared + compared
 
-    # the Proposer's policy interface: chunks end only at their length
+    # the Proposer's drafting-policy interface: chunks end only at their length
     def continue_chunk(self, confidences: list[float]) -> bool:
         return True
 
@@ -126,14 +126,14 @@ def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
 class EdgeLedGeneration:
     """One edge-led generation; ``tokens()`` yields what each message commits."""
 
-    def __init__(self, draft, client, policy: LeadPolicy, image_bytes: bytes, question: str,
+    def __init__(self, draft, client, planner: LeadPlanner, image_bytes: bytes, question: str,
                  settings: GenerationSettings, options: DraftingOptions, stats: GenerationStats,
                  trace: Callable[[dict], None], rng: np.random.Generator):
-        self.draft, self.client, self.policy = draft, client, policy
+        self.draft, self.client, self.planner = draft, client, planner
         self.image_bytes, self.question = image_bytes, question
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
         codec = options.codec()
-        self.proposer = Proposer(draft.drafter, codec, settings.sampling, policy, rng, draft.eos_ids,
+        self.proposer = Proposer(draft.drafter, codec, settings.sampling, planner, rng, draft.eos_ids,
                                  alternatives=False)
         self.session = DeviceSession(client, codec, settings, question, image_bytes, draft.vocab_hash, trace,
                                      mode="edge_led")
@@ -163,7 +163,7 @@ class EdgeLedGeneration:
                 quiet = False
                 while not self.done:
                     ready = prefill.done() and prefill.result() is None      # re-raises a failed prefill
-                    if ready and self.chunk is None and (quiet or self.policy.worth_drafting()):
+                    if ready and self.chunk is None and (quiet or self.planner.worth_drafting()):
                         self._send(self._draft())
                     new = self._absorb()
                     quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
@@ -205,7 +205,7 @@ class EdgeLedGeneration:
 
     def _draft(self) -> Chunk:
         start = len(self.committed)
-        limit = max(min(self.policy.chunk_len(), self.settings.max_new_tokens - start), 1)
+        limit = max(min(self.planner.chunk_len(), self.settings.max_new_tokens - start), 1)
         return self.proposer.draft(self.committed, start, limit, fixed_length=not self.settings.sampling.greedy)
 
     def _send(self, chunk: Chunk) -> None:
@@ -218,9 +218,9 @@ class EdgeLedGeneration:
         """Wait for the next message of the session and apply it and any that follow it
         at once; the tokens they commit. Reopens the session when the edge lost it."""
         new: list[int] = []
-        timeout = self.client.policy.timeout_s if self.chunk is not None else QUIET_S
+        timeout = self.client.backoff.timeout_s if self.chunk is not None else QUIET_S
         reply = self.client.receive_any(self.session.id, timeout)
-        until = time.perf_counter() + self.client.policy.timeout_s      # an endless stream still yields
+        until = time.perf_counter() + self.client.backoff.timeout_s      # an endless stream still yields
         while reply is not None:
             new += self._apply(reply)
             if self.done or time.perf_counter() > until:
@@ -230,7 +230,7 @@ class EdgeLedGeneration:
             self._judged(self.chunk)
             self.chunk = None                 # contradicted by a streamed token: the edge drops it
         if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > \
-                self.client.policy.timeout_s:
+                self.client.backoff.timeout_s:
             new = self._reopen("no reply for a whole timeout")          # the edge is lost
         return new
 
@@ -238,7 +238,7 @@ class EdgeLedGeneration:
         if isinstance(reply, Error):
             if reply.code == UNKNOWN_SESSION:
                 return self._reopen("the edge did not know it")
-            if reply.code == BUSY and self.busy < self.client.policy.retries:
+            if reply.code == BUSY and self.busy < self.client.backoff.retries:
                 self.busy += 1
                 self.chunk = None
                 return []
@@ -251,7 +251,7 @@ class EdgeLedGeneration:
             check_streamed(reply, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
             now = time.perf_counter()
             if self.last_step_at is not None:
-                self.policy.observe_edge_step(now - self.last_step_at)
+                self.planner.observe_edge_step(now - self.last_step_at)
             self.last_step_at = now
             self.stats.edge_steps += reply.token != NO_TOKEN
             return self._commit([], reply)
@@ -267,13 +267,13 @@ class EdgeLedGeneration:
             return self._reopen(f"a verdict from {reply.start} when {len(self.committed)} were committed")
         skip = check_verdict(reply, chunk.start, len(chunk.tokens), len(self.committed),
                              self.settings.max_new_tokens, self.draft.vocab_size, edge_led=True)
-        self.policy.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
+        self.planner.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
         self.last_step_at = None              # a verify forward is not an edge step
         self.stats.rounds += 1
         self.stats.accepted.append(reply.accepted)
         self.stats.edge_verify_ms += reply.verify_ms
         rejected = reply.accepted < len(chunk.tokens) - skip
-        self.policy.observe_agreement(skip + reply.accepted, skip + reply.accepted + rejected)
+        self.planner.observe_agreement(skip + reply.accepted, skip + reply.accepted + rejected)
         self.trace({"event": "verdict", "seq": chunk.seq, "start": reply.start, "skipped": skip,
                     "accepted": reply.accepted, "token": reply.token, "done": reply.done})
         return self._commit(chunk.tokens[skip:skip + reply.accepted], reply)
@@ -290,7 +290,7 @@ class EdgeLedGeneration:
         """Count how far ``chunk`` agreed with the committed tokens it covers."""
         covered = self.committed[chunk.start:chunk.end]
         agreed = next((i for i, (a, b) in enumerate(zip(chunk.tokens, covered)) if a != b), len(covered))
-        self.policy.observe_agreement(agreed, agreed + (agreed < len(covered)))
+        self.planner.observe_agreement(agreed, agreed + (agreed < len(covered)))
 
     def _alive(self, chunk: Chunk) -> bool:
         """Whether the edge can still use ``chunk``: every committed token it covers agrees,

@@ -6,7 +6,7 @@ nothing about text or terminals. The parts it drives, one job each:
 
 - ``prefill.prefill_draft``: vision -> kept visual tokens -> the draft's context;
 - ``proposer.Proposer``: drafts a chunk (tokens, confidences, wire rows);
-- ``speculation``: what the wait for a verdict is best spent on (pure functions);
+- ``waiting``: what the wait for a verdict is best spent on (pure functions);
 - ``verdicts.judge``: what a verdict means for the chunks in flight and the branches;
 - ``session.DeviceSession``: the messages and replies of the session;
 - ``replies``: whether a reply can be true; one that cannot ends the generation
@@ -40,12 +40,12 @@ from typing import Protocol
 
 import numpy as np
 
-from covspec.protocol.speculative import NO_TOKEN
-from covspec.runtime_device import speculation
+from covspec.protocol.verification import NO_TOKEN
+from covspec.runtime_device import waiting
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.edge_led import VERIFIED_LEN, EdgeLedGeneration, LeadPolicy
+from covspec.runtime_device.edge_led import VERIFIED_LEN, EdgeLedGeneration, LeadPlanner
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.policy import DraftPolicy
 from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
@@ -108,7 +108,7 @@ class CoInference:
         self.draft = ArtifactDraft(draft) if isinstance(draft, DraftArtifact) else draft
         self.client = client
         self._policies: dict[DraftingOptions, DraftPolicy] = {}
-        self._lead_policies: dict[DraftingOptions, LeadPolicy] = {}
+        self._lead_planners: dict[DraftingOptions, LeadPlanner] = {}
 
     def policy_for(self, options: DraftingOptions) -> DraftPolicy:
         """The drafting policy for ``options``, kept across generations so that what it
@@ -117,12 +117,12 @@ class CoInference:
             self._policies[options] = options.make_policy()
         return self._policies[options]
 
-    def lead_policy_for(self, options: DraftingOptions) -> LeadPolicy:
+    def lead_planner_for(self, options: DraftingOptions) -> LeadPlanner:
         """The edge-led chunk policy for ``options``, kept across generations like ``policy_for``."""
-        if options not in self._lead_policies:
-            self._lead_policies[options] = LeadPolicy(VERIFIED_LEN if options.policy == "adaptive"
+        if options not in self._lead_planners:
+            self._lead_planners[options] = LeadPlanner(VERIFIED_LEN if options.policy == "adaptive"
                                                       else options.draft_len)
-        return self._lead_policies[options]
+        return self._lead_planners[options]
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
@@ -130,7 +130,7 @@ class CoInference:
         stats = stats if stats is not None else GenerationStats()
         trace = trace or (lambda event: None)
         if options.edge_led(settings):
-            return EdgeLedGeneration(self.draft, self.client, self.lead_policy_for(options), image_bytes, question,
+            return EdgeLedGeneration(self.draft, self.client, self.lead_planner_for(options), image_bytes, question,
                                      settings, options, stats, trace, draft_rng(settings.seed)).tokens()
         return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()
 
@@ -138,18 +138,18 @@ class CoInference:
 class _Generation:
     """The state of one generation: committed tokens, chunks in flight, branches."""
 
-    def __init__(self, owner: CoInference, image_bytes: bytes, question: str, settings: GenerationSettings,
+    def __init__(self, device: CoInference, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions, stats: GenerationStats, trace: Callable[[dict], None]):
-        self.draft, self.drafter = owner.draft, owner.draft.drafter
+        self.draft, self.drafter = device.draft, device.draft.drafter
         self.image_bytes, self.question = image_bytes, question
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
-        self.policy = owner.policy_for(options)
+        self.policy = device.policy_for(options)
         codec = options.codec()
         self.proposer = Proposer(self.drafter, codec, settings.sampling, self.policy, draft_rng(settings.seed),
                                  self.draft.eos_ids, alternatives=options.branches > 0)
-        self.session = DeviceSession(owner.client, codec, settings, question, image_bytes,
+        self.session = DeviceSession(device.client, codec, settings, question, image_bytes,
                                      self.draft.vocab_hash, trace)
-        self.client = owner.client
+        self.client = device.client
         self.committed: list[int] = []
         self.done = False
         self.in_flight: deque[Chunk] = deque()
@@ -269,32 +269,32 @@ class _Generation:
     # -- speculation while waiting --------------------------------------------------------------
 
     def _ends_generation(self, chunk: Chunk) -> bool:
-        return speculation.ends_generation(chunk.tokens[-1], chunk.end, self.draft.eos_ids,
+        return waiting.ends_generation(chunk.tokens[-1], chunk.end, self.draft.eos_ids,
                                            self.settings.max_new_tokens)
 
     def _speculate(self) -> None:
         """Until the oldest chunk's verdict arrives, spend each step on its most valuable
-        use (``speculation.next_use``): one more pipelined chunk (while the policy allows
+        use (``waiting.next_use``): one more pipelined chunk (while the policy allows
         more in flight), or the next branch on the oldest chunk's likeliest verdicts
         (its full acceptance too when nothing can be pipelined behind it)."""
         oldest = self.in_flight[0]
         can_pipeline = self.policy.in_flight() > 1
-        outcomes: list[speculation.Outcome] = []
+        outcomes: list[waiting.Outcome] = []
         if self.options.branches:
             bonus = None
             if not can_pipeline and not self._ends_generation(oldest):
                 token, confidence = self.proposer.guess_bonus(self.committed[: oldest.start] + oldest.tokens)
                 bonus = (token, self.policy.acceptance(confidence))
             acceptance = [self.policy.acceptance(c) for c in oldest.confidences]
-            outcomes = speculation.branch_outcomes(acceptance, oldest.confidences, oldest.alternatives,
+            outcomes = waiting.branch_outcomes(acceptance, oldest.confidences, oldest.alternatives,
                                                    oldest.alternative_probs, bonus)[: self.options.branches]
         while not self.session.verdict_ready(oldest):
             pipeline = (can_pipeline and len(self.in_flight) < self.policy.in_flight()
                         and not self._ends_generation(self.in_flight[-1]))
-            all_accepted = speculation.all_accepted_probability(self.in_flight, len(self.committed),
+            all_accepted = waiting.all_accepted_probability(self.in_flight, len(self.committed),
                                                                       self.policy.acceptance) \
                 if pipeline else 0.0
-            use = speculation.next_use(pipeline, all_accepted, self.policy.pipeline_weight(), outcomes)
+            use = waiting.next_use(pipeline, all_accepted, self.policy.pipeline_weight(), outcomes)
             if use == "pipeline":
                 can_pipeline = self._pipeline()
             elif use == "branch":
@@ -307,7 +307,7 @@ class _Generation:
     def _pipeline(self) -> bool:
         """Send one more chunk, drafted assuming every chunk in flight is fully accepted and
         the bonus after them is the draft's own guess; False when that guess ends the answer."""
-        prefix = speculation.assumed_prefix(self.committed, self.in_flight)
+        prefix = waiting.assumed_prefix(self.committed, self.in_flight)
         bonus, confidence = self.proposer.guess_bonus(prefix)
         if bonus in self.draft.eos_ids:
             return False

@@ -1,4 +1,4 @@
-"""Training-free visual token reduction for the draft (DESIGN.md section 7).
+"""Training-free visual token reduction for the draft (ARCHITECTURE.md, "Visual token reduction").
 
 Pure numpy selection over the scorer's outputs. Given visual tokens V [N, D] and an
 importance per token, ``select`` returns the indices of the K tokens the draft

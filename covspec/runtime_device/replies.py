@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from covspec.protocol.errors import BAD_REPLY, EdgeError
 from covspec.protocol.messages import Opened, Result
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 
 ADVICE = "this is not a covspec edge that follows the protocol; check the address and update the edge"
 

@@ -22,17 +22,17 @@ import numpy as np
 from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.protocol.ownership import new_owner, session_id_for
-from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, RetryPolicy
+from covspec.runtime_device.client import Backoff, EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.proposer import Chunk
 
 
-def patience_s(policy: RetryPolicy, attempts: int) -> float:
+def patience_s(backoff: Backoff, attempts: int) -> float:
     """The longest a generation waits on an edge that verifies nothing before it ends with an
     error: the open (twice the timeout, then a whole request), then ``attempts`` + 1 losses
     in a row (``DeviceSession.reopen``), each the wait for a verdict and a reopen. The
     draft's own prefill comes on top."""
-    return 2 * policy.timeout_s + policy.patience_s + (attempts + 1) * 2 * policy.patience_s
+    return 2 * backoff.timeout_s + backoff.patience_s + (attempts + 1) * 2 * backoff.patience_s
 
 
 class DeviceSession:
@@ -64,7 +64,7 @@ class DeviceSession:
 
     def await_opened(self, message: Open) -> Opened:
         """The reply to an ``open`` already sent (sent again if it does not come)."""
-        reply = self.client.receive(message.session, message.seq, self.client.policy.timeout_s * 2)
+        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2)
         if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
             reply = self.client.request(message)           # resends, and waits out a busy edge
         if isinstance(reply, Error):
@@ -87,7 +87,7 @@ class DeviceSession:
                 return self.client.request(self.open_message(committed, target_keep))
             except EdgeUnreachable as exc:
                 last = exc
-                time.sleep(self.client.policy.backoff_s * (2 ** attempt))
+                time.sleep(self.client.backoff.backoff_s * (2 ** attempt))
         raise EdgeUnreachable(f"the edge at {self.client.address} stayed unreachable: {last}")
 
     def progress(self) -> None:
@@ -111,9 +111,9 @@ class DeviceSession:
         timeout; None when the session is lost (unknown to the edge, or no reply after
         every retry). A ``busy`` edge is asked again; any other error raises ``EdgeError``."""
         chunks = list(in_flight)
-        policy = self.client.policy
-        for attempt in range(policy.retries + 1):
-            reply = self.client.receive(self.id, chunks[0].seq, policy.timeout_s)
+        backoff = self.client.backoff
+        for attempt in range(backoff.retries + 1):
+            reply = self.client.receive(self.id, chunks[0].seq, backoff.timeout_s)
             if isinstance(reply, Result):
                 return reply
             if isinstance(reply, Error) and reply.code == UNKNOWN_SESSION:
@@ -122,7 +122,7 @@ class DeviceSession:
                 raise EdgeError(reply.code, reply.message)
             for chunk in chunks:                    # no reply, or a busy edge: ask again
                 self.client.send(self._verify(chunk))
-            time.sleep(policy.backoff_s * (2 ** attempt))
+            time.sleep(backoff.backoff_s * (2 ** attempt))
         return None
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from covspec.protocol.messages import Close, Open, Result
 from covspec.protocol.ownership import new_owner, session_id_for
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.replies import check_opened, check_streamed
@@ -35,7 +35,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
                    committed=np.zeros(0, np.int32))
     tokens = 0
     try:
-        opened = client.request(message, timeout_s=client.policy.timeout_s * 2)
+        opened = client.request(message, timeout_s=client.backoff.timeout_s * 2)
         check_opened(opened, 0, settings.max_new_tokens, vocab_size)
         stats.edge_prefill_ms += opened.prefill_ms
         tokens = 1
@@ -43,7 +43,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
         yield [opened.token]
         done = opened.done
         while not done:
-            reply = client.receive(message.session, message.seq, client.policy.timeout_s)
+            reply = client.receive(message.session, message.seq, client.backoff.timeout_s)
             if reply is None:
                 raise EdgeUnreachable(client.explain(f"the edge at {client.address} stopped streaming"))
             if not isinstance(reply, Result):

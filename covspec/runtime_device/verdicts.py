@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from covspec.protocol.messages import Result
-from covspec.protocol.speculative import NO_TOKEN
+from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.proposer import Chunk
 from covspec.runtime_device.stats import GenerationStats
 

@@ -1,4 +1,4 @@
-"""Session KV caches the edge can batch, roll back and fork without copying the past.
+"""Session KV caches the edge can batch and roll back.
 
 ``SessionKV`` is one session's cache: per layer, a key and a value buffer
 [heads, capacity, head_dim] of which the first ``length`` positions are live. It grows
@@ -12,7 +12,8 @@ with ragged contexts, a transformers ``Cache`` whose layer l holds
 by the model. Left padding keeps the distance between a query and each key equal to
 their distance in the session (so sliding-window masks stay right); the caller masks
 the padding out (``attention_mask``) and passes every row's true ``position_ids``.
-With one session the session's own buffers are used in place: no copy at all.
+With one session the session's own buffers are used in place: no copy at all; with
+several, every session's live past is copied into the batch's buffers once per forward.
 ``keep_new(sessions, cache, kept)`` then appends the first ``kept[b]`` new positions of
 row b to session b (padded queries beyond ``kept[b]`` are dropped).
 """

@@ -1,4 +1,4 @@
-"""The edge server: a ZeroMQ ROUTER in front of one model-owner thread.
+"""The edge server: a ZeroMQ ROUTER in front of one model thread.
 
 Python API (used by ``covspec edge serve``, the device tests and the demo)::
 
@@ -6,7 +6,7 @@ Python API (used by ``covspec edge serve``, the device tests and the demo)::
 
     with EdgeServer("covspec/toy/models/target", ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         print(server.address)          # the bound endpoint, e.g. tcp://127.0.0.1:40123
-        ...                            # devices talk protocol v1 to server.address
+        ...                            # devices talk the protocol (PROTOCOL.md) to server.address
 
 ``EdgeServer(model, config)`` takes a model folder (or an already loaded
 ``TargetModel``, so tests can share one) and a ``ServerConfig``; ``start()`` loads
@@ -17,14 +17,15 @@ the same server in a child process.
 
 Threads: the *I/O thread* owns the ROUTER socket. It decodes every request
 (``covspec.protocol.messages.decode`` with the configured limits), answers
-malformed ones and pings itself, and queues the rest for the *model owner thread*
-(``owner.ModelOwner``), which alone touches the model and the sessions. Its replies
+malformed ones and pings itself, and queues the rest for the *model thread*
+(``model_thread.ModelThread``), which alone touches the model and the sessions. Its replies
 travel back to the I/O thread over an inproc PUSH/PULL pair. The server never crashes on a request: every
 refusal is an ``Error`` reply with a code and a sentence.
 
 What a device can rely on (the round logic itself lives in ``session.py``):
 
-- ``open`` creates the session (an open for an existing id replaces it) and is
+- ``open`` creates the session (an open for an existing id replaces it when it
+  carries that session's owner secret, else ``not_owner``) and is
   answered ``opened`` with the first token, or the next one after ``committed`` on
   a reopen (``token`` -1 and ``done`` when those already ended generation). The
   vocabulary hash must match the target's tokenizer (``vocab_mismatch``); a
@@ -32,13 +33,16 @@ What a device can rely on (the round logic itself lives in ``session.py``):
   takes the draft's full q per drafted position and returns the full p at the
   correction/bonus position beside the sampled token.
 - ``verify`` is answered ``result``: ``stale`` (nothing changed) unless ``start``
-  is the committed length and ``assumed`` is -1 or the last committed token. A
-  repeated ``seq`` gets the session's last reply again without recomputation; an
-  older one gets ``replayed``. Errors are not remembered as replies.
-- ``target_only``: after ``opened`` the edge streams one ``result`` per token, each
-  with the open's ``seq``, ``start`` = the token's position and ``accepted`` 0.
-- ``close`` frees the session without a reply; ``ping`` gets ``pong`` with the
-  number of live sessions. A session silent for ``idle_timeout_s`` is dropped
+  is the committed length (an ``edge_led`` chunk may start earlier, if its tokens
+  there equal the committed ones) and ``assumed`` is -1 or the committed token
+  before ``start``. A repeated ``seq`` gets the session's last reply again without
+  recomputation; an older one gets ``replayed``. Errors are not remembered as replies.
+- ``target_only`` and ``edge_led``: after ``opened`` the edge streams one ``result``
+  per token it generates by itself, each with the open's ``seq``, ``start`` = the
+  token's position and ``accepted`` 0 (``edge_led`` as ``edge_steps`` allows).
+- ``close`` frees the session without a reply (a refused close is answered);
+  ``ping`` gets ``pong`` with the number of live sessions and, to a v2 device, the
+  edge's counters. A session silent for ``idle_timeout_s`` is dropped
   (``unknown_session`` afterwards: reopen with the committed tokens).
 - Each session leaves one log line when it ends (closed, replaced, expired,
   shutdown): tokens, rounds, accepted mean, bytes in/out, prefill and verify time.
@@ -59,7 +63,7 @@ from covspec.protocol.frames import is_int, parse_header, scalar
 from covspec.protocol.messages import (MAX_SESSION_ID, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Close, Error, Limits,
                                        Open, Ping, Pong, ProtocolError, Verify, decode, encode)
 from covspec.runtime_edge.config import ConfigError, ServerConfig
-from covspec.runtime_edge.owner import ModelOwner, Request
+from covspec.runtime_edge.model_thread import ModelThread, Request
 from covspec.runtime_edge.target import TargetModel
 
 log = logging.getLogger("covspec.edge")
@@ -81,7 +85,7 @@ class EdgeServer:
         self._model_source = model
         self.target: TargetModel | None = model if isinstance(model, TargetModel) else None
         self.address: str | None = None
-        self._owner: ModelOwner | None = None
+        self._model_thread: ModelThread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -102,7 +106,7 @@ class EdgeServer:
         if self.config.regime is not None:
             from covspec.regime import EdgePacing, load_regime
             self.target.pacing = EdgePacing(load_regime(self.config.regime).target)
-        self._owner = ModelOwner(self.target, self.config, self._stopping)
+        self._model_thread = ModelThread(self.target, self.config, self._stopping)
         context = self._context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -130,7 +134,7 @@ class EdgeServer:
         monitor = router.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
         self._threads = [threading.Thread(target=self._io_loop, args=(router, pull, monitor), name="edge-io",
                                           daemon=True),
-                         threading.Thread(target=self._owner.run, args=(push,), name="edge-model", daemon=True)]
+                         threading.Thread(target=self._model_thread.run, args=(push,), name="edge-model", daemon=True)]
         for thread in self._threads:
             thread.start()
         target = self.target
@@ -150,8 +154,8 @@ class EdgeServer:
         for thread in self._threads:
             thread.join(timeout)
         hung = [t.name for t in self._threads if t.is_alive()]
-        for session in list(self._owner.sessions.values() if self._owner else ()):
-            self._owner.end(session, "shutdown")
+        for session in list(self._model_thread.sessions.values() if self._model_thread else ()):
+            self._model_thread.end(session, "shutdown")
         if hung:   # a forward still running: leave its sockets to the daemon thread and the process exit
             log.warning("threads %s did not stop within %g s; not waiting for them", hung, timeout)
         else:
@@ -165,18 +169,19 @@ class EdgeServer:
 
     @property
     def session_count(self) -> int:
-        return len(self._owner.sessions) if self._owner else 0
+        return len(self._model_thread.sessions) if self._model_thread else 0
 
     def counters(self) -> dict[str, int]:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
         opening sessions and running rounds, peak memory, and under a regime the forwards whose
         real compute overran their emulated time."""
-        owner = self._owner
-        if owner is None:
+        model_thread = self._model_thread
+        if model_thread is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
         pacing = self.target.pacing.pacer.counts()
-        return {"forwards": owner.forwards, "committed": owner.committed, "prefill_ms": int(owner.prefill_s * 1000),
-                "rounds_ms": int(owner.rounds_s * 1000), "peak_bytes": peak_memory_bytes(self.config.device),
+        return {"forwards": model_thread.forwards, "committed": model_thread.committed,
+                "prefill_ms": int(model_thread.prefill_s * 1000), "rounds_ms": int(model_thread.rounds_s * 1000),
+                "peak_bytes": peak_memory_bytes(self.config.device),
                 "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"])}
 
     def __enter__(self) -> "EdgeServer":
@@ -267,7 +272,7 @@ class EdgeServer:
                 message=f"the edge does not accept {message.TYPE!r} messages; devices send open, verify, close, ping.")))
             return
         try:
-            self._owner.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
+            self._model_thread.requests.put_nowait(Request(identity, message, sum(len(f) for f in payload), peer_key))
         except queue.Full:
             _send(router, [identity] + encode(Error(
                 session=message.session, seq=message.seq, code=errors.BUSY, version=message.version,

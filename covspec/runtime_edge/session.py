@@ -3,22 +3,30 @@
 A ``Session`` owns the state of one generation and runs its rounds against a
 ``TargetModel``; it never touches a socket (the server sends what it returns).
 
+``Session.open`` builds the target's context (the family's), prefills it (with every
+token a reopen carries) and chooses the next token, the reply ``opened``.
+
 Positions count generated tokens only. ``committed`` holds every generated token so
 far; the KV cache holds the context plus all committed tokens except the last one,
-the *pending* token, which opens every forward. A round is three steps, so that a
-scheduler can batch the middle one across sessions:
+the *pending* token, which opens every forward. A round is three steps, so that the
+model thread can run the middle one for many sessions at once:
 
 1. ``prepare(target, verify)``: is the chunk about the committed sequence as it is
-   now (else ``stale``)? Validate it completely (token ids; the wire codec decodes
-   the draft's q) before anything changes, drop tokens past ``max_new_tokens``, and
-   return a ``Round``: the forward's inputs ``[pending] + chunk``;
-2. ``forward(target, round)``: one cached target forward -> logits [n + 1, V];
-3. ``commit(target, round, logits)``: the acceptance rule and the correction/bonus
-   (``covspec.protocol.speculative``), the stops (EOS, ``max_new_tokens``), commit,
-   and crop the cache so that it again holds everything except the new last token.
+   now (``_overtaken``: else ``stale``; an ``edge_led`` chunk may start before the
+   committed end if its covered tokens equal the committed ones)? Validate it
+   completely (token ids; the wire codec decodes the draft's q) before anything
+   changes, drop tokens past ``max_new_tokens``, and return a ``Round``: the forward's
+   inputs ``[pending] + chunk`` and, when sampling, the uniforms its verdict will use,
+   drawn here from the session's seeded generator. ``prepare_step`` is a target step:
+   the same round with an empty chunk;
+2. the forward and the verdict are not here: ``rounds.run_rounds`` runs the rounds of
+   many sessions as one target forward and judges each chunk (``verify_batch``);
+3. ``commit(target, round, accepted, token, row)``: apply the stops (EOS,
+   ``max_new_tokens``; ``verification.apply_stops``) to the verdict, commit, roll the
+   cache back so that it again holds everything except the new last token, and build
+   the ``result`` (with what the wire format adds, from the logits ``row``).
 
-A target-only step is the same round with an empty chunk (``prepare_step``). Once a
-session is done its cache is freed. A refused request leaves the session intact.
+Once a session is done its cache is freed. A refused request leaves the session intact.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covspec.protocol import speculative as spec
+from covspec.protocol import verification as spec
 from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
 from covspec.protocol.sampling import SamplingParams

@@ -5,7 +5,7 @@ only; everything architecture-specific (loading, the prompt template, the contex
 and the opt-in pruned inputs) is asked of the model's family (``covspec.families``).
 It knows nothing about sessions, sockets, sampling or stopping: callers get float32
 logits as numpy arrays and decide themselves (``session.py``). All calls must come
-from one thread (the server's model owner), under ``torch.inference_mode``. Under a
+from one thread (the server's model thread), under ``torch.inference_mode``. Under a
 deployment regime, ``pacing`` (``covspec.regime.EdgePacing``) pads each prefill and
 forward to what the regime's target would take for its shape; by default nothing is padded.
 

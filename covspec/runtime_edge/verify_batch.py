@@ -1,6 +1,6 @@
 """Batched, ragged verification in torch, on the device where the target's logits are.
 
-The same math as the numpy reference in ``covspec.protocol.speculative``
+The same math as the numpy reference in ``covspec.protocol.verification``
 (``target_probs``, ``verify_greedy``, ``verify_sampling``, ``residual``, ``sample``),
 for B sessions at once, each with its own chunk length, temperature, top-k and top-p.
 Terms as there: **q** the draft distribution at a drafted position, **p** the target
@@ -21,7 +21,7 @@ Randomness is passed in explicitly so the result is comparable with the referenc
 session b's acceptance test at chunk position i uses ``accept_uniforms[offsets[b] + i]``
 (accepted when ``u * q_i(x_i) < p_i(x_i)``), and its one correction/bonus draw uses
 ``sample_uniforms[b]`` by inverse CDF: ``min(searchsorted(cumsum(d), u * cumsum(d)[-1],
-right), V - 1)``, as ``speculative.sample``. ``verify_sampling(draft, q, p, rng)``
+right), V - 1)``, as ``verification.sample``. ``verify_sampling(draft, q, p, rng)``
 consumes ``rng.random()`` in the order u_0 .. u_j (the first rejection, or all n)
 then the draw, so feeding it those values gives the same verdict.
 
@@ -39,7 +39,7 @@ import torch
 
 def target_probs_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
-    """p per row, as ``speculative.target_probs`` row by row: temperature, top-k (ties at
+    """p per row, as ``verification.target_probs`` row by row: temperature, top-k (ties at
     the k-th value kept), top-p (smallest set with mass > top_p, at least one token).
 
     logits: [R, V] any float dtype; temperature: [R] float (> 0); top_k: [R] int (0 or
@@ -79,7 +79,7 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 def sample_rows(dist: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One index per row by inverse CDF, as ``speculative.sample``.
+    """One index per row by inverse CDF, as ``verification.sample``.
 
     dist: [B, V] non-negative (any positive total); uniforms: [B] in [0, 1) -> [B] int64.
     """
@@ -92,7 +92,7 @@ def sample_rows(dist: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def residual_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) per row, p itself where no mass is left, as
-    ``speculative.residual``. p, q: [B, V] float64 -> [B, V] float64."""
+    ``verification.residual``. p, q: [B, V] float64 -> [B, V] float64."""
     r = torch.clamp(p - q, min=0.0)                                                     # [B, V]
     total = r.sum(dim=-1, keepdim=True)                                                 # [B, 1]
     return torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), p)

@@ -6,7 +6,7 @@ Supported: ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGen
 
 - ``vision``: ``pixel_values [P, C*T*p*p] -> image_features [1, N, D], activity [1, N]``
   for one image at the export size (``image_size`` (width, height); its grid is baked
-  into the graph, as only the legacy exporter can trace this tower: PLATFORM.md): the
+  into the graph, as only the legacy TorchScript exporter can trace this tower): the
   patch embedding, the tower (Qwen2.5: window attention, with full attention in
   ``fullatt_block_indexes``; windows and 2-D rotary positions are constants of the
   grid) and the 2x2 patch merger, in prompt order. There is no CLS token: the activity

@@ -1,0 +1,103 @@
+"""`covspec bench reliability`: hostile messages, load and faults against a live edge, or
+(``--hostile-edge``) a fake, hostile edge against the real device.
+
+A click command of the ``bench`` group (``covspec/cli/bench_cmd.py``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from covspec.cli.bench_common import RESULTS, write_section
+
+
+@click.command("reliability")
+@click.option("--messages", default=100_000, show_default=True, type=click.IntRange(min=1),
+              help="Hostile messages to send to a live edge.")
+@click.option("--sockets", default=8, show_default=True, type=click.IntRange(min=1), help="Fuzzing sockets.")
+@click.option("--devices", "levels", default="1,4,16,32", show_default=True,
+              help="Comma-separated numbers of concurrent devices, one load level each.")
+@click.option("--seconds", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Duration of each load level and of the restart phase.")
+@click.option("--kills", default=3, show_default=True, type=click.IntRange(min=0),
+              help="SIGKILLs of the edge (each followed by a restart) during the restart phase.")
+@click.option("--vanished", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Clients that open a session and disappear.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--quick", is_flag=True, help="A smoke test: 2,000 messages, 1 and 4 devices for 10 s, one kill.")
+@click.option("--hostile-edge", is_flag=True,
+              help="Instead: a fake edge answers the real device with malformed and hostile replies (< 1 min).")
+@click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--markdown/--no-markdown", default=True, show_default=True)
+def reliability(messages: int, sockets: int, levels: str, seconds: float, kills: int, vanished: int, seed: int,
+                quick: bool, hostile_edge: bool, artifacts_dir: Path, out: Path, markdown: bool) -> None:
+    """Hostile messages against a live edge with a well-behaved device alongside (replies
+    by code, messages without a reply, crashes, edge memory), then 1..N concurrent
+    devices, SIGKILL + restart mid-generation and vanished clients; every answer is
+    checked against the target's greedy answer. With --hostile-edge, the other way round:
+    a fake edge against the real device, which must end every generation with a clear
+    error within its patience. Exits 1 if a promise was broken."""
+    if hostile_edge:
+        return _hostile_edge(artifacts_dir, out, markdown)
+    from tqdm import tqdm
+
+    from covspec.bench.reliability.phases import ReliabilityPlan, measure_reliability
+    from covspec.bench.reliability.report import markdown as render, verdict
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    try:
+        counts = tuple(int(n) for n in levels.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(f"{levels!r} is not a comma-separated list of numbers", param_hint="--devices") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("give at least one number of devices, each >= 1", param_hint="--devices")
+    plan = ReliabilityPlan(messages=messages, sockets=sockets, levels=counts, seconds=seconds, kills=kills,
+                           vanished=vanished, seed=seed)
+    if quick:
+        plan = ReliabilityPlan(messages=2_000, sockets=4, levels=(1, 4), seconds=10.0, kills=1, vanished=4,
+                               idle_timeout_s=3.0, questions=4, seed=seed)
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=plan.messages, desc="hostile messages", unit="msg", file=sys.stderr) as bar:
+        summary = measure_reliability(plan, artifacts, bundled_model_dir("target"), out / "edge.log",
+                                      phase=lambda name: bar.write(f"reliability: {name}", file=sys.stderr),
+                                      tick=bar.update)
+    name = "reliability-quick" if quick else "reliability"
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    body = render(summary)
+    click.echo(body)
+    if markdown and not quick:
+        write_section("reliability", "Reliability: hostile messages, load, faults", body)
+    click.echo(f"raw results: {out / (name + '.json')}", err=True)
+    problems = verdict(summary)
+    if problems:
+        raise click.ClickException("broken promises: " + "; ".join(problems))
+
+
+def _hostile_edge(artifacts_dir: Path, out: Path, markdown: bool) -> None:
+    from covspec.bench.harness.workload import toy_questions
+    from covspec.bench.reliability import hostile_edge
+    from covspec.runtime_device.artifact import DraftArtifact
+    from covspec.runtime_device.client import Backoff
+    from covspec.toy.artifacts import ensure_toy_artifacts
+
+    artifact = DraftArtifact.load(ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True)))
+    question = toy_questions(1)[0]
+    backoff, attempts = Backoff(timeout_s=0.5, retries=1, backoff_s=0.05), 2
+    outcomes = hostile_edge.run_hostile_edge(artifact, question.image_png, question.question, backoff=backoff,
+                                             reopen_attempts=attempts, tick=lambda line: click.echo(line, err=True))
+    summary = hostile_edge.summary(outcomes, backoff, attempts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability-hostile-edge.json").write_text(json.dumps(summary, indent=1))
+    body = hostile_edge.report(summary)
+    click.echo(body)
+    if markdown:
+        write_section("reliability", "A hostile edge against the real device", body)
+    if summary["broken"]:
+        raise click.ClickException("broken promises: " + "; ".join(summary["broken"]))
