@@ -4,7 +4,11 @@ Takes the records of ``covspec bench regime`` (``benchmarks/regime.json``). The
 acceptance curve is measured from the runs themselves: the rounds of the fixed-length
 device-led scenario (``plan-device-led``) on descriptions (short answers end before a
 round can draft its full length), pooled over regimes and links (acceptance depends on
-neither); positions past the rounds' length take the geometric mean of the measured ones. For
+neither); positions past the rounds' length take the geometric mean of the measured ones. The
+costs are the regime's (``costs_for``) with what the same run measured put in (``measured``):
+the target's step as target-only streamed it (the roofline's plus the real system's own cost
+per token: the edge's bookkeeping, the socket), target-only's time to first token, and the
+draft's prefill as the device timed it. For
 each regime x link x workload and each modelled scenario (the default, edge-led, and
 ``plan-device-led``) every question's time is predicted from its own answer length and
 upload bytes; the predicted speedup (median over questions of target-only's predicted
@@ -13,6 +17,8 @@ and the relative error reported.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -36,9 +42,26 @@ def curve(records_by_regime: dict[str, list[dict]]) -> list[float]:
     return measured + [mean] * (model.LEAD_MAX - len(measured))
 
 
-def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float]) -> float:
-    costs = model.costs_for(regime, link["rtt_ms"], link["bandwidth_mbps"], edge_context=TOY_EDGE_CONTEXT,
-                            draft_rows=TOY_DRAFT_ROWS, image_bytes=record["bytes_up"])
+def measured(costs: model.Costs, records: list[dict]) -> model.Costs:
+    """``costs`` with the target's step, the first token and the draft's prefill as the
+    records of one regime and link measured them."""
+    baseline = [r for r in records if r["scenario"] == "target-only"]
+    streamed = sum(r["tokens"] - 1 for r in baseline)
+    step = sum(r["wall_s"] - r["ttft_s"] for r in baseline) / streamed if streamed else costs.target_step_s
+    extra = step - costs.target_step_s                  # the real system's own cost per forward
+    first = float(np.median([r["ttft_s"] for r in baseline]))
+    drafts = [r["device_prefill_s"] for r in records if r["scenario"] != "target-only" and r["device_prefill_s"] > 0]
+    return dataclasses.replace(
+        costs, target_step_s=step, verify_s=tuple(v + extra for v in costs.verify_s),
+        target_prefill_s=max(first - costs.rtt_s - costs.upload_s, 0.0),
+        draft_prefill_s=float(np.median(drafts)) if drafts else costs.draft_prefill_s)
+
+
+def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float], run: list[dict]) -> float:
+    """The plan's time for ``record``'s answer under ``mode``, with the costs ``run`` (the
+    records of its regime and link) measured."""
+    costs = measured(model.costs_for(regime, link["rtt_ms"], link["bandwidth_mbps"], edge_context=TOY_EDGE_CONTEXT,
+                                     draft_rows=TOY_DRAFT_ROWS, image_bytes=record["bytes_up"]), run)
     n = record["tokens"]
     if mode == "target-only":
         return model.target_only_s(costs, n)
@@ -66,8 +89,9 @@ def validate(data: dict) -> list[dict]:
                     if not pairs:
                         continue
                     measured = np.median([b["wall_s"] / r["wall_s"] for r, b in pairs])
-                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha) /
-                                           predicted_s(regime, link, r, mode, alpha) for r, b in pairs])
+                    run = [r for r in records if r["link"] == link_name]
+                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha, run) /
+                                           predicted_s(regime, link, r, mode, alpha, run) for r, b in pairs])
                     rows.append({"regime": name, "link": link_name, "scenario": scenario, "workload": workload,
                                  "measured": float(measured), "predicted": float(predicted),
                                  "error": float(predicted / measured - 1)})
