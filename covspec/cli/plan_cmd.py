@@ -69,7 +69,7 @@ def plan(regime_spec: str, link_name: str, rtt_ms: float | None, bandwidth_mbps:
         click.echo(table)
         if markdown:
             write_section("plan", "Plan vs emulated runs", f"Records: `{records_file}` (`covspec bench regime`).\n\n"
-                          f"{table}")
+                          f"{table}", program="covspec")
         return
     try:
         regime = load_regime(regime_spec)
