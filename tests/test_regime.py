@@ -275,3 +275,18 @@ def test_an_answer_complete_before_the_draft_is_ready_does_not_wait_for_it(tiny_
                                            DraftingOptions(lead="edge"), stats) for t in c]
         client.close()
     assert long == reference(tiny_pair, image, question, 24)
+
+
+def test_the_plan_command_lists_recommends_and_refuses():
+    from click.testing import CliRunner
+
+    from covspec.cli.main import cli
+
+    listed = CliRunner().invoke(cli, ["plan", "--list"])
+    assert listed.exit_code == 0 and all(name in listed.output for name in builtin_regimes())
+    slow_draft = CliRunner().invoke(cli, ["plan", "--regime", "phone-0.5b@7b-a100-vllm", "--link", "4g"])
+    assert slow_draft.exit_code == 0 and "recommended: target-only" in slow_draft.output
+    fast_draft = CliRunner().invoke(cli, ["plan", "--regime", "phone-135m@13b-a100-hf", "--alpha", "0.9"])
+    assert fast_draft.exit_code == 0 and "recommended: target-only" not in fast_draft.output
+    bad = CliRunner().invoke(cli, ["plan", "--regime", "phone-9b@7b-a100-hf"])
+    assert bad.exit_code == 2 and "unknown device profile" in bad.output
