@@ -811,7 +811,7 @@ def test_edge_help_is_light(no_torch):
     assert "--allow-keys" in result.stdout
 
 
-# --- the CLI in a child process: serve, SIGTERM, session log line ----------------------------------
+# --- the edge runtime in a child process: serve, SIGTERM, session log line ----------------------------------
 
 def test_edge_process_serves_and_stops_cleanly_on_sigterm(tiny, tiny_dir, tmp_path):
     from covspec.runtime_edge.process import EdgeProcess
