@@ -12,7 +12,8 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from covspec.export.pipeline import ExportOptions, export_model
-from covspec.families.llava.edge import load_llava, prompt_template
+from covspec.families.common import fill_prompt, prompt_template
+from covspec.families.llava.edge import load_llava
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
@@ -57,7 +58,7 @@ def edge(tiny_pair):
 def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[int]:
     processor = pair["processor"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     output = pair["model"].generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -112,7 +113,7 @@ def target_joint(pair, image, question, temperature, top_k):
 
     processor, model = pair["processor"], pair["model"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     with torch.no_grad():
         first = target_probs(model(**inputs).logits[0, -1].numpy(), temperature, top_k)
         joint = {}
@@ -305,7 +306,7 @@ def pruned_reference(pair, image: bytes, question: str, kept: np.ndarray, max_ne
 
     processor, model = pair["processor"], pair["model"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     ids = inputs["input_ids"][0]
     slots = torch.nonzero(ids == model.config.image_token_id)[:, 0]
     with torch.no_grad():
