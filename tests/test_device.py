@@ -340,29 +340,22 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
     assert tokens != reference(tiny_pair, image, question, 16)       # the target really saw fewer tokens
 
 
-def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
+def test_toy_pair_greedy_exact_on_50_held_out_questions(toy_draft_int8, toy_set):
     """The product promise on the trained toy pair: int8 draft on the device, toy target
     on the edge, every CoVSpec feature on; 50 held-out questions, token for token."""
-    from covspec.bench.harness.workload import toy_questions
     from covspec.toy.models import bundled_model_dir
 
-    from covspec.toy.artifacts import parity_prompts
-
-    export_model(bundled_model_dir("draft"), tmp_path / "toy-int8", ExportOptions(quant="int8"),
-                 prompts=parity_prompts())
-    model, processor = load_llava(bundled_model_dir("target"))
-    pair = {"model": model, "processor": processor}
-    artifact = DraftArtifact.load(tmp_path / "toy-int8")
+    artifact = DraftArtifact.load(toy_draft_int8)
     with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         client = EdgeClient(server.address, Backoff(timeout_s=10))
         engine = CoInference(artifact, client)
         try:
-            for question in toy_questions(50):
+            for question, expected in zip(toy_set["questions"], toy_set["references"], strict=True):
                 tokens = [t for chunk in engine.generate(question.image_png, question.question,
                                                          GenerationSettings(max_new_tokens=64),
                                                          DraftingOptions(lead="device", keep_ratio=0.25))
                           for t in chunk]
-                assert tokens == reference(pair, question.image_png, question.question, 64), question
+                assert tokens == expected, question
             # one policy served all 50 generations and kept what it learned
             policy = engine.policy_for(DraftingOptions(lead="device", keep_ratio=0.25))
             assert policy.calibration.total.sum() > 100 and policy.verify.observed
