@@ -13,11 +13,17 @@
 #      `pip --no-index` (pip inside the root has no CA bundle for the registry);
 #   4. runs `python -m covspec.bench.device.arm` on the host: exports the toy draft int8 and
 #      int4, starts an edge on the host (loopback), answers N toy questions with
-#      `covspec device run` inside the root (chroot + qemu) and natively on x86 with the
-#      same fixed-length settings, compares every answer token for token with the
-#      target's greedy answer and prints ARM vs x86 acceptance per quantization.
-# Exits 0 when every answer is identical, 1 when one differs, 2 on a missing prerequisite.
-# Environment: COVSPEC_ARM_CACHE (cache folder), DEBIAN_MIRROR (debootstrap mirror).
+#      `covspec device run` inside the root (chroot + qemu) and natively on x86, both
+#      device-led with the same fixed-length drafting (--lead device --draft-policy fixed),
+#      each draft as exported and at MatMulNBits accuracy level 0 (float32 activations),
+#      compares every answer token for token with the target's greedy answer and ARM's
+#      drafted and accepted counts with x86's, question by question.
+# Exits 0 when every answer is identical, every run drafted and, at accuracy level 0,
+# ARM's counts equal x86's on every question (as exported, int8 activations, the ARM and
+# x86 kernels round differently: differing questions are listed, not failed); 1 otherwise
+# (each failure listed); 2 on a missing prerequisite.
+# Environment: COVSPEC_ARM_CACHE (cache folder), DEBIAN_MIRROR (debootstrap mirror),
+# COVSPEC_HOST_PYTHON (the host's Python with covspec[all]; default .venv/bin/python).
 set -euo pipefail
 {   # the whole script is read before it runs, so editing it meanwhile cannot break a run
 
@@ -30,7 +36,7 @@ while [ $# -gt 0 ]; do
         --questions) QUESTIONS=$2; shift 2 ;;
         --cache) CACHE=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "arm_device_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -41,7 +47,7 @@ WHEELS=$CACHE/wheels                # aarch64 wheels of the device extra
 DIST=$CACHE/dist                    # the covspec wheel built from this checkout
 WORK=$CACHE/work                    # artifacts, images, edge log, results
 VENV=/opt/covspec                   # the device's virtual environment, inside the root
-HOST_PY=$REPO/.venv/bin/python
+HOST_PY=${COVSPEC_HOST_PYTHON:-$REPO/.venv/bin/python}
 BEGAN=$(date +%s)
 
 die() { echo "arm_device_check: $*" >&2; exit 2; }
@@ -52,7 +58,9 @@ step() { echo "== [$(( $(date +%s) - BEGAN ))s] $*"; }
 [ "$(uname -m)" = x86_64 ] || die "this check emulates arm64 on an x86_64 host; this host is $(uname -m)"
 case "$QUESTIONS" in ''|*[!0-9]*|0) die "--questions needs a positive integer, got '$QUESTIONS'" ;; esac
 command -v apt-get >/dev/null || die "apt-get not found: this script expects a Debian or Ubuntu host"
-if [ ! -x "$HOST_PY" ]; then
+if [ -n "${COVSPEC_HOST_PYTHON:-}" ] && [ ! -x "$HOST_PY" ]; then
+    die "COVSPEC_HOST_PYTHON=$HOST_PY is not an executable Python"
+elif [ ! -x "$HOST_PY" ]; then
     step "no .venv in $REPO: make setup"
     make -C "$REPO" setup || die "make setup failed: the host needs .venv with covspec[all,dev] (README)"
 fi
@@ -173,9 +181,10 @@ chroot "$ROOT" "$VENV/bin/python" 2>/dev/null \
     || die "onnxruntime does not import in the root"
 
 # --- the check -------------------------------------------------------------------------
-step "device runs: $QUESTIONS toy questions x int8/int4, arm64 (emulated) and x86_64"
+step "device runs: $QUESTIONS toy questions x int8/int4 (MatMulNBits accuracy level 4 and 0), arm64 (emulated) and x86_64"
 status=0
-TQDM_DISABLE=1 "$HOST_PY" -m covspec.bench.device.arm --root "$ROOT" --device-python "$VENV/bin/python" --work "$WORK" \
+# This checkout's code on the host too, whichever checkout the host's Python was installed from.
+TQDM_DISABLE=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -m covspec.bench.device.arm --root "$ROOT" --device-python "$VENV/bin/python" --work "$WORK" \
     --questions "$QUESTIONS" ${OUT:+--out "$OUT"} || status=$?
 step "done (exit $status)"
 exit $status

@@ -1,7 +1,13 @@
 """The checks every model family passes end to end (ARCHITECTURE.md, "Model families"), shared by the
 per-family test modules: non-square test images, a co-inference run against a real
 edge, greedy exactness against the target's own ``generate()``, self-draft
-acceptance, and ``covspec device run`` with torch blocked."""
+acceptance, and ``covspec device run`` with torch blocked.
+
+Every check whose claim is about drafts runs device-led (``SELF_DRAFT``,
+``pruned_options``) and asserts that something was drafted: greedy exactness of the
+device-led runs, the pruned draft, acceptance, and sampling (every run's second token
+was drafted and verified). A default that stopped the device from drafting would
+otherwise leave checks that cannot fail."""
 
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Imag
                                     GenerationSettings(max_new_tokens=max_new_tokens), options)
         expected = reference(model, inputs_for(image, question), max_new_tokens)
         assert tokens == expected, (question, size)
+        assert stats.drafted > 0, ("nothing drafted", question, size)
         total.drafted += stats.drafted
         total.accepted += stats.accepted
         edge_led, _ = co_generate(artifact, address, png(image), question,
@@ -103,6 +110,7 @@ def check_pruned_exact(artifact, address: str, model, inputs_for: Callable[[Imag
     tokens, stats = co_generate(artifact, address, png(image), question,
                                 GenerationSettings(max_new_tokens=max_new_tokens), pruned_options(draft_len))
     assert tokens == reference(model, inputs_for(image, question), max_new_tokens)
+    assert stats.drafted > 0, "the pruned draft drafted nothing"
     return stats
 
 
@@ -118,17 +126,22 @@ def check_sampling_follows(joint: dict, artifact, address: str, image: Image.Ima
                            temperature: float, top_k: int, runs: int, wire: str = "compact") -> None:
     """The first two committed tokens of ``runs`` seeded co-inference runs follow ``joint``,
     the target's exact distribution {(t1, t2): probability} (chi-square, p > 1e-3), and
-    never a pair the target cannot produce."""
+    never a pair the target cannot produce; the second token of every run was drafted and verified."""
     client = EdgeClient(address, Backoff(timeout_s=10))
     counts = Counter()
+    undrafted = 0
     try:
         engine = CoInference(DraftArtifact.load(artifact), client)
         options = replace(SELF_DRAFT, wire=wire)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
-            counts[tuple(t for chunk in engine.generate(png(image), question, settings, options) for t in chunk)] += 1
+            stats = GenerationStats()
+            counts[tuple(t for chunk in engine.generate(png(image), question, settings, options, stats)
+                         for t in chunk)] += 1
+            undrafted += stats.drafted == 0
     finally:
         client.close()
+    assert undrafted == 0, f"{undrafted} of {runs} runs drafted nothing"
     assert set(counts) <= set(joint), "a pair with zero target probability was produced"
     cells = sorted(joint)
     observed = np.array([counts[c] for c in cells], dtype=float)

@@ -1,4 +1,5 @@
-"""`covspec bench run --quick` produces a valid report with every scenario."""
+"""`covspec bench run --quick` produces a valid report with every scenario, and every
+device-led scenario drafted (its acceptance measures drafts, not an edge that finished alone)."""
 
 import json
 import subprocess
@@ -21,8 +22,13 @@ def test_quick_bench_reports_every_scenario(tmp_path):
     for name, row in by_name.items():
         assert row["tokens_per_s"] > 0, name
         assert row["identical"] == 1.0, f"{name} changed the target's output"
-    # The compact wire sends far fewer bytes per token than the dense baseline.
-    assert by_name["covspec"]["bytes_up_per_token"] < by_name["covspec-dense-wire"]["bytes_up_per_token"]
+    device_led = [s.name for s in standard_scenarios(1.0) if s.options is not None and s.options.lead == "device"]
+    assert {"vanilla", "covspec-device-led", "covspec-no-adaptive"} <= set(device_led)
+    for name in device_led:
+        assert by_name[name]["drafted"] > 0 and 0 < by_name[name]["accepted"] <= by_name[name]["drafted"], name
+    # The compact wire sends far fewer bytes per token than the dense baseline: compared where
+    # both drafted for sure (device-led; edge-led, a short answer may come before any draft).
+    assert by_name["covspec-device-led"]["bytes_up_per_token"] < by_name["vanilla"]["bytes_up_per_token"]
 
 
 def test_markdown_section_is_replaced_on_rerun(tmp_path):

@@ -1,4 +1,8 @@
-"""Device runtime end to end against a real edge: exactness, faults, no torch."""
+"""Device runtime end to end against a real edge: exactness, faults, no torch.
+
+The runs whose claim is about drafts are device-led and assert that the device
+drafted (greedy exactness per draft length, statistics, sampling, the wire modes),
+so a default that stopped the device from drafting cannot make them pass vacuously."""
 
 import io
 import json
@@ -88,6 +92,7 @@ def test_greedy_output_equals_target_generate(tiny_pair, edge, artifact, draft_l
                                     options=DraftingOptions(lead="device", policy="fixed", draft_len=draft_len, pipeline=False,
                                                             branches=0, keep_ratio=1.0))
         assert tokens == reference(tiny_pair, image, question, 24)
+        assert stats.drafted > 0
         if artifact == "self-fp32":            # the target drafting for itself is always accepted
             assert sum(stats.accepted) == stats.drafted
 
@@ -97,14 +102,15 @@ def test_statistics_are_reported(tiny_pair, edge):
                            GenerationSettings(max_new_tokens=16))
     report = stats.as_dict()
     assert report["tokens"] == 16 and report["rounds"] == 3        # 1 + 3 rounds x (4 accepted + bonus)
+    assert report["drafted"] == report["accepted"] == 12
     assert report["bytes_up"] > 0 and report["bytes_down"] > 0 and report["ttft_s"] > 0
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_pair, edge):
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=11)
-    first, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(3), QUESTIONS[1], settings)
+    first, stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(3), QUESTIONS[1], settings)
     second, _ = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, png_bytes(3), QUESTIONS[1], settings)
-    assert first == second
+    assert first == second and stats.drafted > 0
 
 
 def target_joint(pair, image, question, temperature, top_k):
@@ -129,22 +135,26 @@ def target_joint(pair, image, question, temperature, top_k):
 
 @pytest.mark.parametrize("wire", ["compact", "dense"])
 def test_sampling_follows_target_distribution(tiny_pair, edge, wire):
-    """The first two committed tokens (the second from draft + verify) follow p."""
+    """The first two committed tokens (the second from draft + verify, in every run) follow p."""
     image, question = png_bytes(5), QUESTIONS[0]
     temperature, top_k, runs = 1.5, 4, 1200
     joint = target_joint(tiny_pair, image, question, temperature, top_k)
     artifact = DraftArtifact.load(tiny_pair["root"] / "draft-fp32")
     client = EdgeClient(edge.address, Backoff(timeout_s=5))
     counts = Counter()
+    undrafted = 0
     try:
         engine = CoInference(artifact, client)
         for seed in range(runs):
             settings = GenerationSettings(max_new_tokens=2, temperature=temperature, top_k=top_k, seed=seed)
             options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, wire=wire)
-            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, options) for t in chunk]
+            stats = GenerationStats()
+            tokens = [t for chunk in engine.generate(png_bytes(5), question, settings, options, stats) for t in chunk]
             counts[tuple(tokens)] += 1
+            undrafted += stats.drafted == 0
     finally:
         client.close()
+    assert undrafted == 0, f"{undrafted} of {runs} runs drafted nothing"
     assert set(counts) <= set(joint), "a pair with zero target probability was produced"
     cells = sorted(joint)
     observed = np.array([counts[c] for c in cells], dtype=float)
@@ -262,6 +272,7 @@ def test_every_switch_combination_is_exact(tiny_pair, edge, artifact):
             tokens, stats = co_generate(tiny_pair["root"] / artifact, edge.address, png_bytes(seed), question,
                                         GenerationSettings(max_new_tokens=20), options=options)
             assert tokens == references[(seed, question)], options
+            assert stats.drafted > 0, options
             totals.update(misses=stats.pipelined_misses, pipelined_hits=stats.pipelined_hits, branch_hits=stats.branch_hits,
                           branches=stats.branches_drafted)
             totals["deepest"] = max(totals["deepest"], stats.deepest_in_flight)
@@ -285,6 +296,7 @@ def test_dense_wire_is_exact_and_carries_full_distributions(tiny_pair, edge):
     _, compact_stats = co_generate(tiny_pair["root"] / "draft-fp32", edge.address, image, question,
                                    GenerationSettings(max_new_tokens=20), options=compact)
     vocab = 64
+    assert dense_stats.drafted > 0 and dense_stats.rounds > 0
     # Every drafted position uploads V float16 values; every verdict downloads V more.
     assert dense_stats.bytes_up - compact_stats.bytes_up >= dense_stats.drafted * vocab * 2
     assert dense_stats.bytes_down - compact_stats.bytes_down >= dense_stats.rounds * vocab * 2

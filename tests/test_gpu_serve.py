@@ -10,7 +10,7 @@ def test_the_serving_check_runs_on_cpu(tmp_path):
     from covspec.bench.gpu import serve as gpu_serve
 
     serve = gpu_serve.serve_check("cpu", tmp_path, levels=(2,), seconds=0.5)
-    assert serve["tiny_llava"]["ok"]
+    assert serve["tiny_llava"]["ok"] and serve["tiny_llava"]["device_led_drafted"] > 0
     assert [p["configuration"] for p in serve["toy_load"]] == ["target-only batched", "covspec batched"]
     assert all(p["all_correct"] and p["answers"] > 0 for p in serve["toy_load"])
     assert "tiny random LLaVA" in gpu_serve.markdown(serve).replace("Tiny", "tiny")

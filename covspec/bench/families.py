@@ -132,7 +132,8 @@ def device_times(folder: Path, steps: int = 32) -> dict:
 
 
 def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20) -> dict:
-    """Drafted and accepted tokens of ``artifact`` (the target as its own draft) over five prompts.
+    """Drafted and accepted tokens of ``artifact`` (the target as its own draft) over five
+    prompts, device-led at a fixed length (raises ``NothingDrafted`` when nothing was drafted).
 
     The images are non-square, except for a family of dynamic resolution: there the
     target sees each image at its own resolution while the draft's vision graph takes one
@@ -143,10 +144,10 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
     from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
-    from covspec.runtime_device.stats import GenerationStats
+    from covspec.runtime_device.stats import GenerationStats, require_drafting
     from covspec.runtime_edge import EdgeServer, ServerConfig
 
-    options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0, keep_ratio=1.0)
     drafted = accepted = 0
     loaded = DraftArtifact.load(artifact)
     sizes = SIZES
@@ -166,7 +167,8 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
                 accepted += sum(stats.accepted)
         finally:
             client.close()
-    return {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else 0.0}
+    require_drafting(drafted, f"self-draft acceptance of {artifact}")
+    return {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted}
 
 
 def measure_family(pair: FamilyPair, root: Path, progress: Callable[[str], None] = lambda line: None) -> dict:
@@ -203,7 +205,7 @@ def family_table(record: dict) -> str:
                      f"{row['token_ms']:.3f} | {', '.join(map(str, tokens))} |")
     self_draft = record["self_draft"]
     return (f"{record['description']}.\n\nSelf-draft acceptance (the target exported as its own fp32 draft, "
-            f"fixed draft length 4, keep ratio 1, 5 images x 20 tokens; non-square, or of the export size for a "
-            f"family of dynamic resolution): "
+            f"device-led, fixed draft length 4, keep ratio 1, 5 images x 20 tokens; non-square, or of the export "
+            f"size for a family of dynamic resolution): "
             f"{self_draft['accepted']}/{self_draft['drafted']} = {self_draft['acceptance']:.1%}.\n\n"
             + "\n".join(lines))

@@ -18,13 +18,15 @@ RESULTS = Path("benchmarks")
 LINKS = ["loopback", "lan", "wifi", "5g", "4g"]
 
 
-def write_section(command: str, title: str, body: str) -> None:
-    """Put ``body`` under ``## title (`covspec bench command`)`` in BENCHMARKS.md (replacing
-    an earlier run's numbers), with the command line that produced it."""
+def write_section(command: str, title: str, body: str, program: str = "covspec bench") -> None:
+    """Put ``body`` under ``## title (`PROGRAM command`)`` in BENCHMARKS.md (replacing an
+    earlier run's numbers), with the command line that produced it (``program`` is the
+    command group: ``covspec bench``, or ``covspec`` for a top-level command)."""
     from covspec.bench.harness.sections import append_markdown
 
-    line = " ".join(["covspec bench", command, *sys.argv[3:]])
-    append_markdown(Path("BENCHMARKS.md"), f"{title} (`covspec bench {command}`)", line, body)
+    words = len(program.split()) + 1              # the arguments after `PROGRAM command`
+    line = " ".join([program, command, *sys.argv[words:]])
+    append_markdown(Path("BENCHMARKS.md"), f"{title} (`{program} {command}`)", line, body)
 
 
 REGIME_HELP = ("Emulate a deployment (DEVICE@TARGET or a profile file; `covspec plan --list`): the edge's forwards "

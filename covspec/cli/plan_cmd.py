@@ -8,16 +8,7 @@ from pathlib import Path
 import click
 
 from covspec.cli.bench_common import write_section
-
-
-def _floats(text: str, hint: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=hint) from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise click.BadParameter("give one or more chances between 0 and 1", param_hint=hint)
-    return values
+from covspec.cli.values import chances
 
 
 @click.command()
@@ -62,21 +53,21 @@ def plan(regime_spec: str, link_name: str, rtt_ms: float | None, bandwidth_mbps:
                        f"{roofline.vision_s(regime.device, 1) * 1000:.0f} ms")
         return
     if records_file is not None:
-        from covspec.bench.end_to_end.plan_check import curve, error_table, validate
+        from covspec.bench.end_to_end.plan_check import curve, draft_len, error_table, validate
 
         data = json.loads(records_file.read_text())
-        table = error_table(validate(data), curve(data["records"]))
+        table = error_table(validate(data), curve(data), draft_len(data))
         click.echo(table)
         if markdown:
             write_section("plan", "Plan vs emulated runs", f"Records: `{records_file}` (`covspec bench regime`).\n\n"
-                          f"{table}")
+                          f"{table}", program="covspec")
         return
     try:
         regime = load_regime(regime_spec)
         link = profile_named(link_name, rtt_ms, bandwidth_mbps)
     except (RegimeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
-    curve = _floats(alpha, "--alpha")
+    curve = chances(alpha, "--alpha")
     costs = model.costs_for(regime, link.rtt_ms, link.bandwidth_mbps, edge_context=edge_context,
                             draft_rows=draft_rows, image_bytes=image_bytes)
     result = model.recommend(costs, answer_tokens, curve)

@@ -36,6 +36,8 @@ hostile edge ends the generation with a clear error within the device's patience
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -119,6 +121,16 @@ class LeadPlanner:
         self.rtt_s = _ema(self.rtt_s, max(seconds - verify_s, 0.0))
 
 
+def yield_the_cpu() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: per-thread niceness; a no-op
+    elsewhere): the draft's speculative work must not delay the answer streaming in."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass                        # not permitted here: the prefill runs at normal priority
+
+
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
@@ -189,6 +201,7 @@ class EdgeLedGeneration:
         self.stats.prefill_abandoned = True
 
     def _prefill(self) -> None:
+        yield_the_cpu()                 # the edge's tokens stream in meanwhile: receiving them comes first
         started = time.perf_counter()
         prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace)
         self.stats.device_prefill_s = time.perf_counter() - started

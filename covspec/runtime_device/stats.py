@@ -1,5 +1,9 @@
-"""What one generation cost (``GenerationStats``, filled in as it runs) and where its
-drafting decisions are traced (``trace_to_file``: one JSON line per event)."""
+"""What one generation cost (``GenerationStats``, filled in as it runs), where its
+drafting decisions are traced (``trace_to_file``: one JSON line per event), and the
+guard of every measurement whose claim is about drafts (``require_drafting``: raises
+``NothingDrafted`` when nothing was drafted, so a default that stops the device from
+drafting, such as edge-led greedy on a slow device, cannot turn an acceptance figure
+or a draft-versus-draft comparison into one that cannot fail)."""
 
 from __future__ import annotations
 
@@ -60,6 +64,18 @@ class GenerationStats:
                 "kept_visual_tokens": self.kept_visual_tokens, "prefill_abandoned": self.prefill_abandoned,
                 "edge_verify_ms": round(self.edge_verify_ms, 2), "edge_prefill_ms": round(self.edge_prefill_ms, 2),
                 "reopens": self.reopens, "edge_steps": self.edge_steps}
+
+
+class NothingDrafted(RuntimeError):
+    """A measurement about drafts saw none: its figure would measure nothing."""
+
+
+def require_drafting(drafted: int, what: str) -> int:
+    """``drafted`` when positive; otherwise raises ``NothingDrafted`` naming ``what``."""
+    if drafted <= 0:
+        raise NothingDrafted(f"{what}: nothing was drafted (drafted = {drafted}), so its acceptance "
+                             f"measures nothing; run it device-led (lead='device')")
+    return drafted
 
 
 def trace_to_file(path) -> tuple[Callable[[dict], None], Callable[[], None]]:

@@ -37,6 +37,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "speedup": float(np.median(speedups)) if speedups else None,
             "identical": float(np.mean(identical)) if identical else None,
             "mean_accepted": float(np.mean([r["mean_accepted"] for r in group])),
+            "drafted": sum(r.get("drafted", 0) for r in group),
+            "accepted": sum(sum(r.get("accepted_counts", [])) for r in group),
             "bytes_up_per_token": sum(r["bytes_up"] for r in group) / tokens,
             "bytes_down_per_token": sum(r["bytes_down"] for r in group) / tokens,
             "ttft_ms": float(np.median([r["ttft_s"] for r in group])) * 1000,

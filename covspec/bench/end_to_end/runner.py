@@ -7,6 +7,9 @@ core, so device and edge never fight for a core. On one core everything shares i
 
 Each (link, scenario, question) run yields one ``Record``; runs are interleaved
 question by question so slow drifts of a shared machine hit every scenario alike.
+``Bench.run`` raises ``NothingDrafted`` (``check_drafting``) when a device-led scenario
+(the target waits for every chunk) drafted nothing on a link: its acceptance and its
+comparison with the other scenarios would then measure nothing about drafting.
 
 Under a deployment regime (``regime``: ``DEVICE@TARGET`` or a profile file) the edge
 pads every target forward and the device every draft run to the regime's hardware
@@ -29,7 +32,7 @@ from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import GenerationSettings
-from covspec.runtime_device.stats import GenerationStats
+from covspec.runtime_device.stats import GenerationStats, require_drafting
 from covspec.runtime_device.target_only import generate_target_only
 
 
@@ -116,6 +119,7 @@ class Bench:
             finally:
                 client.close()
                 link.stop()
+        check_drafting(records, scenarios)
         return records
 
     def _warm_up(self, engine, client, scenarios, question) -> None:
@@ -199,6 +203,17 @@ def run_assisted(draft_dir: Path, target_dir: Path, questions: list[Question], s
                                    processor.tokenizer.decode(token_ids, skip_special_tokens=True), stats))
         tick()
     return records
+
+
+def check_drafting(records: list[Record], scenarios: list[Scenario]) -> None:
+    """Raise ``NothingDrafted`` unless every device-led scenario drafted on every link it ran on."""
+    device_led = {s.name for s in scenarios if s.kind == "speculative" and s.options.lead == "device"}
+    drafted: dict[tuple[str, str], int] = {}
+    for record in records:
+        if record.scenario in device_led:
+            drafted[(record.link, record.scenario)] = drafted.get((record.link, record.scenario), 0) + record.drafted
+    for (link, scenario), count in drafted.items():
+        require_drafting(count, f"device-led scenario {scenario} on link {link}")
 
 
 def records_to_json(records: list[Record]) -> list[dict]:

@@ -3,7 +3,10 @@
 Tiny random LLaVA pairs with vocabularies of 32,000, 151,936 and 262,144 tokens (the
 last is Gemma 3's) run real sessions against a real edge; the client counts the bytes
 of every verify it sends and every result it receives, per message type, so the
-figures are what travels on the socket (frame payloads), not estimates.
+figures are what travels on the socket (frame payloads), not estimates. The device
+leads (``lead="device"``, fixed chunks of 4) so that every session drafts: bytes per
+drafted position are a measurement only when positions were drafted, and a
+configuration that drafted nothing raises ``NothingDrafted``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def measure_wire(vocab_sizes: list[int], sessions: int = 3, max_new_tokens: int 
     from covspec.protocol.wire import CODECS
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
-    from covspec.runtime_device.stats import GenerationStats
+    from covspec.runtime_device.stats import GenerationStats, require_drafting
     from covspec.runtime_edge import EdgeServer, ServerConfig
 
     rows = []
@@ -51,7 +54,7 @@ def measure_wire(vocab_sizes: list[int], sessions: int = 3, max_new_tokens: int 
                     for wire in CODECS:
                         client = EdgeClient(server.address)
                         engine = CoInference(artifact, client)
-                        options = DraftingOptions(policy="fixed", draft_len=4, pipeline=False, branches=0,
+                        options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=False, branches=0,
                                                   wire=wire)
                         drafted = rounds = tokens = 0
                         for seed in range(sessions):
@@ -62,11 +65,12 @@ def measure_wire(vocab_sizes: list[int], sessions: int = 3, max_new_tokens: int 
                                 pass
                             drafted, rounds, tokens = drafted + stats.drafted, rounds + stats.rounds, \
                                 tokens + stats.tokens
+                        require_drafting(drafted, f"wire {wire}, {mode}, vocabulary {vocab}")
                         counted = client.bytes_by_type
                         client.close()
                         rows.append({"vocab": vocab, "mode": mode, "wire": wire, "drafted": drafted,
                                      "rounds": rounds, "tokens": tokens,
-                                     "up_per_drafted": counted["up:verify"] / max(drafted, 1),
+                                     "up_per_drafted": counted["up:verify"] / drafted,
                                      "down_per_verdict": counted["down:result"] / max(rounds, 1),
                                      "verify_bytes_per_token": (counted["up:verify"] + counted["down:result"])
                                      / max(tokens, 1)})

@@ -8,7 +8,8 @@ serve --device DEVICE`` (a child process, as in production):
   device counts), every answer checked against the target's own;
 - a tiny random LLaVA (built from a config, no weights needed) served to a real device
   drafting for itself (an fp32 self-draft export), greedy answers equal to the
-  target's own ``generate()`` on the same device, edge-led and device-led.
+  target's own ``generate()`` on the same device, edge-led and device-led; the
+  device-led answers must have drafted, or that half proves nothing about verification.
 
 It returns a JSON-ready dict for the report's ``serve`` section; ``markdown`` renders
 it. On CPU (``device="cpu"``) it runs the same code, which is how it is tested here.
@@ -55,7 +56,8 @@ def toy_load(device: str, workdir: Path, levels: tuple[int, ...], seconds: float
 
 
 def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int = 16) -> dict:
-    """A tiny random LLaVA on the edge, drafting for itself: answers equal ``generate()``."""
+    """A tiny random LLaVA on the edge, drafting for itself: answers equal ``generate()``,
+    and the device-led answers drafted (``device_led_drafted`` > 0, else not ``ok``)."""
     import io
 
     import numpy as np
@@ -69,6 +71,7 @@ def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int
     from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
     from covspec.runtime_device.options import DraftingOptions, GenerationSettings
+    from covspec.runtime_device.stats import GenerationStats
 
     folder = save_tiny_llava(workdir / "tiny-llava", seed=5)
     export_model(folder, workdir / "tiny-llava-self", ExportOptions(quant="fp32"))
@@ -89,7 +92,7 @@ def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             references.append(output[0, inputs["input_ids"].shape[1]:].tolist())
     del model
-    results = {"prompts": prompts, "edge_led_equal": 0, "device_led_equal": 0}
+    results = {"prompts": prompts, "edge_led_equal": 0, "device_led_equal": 0, "device_led_drafted": 0}
     edge = EdgeProcess(folder, ServerConfig(bind="tcp://127.0.0.1:*", device=device),
                        log_path=workdir / "edge-tiny.log").start()
     client = EdgeClient(edge.address, Backoff(timeout_s=30.0))
@@ -97,13 +100,16 @@ def tiny_llava(device: str, workdir: Path, prompts: int = 3, max_new_tokens: int
         engine = CoInference(DraftArtifact.load(workdir / "tiny-llava-self"), client)
         for lead in ("edge", "device"):
             for image, reference in zip(images, references):
-                answer = [t for chunk in engine.generate(image, QUESTION, settings, DraftingOptions(lead=lead))
+                stats = GenerationStats()
+                answer = [t for chunk in engine.generate(image, QUESTION, settings, DraftingOptions(lead=lead), stats)
                           for t in chunk]
                 results[f"{lead}_led_equal"] += answer == reference
+                results["device_led_drafted"] += stats.drafted if lead == "device" else 0
     finally:
         client.close()
         edge.stop()
-    results["ok"] = results["edge_led_equal"] == results["device_led_equal"] == prompts
+    results["ok"] = results["edge_led_equal"] == results["device_led_equal"] == prompts \
+        and results["device_led_drafted"] > 0
     return results
 
 
