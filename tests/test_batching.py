@@ -107,14 +107,13 @@ def test_families_batched_equal_unbatched(tmp_path, family):
     check_batched_equals_unbatched(TargetModel.load(folder), "what color is the circle ?")
 
 
-def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(tmp_path):
+def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(toy_draft_fp32):
     """Eight target-only streams and four drafting devices at once on one edge: the answers
     are the target's own; the streams share forwards (far fewer forwards than tokens),
     which an unbatched edge (``max_batch`` 1) cannot do."""
     from covspec.bench.harness.devices import greedy_references
     from covspec.bench.harness.edge import ask
     from covspec.bench.harness.workload import toy_questions
-    from covspec.export.pipeline import ExportOptions, export_model
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient, Backoff
     from covspec.runtime_device.engine import CoInference
@@ -122,8 +121,7 @@ def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(tmp_path):
     from covspec.runtime_device.target_only import generate_target_only
     from covspec.runtime_edge import EdgeServer, ServerConfig
 
-    export_model(bundled_model_dir("draft"), tmp_path / "draft", ExportOptions(quant="fp32"))
-    artifact = DraftArtifact.load(tmp_path / "draft", threads=1)
+    artifact = DraftArtifact.load(toy_draft_fp32, threads=1)
     questions = toy_questions(4, describe_share=1.0)
     settings = GenerationSettings(max_new_tokens=32)
     references = greedy_references(bundled_model_dir("target"), questions, settings.max_new_tokens)

@@ -20,7 +20,6 @@ import pytest
 from conftest import torch_on_one_thread
 from click.testing import CliRunner
 
-import covspec
 from covspec.bench.capacity.load import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
                                     phase_figures)
 from covspec.bench.capacity.report import markdown
@@ -33,17 +32,15 @@ from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.engine import ArtifactDraft, CoInference
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
-from covspec.toy.artifacts import ensure_toy_artifacts
 from covspec.toy.models import bundled_model_dir
 
-ARTIFACTS = Path(covspec.__file__).parents[1] / "artifacts" / "toy-draft-int8"   # the CLI's default folder
 SETTINGS = GenerationSettings(max_new_tokens=32)
 CHUNK = 6
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> Path:
-    return ensure_toy_artifacts(ARTIFACTS, lambda line: None)
+def artifacts(toy_draft_int8) -> Path:
+    return toy_draft_int8
 
 
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(torch_on_one_thread)

@@ -46,13 +46,15 @@ def test_unknown_command_fails():
 
 
 def test_every_server_setting_survives_the_edge_command_line():
-    """EdgeProcess launches `covspec edge serve` with serve_args(config): every field of
-    ServerConfig, set away from its default, must come back through the real command."""
+    """EdgeProcess launches `python -m covspec.runtime_edge` with serve_args(config), and
+    `covspec edge serve` takes the same options: every field of ServerConfig, set away from
+    its default, must come back through both parsers."""
     import dataclasses
     from pathlib import Path
 
     from covspec.cli.edge_cmd import serve
     from covspec.runtime_edge.config import ServerConfig, serve_args
+    from covspec.runtime_edge.serve import parse_serve_args
 
     changed = {"bind": "tcp://127.0.0.1:7000", "device": "cuda:1", "dtype": "bfloat16", "max_sessions": 3,
                "max_context": 999, "max_message_bytes": 5000, "idle_timeout_s": 2.5,
@@ -67,6 +69,23 @@ def test_every_server_setting_survives_the_edge_command_line():
 
     assert rebuilt(serve_args(ServerConfig(**changed))) == ServerConfig(**changed)
     assert rebuilt(serve_args(ServerConfig())) == ServerConfig()
+    for config in (ServerConfig(**changed), ServerConfig()):
+        assert parse_serve_args(["model", *serve_args(config), "--log-level", "debug"]) == \
+            (Path("model"), config, "debug")
+
+
+def test_the_edge_runtime_entry_point_refuses_what_cannot_serve(tmp_path):
+    """`python -m covspec.runtime_edge` (what EdgeProcess runs): a folder that is no model
+    exits with status 1 and says why; options it does not know exit with status 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "covspec.runtime_edge", str(tmp_path), "--bind",
+                           "tcp://127.0.0.1:*"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no config.json" in done.stderr and "listening" not in done.stdout
+    done = subprocess.run([sys.executable, "-m", "covspec.runtime_edge", str(tmp_path), "--no-such-option"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--no-such-option" in done.stderr
 
 
 def test_device_run_refuses_meaningless_sampling_settings(tmp_path):

@@ -16,7 +16,8 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from covspec.export.pipeline import ExportOptions, export_model
-from covspec.families.llava.edge import load_llava, prompt_template
+from covspec.families.common import fill_prompt, prompt_template
+from covspec.families.llava.edge import load_llava
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact
@@ -61,7 +62,7 @@ def edge(tiny_pair):
 def reference(pair, image: bytes, question: str, max_new_tokens: int) -> list[int]:
     processor = pair["processor"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     output = pair["model"].generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -118,7 +119,7 @@ def target_joint(pair, image, question, temperature, top_k):
 
     processor, model = pair["processor"], pair["model"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     with torch.no_grad():
         first = target_probs(model(**inputs).logits[0, -1].numpy(), temperature, top_k)
         joint = {}
@@ -317,7 +318,7 @@ def pruned_reference(pair, image: bytes, question: str, kept: np.ndarray, max_ne
 
     processor, model = pair["processor"], pair["model"]
     inputs = processor(images=Image.open(io.BytesIO(image)), return_tensors="pt",
-                       text=prompt_template(processor).format(question=question))
+                       text=fill_prompt(prompt_template(processor), question))
     ids = inputs["input_ids"][0]
     slots = torch.nonzero(ids == model.config.image_token_id)[:, 0]
     with torch.no_grad():
@@ -351,29 +352,22 @@ def test_pruned_target_mode_is_opt_in_and_runs(tiny_pair, edge):
     assert tokens != reference(tiny_pair, image, question, 16)       # the target really saw fewer tokens
 
 
-def test_toy_pair_greedy_exact_on_50_held_out_questions(tmp_path):
+def test_toy_pair_greedy_exact_on_50_held_out_questions(toy_draft_int8, toy_set):
     """The product promise on the trained toy pair: int8 draft on the device, toy target
     on the edge, every CoVSpec feature on; 50 held-out questions, token for token."""
-    from covspec.bench.harness.workload import toy_questions
     from covspec.toy.models import bundled_model_dir
 
-    from covspec.toy.artifacts import parity_prompts
-
-    export_model(bundled_model_dir("draft"), tmp_path / "toy-int8", ExportOptions(quant="int8"),
-                 prompts=parity_prompts())
-    model, processor = load_llava(bundled_model_dir("target"))
-    pair = {"model": model, "processor": processor}
-    artifact = DraftArtifact.load(tmp_path / "toy-int8")
+    artifact = DraftArtifact.load(toy_draft_int8)
     with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         client = EdgeClient(server.address, Backoff(timeout_s=10))
         engine = CoInference(artifact, client)
         try:
-            for question in toy_questions(50):
+            for question, expected in zip(toy_set["questions"], toy_set["references"], strict=True):
                 tokens = [t for chunk in engine.generate(question.image_png, question.question,
                                                          GenerationSettings(max_new_tokens=64),
                                                          DraftingOptions(lead="device", keep_ratio=0.25))
                           for t in chunk]
-                assert tokens == reference(pair, question.image_png, question.question, 64), question
+                assert tokens == expected, question
             # one policy served all 50 generations and kept what it learned
             policy = engine.policy_for(DraftingOptions(lead="device", keep_ratio=0.25))
             assert policy.calibration.total.sum() > 100 and policy.verify.observed

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from covspec.cli.main import cli
+from covspec.families.common import fill_prompt
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol import verification as spec
 from covspec.protocol.messages import (Close, Error, Open, Opened, Ping, Pong, Result, Verify, decode, encode)
@@ -102,7 +103,7 @@ def reference(target: TargetModel, image: Image.Image, max_new_tokens: int, ques
     """The target's own greedy output via transformers' generate()."""
     import torch
 
-    prompt = target.template.format(question=question)
+    prompt = fill_prompt(target.template, question)
     inputs = target.processor(images=image, text=prompt, return_tensors="pt")
     extra = {} if eos is None else {"eos_token_id": eos}
     with torch.inference_mode():
@@ -811,7 +812,7 @@ def test_edge_help_is_light(no_torch):
     assert "--allow-keys" in result.stdout
 
 
-# --- the CLI in a child process: serve, SIGTERM, session log line ----------------------------------
+# --- the edge runtime in a child process: serve, SIGTERM, session log line ----------------------------------
 
 def test_edge_process_serves_and_stops_cleanly_on_sigterm(tiny, tiny_dir, tmp_path):
     from covspec.runtime_edge.process import EdgeProcess

@@ -120,19 +120,15 @@ def test_negative_control_a_choice_that_looks_at_the_verified_token_is_caught():
 # -- the live edge ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from covspec.bench.harness.devices import greedy_references
-    from covspec.bench.harness.workload import toy_questions
-    from covspec.export.pipeline import ExportOptions, export_model
+def toy(toy_draft_fp32, toy_set):
+    """The session's fp32 toy draft, the 50 held-out questions and the target's greedy answers
+    cut to 48 new tokens."""
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.toy.models import bundled_model_dir
 
-    folder = tmp_path_factory.mktemp("draft") / "toy-fp32"
-    export_model(bundled_model_dir("draft"), folder, ExportOptions(quant="fp32"))
-    questions = toy_questions(50)
-    return {"artifact": DraftArtifact.load(folder, threads=1), "questions": questions,
+    return {"artifact": DraftArtifact.load(toy_draft_fp32, threads=1), "questions": toy_set["questions"],
             "target": bundled_model_dir("target"),
-            "references": greedy_references(bundled_model_dir("target"), questions, 48)}
+            "references": [reference[:48] for reference in toy_set["references"]]}
 
 
 def serve(toy, edge_steps: str):

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from covspec.families import (FAMILIES, DraftContext, ModelFolderError, UnsupportedModelError,
                               family_for_architecture, family_for_folder, family_named, register)
+from covspec.families.common import fill_prompt
 from covspec.families.llava import LLAVA
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.errors import BAD_FIELD, EdgeError
@@ -83,6 +84,50 @@ def test_register_refuses_a_taken_name_or_architecture():
     assert family_for_architecture("LlavaOnevisionForConditionalGeneration") is family_named("onevision")
 
 
+HOOKS = ("pack_visual_tokens", "vision_runs", "next_position", "dynamic_resolution")
+
+
+def test_every_family_is_one_lazy_family_whose_halves_implement_the_interface():
+    """The shims share ``LazyFamily``; each half it names subclasses its protocol, so the
+    optional hooks are inherited members with their documented defaults."""
+    import importlib
+
+    from covspec.families.common import LazyFamily, ProcessorTarget
+    from covspec.families.interface import DeviceHalf
+
+    for family in FAMILIES.values():
+        assert isinstance(family, LazyFamily) and family.halves.keys() == {"device", "load", "target", "export"}
+        named = {role: getattr(importlib.import_module(spec.partition(":")[0]), spec.partition(":")[2])
+                 for role, spec in family.halves.items()}
+        assert DeviceHalf in named["device"].__mro__ and ProcessorTarget in named["target"].__mro__, family.name
+        assert callable(named["load"]) and isinstance(named["export"], type), family.name
+    assert [f.name for f in FAMILIES.values() if f.dynamic_resolution] == ["qwen2vl"]
+
+
+def test_optional_hooks_have_their_documented_defaults_and_no_one_asks_for_them():
+    from covspec.families.interface import DeviceHalf, ImageSizeError, TargetHalf
+
+    class Bare(DeviceHalf):
+        pass
+
+    class BareTarget(TargetHalf):
+        pass
+
+    features, activity = np.arange(12.0).reshape(1, 3, 4), np.arange(3.0).reshape(1, 3)
+    packed = Bare().pack_visual_tokens({}, features, activity)
+    np.testing.assert_array_equal(packed[0], features[0])
+    np.testing.assert_array_equal(packed[1], activity[0])
+    feeds = {"pixel_values": np.zeros((2, 3, 8, 8), np.float32)}
+    assert Bare().vision_runs(feeds) == [feeds]
+    assert BareTarget().next_position(None) is None
+    with pytest.raises(ImageSizeError, match="fixed vision input size"):
+        LLAVA.exporter(None, None, image_size=(32, 32))
+    asked = [f"{path.relative_to(REPO)}: {line.strip()}" for path in sorted((REPO / "covspec").rglob("*.py"))
+             for line in path.read_text().splitlines()
+             if ("getattr(" in line or "hasattr(" in line) and any(f'"{hook}"' in line for hook in HOOKS)]
+    assert not asked, asked
+
+
 def test_export_half_refuses_unsupported_sub_models():
     config = SimpleNamespace(text_config=SimpleNamespace(model_type="gpt2"),
                              vision_config=SimpleNamespace(model_type="clip_vision_model"))
@@ -105,7 +150,7 @@ def test_device_prompt_layout_and_positions_equal_the_processor(llava):
     """Keep ratio 1: the draft context is the processor's prompt (image token expanded)
     at positions 0..L-1, and generation continues at L."""
     image = noise(57, 40)
-    ids = llava.processor(images=image, text=llava.half.template.format(question=QUESTION),
+    ids = llava.processor(images=image, text=fill_prompt(llava.half.template, QUESTION),
                           return_tensors="np")["input_ids"][0].tolist()
     image_token = llava.model.config.image_token_id
     layout = llava.device.prompt_layout(QUESTION)
@@ -155,7 +200,7 @@ def test_target_context_equals_the_processor_and_refuses_the_image_placeholder(l
     target = LLAVA.target(llava.model, llava.processor)
     image = noise(33, 90)
     context = target.context(QUESTION, image)
-    expected = llava.processor(images=image, text=target.template.format(question=QUESTION), return_tensors="pt")
+    expected = llava.processor(images=image, text=fill_prompt(target.template, QUESTION), return_tensors="pt")
     assert torch.equal(context.inputs["input_ids"], expected["input_ids"])
     assert torch.equal(context.inputs["pixel_values"], expected["pixel_values"])
     assert context.length == expected["input_ids"].shape[1] and context.keep is None

@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from covspec.export.pipeline import ExportOptions, export_model
+from covspec.families.common import fill_prompt
 from covspec.families import family_for_folder, family_named
 from covspec.families.idefics3 import IDEFICS3
 from covspec.protocol.errors import BAD_FIELD, EdgeError
@@ -83,7 +84,7 @@ def test_preprocessing_and_prompt_ids_equal_the_processor(pair, size, grid):
     device = device_half(pair)
     image = noise(*size, seed=sum(size))
     feeds = device.vision_inputs(image)
-    expected = pair.processor(images=image, text=pair.target.template.replace("{question}", QUESTIONS[0]),
+    expected = pair.processor(images=image, text=fill_prompt(pair.target.template, QUESTIONS[0]),
                               return_tensors="np")
     rows, cols = grid
     assert feeds["pixel_values"].shape == expected["pixel_values"][0].shape == (rows * cols + 1, 3, 32, 32)
@@ -100,7 +101,7 @@ def test_an_unsplit_image_is_one_global_frame(pair, changes, kwargs):
     device = device_half(pair, **changes)
     image = noise(70, 45, seed=3)
     feeds = device.vision_inputs(image)
-    expected = pair.processor(images=image, text=pair.target.template.replace("{question}", QUESTIONS[1]),
+    expected = pair.processor(images=image, text=fill_prompt(pair.target.template, QUESTIONS[1]),
                               return_tensors="np", **kwargs)
     assert feeds["pixel_values"].shape == (1, 3, 32, 32) and feeds["image_grid"].tolist() == [0, 0]
     assert np.abs(feeds["pixel_values"] - expected["pixel_values"][0]).max() <= 1e-5
@@ -140,7 +141,7 @@ def test_pruning_across_tiles_keeps_original_positions(pair):
 def test_target_context_and_pruned_inputs(pair):
     image = noise(33, 90, seed=4)
     context = pair.target.context(QUESTIONS[2], image)
-    expected = pair.processor(images=image, text=pair.target.template.replace("{question}", QUESTIONS[2]),
+    expected = pair.processor(images=image, text=fill_prompt(pair.target.template, QUESTIONS[2]),
                               return_tensors="pt")
     assert torch.equal(context.inputs["input_ids"], expected["input_ids"])
     assert torch.equal(context.inputs["pixel_values"], expected["pixel_values"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from covspec.export.pipeline import ExportOptions, export_model
+from covspec.families.common import fill_prompt
 from covspec.families import family_for_folder
 from covspec.families.onevision.device import image_token_count, pack
 from covspec.hf.tiny_onevision import save_tiny_onevision
@@ -48,7 +49,7 @@ def edge(pair):
 
 
 def inputs_for(pair):
-    return lambda image, question: pair.processor(images=image, text=pair.template.format(question=question))
+    return lambda image, question: pair.processor(images=image, text=fill_prompt(pair.template, question))
 
 
 def test_manifests_record_tiling_parity_and_vocabulary(pair):

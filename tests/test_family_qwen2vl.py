@@ -25,6 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from covspec.export.pipeline import ExportOptions, export_model
+from covspec.families.common import fill_prompt
 from covspec.families.qwen2vl import QWEN2VL
 from covspec.families.qwen2vl.device import mrope_positions, pixel_values, smart_resize
 from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
@@ -67,7 +68,7 @@ def edge(pair):
 
 
 def inputs_for(pair):
-    return lambda image, question: pair.processor(images=image, text=pair.target.template.format(question=question))
+    return lambda image, question: pair.processor(images=image, text=fill_prompt(pair.target.template, question))
 
 
 def test_manifests_record_size_parity_and_vocabulary(pair):
@@ -91,7 +92,7 @@ def check_processor_and_positions(model, processor, template):
     counts = set()
     for width, height in MORE_SIZES:
         image = noise(width, height, seed=width)
-        inputs = processor(images=image, text=template.format(question=QUESTIONS[1]))
+        inputs = processor(images=image, text=fill_prompt(template, QUESTIONS[1]))
         grid = inputs["image_grid_thw"][0].tolist()
         size = smart_resize(height, width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
                             ip.size["longest_edge"])

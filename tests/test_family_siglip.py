@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from covspec.cli.main import cli
 from covspec.export.pipeline import ExportOptions, export_model
+from covspec.families.common import fill_prompt
 from covspec.families import family_for_folder
 from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.manifest import ArtifactError, load_manifest
@@ -50,7 +51,7 @@ def edge(pair):
 def target_inputs(pair):
     """The model's own processor on an image and a question (the reference's inputs)."""
     template = load_manifest(pair.root / "self-fp32").prompt_template
-    return lambda image, question: dict(pair.processor(images=image, text=template.format(question=question),
+    return lambda image, question: dict(pair.processor(images=image, text=fill_prompt(template, question),
                                                        return_tensors="pt"))
 
 
@@ -69,7 +70,7 @@ def test_manifest_records_the_siglip_processor(pair):
 def test_device_preprocessing_and_prompt_equal_the_processor(pair, size):
     artifact = DraftArtifact.load(pair.root / "self-fp32")
     image = noise(*size, seed=sum(size))
-    expected = pair.processor(images=image, text=artifact.manifest.prompt_template.format(question=QUESTIONS[0]),
+    expected = pair.processor(images=image, text=fill_prompt(artifact.manifest.prompt_template, QUESTIONS[0]),
                               return_tensors="np")
     got = artifact.family.vision_inputs(image)["pixel_values"]
     assert got.shape == expected["pixel_values"].shape == (1, 3, 32, 32)

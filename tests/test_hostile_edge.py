@@ -12,11 +12,8 @@ sessions, silence) end in ``EdgeUnreachable`` saying what came meanwhile.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-
-import covspec
 
 from covspec.bench.reliability.hostile_edge import CASES, SLACK_S, run_case
 from covspec.bench.harness.workload import toy_questions
@@ -26,9 +23,7 @@ from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.engine import ArtifactDraft
 from covspec.runtime_device.replies import EdgeMisbehaved, check_verdict
-from covspec.toy.artifacts import ensure_toy_artifacts
 
-ARTIFACTS = Path(covspec.__file__).parents[1] / "artifacts" / "toy-draft-int8"   # the CLI's default folder
 POLICY = Backoff(timeout_s=0.3, retries=1, backoff_s=0.02)
 ATTEMPTS = 1
 # How each case must end: refused at once as a reply that cannot be true, or given up on.
@@ -57,9 +52,8 @@ SAYS = {"wrong dtypes": "did not decode", "endless stream": "max_new_tokens|answ
 
 
 @pytest.fixture(scope="module")
-def draft():
-    folder = ensure_toy_artifacts(ARTIFACTS, lambda line: None)
-    return ArtifactDraft(DraftArtifact.load(folder, threads=1))
+def draft(toy_draft_int8):
+    return ArtifactDraft(DraftArtifact.load(toy_draft_int8, threads=1))
 
 
 @pytest.fixture(scope="module")

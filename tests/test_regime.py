@@ -138,14 +138,13 @@ def test_a_padded_target_forward_takes_the_profiles_time():
     assert any(padded), "every forward overran: nothing here tested the padding"
 
 
-def test_a_padded_draft_run_takes_the_phones_time():
+def test_a_padded_draft_run_takes_the_phones_time(toy_draft_int8):
     from covspec.bench.harness.workload import toy_questions
     from covspec.runtime_device.prefill import prefill_draft
     from covspec.runtime_device.preprocess import load_image
-    from covspec.toy.artifacts import ensure_toy_artifacts
 
     regime = load_regime("phone-135m@7b-a100-hf")
-    artifact = DraftArtifact.load(ensure_toy_artifacts(), threads=1, pacing=DevicePacing(regime.device))
+    artifact = DraftArtifact.load(toy_draft_int8, threads=1, pacing=DevicePacing(regime.device))
     drafter = Drafter.from_artifact(artifact)
     question = toy_questions(1)[0]
     elapsed, overran = timed(artifact.pacing, lambda: prefill_draft(

@@ -16,7 +16,6 @@ from covspec.bench.reliability.fuzz import CLASSES, Fuzzer
 from covspec.bench.reliability.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
 from covspec.bench.reliability.fuzz_run import run_fuzz
 from covspec.bench.harness.workload import toy_questions
-from covspec.export.pipeline import ExportOptions, export_model
 from covspec.protocol import errors
 from covspec.protocol.messages import Ping, Pong
 from covspec.runtime_device.artifact import DraftArtifact
@@ -36,11 +35,10 @@ one_torch_thread = pytest.fixture(scope="module", autouse=True)(torch_on_one_thr
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The toy pair: target loaded once, the draft exported (fp32) once, three questions and
+def world(toy_draft_fp32):
+    """The toy pair: target loaded once, the session's fp32 toy draft, three questions and
     the target's greedy answers to them."""
-    draft = tmp_path_factory.mktemp("draft") / "toy-fp32"
-    export_model(bundled_model_dir("draft"), draft, ExportOptions(quant="fp32"))
+    draft = toy_draft_fp32
     questions = toy_questions(3)
     return {"target": TargetModel.load(bundled_model_dir("target")), "artifact": DraftArtifact.load(draft, threads=1),
             "questions": questions,

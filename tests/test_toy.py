@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from covspec.families.common import fill_prompt
 from covspec.toy import shapes
 from covspec.toy.shapes import QA, Scene, Shape
 
@@ -143,14 +144,14 @@ def bundled():
 
 
 def test_training_encoding_matches_the_processor(bundled):
-    from covspec.families.llava.edge import prompt_template
+    from covspec.families.common import prompt_template
     from covspec.toy.batches import PROMPT_HEAD, encode, pixel_values
     from covspec.toy.models import VISUAL_TOKENS, toy_tokenizer
 
     _, processor = bundled
     sample = shapes.sample("test", 0)
     question = sample.qas[0].question
-    inputs = processor(images=[sample.image()], text=[prompt_template(processor).format(question=question)],
+    inputs = processor(images=[sample.image()], text=[fill_prompt(prompt_template(processor), question)],
                        return_tensors="pt")
     tokenizer = toy_tokenizer()
     expected = encode(tokenizer, PROMPT_HEAD) + [4] * VISUAL_TOKENS + encode(tokenizer, f"{question} answer :")

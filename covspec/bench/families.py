@@ -151,7 +151,7 @@ def self_draft_acceptance(target: Path, artifact: Path, max_new_tokens: int = 20
     drafted = accepted = 0
     loaded = DraftArtifact.load(artifact)
     sizes = SIZES
-    if getattr(family_named(loaded.manifest.source["family"]), "dynamic_resolution", False):
+    if family_named(loaded.manifest.source["family"]).dynamic_resolution:
         height, width = loaded.manifest.image["size"]
         sizes = [(width, height)] * len(SIZES)
     with EdgeServer(target, ServerConfig(bind="tcp://127.0.0.1:*")) as server:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
 from pathlib import Path
 
 import click
 
 from covspec.runtime_edge.config import DEVICES, DTYPES, EDGE_STEPS, ServerConfig
+from covspec.runtime_edge.serve import LOG_LEVELS
 
 DEFAULT = ServerConfig()
 
@@ -62,7 +60,7 @@ def edge() -> None:
 @click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
               help="Emulate a deployment: pad every target forward to what the regime's target model would "
                    "take on its GPU (a roofline; see `covspec plan --list`). Real time only by default.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     """Serve MODEL_DIR (default: the bundled toy target) to devices until Ctrl-C or SIGTERM.
 
@@ -70,34 +68,16 @@ def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     and logs one line per session when it ends.
     """
     from covspec.runtime_edge.config import ConfigError
-    from covspec.runtime_edge.process import READY_PREFIX
 
     try:
         config = ServerConfig(**settings).validate()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    model_dir = model_dir or _default_model()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from covspec.families import ModelFolderError
-    from covspec.runtime_edge.server import EdgeServer
+    from covspec.runtime_edge.serve import serve_until_stopped
 
-    stop = threading.Event()
-    server = EdgeServer(model_dir, config)
-    previous = {}
     try:
-        server.start()      # Ctrl-C while loading raises KeyboardInterrupt; nothing to clean up yet
-        # From here Ctrl-C and SIGTERM both stop cleanly (SIGINT too when a shell started us ignoring it).
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        click.echo(READY_PREFIX + server.address)
-        while not stop.wait(0.5):
-            pass
+        serve_until_stopped(model_dir or _default_model(), config, log_level, echo=click.echo)
     except (ConfigError, ModelFolderError) as exc:
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    click.echo("covspec edge: stopped")

@@ -33,7 +33,7 @@ import torch
 
 from covspec.export.errors import ParityError
 from covspec.export.scorer import TokenScorer
-from covspec.families import DeviceHalf, DraftContext, ExportHalf, visual_tokens
+from covspec.families import DeviceHalf, DraftContext, ExportHalf
 from covspec.runtime_device.artifact import open_graph, run_vision
 from covspec.runtime_device.drafter import Drafter
 
@@ -98,7 +98,7 @@ class ExportedDraft:
 
     def visual_tokens(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """The sample image's visual tokens [N, D] and activity [N], as the device packs them."""
-        return visual_tokens(self.family, sample.vision_feeds, *self.image_features(sample))
+        return self.family.pack_visual_tokens(sample.vision_feeds, *self.image_features(sample))
 
     def prompt_logits(self, sample: Sample, continuation: list[int] = ()) -> tuple[np.ndarray, int]:
         """Prefill the sample's full draft context, then ``continuation`` as generated tokens,

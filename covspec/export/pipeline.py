@@ -176,7 +176,7 @@ def export_model(model_dir: str | Path, out: str | Path, options: ExportOptions 
                          f"{VISION_QUANTIZATION}.")
     model_dir, out = Path(model_dir), Path(out)
     family = family_for_folder(model_dir)
-    if options.image_size is not None and not getattr(family, "dynamic_resolution", False):
+    if options.image_size is not None and not family.dynamic_resolution:
         raise ExportError(f"--image-size applies to dynamic-resolution families; {family.name} models have a fixed "
                           "vision input size.")
     if out.exists() and not options.force:

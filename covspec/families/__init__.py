@@ -18,7 +18,7 @@ from pathlib import Path
 
 from covspec.families.interface import (POSITIONS, DecoderSpec, DeviceHalf, DraftContext, ExportHalf, Family,
                                         GraphTrace, ImageSizeError, ModelFolderError, PromptLayout, TargetContext,
-                                        TargetHalf, UnsupportedModelError, past_names, present_names, visual_tokens)
+                                        TargetHalf, UnsupportedModelError, past_names, present_names)
 from covspec.families.gemma3 import GEMMA3
 from covspec.families.idefics3 import IDEFICS3
 from covspec.families.llava import LLAVA
@@ -28,7 +28,7 @@ from covspec.families.qwen2vl import QWEN2VL
 __all__ = ["FAMILIES", "POSITIONS", "DecoderSpec", "DeviceHalf", "DraftContext", "ExportHalf", "Family",
            "GraphTrace", "ImageSizeError", "ModelFolderError", "PromptLayout", "TargetContext", "TargetHalf",
            "UnsupportedModelError", "family_for_architecture", "family_for_folder", "family_for_model",
-           "family_named", "past_names", "present_names", "register", "supported_architectures", "visual_tokens"]
+           "family_named", "past_names", "present_names", "register", "supported_architectures"]
 
 FAMILIES: dict[str, Family] = {}
 

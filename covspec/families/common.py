@@ -1,22 +1,39 @@
 """Small pieces every family shares, so no family writes them again.
 
 - ``prompt_template(processor)``: the model's chat template rendered for one image and
-  one question, with ``{question}`` where the question goes (device and edge both fill
-  this string, so both tokenize the same text);
+  one question, with ``{question}`` where the question goes;
+- ``fill_prompt(template, question)``: the one way to put a question into that template,
+  used by every family's device, edge and export halves, so draft and target tokenize
+  the same text: the question stripped of surrounding whitespace replaces the one
+  ``{question}``; any other brace in the template or the question is plain text;
+- ``saved_chat_template(path)``: the processor's chat template saved in a model folder;
 - ``generation_eos_ids(model, tokenizer)``: EOS ids as ``generate`` uses them;
 - ``require_image_keys(image, keys)``: a manifest ``image`` section checked for the
   keys a device half needs;
 - ``target_context(...)``: the edge's context of one question and image through the
-  model's processor, with the opt-in kept visual tokens checked.
+  model's processor, with the opt-in kept visual tokens checked;
+- ``kept_embeddings(model, ids, features, keep)``: the pruned target's input embeddings
+  (text rows and the kept visual tokens' rows, in prompt order);
+- ``LazyFamily``: a ``Family`` whose halves are named ``"module:attribute"`` and imported
+  only when asked for (each family package is one ``LazyFamily``, so importing it
+  imports no torch);
+- ``ProcessorTarget``: the ``TargetHalf`` pieces every family's edge half shares (the
+  template, ``context``, EOS ids, vocabulary); a family subclasses it and adds its
+  ``pruned_inputs`` (and the hooks it needs).
 
 Imports no torch at import time: the functions take loaded objects and plain mappings.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from covspec.families.interface import ModelFolderError, TargetContext
+from covspec.families.interface import (DeviceHalf, ExportHalf, Family, ImageSizeError, ModelFolderError,
+                                        TargetContext, TargetHalf)
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.manifest import ArtifactError
 
@@ -31,6 +48,23 @@ def prompt_template(processor) -> str:
     if rendered.count(QUESTION_SLOT) != 1 or rendered.count(processor.image_token) != 1:
         raise ModelFolderError("the chat template must place one image and one question.")
     return rendered
+
+
+def fill_prompt(template: str, question: str) -> str:
+    """``template`` with its ``{question}`` replaced by ``question`` stripped of surrounding
+    whitespace. Not ``str.format``: a brace elsewhere in the template (a chat template's
+    literal ``{``) or in the question stays as it is."""
+    return template.replace(QUESTION_SLOT, question.strip())
+
+
+def saved_chat_template(path: Path) -> str | None:
+    """The processor's chat template saved in the folder (``chat_template.jinja`` or
+    ``chat_template.json``), if any."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return None
 
 
 def generation_eos_ids(model, tokenizer) -> set[int]:
@@ -79,3 +113,86 @@ def target_context(model, processor, prompt: str, question: str, image, keep: Se
                                    "(the target's visual tokens must match the draft's).")
     return TargetContext(inputs=inputs, length=length - visual + len(keep),
                          keep=torch.tensor(keep, dtype=torch.long, device=model.device))
+
+
+def kept_embeddings(model, ids, features, keep):
+    """The pruned target's inputs from the prompt's ids [L]: (embeddings [L', D] of the text
+    rows and of the kept visual tokens, ``features`` [N, D] in the image's slots, in prompt
+    order; the mask [L] of the rows kept). ``keep``: LongTensor [K] into the N visual tokens."""
+    import torch
+
+    is_image = ids == model.config.image_token_id
+    embeds = model.get_input_embeddings()(ids[None])[0].clone()                         # [L, D]
+    embeds[is_image] = features.to(embeds.dtype)
+    rows = ~is_image
+    rows[torch.nonzero(is_image)[:, 0][keep]] = True
+    return embeds[rows], rows
+
+
+class ProcessorTarget(TargetHalf):
+    """The edge half of a family whose processor takes ``images`` and ``text``: the template
+    rendered once, ``context`` through ``fill_prompt`` and ``target_context``, EOS ids and the
+    vocabulary. A family subclasses it with its ``pruned_inputs`` (and ``placeholders``, the
+    texts a question may not carry; ``processor_options``, extra processor arguments)."""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.template = prompt_template(processor)
+
+    def placeholders(self) -> Iterable[str]:
+        return [self.processor.image_token]
+
+    def processor_options(self) -> dict[str, Any]:
+        return {}
+
+    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
+        return target_context(self.model, self.processor, fill_prompt(self.template, question), question, image,
+                              keep, self.placeholders(), **self.processor_options())
+
+    def eos_ids(self) -> set[int]:
+        return generation_eos_ids(self.model, self.processor.tokenizer)
+
+    def vocab(self) -> Mapping[str, int]:
+        return self.processor.tokenizer.get_vocab()
+
+
+def _named(spec: str):
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class LazyFamily(Family):
+    """A ``Family`` from the names (``"package.module:attribute"``) of its device half class,
+    its loader, its edge half class and its export half class, each imported when first asked
+    for. ``exporter``'s ``image_size`` reaches the export half of a ``dynamic_resolution``
+    family only."""
+
+    def __init__(self, name: str, architectures: tuple[str, ...], *, device_half: str, loader: str,
+                 target_half: str, export_half: str, dynamic_resolution: bool = False):
+        self.name = name
+        self.architectures = architectures
+        self.dynamic_resolution = dynamic_resolution
+        self.halves = {"device": device_half, "load": loader, "target": target_half, "export": export_half}
+
+    def device(self, *, image, tokenizer_section, prompt_template, tokenizer, embed_tokens) -> DeviceHalf:
+        return _named(self.halves["device"])(image=image, tokenizer_section=tokenizer_section,
+                                             prompt_template=prompt_template, tokenizer=tokenizer,
+                                             embed_tokens=embed_tokens)
+
+    def load(self, path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+        return _named(self.halves["load"])(path, device=device, dtype=dtype)
+
+    def target(self, model, processor) -> TargetHalf:
+        return _named(self.halves["target"])(model, processor)
+
+    def exporter(self, model, processor, image_size: tuple[int, int] | None = None) -> ExportHalf:
+        if not self.dynamic_resolution:
+            if image_size is not None:
+                raise ImageSizeError(f"{self.name} models have a fixed vision input size; an image size applies "
+                                     "to dynamic-resolution families only.")
+            return _named(self.halves["export"])(model, processor)
+        return _named(self.halves["export"])(model, processor, image_size)
+
+    def __repr__(self) -> str:
+        return f"LazyFamily({self.name!r})"

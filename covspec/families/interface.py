@@ -14,8 +14,13 @@ halves that are imported separately:
 
 The values that cross the seam are defined here, so that callers stay
 family-agnostic: a ``DraftContext`` may hold any number of image slots and 1-D or
-multi-axis (M-RoPE) positions without the device loop knowing. This module imports
-numpy only.
+multi-axis (M-RoPE) positions without the device loop knowing.
+
+Every member is explicit. A half subclasses its protocol (``class LlavaDevice(DeviceHalf)``)
+and inherits the documented default of each hook it does not need: ``pack_visual_tokens``
+and ``vision_runs`` on the device, ``next_position`` on the edge, ``dynamic_resolution``
+of a family. Callers call the hooks; they never ask whether a family has one. This module
+imports numpy only.
 """
 
 from __future__ import annotations
@@ -141,17 +146,21 @@ class DeviceHalf(Protocol):
         names are not inputs of the vision graph (e.g. the image's size) are not fed
         to it; they reach ``pack_visual_tokens``."""
 
-    # Optional: ``pack_visual_tokens(feeds, features, activity) -> (features [N, D],
-    # activity [N])`` turns the vision graph's outputs for ``feeds`` (e.g. per-tile
-    # features [T, n, D], activity [T, n]) into the image's N visual tokens in prompt
-    # order (e.g. tiles packed, unpadded, with newline tokens). A family without it
-    # has a vision graph whose outputs for one image ([1, N, D], [1, N]) are already
-    # those tokens. Call it through ``visual_tokens``.
-    #
-    # Optional: ``vision_runs(feeds) -> list[feeds]`` splits one image's vision feeds
-    # into several runs of the vision graph whose outputs, concatenated along axis 1
-    # (tokens), equal one run's (a graph that treats its frames independently, e.g.
-    # tiles): the tower's activations are then held for a few frames at a time.
+    def pack_visual_tokens(self, feeds: Mapping[str, np.ndarray], features: np.ndarray,
+                           activity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The image's N visual tokens in prompt order (features [N, D], activity [N]) from
+        the vision graph's outputs for ``feeds``. Default: row 0, for a vision graph whose
+        outputs for one image ([1, N, D], [1, N]) already are those tokens; a family that
+        tiles an image (per-tile features [T, n, D], activity [T, n]) packs its tiles here
+        (unpadded, with newline tokens, ...)."""
+        return features[0], activity[0]
+
+    def vision_runs(self, feeds: Mapping[str, np.ndarray]) -> list[Mapping[str, np.ndarray]]:
+        """``feeds`` split into runs of the vision graph whose outputs, concatenated along
+        axis 1 (tokens), equal one run's. Default: one run. A family whose graph treats its
+        frames independently (e.g. tiles) splits them, so the tower's activations are held
+        for a few frames at a time."""
+        return [feeds]
 
     def prompt_layout(self, question: str, feeds: Mapping[str, np.ndarray] | None = None) -> PromptLayout:
         """The prompt template filled with ``question``, tokenized as the processor
@@ -167,16 +176,6 @@ class DeviceHalf(Protocol):
         ascending indices into it; positions: one of ``POSITIONS``. With every token
         kept, the context equals the processor's prompt (image slots expanded).
         """
-
-
-def visual_tokens(half: DeviceHalf, feeds: Mapping[str, np.ndarray], features: np.ndarray,
-                  activity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The image's visual tokens [N, D] and their activity [N] from the vision graph's
-    outputs: ``half.pack_visual_tokens`` where the family has it, else row 0."""
-    pack = getattr(half, "pack_visual_tokens", None)
-    if pack is not None:
-        return pack(feeds, features, activity)
-    return features[0], activity[0]
 
 
 class TargetHalf(Protocol):
@@ -197,10 +196,12 @@ class TargetHalf(Protocol):
         the kept visual tokens of ``context``, positions renumbered contiguously; or, for
         a family with ``next_position``, with ``position_ids`` keeping their original ones."""
 
-    # Optional: ``next_position(context) -> int``: the position (on every axis) of the
-    # first token after ``context``, for a family whose positions are not the cache
-    # index (M-RoPE). The edge then gives every cached extension explicit positions
-    # ``next_position + (cache index - context.length)`` instead of the model's own.
+    def next_position(self, context: TargetContext) -> int | None:
+        """The position (on every axis) of the first token after ``context``, for a family
+        whose positions are not the cache index (M-RoPE); the edge then gives every cached
+        extension explicit positions ``next_position + (cache index - context.length)``
+        instead of the model's own. Default: None (positions are the cache index)."""
+        return None
 
     def eos_ids(self) -> set[int]:
         """EOS ids as ``generate`` uses them."""
@@ -251,6 +252,9 @@ class Family(Protocol):
 
     name: str                         # recorded in the manifest as ``source.family``
     architectures: tuple[str, ...]    # config.json ``architectures`` values it loads
+    # True for a family whose target sees each image at its own resolution while the draft's
+    # vision graph is exported at one fixed size, which ``exporter``'s ``image_size`` sets.
+    dynamic_resolution: bool = False
 
     def device(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                embed_tokens: np.ndarray) -> DeviceHalf:
@@ -263,11 +267,8 @@ class Family(Protocol):
     def target(self, model, processor) -> TargetHalf:
         """The edge half around a loaded target."""
 
-    def exporter(self, model, processor) -> ExportHalf:
+    def exporter(self, model, processor, image_size: tuple[int, int] | None = None) -> ExportHalf:
         """The export half around a loaded draft; ``UnsupportedModelError`` for sub-models
-        it cannot export."""
-
-    # Optional: ``dynamic_resolution = True`` for a family whose target sees each image at
-    # its own resolution while the draft's vision graph is exported at one fixed size:
-    # its ``exporter(model, processor, image_size=(width, height))`` takes that size
-    # (``ImageSizeError`` for one the processor would not keep; None: the family's default).
+        it cannot export. ``image_size`` (width, height; None: the family's default) is the
+        draft's fixed vision input size of a ``dynamic_resolution`` family (``ImageSizeError``
+        for one its processor would not keep); other families take None only."""

@@ -176,12 +176,12 @@ class DraftArtifact:
         afterwards. Under a regime the runs together take the phone's time for their frames."""
         if self.lean:
             self.decoder.close()
-        split = getattr(self.family, "vision_runs", None)
+        runs = self.family.vision_runs(feeds)
         try:
             with self.pacing.vision(frame_count(feeds)):
-                if split is None:
-                    return run_vision(self.vision, feeds)
-                parts = [run_vision(self.vision, part) for part in split(feeds)]
+                if len(runs) == 1:
+                    return run_vision(self.vision, dict(runs[0]))
+                parts = [run_vision(self.vision, dict(part)) for part in runs]
                 return tuple(np.concatenate([part[i] for part in parts], axis=1) for i in range(2))
         finally:
             if self.lean:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covspec.families import visual_tokens
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.options import DraftingOptions
@@ -36,7 +35,7 @@ class DraftPrefill:
 def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: str, options: DraftingOptions,
                   seed: int, trace: Callable[[dict], None] = lambda event: None) -> DraftPrefill:
     feeds = artifact.family.vision_inputs(image)
-    visual, activity = visual_tokens(artifact.family, feeds, *artifact.encode_image(feeds))  # [N, D], [N]
+    visual, activity = artifact.family.pack_visual_tokens(feeds, *artifact.encode_image(feeds))  # [N, D], [N]
     n = visual.shape[0]
     ratio = options.keep_ratio if options.keep_ratio is not None else \
         artifact.manifest.pruning.get("keep_ratio", 1.0)

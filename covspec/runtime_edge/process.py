@@ -1,11 +1,12 @@
-"""Run ``covspec edge serve`` in a child process (for the demo and end-to-end tests).
+"""Run the edge server in a child process (for the demo, the benchmarks and end-to-end tests).
 
     from covspec.runtime_edge import EdgeProcess, ServerConfig
 
     with EdgeProcess("covspec/toy/models/target", ServerConfig(bind="tcp://127.0.0.1:*")) as edge:
         edge.address    # the bound endpoint, read from the child's ready line
 
-``start()`` launches the child and returns once it prints its ready line (or raises
+``start()`` launches ``python -m covspec.runtime_edge MODEL_DIR`` with ``serve_args(config)``
+(the edge runtime's own entry point, the serving loop of ``covspec edge serve``) and returns once it prints its ready line (or raises
 ``RuntimeError`` with the child's output); ``stop()`` sends SIGTERM, waits for the
 clean shutdown and kills the child only if it hangs. The child's log goes to
 ``log_path`` if given, else to this process's stderr.
@@ -20,14 +21,13 @@ import threading
 from pathlib import Path
 
 from covspec.runtime_edge.config import ServerConfig, serve_args
+from covspec.runtime_edge.serve import READY_PREFIX
 
-# The child runs the console script's entry point; it prints READY_PREFIX + address once serving.
-_LAUNCH = "from covspec.cli.main import cli; cli()"
-READY_PREFIX = "covspec edge: listening on "
+__all__ = ["READY_PREFIX", "EdgeProcess"]
 
 
 class EdgeProcess:
-    """``covspec edge serve`` as a child process; ``address`` once started."""
+    """The edge server as a child process; ``address`` once started."""
 
     def __init__(self, model_dir: str | Path, config: ServerConfig = ServerConfig(), *,
                  startup_timeout: float = 120.0, log_path: str | Path | None = None):
@@ -41,7 +41,7 @@ class EdgeProcess:
 
     def start(self) -> "EdgeProcess":
         log = open(self.log_path, "ab") if self.log_path else None
-        self._child = subprocess.Popen([sys.executable, "-c", _LAUNCH, "edge", "serve", str(self.model_dir),
+        self._child = subprocess.Popen([sys.executable, "-m", "covspec.runtime_edge", str(self.model_dir),
                                         *serve_args(self.config)],
                                        stdout=subprocess.PIPE, stderr=log, text=True)
         if log is not None:

@@ -124,9 +124,9 @@ class TargetModel:
         inputs.setdefault("cache", DynamicCache())
         with self.pacing.prefill(context.length):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        next_position = getattr(self.family, "next_position", None)
+        next_position = self.family.next_position(context)
         cache = TargetCache(SessionKV.from_cache(out.cache),
-                            None if next_position is None else next_position(context) - context.length)
+                            None if next_position is None else next_position - context.length)
         if committed:
             return cache, self.extend(cache, committed)[-1]
         return cache, _to_numpy(out.logits[0, -1])

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from covspec.families.common import prompt_template
+from covspec.families.common import fill_prompt, prompt_template
 from covspec.toy import shapes
 
 
@@ -23,7 +23,7 @@ def _inputs(processor, items: list[tuple[shapes.Sample, str]]):
     template = prompt_template(processor)
     processor.tokenizer.padding_side = "left"
     return processor(images=[s.image() for s, _ in items],
-                     text=[template.format(question=q) for _, q in items],
+                     text=[fill_prompt(template, q) for _, q in items],
                      padding=True, return_tensors="pt")
 
 
@@ -69,7 +69,7 @@ def draft_agreement(target, draft, processor, samples: list[shapes.Sample]) -> f
     template = prompt_template(processor)
     agree = total = 0
     for (sample, question), answer in zip(items, answers):
-        prompt = template.format(question=question)
+        prompt = fill_prompt(template, question)
         inputs = processor(images=[sample.image()], text=[f"{prompt} {answer} </s>"], return_tensors="pt")
         prompt_len = processor(images=[sample.image()], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
         # position t predicts token t + 1: compare predictions of every answer token and </s>

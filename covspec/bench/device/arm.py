@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, question in enumerate(questions):
         (inside / "images" / f"q{i}.png").write_bytes(question.image_png)
 
-    arm_cmd = ["chroot", str(args.root), args.device_python, "-c", "from covspec.cli.main import cli; cli()"]
-    x86_cmd = [sys.executable, "-c", "from covspec.cli.main import cli; cli()"]
+    arm_cmd = ["chroot", str(args.root), args.device_python, "-m", "covspec"]
+    x86_cmd = [sys.executable, "-m", "covspec"]
     machines = describe_platforms(arm_cmd[:3])
     arm, host = machines["arm64"], machines["host"]
     print(f"   arm64 root: {arm['machine']} Python {arm['python']}, onnxruntime {arm['onnxruntime']}, "

@@ -54,7 +54,7 @@ def kept_evenly(n: int, ratio: float) -> np.ndarray:
 def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS, synthetic_visual: int = 2048,
           decode_tokens: int = 16, copying: bool = True) -> dict:
     from PIL import Image
-    from covspec.families import DraftContext, visual_tokens
+    from covspec.families import DraftContext
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.drafter import Drafter
 
@@ -69,7 +69,7 @@ def probe(folder: Path, threads: int, contexts=CONTEXTS, keep_ratios=KEEP_RATIOS
     feeds = half.vision_inputs(image)
     artifact.encode_image(feeds)
     result["vision_s"] = timed_s(lambda: artifact.encode_image(feeds))
-    visual, _ = visual_tokens(half, feeds, *artifact.encode_image(feeds))
+    visual, _ = half.pack_visual_tokens(feeds, *artifact.encode_image(feeds))
     layout = half.prompt_layout(QUESTION, feeds)
     result["visual_tokens"] = int(visual.shape[0])
     result["prefill_s"] = {}

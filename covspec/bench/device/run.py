@@ -38,7 +38,7 @@ def device_run(model_folder: Path, artifact: Path, out: Path, *, threads: int = 
         for memory in MEMORY_MODES:
             log(f"  covspec device run --memory {memory} ...")
             done = subprocess.run(
-                [sys.executable, "-m", "covspec.cli.main", "device", "run", "--artifacts", str(artifact),
+                [sys.executable, "-m", "covspec", "device", "run", "--artifacts", str(artifact),
                  "--edge", edge.address, "--image", str(image), "--prompt", QUESTION, "--max-new-tokens",
                  str(max_new_tokens), "--threads", str(threads), "--memory", memory, "--timeout", "600", "--json"],
                 capture_output=True, text=True)

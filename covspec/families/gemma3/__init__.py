@@ -11,40 +11,14 @@ Halves: ``device`` (numpy/PIL/tokenizers: the fixed resize, the prompt's image
 expansion, the draft context with its image group), ``edge`` (torch: loading, the chat
 template, the target's context with ``token_type_ids`` and a full-length cache, pruned
 inputs) and ``export`` (torch: the vision and decoder wrappers, the manifest sections).
-Each half is imported only when asked for, so importing this package imports no torch.
+Each half is imported only when asked for (``LazyFamily``), so importing this package imports
+no torch.
 """
 
-from __future__ import annotations
+from covspec.families.common import LazyFamily
 
-from pathlib import Path
-
-
-class Gemma3Family:
-    """The ``Family`` of Gemma 3 models (see ``covspec.families.interface.Family``)."""
-
-    name = "gemma3"
-    architectures = ("Gemma3ForConditionalGeneration",)
-
-    def device(self, *, image, tokenizer_section, prompt_template, tokenizer, embed_tokens):
-        from covspec.families.gemma3.device import Gemma3Device
-
-        return Gemma3Device(image=image, tokenizer_section=tokenizer_section, prompt_template=prompt_template,
-                            tokenizer=tokenizer, embed_tokens=embed_tokens)
-
-    def load(self, path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
-        from covspec.families.gemma3.edge import load_gemma3
-
-        return load_gemma3(path, device=device, dtype=dtype)
-
-    def target(self, model, processor):
-        from covspec.families.gemma3.edge import Gemma3Target
-
-        return Gemma3Target(model, processor)
-
-    def exporter(self, model, processor):
-        from covspec.families.gemma3.export import Gemma3Export
-
-        return Gemma3Export(model, processor)
-
-
-GEMMA3 = Gemma3Family()
+GEMMA3 = LazyFamily("gemma3", ("Gemma3ForConditionalGeneration",),
+                    device_half="covspec.families.gemma3.device:Gemma3Device",
+                    loader="covspec.families.gemma3.edge:load_gemma3",
+                    target_half="covspec.families.gemma3.edge:Gemma3Target",
+                    export_half="covspec.families.gemma3.export:Gemma3Export")

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from covspec.families.common import require_image_keys
-from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
+from covspec.families.common import QUESTION_SLOT, fill_prompt, require_image_keys
+from covspec.families.interface import POSITIONS, DeviceHalf, DraftContext, PromptLayout
 from covspec.families.llava.device import pixel_values
 from covspec.protocol.manifest import ArtifactError
 
@@ -40,13 +40,13 @@ IMAGE_KEYS = ("size", "resize", "crop_size", "do_center_crop", "rescale_factor",
               "image_text_after")
 
 
-class Gemma3Device:
+class Gemma3Device(DeviceHalf):
     """The ``DeviceHalf`` of a Gemma 3 draft artifact."""
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
         require_image_keys(image, IMAGE_KEYS)
-        if prompt_template.count(image["placeholder"]) != 1 or prompt_template.count("{question}") != 1:
+        if prompt_template.count(image["placeholder"]) != 1 or prompt_template.count(QUESTION_SLOT) != 1:
             raise ArtifactError(f"the prompt template must contain one {image['placeholder']} and one {{question}}.")
         self.image = dict(image)
         self.image_token_id = int(tokenizer_section["image_token_id"])
@@ -72,7 +72,7 @@ class Gemma3Device:
                 raise ArtifactError(f"the question contains {token!r}; send the question text only, the prompt "
                                     "places the image itself.")
         seq = int(spec["image_seq_len"])
-        text = self.template.replace("{question}", question.strip())
+        text = fill_prompt(self.template, question)
         text = text.replace(spec["placeholder"],
                             spec["image_text_before"] + spec["image_token"] * seq + spec["image_text_after"])
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids, np.int64)

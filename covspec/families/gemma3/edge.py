@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template, target_context
+from covspec.families.common import ProcessorTarget, kept_embeddings
 from covspec.families.interface import ModelFolderError, TargetContext
 
 
@@ -62,23 +62,24 @@ def adds_bos(template: str, bos_text: str | None) -> bool:
     return not (bos_text and template.startswith(bos_text))
 
 
-class Gemma3Target:
+class Gemma3Target(ProcessorTarget):
     """The ``TargetHalf`` of a loaded Gemma 3 target."""
 
     def __init__(self, model, processor):
-        self.model = model
-        self.processor = processor
-        self.template = prompt_template(processor)
+        super().__init__(model, processor)
         self.add_special_tokens = adds_bos(self.template, processor.tokenizer.bos_token)
+
+    def placeholders(self) -> set[str]:
+        tokenizer = self.processor.tokenizer
+        return {self.processor.image_token, tokenizer.image_token, tokenizer.eoi_token}
+
+    def processor_options(self) -> dict[str, Any]:
+        return {"add_special_tokens": self.add_special_tokens}
 
     def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
         from transformers import DynamicCache
 
-        tokenizer = self.processor.tokenizer
-        prompt = self.template.replace(QUESTION_SLOT, question.strip())
-        context = target_context(self.model, self.processor, prompt, question, image, keep,
-                                 {self.processor.image_token, tokenizer.image_token, tokenizer.eoi_token},
-                                 add_special_tokens=self.add_special_tokens)
+        context = super().context(question, image, keep)
         context.inputs["cache"] = DynamicCache()        # full length on every layer: see the module docstring
         return context
 
@@ -89,21 +90,10 @@ class Gemma3Target:
         from transformers import DynamicCache
 
         inputs = context.inputs
-        ids = inputs["input_ids"][0]                                                    # [L]
-        is_image = ids == self.model.config.image_token_id
         features = self.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        features = features.reshape(-1, features.shape[-1])                             # [N, D]
-        embeds = self.model.get_input_embeddings()(ids[None])[0].clone()                # [L, D]
-        embeds[is_image] = features.to(embeds.dtype)
-        keep = ~is_image
-        keep[torch.nonzero(is_image)[:, 0][context.keep]] = True
-        embeds = embeds[keep][None]
-        return {"inputs_embeds": embeds, "token_type_ids": inputs["token_type_ids"][:, keep],
+        embeds, rows = kept_embeddings(self.model, inputs["input_ids"][0], features.reshape(-1, features.shape[-1]),
+                                       context.keep)
+        embeds = embeds[None]
+        return {"inputs_embeds": embeds, "token_type_ids": inputs["token_type_ids"][:, rows],
                 "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
                 "cache": DynamicCache()}
-
-    def eos_ids(self) -> set[int]:
-        return generation_eos_ids(self.model, self.processor.tokenizer)
-
-    def vocab(self) -> dict[str, int]:
-        return self.processor.tokenizer.get_vocab()

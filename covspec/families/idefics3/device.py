@@ -37,8 +37,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from covspec.families.common import require_image_keys
-from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
+from covspec.families.common import QUESTION_SLOT, fill_prompt, require_image_keys
+from covspec.families.interface import POSITIONS, DeviceHalf, DraftContext, PromptLayout
 from covspec.protocol.manifest import ArtifactError
 
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -150,13 +150,13 @@ def expand_image(grid: tuple[int, int], spec: Mapping) -> str:
     return f"{text}\n{fake}{glob}{tokens}{fake}"
 
 
-class Idefics3Device:
+class Idefics3Device(DeviceHalf):
     """The ``DeviceHalf`` of an Idefics3 / SmolVLM draft artifact."""
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
                  embed_tokens: np.ndarray):
         require_image_keys(image, IMAGE_KEYS)
-        if prompt_template.count(image["image_token"]) != 1 or prompt_template.count("{question}") != 1:
+        if prompt_template.count(image["image_token"]) != 1 or prompt_template.count(QUESTION_SLOT) != 1:
             raise ArtifactError("the prompt template must contain one image token and one {question}.")
         self.image = dict(image)
         self.image_token_id = int(tokenizer_section["image_token_id"])
@@ -192,7 +192,7 @@ class Idefics3Device:
         if image_token in question:
             raise ArtifactError(f"the question contains {image_token!r}; send the question text only, the "
                                 "prompt places the image itself.")
-        text = self.template.replace("{question}", question.strip())
+        text = fill_prompt(self.template, question)
         text = text.replace(image_token, expand_image(grid, self.image))
         ids = np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)   # special tokens included
         is_image = ids == self.image_token_id

@@ -20,11 +20,10 @@ numbers them); the opt-in pruned target keeps any subset of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covspec.families.common import QUESTION_SLOT, generation_eos_ids, prompt_template, target_context
+from covspec.families.common import ProcessorTarget, kept_embeddings
 from covspec.families.interface import ModelFolderError, TargetContext
 
 CLASSES = {"Idefics3ForConditionalGeneration": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
@@ -48,38 +47,17 @@ def load_idefics3(path: str | Path, *, device: str = "cpu", dtype: str = "float3
     return model, processor
 
 
-class Idefics3Target:
+class Idefics3Target(ProcessorTarget):
     """The ``TargetHalf`` of a loaded Idefics3 / SmolVLM target."""
-
-    def __init__(self, model, processor):
-        self.model = model
-        self.processor = processor
-        self.template = prompt_template(processor)
-
-    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
-        prompt = self.template.replace(QUESTION_SLOT, question.strip())
-        return target_context(self.model, self.processor, prompt, question, image, keep, [self.processor.image_token])
 
     def pruned_inputs(self, context: TargetContext) -> dict[str, Any]:
         """Text embeddings with every kept visual token in its slot and the others dropped."""
         import torch
 
         inputs = context.inputs
-        ids = inputs["input_ids"][0]                                                    # [L]
-        is_image = ids == self.model.config.image_token_id
         features = self.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                  pixel_attention_mask=inputs.get("pixel_attention_mask"))
         features = torch.cat(list(features.pooler_output), dim=0)                       # [N, D]
-        embeds = self.model.get_input_embeddings()(ids[None])[0].clone()                # [L, D]
-        embeds[is_image] = features.to(embeds.dtype)
-        keep = ~is_image
-        keep[torch.nonzero(is_image)[:, 0][context.keep]] = True
-        embeds = embeds[keep][None]
+        embeds = kept_embeddings(self.model, inputs["input_ids"][0], features, context.keep)[0][None]
         return {"inputs_embeds": embeds,
                 "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}
-
-    def eos_ids(self) -> set[int]:
-        return generation_eos_ids(self.model, self.processor.tokenizer)
-
-    def vocab(self) -> dict[str, int]:
-        return self.processor.tokenizer.get_vocab()

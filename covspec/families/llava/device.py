@@ -25,8 +25,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from covspec.families.common import require_image_keys
-from covspec.families.interface import POSITIONS, DraftContext, PromptLayout
+from covspec.families.common import fill_prompt, require_image_keys
+from covspec.families.interface import POSITIONS, DeviceHalf, DraftContext, PromptLayout
 from covspec.protocol.manifest import ArtifactError
 
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -69,7 +69,7 @@ def pixel_values(image: Image.Image, spec: Mapping) -> np.ndarray:
     return np.ascontiguousarray(normalized.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
-class LlavaDevice:
+class LlavaDevice(DeviceHalf):
     """The ``DeviceHalf`` of a LLaVA draft artifact."""
 
     def __init__(self, *, image: Mapping, tokenizer_section: Mapping, prompt_template: str, tokenizer,
@@ -94,7 +94,7 @@ class LlavaDevice:
         return {"pixel_values": pixels}
 
     def prompt_layout(self, question: str, feeds=None) -> PromptLayout:
-        text = self.template.replace("{question}", question.strip())
+        text = fill_prompt(self.template, question)
         ids = self.tokenizer.encode(text).ids  # as the processor does, special tokens included
         if ids.count(self.image_token_id) != 1:
             raise ArtifactError("the prompt template must contain exactly one image token.")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 from covspec.families.interface import GraphTrace, UnsupportedModelError
-from covspec.families.common import prompt_template
+from covspec.families.common import fill_prompt, prompt_template
 from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
 
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
@@ -113,7 +113,7 @@ class LlavaExport:
         return self.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float32)
 
     def processor_inputs(self, image, question: str) -> dict:
-        return dict(self.processor(images=image, text=self.template.replace("{question}", question),
+        return dict(self.processor(images=image, text=fill_prompt(self.template, question),
                                    return_tensors="pt"))
 
     def vision_feeds(self, inputs) -> dict[str, np.ndarray]:

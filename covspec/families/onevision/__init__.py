@@ -10,37 +10,10 @@ vision graph, the manifest sections). Each half is imported only when asked for,
 so importing this package imports no torch.
 """
 
-from __future__ import annotations
+from covspec.families.common import LazyFamily
 
-from pathlib import Path
-
-
-class OnevisionFamily:
-    """The ``Family`` of LLaVA-OneVision models (see ``covspec.families.interface.Family``)."""
-
-    name = "onevision"
-    architectures = ("LlavaOnevisionForConditionalGeneration",)
-
-    def device(self, *, image, tokenizer_section, prompt_template, tokenizer, embed_tokens):
-        from covspec.families.onevision.device import OnevisionDevice
-
-        return OnevisionDevice(image=image, tokenizer_section=tokenizer_section, prompt_template=prompt_template,
-                               tokenizer=tokenizer, embed_tokens=embed_tokens)
-
-    def load(self, path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
-        from covspec.families.onevision.edge import load_onevision
-
-        return load_onevision(path, device=device, dtype=dtype)
-
-    def target(self, model, processor):
-        from covspec.families.llava.edge import LlavaTarget
-
-        return LlavaTarget(model, processor)
-
-    def exporter(self, model, processor):
-        from covspec.families.onevision.export import OnevisionExport
-
-        return OnevisionExport(model, processor)
-
-
-ONEVISION = OnevisionFamily()
+ONEVISION = LazyFamily("onevision", ("LlavaOnevisionForConditionalGeneration",),
+                       device_half="covspec.families.onevision.device:OnevisionDevice",
+                       loader="covspec.families.onevision.edge:load_onevision",
+                       target_half="covspec.families.llava.edge:LlavaTarget",
+                       export_half="covspec.families.onevision.export:OnevisionExport")

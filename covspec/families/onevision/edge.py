@@ -14,9 +14,9 @@ LLaVA's (``LlavaTarget``) around this processor.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from covspec.families.common import saved_chat_template
 from covspec.families.interface import ModelFolderError
 from covspec.families.onevision.device import image_token_count
 
@@ -60,15 +60,6 @@ class OnevisionProcessor:
         return {**dict(self.tokenizer(text, return_tensors=return_tensors)), **inputs}
 
 
-def chat_template(path: Path) -> str | None:
-    """The processor's chat template saved in the folder, if any."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text())["chat_template"]
-    return None
-
-
 def load_onevision(path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
     """(model, ``OnevisionProcessor``) from a local folder, in eval mode. Nothing is fetched."""
     import torch
@@ -84,5 +75,5 @@ def load_onevision(path: str | Path, *, device: str = "cpu", dtype: str = "float
         raise ModelFolderError(f"{path} has no image processor files (preprocessor_config.json): {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    return model, OnevisionProcessor(image_processor, tokenizer, chat_template(path),
+    return model, OnevisionProcessor(image_processor, tokenizer, saved_chat_template(path),
                                      image_spec(model, image_processor), image_token)

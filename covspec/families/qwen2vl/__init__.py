@@ -14,41 +14,14 @@ Halves: ``device`` (numpy/PIL/tokenizers: resize, patchify, prompt layout, M-RoP
 positions, draft context), ``edge`` (torch: loading, a one-image processor standing
 in for ``Qwen2VLProcessor``, the target half with explicit positions) and ``export``
 (torch: the fixed-grid vision graph, the M-RoPE decoder, the manifest sections).
-Each half is imported only when asked for, so importing this package imports no torch.
+Each half is imported only when asked for (``LazyFamily``), so importing this package imports
+no torch.
 """
 
-from __future__ import annotations
+from covspec.families.common import LazyFamily
 
-from pathlib import Path
-
-
-class Qwen2VLFamily:
-    """The ``Family`` of Qwen2-VL / Qwen2.5-VL models (see ``covspec.families.interface.Family``)."""
-
-    name = "qwen2vl"
-    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    dynamic_resolution = True   # the exporter takes ``image_size`` (width, height)
-
-    def device(self, *, image, tokenizer_section, prompt_template, tokenizer, embed_tokens):
-        from covspec.families.qwen2vl.device import Qwen2VLDevice
-
-        return Qwen2VLDevice(image=image, tokenizer_section=tokenizer_section, prompt_template=prompt_template,
-                             tokenizer=tokenizer, embed_tokens=embed_tokens)
-
-    def load(self, path: str | Path, *, device: str = "cpu", dtype: str = "float32"):
-        from covspec.families.qwen2vl.edge import load_qwen2vl
-
-        return load_qwen2vl(path, device=device, dtype=dtype)
-
-    def target(self, model, processor):
-        from covspec.families.qwen2vl.edge import Qwen2VLTarget
-
-        return Qwen2VLTarget(model, processor)
-
-    def exporter(self, model, processor, image_size: tuple[int, int] | None = None):
-        from covspec.families.qwen2vl.export import Qwen2VLExport
-
-        return Qwen2VLExport(model, processor, image_size)
-
-
-QWEN2VL = Qwen2VLFamily()
+QWEN2VL = LazyFamily("qwen2vl", ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+                     device_half="covspec.families.qwen2vl.device:Qwen2VLDevice",
+                     loader="covspec.families.qwen2vl.edge:load_qwen2vl",
+                     target_half="covspec.families.qwen2vl.edge:Qwen2VLTarget",
+                     export_half="covspec.families.qwen2vl.export:Qwen2VLExport", dynamic_resolution=True)

@@ -10,7 +10,7 @@ chat template saved in the folder. It expands the prompt's one ``<|image_pad|>``
 ``replace_image_token``) and returns ``mm_token_type_ids`` (1 on image tokens), which
 the model needs to compute its 3-D positions.
 
-``Qwen2VLTarget`` is LLaVA's target half plus M-RoPE: ``next_position(context)`` is the
+``Qwen2VLTarget`` is the shared ``ProcessorTarget`` plus M-RoPE: ``next_position(context)`` is the
 position of the first generated token, from the model's own ``get_rope_index`` (the
 edge passes explicit positions in cached extensions instead of the model's
 ``rope_deltas``, which is one attribute shared by every session). With ``keep`` (the
@@ -23,9 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from covspec.families.common import ProcessorTarget, kept_embeddings, saved_chat_template
 from covspec.families.interface import ModelFolderError, TargetContext
-from covspec.families.llava.edge import LlavaTarget
-from covspec.families.onevision.edge import chat_template
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
@@ -78,11 +77,11 @@ def load_qwen2vl(path: str | Path, *, device: str = "cpu", dtype: str = "float32
         raise ModelFolderError(f"{path} has no image processor files (preprocessor_config.json): {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    return model, Qwen2VLProcessor(image_processor, tokenizer, chat_template(path), image_token,
+    return model, Qwen2VLProcessor(image_processor, tokenizer, saved_chat_template(path), image_token,
                                    model.config.image_token_id)
 
 
-class Qwen2VLTarget(LlavaTarget):
+class Qwen2VLTarget(ProcessorTarget):
     """The ``TargetHalf`` of a loaded Qwen2-VL / Qwen2.5-VL target."""
 
     def rope_positions(self, context: TargetContext):
@@ -102,15 +101,10 @@ class Qwen2VLTarget(LlavaTarget):
         import torch
 
         inputs = context.inputs
-        ids = inputs["input_ids"][0]                                                    # [L]
-        is_image = ids == self.model.config.image_token_id
         features = self.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         features = torch.cat(list(features.pooler_output), dim=0)                       # [N, D]
-        embeds = self.model.get_input_embeddings()(ids[None])[0].clone()                # [L, D]
-        embeds[is_image] = features.to(embeds.dtype)
-        keep = ~is_image
-        keep[torch.nonzero(is_image)[:, 0][context.keep]] = True
-        positions = self.rope_positions(context)[0][:, :, keep]                         # [3, 1, L']
-        embeds = embeds[keep][None]
+        embeds, rows = kept_embeddings(self.model, inputs["input_ids"][0], features, context.keep)
+        positions = self.rope_positions(context)[0][:, :, rows]                         # [3, 1, L']
+        embeds = embeds[None]
         return {"inputs_embeds": embeds, "position_ids": positions,
                 "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from covspec.families.interface import GraphTrace, ImageSizeError, UnsupportedModelError
-from covspec.families.common import prompt_template
+from covspec.families.common import fill_prompt, prompt_template
 from covspec.families.llava.export import RESAMPLE_NAMES
 from covspec.families.qwen2vl.device import merged_grid, smart_resize
 from covspec.families.text_export import FlatCacheDecoder, decoder_graph, decoder_spec, tokenizer_section
@@ -110,7 +110,7 @@ class Qwen2VLExport:
         return self.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float32)
 
     def processor_inputs(self, image, question: str) -> dict:
-        return dict(self.processor(images=image, text=self.template.replace("{question}", question),
+        return dict(self.processor(images=image, text=fill_prompt(self.template, question),
                                    return_tensors="pt"))
 
     def vision_feeds(self, inputs) -> dict[str, np.ndarray]:
