@@ -64,9 +64,9 @@ class DeviceSession:
 
     def await_opened(self, message: Open) -> Opened:
         """The reply to an ``open`` already sent (sent again if it does not come)."""
-        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2)
+        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2, Opened)
         if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
-            reply = self.client.request(message)           # resends, and waits out a busy edge
+            reply = self.client.request(message, expect=Opened)     # resends, and waits out a busy edge
         if isinstance(reply, Error):
             raise EdgeError(reply.code, reply.message)
         return reply
@@ -84,7 +84,7 @@ class DeviceSession:
         for attempt in range(attempts):
             on_attempt(attempt)
             try:
-                return self.client.request(self.open_message(committed, target_keep))
+                return self.client.request(self.open_message(committed, target_keep), expect=Opened)
             except EdgeUnreachable as exc:
                 last = exc
                 time.sleep(self.client.backoff.backoff_s * (2 ** attempt))
