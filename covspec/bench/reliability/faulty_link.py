@@ -14,16 +14,21 @@ answer). The promises it checks, each counted over every answer:
   prefix of the target's answer (``Answer.diverged``), though the link duplicated
   messages both ways.
 
-``faulty_link_problems(result)`` lists what broke, empty when every promise held.
+``faulty_link_problems(result)`` lists what broke, empty when every promise held;
+``measure_faulty_link`` runs the phase against an edge child of its own
+(``covspec bench reliability --faulty-link``).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from covspec.bench.harness.devices import DeviceLoop, run_for
+from covspec.bench.harness.edge import start_edge
 from covspec.bench.harness.link import Faults, LinkEmulator, profile_named
+from covspec.bench.reliability.phases import reliability_world
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.options import DraftingOptions
@@ -51,6 +56,11 @@ class FaultyLinkPlan:
     retries: int = 4
     reopen_attempts: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        self.faults                              # noqa: B018 - refuses faults that are not probabilities
+        if self.devices < 1 or self.seconds <= 0 or self.partitions < 0 or self.partition_s < 0:
+            raise ValueError("a faulty-link run needs devices >= 1, seconds > 0 and partitions, partition_s >= 0")
 
     @property
     def faults(self) -> Faults:
@@ -107,6 +117,18 @@ def faulty_link_phase(address: str, world: dict, plan: FaultyLinkPlan) -> dict:
             "longest_stall_s": round(max((a.stalled_s for a in failed), default=0.0), 2),
             "reopens": sum(a.reopens for a in answers), "by_lead": by_lead,
             "errors": sorted({a.error[:200] for a in failed})[:5]}
+
+
+def measure_faulty_link(plan: FaultyLinkPlan, artifacts: Path, target_dir: Path, log_path: Path,
+                        questions: int = 8, max_new_tokens: int = 48) -> dict:
+    """``faulty_link_phase`` against a ``covspec edge serve`` child of its own."""
+    _, world = reliability_world(artifacts, target_dir, questions, max_new_tokens)
+    edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, idle_timeout_s=30.0)
+    try:
+        return {**faulty_link_phase(edge.address, world, plan), "questions": questions,
+                "max_new_tokens": max_new_tokens}
+    finally:
+        edge.stop()
 
 
 def faulty_link_problems(result: dict) -> list[str]:

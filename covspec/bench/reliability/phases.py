@@ -180,19 +180,26 @@ class ReliabilityPlan:
     seed: int = 0
 
 
+def reliability_world(artifacts: Path, target_dir: Path, questions: int, max_new_tokens: int) -> tuple[TargetFacts, dict]:
+    """What the fuzzer knows of the target, and what the devices need (``run_devices``'s
+    keywords): the draft, ``questions`` held-out questions, the target's greedy answers
+    to them, greedy settings."""
+    from covspec.runtime_edge.target import TargetModel
+
+    asked = toy_questions(questions)
+    target = TargetModel.load(target_dir)
+    facts = TargetFacts(target.vocab_size, target.vocab_hash, asked[0].image_png)
+    return facts, {"artifact": DraftArtifact.load(artifacts, threads=1), "questions": asked,
+                   "references": greedy_references(target_dir, asked, max_new_tokens),
+                   "settings": GenerationSettings(max_new_tokens=max_new_tokens)}
+
+
 def measure_reliability(plan: ReliabilityPlan, artifacts: Path, target_dir: Path, log_path: Path,
                         phase: Callable[[str], None] = lambda name: None,
                         tick: Callable[[], None] = lambda: None) -> dict:
     """Every phase of ``plan``; ``phase(name)`` is called as each begins, ``tick`` per hostile message."""
-    from covspec.runtime_edge.target import TargetModel
-
     phase("references")
-    questions = toy_questions(plan.questions)
-    target = TargetModel.load(target_dir)
-    facts = TargetFacts(target.vocab_size, target.vocab_hash, questions[0].image_png)
-    world = {"artifact": DraftArtifact.load(artifacts, threads=1), "questions": questions,
-             "references": greedy_references(target_dir, questions, plan.max_new_tokens),
-             "settings": GenerationSettings(max_new_tokens=plan.max_new_tokens)}
+    facts, world = reliability_world(artifacts, target_dir, plan.questions, plan.max_new_tokens)
     summary: dict = {"plan": asdict(plan)}
     phase("fuzz")
     edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, idle_timeout_s=20.0)
