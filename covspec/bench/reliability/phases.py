@@ -181,17 +181,18 @@ class ReliabilityPlan:
 
 
 def reliability_world(artifacts: Path, target_dir: Path, questions: int, max_new_tokens: int) -> tuple[TargetFacts, dict]:
-    """What the fuzzer knows of the target, and what the devices need (``run_devices``'s
-    keywords): the draft, ``questions`` held-out questions, the target's greedy answers
-    to them, greedy settings."""
+    """What the fuzzer knows of the target (its victims ask the first question), and what
+    the devices need (``run_devices``'s keywords): the draft, ``questions`` held-out
+    questions, the target's greedy answers to them, greedy settings."""
     from covspec.runtime_edge.target import TargetModel
 
     asked = toy_questions(questions)
     target = TargetModel.load(target_dir)
-    facts = TargetFacts(target.vocab_size, target.vocab_hash, asked[0].image_png)
+    references = greedy_references(target_dir, asked, max_new_tokens)
+    facts = TargetFacts(target.vocab_size, target.vocab_hash, asked[0].image_png, victim_prompt=asked[0].question,
+                        victim_answer=tuple(references[0]))
     return facts, {"artifact": DraftArtifact.load(artifacts, threads=1), "questions": asked,
-                   "references": greedy_references(target_dir, asked, max_new_tokens),
-                   "settings": GenerationSettings(max_new_tokens=max_new_tokens)}
+                   "references": references, "settings": GenerationSettings(max_new_tokens=max_new_tokens)}
 
 
 def measure_reliability(plan: ReliabilityPlan, artifacts: Path, target_dir: Path, log_path: Path,
