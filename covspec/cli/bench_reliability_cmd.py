@@ -28,6 +28,7 @@ from covspec.cli.bench_common import RESULTS, write_section
 @click.option("--vanished", default=16, show_default=True, type=click.IntRange(min=1),
               help="Clients that open a session and disappear.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--fuzz-only", is_flag=True, help="The hostile messages alone (no load levels, vanished clients, restarts).")
 @click.option("--quick", is_flag=True, help="A smoke test: 2,000 messages, 1 and 4 devices for 10 s, one kill.")
 @click.option("--hostile-edge", is_flag=True,
               help="Instead: a fake edge answers the real device with malformed and hostile replies (< 1 min).")
@@ -44,7 +45,7 @@ from covspec.cli.bench_common import RESULTS, write_section
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def reliability(messages: int, sockets: int, levels: str, seconds: float, kills: int, vanished: int, seed: int,
-                quick: bool, hostile_edge: bool, faulty_link: bool, link_devices: int, faults: str,
+                fuzz_only: bool, quick: bool, hostile_edge: bool, faulty_link: bool, link_devices: int, faults: str,
                 artifacts_dir: Path, out: Path, markdown: bool) -> None:
     """Hostile messages against a live edge with a well-behaved device alongside (replies
     by code, messages without a reply, crashes, edge memory), then 1..N concurrent
@@ -72,22 +73,22 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
     if not counts or min(counts) < 1:
         raise click.BadParameter("give at least one number of devices, each >= 1", param_hint="--devices")
     plan = ReliabilityPlan(messages=messages, sockets=sockets, levels=counts, seconds=seconds, kills=kills,
-                           vanished=vanished, seed=seed)
+                           vanished=vanished, seed=seed, fuzz_only=fuzz_only)
     if quick:
         plan = ReliabilityPlan(messages=2_000, sockets=4, levels=(1, 4), seconds=10.0, kills=1, vanished=4,
-                               idle_timeout_s=3.0, questions=4, seed=seed)
+                               idle_timeout_s=3.0, questions=4, seed=seed, fuzz_only=fuzz_only)
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=plan.messages, desc="hostile messages", unit="msg", file=sys.stderr) as bar:
         summary = measure_reliability(plan, artifacts, bundled_model_dir("target"), out / "edge.log",
                                       phase=lambda name: bar.write(f"reliability: {name}", file=sys.stderr),
                                       tick=bar.update)
-    name = "reliability-quick" if quick else "reliability"
+    name = "reliability-quick" if quick else "reliability-fuzz" if fuzz_only else "reliability"
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     body = render(summary)
     click.echo(body)
     if markdown and not quick:
-        write_section("reliability", "Reliability: hostile messages, load, faults", body)
+        write_section("reliability", "Reliability: hostile messages" + ("" if fuzz_only else ", load, faults"), body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
     problems = verdict(summary)
     if problems:

@@ -178,6 +178,7 @@ class ReliabilityPlan:
     questions: int = 16
     max_new_tokens: int = 64
     seed: int = 0
+    fuzz_only: bool = False          # the hostile messages alone (no load, vanished clients, restarts)
 
 
 def reliability_world(artifacts: Path, target_dir: Path, questions: int, max_new_tokens: int) -> tuple[TargetFacts, dict]:
@@ -208,6 +209,8 @@ def measure_reliability(plan: ReliabilityPlan, artifacts: Path, target_dir: Path
         summary["fuzz"] = fuzz_phase(edge, facts, world, plan.messages, plan.sockets, plan.seed, log_path, tick)
     finally:
         edge.stop()
+    if plan.fuzz_only:
+        return summary
     edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, idle_timeout_s=plan.idle_timeout_s)
     address = edge.address
     try:
