@@ -40,13 +40,18 @@ from covspec.cli.bench_common import RESULTS, write_section
               help="With --faulty-link: the link's faults and the devices' patience, e.g. "
                    "drop=0.05,duplicate=0.1,reorder=0.05,jitter_ms=5,partitions=3,partition_s=2,link=wifi "
                    "(fields of covspec.bench.reliability.faulty_link.FaultyLinkPlan).")
+@click.option("--soak-seconds", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Instead: a soak this long (0: none): mixed device-led and edge-led devices with bursts of "
+                   "hostile messages; edge RSS growth after the warm-up (a tenth, at most 120 s), wrong answers, "
+                   "latency percentiles per minute.")
+@click.option("--soak-devices", default=16, show_default=True, type=click.IntRange(min=1), help="Devices of the soak.")
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
 def reliability(messages: int, sockets: int, levels: str, seconds: float, kills: int, vanished: int, seed: int,
                 fuzz_only: bool, quick: bool, hostile_edge: bool, faulty_link: bool, link_devices: int, faults: str,
-                artifacts_dir: Path, out: Path, markdown: bool) -> None:
+                soak_seconds: float, soak_devices: int, artifacts_dir: Path, out: Path, markdown: bool) -> None:
     """Hostile messages against a live edge with a well-behaved device alongside (replies
     by code, messages without a reply, crashes, edge memory), then 1..N concurrent
     devices, SIGKILL + restart mid-generation and vanished clients; every answer is
@@ -54,11 +59,14 @@ def reliability(messages: int, sockets: int, levels: str, seconds: float, kills:
     a fake edge against the real device, which must end every generation with a clear
     error within its patience. With --faulty-link, devices through a link that drops,
     duplicates, reorders and partitions: every answer the target's own or a clear error
-    within its patience, nothing committed twice. Exits 1 if a promise was broken."""
+    within its patience, nothing committed twice. With --soak-seconds, a long soak: edge
+    memory flat after the warm-up, no wrong answer. Exits 1 if a promise was broken."""
     if hostile_edge:
         return _hostile_edge(artifacts_dir, out, markdown)
     if faulty_link:
         return _faulty_link(artifacts_dir, out, markdown, link_devices, seconds, seed, faults)
+    if soak_seconds:
+        return _soak(artifacts_dir, out, markdown, soak_seconds, soak_devices, seed)
     from tqdm import tqdm
 
     from covspec.bench.reliability.phases import ReliabilityPlan, measure_reliability
@@ -151,12 +159,32 @@ def _faulty_link(artifacts_dir: Path, out: Path, markdown: bool, devices: int, s
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
     out.mkdir(parents=True, exist_ok=True)
     result = measure_faulty_link(plan, artifacts, bundled_model_dir("target"), out / "edge.log")
-    (out / "reliability-faulty-link.json").write_text(json.dumps(result, indent=1))
-    problems = faulty_link_problems(result)
-    body = faulty_link_table(result) + "\n\nVerdict: " + ("every promise kept." if not problems else
-                                                         "; ".join(problems) + ".")
+    _publish(result, out / "reliability-faulty-link.json", "Reliability: real devices through a faulty link",
+             faulty_link_table(result), faulty_link_problems(result), markdown)
+
+
+def _publish(result: dict, json_path: Path, title: str, table: str, problems: list[str], markdown: bool) -> None:
+    """Write ``result`` to ``json_path``, print ``table`` and its verdict (and put them under
+    ``title`` in BENCHMARKS.md); exit 1 when a promise was broken."""
+    json_path.write_text(json.dumps(result, indent=1))
+    body = table + "\n\nVerdict: " + ("every promise kept." if not problems else "; ".join(problems) + ".")
     click.echo(body)
     if markdown:
-        write_section("reliability", "Reliability: real devices through a faulty link", body)
+        write_section("reliability", title, body)
     if problems:
         raise click.ClickException("broken promises: " + "; ".join(problems))
+
+
+def _soak(artifacts_dir: Path, out: Path, markdown: bool, seconds: float, devices: int, seed: int) -> None:
+    from covspec.bench.reliability.soak import SoakPlan, measure_soak, soak_problems, soak_table
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    plan = SoakPlan(seconds=seconds, devices=devices, warmup_s=min(120.0, seconds / 10),
+                    hostile_every_s=min(10.0, seconds / 4), seed=seed)
+    artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    click.echo(f"soak: {devices} devices for {seconds:g} s", err=True)
+    result = measure_soak(plan, artifacts, bundled_model_dir("target"), out / "edge.log")
+    _publish(result, out / "reliability-soak.json", "Reliability: soak", soak_table(result), soak_problems(result),
+             markdown)
