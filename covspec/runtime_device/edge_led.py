@@ -281,7 +281,7 @@ class EdgeLedGeneration:
             self._judged(chunk)
             self.stats.stale += 1
             self.stale += 1                   # an edge that steps streams its tokens before the stale verdict:
-            if self.stale > self.client.backoff.retries:      # stale again and again with none between is lost
+            if self.stale > max(self.client.backoff.retries, 1):    # stale again and again, none between: lost
                 return self._reopen(f"{self.stale} chunks in a row answered stale without a token between")
             return []
         if reply.start != len(self.committed):
