@@ -175,6 +175,13 @@ def test_a_partition_loses_everything_while_it_lasts(echo_edge):
         socket.send(b"after")
         assert received(socket, 0.2) == [b"after"]
         assert link.counts["up"]["partitioned"] == 1 and link.partitions == 1
+        link.partition(0.5, "down")                      # one way: the message gets there, its echo is lost
+        assert link.partitioned(direction="down") and not link.partitioned(direction="up")
+        socket.send(b"one way")
+        assert received(socket, 0.3) == []
+        assert link.counts["up"]["delivered"] == 3 and link.counts["down"]["partitioned"] == 1
+        with pytest.raises(ValueError, match="direction"):
+            link.partition(1.0, "sideways")
     finally:
         socket.close(linger=0)
         link.stop()

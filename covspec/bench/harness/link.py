@@ -11,8 +11,8 @@ A faulty link (``Faults``, one per direction, seeded; the defaults fault nothing
 each message may be dropped, duplicated (the copy lands up to ``reorder_ms`` later,
 possibly after messages sent behind it), held back by up to ``jitter_ms`` (so later
 messages may overtake it), or held back ``reorder_ms`` so that later messages overtake
-it (``reorder``). ``LinkEmulator.partition(seconds)`` cuts the link both ways: every
-message sent, or due to land, while it lasts is lost. ``LinkEmulator.counts`` says per
+it (``reorder``). ``LinkEmulator.partition(seconds, direction)`` cuts the link one way
+or both: every message that way sent, or due to land, while it lasts is lost. ``LinkEmulator.counts`` says per
 direction how many messages were sent, delivered, dropped, duplicated, reordered and
 lost to partitions.
 """
@@ -143,7 +143,7 @@ class LinkEmulator:
         self.upstream = upstream
         self.profile = profile
         self._up, self._down = _Direction(profile, up, seed * 2), _Direction(profile, down, seed * 2 + 1)
-        self._cut_until = 0.0
+        self._cut_until = {"up": 0.0, "down": 0.0}
         self.partitions = 0
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)
@@ -165,13 +165,17 @@ class LinkEmulator:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def partition(self, seconds: float) -> None:
-        """Cut the link both ways for ``seconds`` from now: every message is lost meanwhile."""
-        self._cut_until = max(self._cut_until, time.monotonic() + seconds)
+    def partition(self, seconds: float, direction: str = "both") -> None:
+        """Cut the link for ``seconds`` from now (``up``, ``down`` or ``both`` ways): every
+        message that way is lost meanwhile."""
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"direction is up, down or both, not {direction!r}")
+        for way in ("up", "down") if direction == "both" else (direction,):
+            self._cut_until[way] = max(self._cut_until[way], time.monotonic() + seconds)
         self.partitions += 1
 
-    def partitioned(self, now: float | None = None) -> bool:
-        return (time.monotonic() if now is None else now) < self._cut_until
+    def partitioned(self, now: float | None = None, direction: str = "up") -> bool:
+        return (time.monotonic() if now is None else now) < self._cut_until[direction]
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
@@ -187,10 +191,9 @@ class LinkEmulator:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                cut = self.partitioned(now)
-                for backend, frames in up.due(now, cut):
+                for backend, frames in up.due(now, self.partitioned(now, "up")):
                     backend.send_multipart(frames)
-                for identity, frames in down.due(now, cut):
+                for identity, frames in down.due(now, self.partitioned(now, "down")):
                     self.frontend.send_multipart([identity] + frames)
                 times = [t for t in (up.next_time(), down.next_time()) if t is not None]
                 wait_s = 0.05 if not times else min(times) - time.monotonic()
@@ -213,9 +216,9 @@ class LinkEmulator:
                             backends[identity] = backend
                             identity_of[backend] = identity
                             poller.register(backend, zmq.POLLIN)
-                        up.push(now, backends[identity], frames, self.partitioned(now))
+                        up.push(now, backends[identity], frames, self.partitioned(now, "up"))
                     else:
-                        down.push(now, identity_of[socket], frames, self.partitioned(now))
+                        down.push(now, identity_of[socket], frames, self.partitioned(now, "down"))
         finally:
             for backend in backends.values():
                 backend.close(linger=0)

@@ -52,6 +52,7 @@ class FaultyLinkPlan:
     jitter_ms: float = 5.0
     partitions: int = 3
     partition_s: float = 2.0
+    partition_way: str = "both"      # up, down or both
     timeout_s: float = 1.0           # the devices' per-attempt timeout
     retries: int = 4
     reopen_attempts: int = 10
@@ -61,6 +62,8 @@ class FaultyLinkPlan:
         self.faults                              # noqa: B018 - refuses faults that are not probabilities
         if self.devices < 1 or self.seconds <= 0 or self.partitions < 0 or self.partition_s < 0:
             raise ValueError("a faulty-link run needs devices >= 1, seconds > 0 and partitions, partition_s >= 0")
+        if self.partition_way not in ("up", "down", "both"):
+            raise ValueError(f"partition_way is up, down or both, not {self.partition_way!r}")
 
     @property
     def faults(self) -> Faults:
@@ -95,7 +98,7 @@ def faulty_link_phase(address: str, world: dict, plan: FaultyLinkPlan) -> dict:
         for k in range(plan.partitions):
             if stop.wait(plan.seconds / (plan.partitions + 1)):
                 return
-            link.partition(plan.partition_s)
+            link.partition(plan.partition_s, plan.partition_way)
 
     try:
         answers, _, wall = run_for(devices, stop, plan.seconds, partitioner)
@@ -158,7 +161,8 @@ def faulty_link_table(result: dict) -> str:
 
     lines = [f"Link `{plan['link']}` with, each way, drop {plan['drop']:g}, duplicate {plan['duplicate']:g}, "
              f"reorder {plan['reorder']:g} (held {plan['reorder_ms']:g} ms), jitter up to {plan['jitter_ms']:g} ms, "
-             f"and {result['partitions']} partitions of {plan['partition_s']:g} s; {plan['devices']} devices for "
+             f"and {result['partitions']} partitions of {plan['partition_s']:g} s ({plan.get('partition_way', 'both')} "
+             f"ways); {plan['devices']} devices for "
              f"{plan['seconds']:g} s (timeout {plan['timeout_s']:g} s, {plan['retries']} resends, "
              f"{plan['reopen_attempts']} reopens: patience {result['patience_s']:g} s). Seed {plan['seed']}.",
              "", f"Up: {faults(up)}. Down: {faults(down)}.", "",
