@@ -290,3 +290,26 @@ def test_the_plan_command_lists_recommends_and_refuses():
     assert fast_draft.exit_code == 0 and "recommended: target-only" not in fast_draft.output
     bad = CliRunner().invoke(cli, ["plan", "--regime", "phone-9b@7b-a100-hf"])
     assert bad.exit_code == 2 and "unknown device profile" in bad.output
+
+
+def test_bench_regime_measures_every_scenario_and_labels_its_table(tmp_path):
+    from covspec.bench.end_to_end.plan_check import validate
+    from covspec.bench.end_to_end.regime import measure_regimes, regime_scenarios, regime_section
+    from covspec.bench.harness.link import profile_named
+    from covspec.bench.harness.workload import toy_questions
+    from covspec.toy.artifacts import ensure_toy_artifacts
+    from covspec.toy.models import bundled_model_dir
+
+    regime, links = fast_regime(tmp_path, step_ms=8.0), [profile_named("loopback")]
+    results = measure_regimes([regime], ensure_toy_artifacts(), bundled_model_dir("target"), links, toy_questions(2),
+                              GenerationSettings(max_new_tokens=24), tmp_path / "edge.log")
+    records = results[regime]
+    assert {r["scenario"] for r in records} == {s.name for s in regime_scenarios()}
+    baseline = {r["scene"]: r["token_ids"] for r in records if r["scenario"] == "target-only"}
+    assert all(r["token_ids"] == baseline[r["scene"]] for r in records)
+    assert sum(r["drafted"] for r in records if r["scenario"] == "plan-device-led") > 0
+    table = regime_section(regime, records, links)
+    assert "(emulated)" in table and "overruns" in table
+    data = {"links": [link.__dict__ for link in links], "records": results, "plan_draft_len": 8}
+    rows = validate(data)
+    assert rows and all(r["measured"] > 0 and r["predicted"] > 0 for r in rows)

@@ -34,7 +34,7 @@ def regime(regimes: str | None, links: str, count: int, max_new_tokens: int, art
     from tqdm import tqdm
 
     from covspec.bench.harness.link import profile_named
-    from covspec.bench.end_to_end.regime import measure_regimes, regime_scenarios, regime_section
+    from covspec.bench.end_to_end.regime import PLAN_DRAFT_LEN, measure_regimes, regime_scenarios, regime_section
     from covspec.bench.harness.workload import toy_questions
     from covspec.regime import RegimeError, builtin_regimes, load_regime
     from covspec.runtime_device.options import GenerationSettings
@@ -56,7 +56,8 @@ def regime(regimes: str | None, links: str, count: int, max_new_tokens: int, art
                                   GenerationSettings(max_new_tokens=max_new_tokens), out / "edge.log",
                                   tick=bar.update)
     (out / "regime.json").write_text(json.dumps(
-        {"links": [p.__dict__ for p in profiles], "profiles": described, "records": results}, indent=1))
+        {"links": [p.__dict__ for p in profiles], "profiles": described, "plan_draft_len": PLAN_DRAFT_LEN,
+         "records": results}, indent=1))
     sections = [regime_section(name, records, profiles) for name, records in results.items()]
     body = "\n\n".join(sections)
     click.echo(body)
@@ -66,7 +67,7 @@ def regime(regimes: str | None, links: str, count: int, max_new_tokens: int, art
                  "phone-class device and every target forward to the named model on its GPU (profiles and their "
                  "sources: `covspec/regime/profiles.json`); calls whose real compute was slower than emulated are "
                  "counted as overruns. `covspec` is today's default (edge-led for greedy); `plan-device-led` is "
-                 "device-led with a fixed draft length of 4, no pipelining, no branches. Speedups are medians over "
+                 f"device-led with a fixed draft length of {PLAN_DRAFT_LEN}, no pipelining, no branches. Speedups are medians over "
                  "questions of target-only's time over the scenario's, same run, same link.")
         write_section("regime", "Deployment regime (emulated)", f"{intro}\n\n{body}")
     click.echo(f"raw results: {out / 'regime.json'}", err=True)

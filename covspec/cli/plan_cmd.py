@@ -53,10 +53,10 @@ def plan(regime_spec: str, link_name: str, rtt_ms: float | None, bandwidth_mbps:
                        f"{roofline.vision_s(regime.device, 1) * 1000:.0f} ms")
         return
     if records_file is not None:
-        from covspec.bench.end_to_end.plan_check import curve, error_table, validate
+        from covspec.bench.end_to_end.plan_check import curve, draft_len, error_table, validate
 
         data = json.loads(records_file.read_text())
-        table = error_table(validate(data), curve(data["records"]))
+        table = error_table(validate(data), curve(data), draft_len(data))
         click.echo(table)
         if markdown:
             write_section("plan", "Plan vs emulated runs", f"Records: `{records_file}` (`covspec bench regime`).\n\n"

@@ -23,7 +23,6 @@ import dataclasses
 import numpy as np
 
 from covspec.bench.end_to_end.lead_report import WORKLOADS
-from covspec.bench.end_to_end.regime import PLAN_DRAFT_LEN
 from covspec.regime import load_regime
 from covspec.regime import plan as model
 
@@ -32,12 +31,17 @@ TOY_DRAFT_ROWS = 82         # the toy draft's context at the artifact's keep rat
 MODELLED = {"covspec": "edge-led", "plan-device-led": "device-led"}
 
 
-def curve(records_by_regime: dict[str, list[dict]]) -> list[float]:
+def draft_len(data: dict) -> int:
+    """The fixed draft length of the run's ``plan-device-led`` rounds (4 before it was recorded)."""
+    return int(data.get("plan_draft_len", 4))
+
+
+def curve(data: dict) -> list[float]:
     """The acceptance curve of the fixed-length device-led rounds on descriptions,
     extended to the longest edge-led chunk by the measured positions' geometric mean."""
-    counts = [a for records in records_by_regime.values() for r in records
+    counts = [a for records in data["records"].values() for r in records
               if r["scenario"] == "plan-device-led" and r["qtype"] == "describe" for a in r["accepted_counts"]]
-    measured = model.acceptance_curve(counts, PLAN_DRAFT_LEN)
+    measured = model.acceptance_curve(counts, draft_len(data))
     mean = float(np.prod(measured) ** (1 / len(measured)))
     return measured + [mean] * (model.LEAD_MAX - len(measured))
 
@@ -57,7 +61,7 @@ def measured(costs: model.Costs, records: list[dict]) -> model.Costs:
         draft_prefill_s=float(np.median(drafts)) if drafts else costs.draft_prefill_s)
 
 
-def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float], run: list[dict]) -> float:
+def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float], run: list[dict], k: int) -> float:
     """The plan's time for ``record``'s answer under ``mode``, with the costs ``run`` (the
     records of its regime and link) measured."""
     costs = measured(model.costs_for(regime, link["rtt_ms"], link["bandwidth_mbps"], edge_context=TOY_EDGE_CONTEXT,
@@ -67,13 +71,13 @@ def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float],
         return model.target_only_s(costs, n)
     if mode == "edge-led":
         return model.edge_led_s(costs, n, alpha)
-    return model.device_led_s(costs, n, alpha, PLAN_DRAFT_LEN)
+    return model.device_led_s(costs, n, alpha, k)
 
 
 def validate(data: dict) -> list[dict]:
     """One row per regime x link x workload x modelled scenario: measured and predicted speedups."""
     links = {link["name"]: link for link in data["links"]}
-    alpha = curve(data["records"])
+    alpha, k = curve(data), draft_len(data)
     rows = []
     for name, records in data["records"].items():
         regime = load_regime(name)
@@ -90,18 +94,18 @@ def validate(data: dict) -> list[dict]:
                         continue
                     measured = np.median([b["wall_s"] / r["wall_s"] for r, b in pairs])
                     run = [r for r in records if r["link"] == link_name]
-                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha, run) /
-                                           predicted_s(regime, link, r, mode, alpha, run) for r, b in pairs])
+                    predicted = np.median([predicted_s(regime, link, b, "target-only", alpha, run, k) /
+                                           predicted_s(regime, link, r, mode, alpha, run, k) for r, b in pairs])
                     rows.append({"regime": name, "link": link_name, "scenario": scenario, "workload": workload,
                                  "measured": float(measured), "predicted": float(predicted),
                                  "error": float(predicted / measured - 1)})
     return rows
 
 
-def error_table(rows: list[dict], alpha: list[float]) -> str:
+def error_table(rows: list[dict], alpha: list[float], k: int) -> str:
     within = sum(abs(r["error"]) <= 0.15 for r in rows)
     lines = ["Acceptance by position (the `plan-device-led` rounds on descriptions; later positions their "
-             f"geometric mean): {', '.join(f'{a:.2f}' for a in alpha[:PLAN_DRAFT_LEN + 1])}, ...",
+             f"geometric mean): {', '.join(f'{a:.2f}' for a in alpha[:k + 1])}, ...",
              "", f"{within} of {len(rows)} predictions within ±15% of the emulated runs; largest error "
              f"{max((abs(r['error']) for r in rows), default=0):.0%}.", "",
              "| regime | link | scenario | workload | measured speedup | predicted | error |", "|---|---|---|---|---|---|---|"]

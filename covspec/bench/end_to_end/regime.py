@@ -24,7 +24,7 @@ from covspec.bench.end_to_end.scenarios import COVSPEC, Scenario
 from covspec.bench.harness.workload import Question
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 
-PLAN_DRAFT_LEN = 4
+PLAN_DRAFT_LEN = 8
 
 
 def regime_scenarios() -> list[Scenario]:
