@@ -48,6 +48,13 @@ def greedy_references(target_dir: Path, questions: list[Question], max_new_token
     return answers
 
 
+def own_copy(artifact: DraftArtifact) -> DraftArtifact:
+    """The same artifact opened again (one onnxruntime thread), for one device alone. Devices
+    that share one artifact share its graphs' ``interrupted()``: a generation that abandons
+    its draft's prefill then ends the runs of every other device too."""
+    return DraftArtifact.load(artifact.folder, threads=1, verify_hashes=False, lean=artifact.lean)
+
+
 @dataclass
 class Answer:
     device: int

@@ -25,11 +25,10 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from covspec.bench.harness.devices import DeviceLoop, run_for
+from covspec.bench.harness.devices import DeviceLoop, own_copy, run_for
 from covspec.bench.harness.edge import start_edge
 from covspec.bench.harness.link import Faults, LinkEmulator, profile_named
 from covspec.bench.reliability.phases import reliability_world
-from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import Backoff
 from covspec.runtime_device.options import DraftingOptions
 from covspec.runtime_device.session import patience_s
@@ -86,9 +85,8 @@ def faulty_link_phase(address: str, world: dict, plan: FaultyLinkPlan) -> dict:
     link = LinkEmulator("tcp://127.0.0.1:0", address, profile_named(plan.link), up=faults, down=faults,
                         seed=plan.seed).start()
     stop = threading.Event()
-    # One artifact per device: a generation that ends abandons its draft's prefill by interrupting every
-    # run of its artifact (``DraftArtifact.interrupted``), which must not hit another device's runs.
-    devices = [DeviceLoop(i, DraftArtifact.load(world["artifact"].folder, threads=1), link.address, world["questions"], world["references"], stop,
+    # One artifact per device (``own_copy``): abandoning a prefill must not end another device's runs.
+    devices = [DeviceLoop(i, own_copy(world["artifact"]), link.address, world["questions"], world["references"], stop,
                           settings=world["settings"], backoff=plan.backoff,
                           options=DraftingOptions(lead="device" if i % 2 == 0 else "edge",
                                                   reopen_attempts=plan.reopen_attempts))

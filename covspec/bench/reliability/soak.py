@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.harness.devices import DeviceLoop, run_for
+from covspec.bench.harness.devices import DeviceLoop, own_copy, run_for
 from covspec.bench.harness.edge import start_edge
 from covspec.bench.harness.rss import RssSampler
 from covspec.bench.reliability.fuzz_run import run_fuzz
 from covspec.bench.reliability.hostile import TargetFacts
 from covspec.bench.reliability.phases import reliability_world
-from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.options import DraftingOptions
 
 MIB = 1024 * 1024
@@ -62,7 +61,7 @@ def soak_phase(edge_pid: int, address: str, facts: TargetFacts, world: dict, pla
     rss = RssSampler(edge_pid, every_s=1.0)
     rss.start()
     stop = threading.Event()
-    devices = [DeviceLoop(i, DraftArtifact.load(world["artifact"].folder, threads=1), address, world["questions"],
+    devices = [DeviceLoop(i, own_copy(world["artifact"]), address, world["questions"],
                           world["references"], stop, settings=world["settings"],
                           options=DraftingOptions(lead="device" if i % 2 == 0 else "edge"))
                for i in range(plan.devices)]
