@@ -93,7 +93,7 @@ def faulty_link_phase(address: str, world: dict, plan: FaultyLinkPlan) -> dict:
                for i in range(plan.devices)]
 
     def partitioner(stop: threading.Event) -> None:
-        for k in range(plan.partitions):
+        for _ in range(plan.partitions):
             if stop.wait(plan.seconds / (plan.partitions + 1)):
                 return
             link.partition(plan.partition_s, plan.partition_way)
