@@ -110,7 +110,8 @@ class DeviceSession:
         """The verdict on the oldest chunk in flight, resending every chunk in flight on
         timeout; None when the session is lost (unknown to the edge, no reply after every
         retry, or the verdict lost after the edge answered a later chunk: the edge repeats
-        only its last reply and refuses older rounds ``replayed``). A ``busy`` edge is asked again; any other error raises ``EdgeError``."""
+        only its last reply and refuses older rounds ``replayed``). A ``busy`` edge is asked
+        again; any other error raises ``EdgeError``."""
         chunks = list(in_flight)
         backoff = self.client.backoff
         for attempt in range(backoff.retries + 1):
