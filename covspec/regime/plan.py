@@ -11,9 +11,10 @@ times are seconds from the moment the device sends ``open``.
 - target-only: F = rtt + upload + target prefill is the first token; then n - 1 steps:
   ``F + (n - 1) t_e``.
 - device-led, fixed draft length k, one chunk in flight (no pipelining, no branches):
-  drafting starts at D = max(F, draft prefill); a round drafts k tokens, travels, is
-  verified in one forward and commits E[accepted] + 1 tokens, where
-  E[accepted] = sum_i prod_{j<=i} alpha_j: ``D + (n - 1) / (E + 1) x (k t_d + rtt + t_v(k))``.
+  drafting starts at D = max(F, draft prefill); a round drafts k tokens (fewer where the
+  answer ends: the draft stops at its end of sequence), travels, is verified in one forward
+  and commits E[accepted] + 1 tokens, where E[accepted] = sum_i prod_{j<=i} alpha_j; rounds
+  follow until n - 1 tokens are expected: about ``D + (n - 1) / (E + 1) x (k t_d + rtt + t_v(k))``.
 - edge-led (today's default for greedy): the target steps by itself from F on; the
   draft is ready at D; each chunk is ``L = ceil(overlap + v)`` tokens (``LeadPlanner``'s
   rule, v = 8), where the overlap is what the edge generates while the chunk is drafted
@@ -102,10 +103,12 @@ def target_only_s(costs: Costs, n: int) -> float:
 
 def device_led_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
     start = max(costs.first_token_s, costs.draft_prefill_s)
-    if n <= 1:
-        return start
-    rounds = max(1.0, (n - 1) / (expected_accepted(alpha, k) + 1))     # a round commits at least one token
-    return start + rounds * (k * costs.draft_step_s + costs.rtt_s + costs.verify(k))
+    remaining, seconds = float(max(n - 1, 0)), start
+    while remaining > 0:
+        drafted = max(1, min(k, math.ceil(remaining)))      # the draft stops where the answer ends (its EOS)
+        seconds += drafted * costs.draft_step_s + costs.rtt_s + costs.verify(drafted)
+        remaining -= expected_accepted(alpha, drafted) + 1   # a round commits at least one token
+    return seconds
 
 
 def lead_chunk(costs: Costs, alpha: Sequence[float]) -> tuple[int, float, bool]:
