@@ -176,11 +176,11 @@ class InProcessEdge:
         entry[1] -= 1
         return entry[1] <= 0
 
-    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
+    def receive(self, session: str, seq: int, timeout_s: float, expect: type | None = None) -> Message | None:
         entry = self.replies.pop((session, seq), None)
         return None if entry is None else entry[0]
 
-    def request(self, message: Message, timeout_s: float | None = None) -> Opened:
+    def request(self, message: Message, timeout_s: float | None = None, expect: type | None = None) -> Opened:
         self.send(message)
         reply = self.receive(message.session, message.seq, 0.0)
         if isinstance(reply, Error):
@@ -218,7 +218,7 @@ class SteppingEdge:
         elif isinstance(message, Verify):
             self.chunks.append([message, self.delay])
 
-    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
+    def receive(self, session: str, seq: int, timeout_s: float, expect: type | None = None) -> Message | None:
         return self.outbox.pop(0) if self.outbox else None
 
     def receive_any(self, session: str, timeout_s: float) -> Message | None:

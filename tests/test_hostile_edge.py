@@ -44,11 +44,14 @@ EXPECTED = {
     ("endless stream", "edge"): REFUSED,                            # reaches max_new_tokens without ending
     ("verdict for another session", "device"): "EdgeUnreachable",
     ("verdict for another session", "edge"): "EdgeUnreachable",
+    ("stale for ever", "device"): "EdgeUnreachable",                # never stale on an honest edge: reopened
+    ("stale for ever", "edge"): "EdgeUnreachable",                  # stale again and again, no token between
 }
 # What the error says, where it says more than "no reply".
 SAYS = {"wrong dtypes": "did not decode", "endless stream": "max_new_tokens|answered other",
         "accepted beyond the chunk": "accepts 4", "token outside the vocabulary": "outside the vocabulary",
-        "start beyond the committed end": "starts at|streamed token at", "verdict for another session": "lost session"}
+        "start beyond the committed end": "starts at|streamed token at", "verdict for another session": "lost session",
+        "stale for ever": "lost session"}
 
 
 @pytest.fixture(scope="module")

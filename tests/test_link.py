@@ -1,4 +1,5 @@
-"""The link emulator delays messages as its profile says (within 10%)."""
+"""The link emulator delays messages as its profile says (within 10%), and, when told
+to, drops, duplicates, reorders and partitions them."""
 
 import statistics
 import threading
@@ -7,7 +8,7 @@ import time
 import pytest
 import zmq
 
-from covspec.bench.harness.link import LinkEmulator, LinkProfile, profile_named
+from covspec.bench.harness.link import Faults, LinkEmulator, LinkProfile, profile_named
 
 
 @pytest.fixture
@@ -95,3 +96,99 @@ def test_unknown_profile_is_refused():
         profile_named("carrier-pigeon")
     with pytest.raises(ValueError, match="custom link needs"):
         profile_named("custom", rtt_ms=5)
+
+
+# --- a faulty link (issue 30): each fault alone, seeded, through real sockets -------------------
+
+
+def dealer(address):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return socket
+
+
+def received(socket, seconds):
+    """Everything that arrives on ``socket`` within ``seconds``."""
+    got, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if socket.poll(int(left * 1000) + 1):
+            got.append(socket.recv())
+    return got
+
+
+def through(echo_edge, count, seconds=0.6, **faults):
+    link = LinkEmulator("tcp://127.0.0.1:0", echo_edge, profile_named("loopback"), seed=7, **faults).start()
+    socket = dealer(link.address)
+    try:
+        for i in range(count):
+            socket.send(b"%d" % i)
+        return received(socket, seconds), link.counts
+    finally:
+        socket.close(linger=0)
+        link.stop()
+
+
+def test_the_default_link_faults_nothing(echo_edge):
+    got, counts = through(echo_edge, 50)
+    assert got == [b"%d" % i for i in range(50)]
+    assert counts["up"]["delivered"] == counts["down"]["delivered"] == 50
+    assert not any(counts[d][k] for d in counts for k in ("dropped", "duplicated", "reordered", "partitioned"))
+
+
+def test_drops_lose_messages_and_are_seeded(echo_edge):
+    got, counts = through(echo_edge, 200, up=Faults(drop=0.3))
+    again, _ = through(echo_edge, 200, up=Faults(drop=0.3))
+    assert got == again                                        # the same seed loses the same messages
+    assert 30 <= counts["up"]["dropped"] <= 90 and len(got) == 200 - counts["up"]["dropped"]
+    assert got == sorted(got, key=int)                         # what arrives keeps its order
+    nothing, counts = through(echo_edge, 20, down=Faults(drop=1.0))
+    assert nothing == [] and counts["down"]["dropped"] == 20 and counts["up"]["delivered"] == 20
+
+
+def test_duplicates_arrive_twice(echo_edge):
+    got, counts = through(echo_edge, 30, up=Faults(duplicate=1.0), down=Faults(duplicate=1.0))
+    assert counts["up"]["duplicated"] == 30 and counts["down"]["duplicated"] == 60
+    assert sorted(got, key=int) == [b"%d" % i for i in range(30) for _ in range(4)]
+
+
+def test_reordering_lets_later_messages_overtake(echo_edge):
+    got, counts = through(echo_edge, 100, up=Faults(reorder=0.3, reorder_ms=40))
+    assert sorted(got, key=int) == [b"%d" % i for i in range(100)]         # nothing lost
+    assert got != sorted(got, key=int) and 10 <= counts["up"]["reordered"] <= 50
+    jittered, _ = through(echo_edge, 100, down=Faults(jitter_ms=20))
+    assert sorted(jittered, key=int) == [b"%d" % i for i in range(100)] and jittered != sorted(jittered, key=int)
+
+
+def test_a_partition_loses_everything_while_it_lasts(echo_edge):
+    link = LinkEmulator("tcp://127.0.0.1:0", echo_edge, profile_named("lan")).start()
+    socket = dealer(link.address)
+    try:
+        socket.send(b"before")
+        assert received(socket, 0.2) == [b"before"]
+        link.partition(0.5)
+        assert link.partitioned()
+        socket.send(b"during")
+        assert received(socket, 0.3) == []
+        time.sleep(0.25)
+        assert not link.partitioned()
+        socket.send(b"after")
+        assert received(socket, 0.2) == [b"after"]
+        assert link.counts["up"]["partitioned"] == 1 and link.partitions == 1
+        link.partition(0.5, "down")                      # one way: the message gets there, its echo is lost
+        assert link.partitioned(direction="down") and not link.partitioned(direction="up")
+        socket.send(b"one way")
+        assert received(socket, 0.3) == []
+        assert link.counts["up"]["delivered"] == 3 and link.counts["down"]["partitioned"] == 1
+        with pytest.raises(ValueError, match="direction"):
+            link.partition(1.0, "sideways")
+    finally:
+        socket.close(linger=0)
+        link.stop()
+
+
+def test_faults_must_be_probabilities():
+    with pytest.raises(ValueError, match="probability"):
+        Faults(drop=1.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        Faults(jitter_ms=-1)

@@ -13,7 +13,7 @@ from conftest import torch_on_one_thread
 
 from covspec.bench.harness.devices import greedy_references, run_devices
 from covspec.bench.reliability.fuzz import CLASSES, Fuzzer
-from covspec.bench.reliability.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, WorkerState
+from covspec.bench.reliability.hostile import HOSTILE_IMAGES, OwnSession, TargetFacts, VictimSession, WorkerState
 from covspec.bench.reliability.fuzz_run import run_fuzz
 from covspec.bench.harness.workload import toy_questions
 from covspec.protocol import errors
@@ -57,7 +57,7 @@ def test_the_fuzzer_is_seeded_and_draws_every_class(world):
         return [fuzzer.case(state).frames for _ in range(300)]
 
     assert frames(3) == frames(3) and frames(3) != frames(4)
-    fuzzer, state = Fuzzer(0, facts_of(world)), WorkerState(0, {})
+    fuzzer, state = Fuzzer(0, facts_of(world)), WorkerState(0, {}, {1: VictimSession("v" * 32, "o" * 16)})
     state.own = OwnSession("mine", "o" * 16, sampling=True, wire="compact", committed=3, last_token=4, last_seq=5)
     drawn = {fuzzer.case(state).kind for _ in range(20_000)}
     assert {name for name, weight in CLASSES.items() if weight >= 1} - {"own_traffic", "closes"} <= drawn

@@ -148,28 +148,32 @@ class EdgeClient:
         self.bytes_by_type[f"down:{reply.TYPE}"] += size
         return reply
 
-    def _take_held(self, session: str, seq: int) -> Message | None:
+    def _take_held(self, session: str, seq: int, expect: type | None) -> Message | None:
         held, self._held = self._held, None
-        return held if held is not None and held.session == session and held.seq == seq else None
+        return held if held is not None and held.session == session and held.seq == seq and \
+            (expect is None or isinstance(held, (expect, Error))) else None
 
-    def receive(self, session: str, seq: int, timeout_s: float) -> Message | None:
-        """The reply to (session, seq), or None after ``timeout_s``."""
-        if (held := self._take_held(session, seq)) is not None:
+    def receive(self, session: str, seq: int, timeout_s: float, expect: type | None = None) -> Message | None:
+        """The reply to (session, seq), or None after ``timeout_s``; with ``expect``, only a
+        reply of that type or an error (the ``opened`` of an open, not the tokens an
+        edge-led or target-only session streams with the open's seq)."""
+        if (held := self._take_held(session, seq, expect)) is not None:
             return held
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not self.socket.poll(int(left * 1000) + 1):
                 return None
             reply = self._read()
-            if self._matches(reply, session, seq):
+            if self._matches(reply, session, seq, expect):
                 return reply
         return None
 
-    def _matches(self, reply: Message | None, session: str, seq: int | None = None) -> bool:
+    def _matches(self, reply: Message | None, session: str, seq: int | None = None, expect: type | None = None) -> bool:
         """Whether ``reply`` is the one awaited (then the dropped count starts over)."""
         if reply is None:
             return False
-        if reply.session != session or (seq is not None and reply.seq != seq):
+        if reply.session != session or (seq is not None and reply.seq != seq) or \
+                (expect is not None and not isinstance(reply, (expect, Error))):
             self.dropped["unmatched"] += 1
             return False
         self.dropped.clear()
@@ -200,16 +204,16 @@ class EdgeClient:
                 self._held = reply
         return self._held is not None
 
-    def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        """Send ``message`` and return its reply, resending on timeout. A ``busy`` edge is
-        asked again with backoff for as long as the attempts would have waited in all;
-        then its error is raised."""
+    def request(self, message: Message, timeout_s: float | None = None, expect: type | None = None) -> Message:
+        """Send ``message`` and return its reply (of type ``expect``, when given: see
+        ``receive``), resending on timeout. A ``busy`` edge is asked again with backoff for
+        as long as the attempts would have waited in all; then its error is raised."""
         timeout = timeout_s or self.backoff.timeout_s
         deadline = time.monotonic() + timeout * (self.backoff.retries + 1)
         attempt = busy = 0
         while attempt <= self.backoff.retries:
             self.send(message)
-            reply = self.receive(message.session, message.seq, timeout)
+            reply = self.receive(message.session, message.seq, timeout, expect)
             if isinstance(reply, Error) and reply.code == BUSY and time.monotonic() < deadline:
                 time.sleep(min(self.backoff.backoff_s * (2 ** busy), BUSY_WAIT_S, max(deadline - time.monotonic(), 0)))
                 busy += 1

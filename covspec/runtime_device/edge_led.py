@@ -27,7 +27,9 @@ by confidence), which makes its drafting time independent of its own tokens; the
 edge's overlap test looks only at tokens before L. PROTOCOL.md has the argument;
 tests/test_edge_led.py tests it, with a negative control that breaks the rule.
 
-Every reply is checked (``replies``) before it is applied; messages are taken for at
+Every reply is checked (``replies``) before it is applied (a ``replayed`` refusal answers a
+late copy of a message the device has moved past, duplicated on the way, and changes
+nothing); messages are taken for at
 most one timeout per wait, a ``busy`` edge is asked again at most ``retries`` times in
 a row, and a session lost again and again is given up (``DeviceSession.reopen``), so a
 hostile edge ends the generation with a clear error within the device's patience.
@@ -44,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
+from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Result
 from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeError
@@ -155,6 +157,7 @@ class EdgeLedGeneration:
         self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
         self.last_step_at: float | None = None
         self.busy = 0                         # busy replies since the last token
+        self.stale = 0                        # stale verdicts since the last token
 
     def tokens(self) -> Iterator[list[int]]:
         began = time.perf_counter()
@@ -211,7 +214,7 @@ class EdgeLedGeneration:
         check_opened(opened, len(self.committed), self.settings.max_new_tokens, self.draft.vocab_size)
         self.stream_seq, self.done = opened.seq, opened.done
         self.stats.edge_prefill_ms += opened.prefill_ms
-        self.chunk, self.last_step_at = None, None
+        self.chunk, self.last_step_at, self.stale = None, None, 0
         new = [] if opened.token == NO_TOKEN else [opened.token]
         self.committed += new
         return new
@@ -249,6 +252,8 @@ class EdgeLedGeneration:
 
     def _apply(self, reply) -> list[int]:
         if isinstance(reply, Error):
+            if reply.code == REPLAYED:
+                return []                     # a late copy of a message this device has moved past: nothing changed
             if reply.code == UNKNOWN_SESSION:
                 return self._reopen("the edge did not know it")
             if reply.code == BUSY and self.busy < self.client.backoff.retries:
@@ -275,6 +280,9 @@ class EdgeLedGeneration:
         if reply.status == "stale":
             self._judged(chunk)
             self.stats.stale += 1
+            self.stale += 1                   # an edge that steps streams its tokens before the stale verdict:
+            if self.stale > max(self.client.backoff.retries, 1):    # stale again and again, none between: lost
+                return self._reopen(f"{self.stale} chunks in a row answered stale without a token between")
             return []
         if reply.start != len(self.committed):
             return self._reopen(f"a verdict from {reply.start} when {len(self.committed)} were committed")
@@ -293,7 +301,7 @@ class EdgeLedGeneration:
 
     def _commit(self, accepted: list[int], reply: Result) -> list[int]:
         self.session.progress()
-        self.busy = 0
+        self.busy = self.stale = 0
         new = list(accepted) + ([] if reply.token == NO_TOKEN else [reply.token])
         self.committed += new
         self.done = reply.done

@@ -241,6 +241,8 @@ class _Generation:
         chunk = self.in_flight[0]
         check_verdict(result, chunk.start, len(chunk.tokens), len(self.committed), self.settings.max_new_tokens,
                       self.draft.vocab_size)
+        if result.status == "stale" and chunk.start == len(self.committed) and chunk.assumed == NO_TOKEN:
+            return self._reopen()     # never stale on an edge that agrees with us: it lost track (a late copy)
         self.session.progress()
         self.in_flight.popleft()
         followers = list(self.in_flight)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from covspec.protocol.errors import BUSY, UNKNOWN_SESSION
+from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.runtime_device.client import Backoff, EdgeClient, EdgeError, EdgeUnreachable
@@ -64,9 +64,9 @@ class DeviceSession:
 
     def await_opened(self, message: Open) -> Opened:
         """The reply to an ``open`` already sent (sent again if it does not come)."""
-        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2)
+        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2, Opened)
         if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
-            reply = self.client.request(message)           # resends, and waits out a busy edge
+            reply = self.client.request(message, expect=Opened)     # resends, and waits out a busy edge
         if isinstance(reply, Error):
             raise EdgeError(reply.code, reply.message)
         return reply
@@ -84,7 +84,7 @@ class DeviceSession:
         for attempt in range(attempts):
             on_attempt(attempt)
             try:
-                return self.client.request(self.open_message(committed, target_keep))
+                return self.client.request(self.open_message(committed, target_keep), expect=Opened)
             except EdgeUnreachable as exc:
                 last = exc
                 time.sleep(self.client.backoff.backoff_s * (2 ** attempt))
@@ -108,16 +108,18 @@ class DeviceSession:
 
     def await_verdict(self, in_flight: Iterable[Chunk]) -> Result | None:
         """The verdict on the oldest chunk in flight, resending every chunk in flight on
-        timeout; None when the session is lost (unknown to the edge, or no reply after
-        every retry). A ``busy`` edge is asked again; any other error raises ``EdgeError``."""
+        timeout; None when the session is lost (unknown to the edge, no reply after every
+        retry, or the verdict lost after the edge answered a later chunk: the edge repeats
+        only its last reply and refuses older rounds ``replayed``). A ``busy`` edge is asked
+        again; any other error raises ``EdgeError``."""
         chunks = list(in_flight)
         backoff = self.client.backoff
         for attempt in range(backoff.retries + 1):
             reply = self.client.receive(self.id, chunks[0].seq, backoff.timeout_s)
             if isinstance(reply, Result):
                 return reply
-            if isinstance(reply, Error) and reply.code == UNKNOWN_SESSION:
-                return None
+            if isinstance(reply, Error) and reply.code in (UNKNOWN_SESSION, REPLAYED):
+                return None                         # gone, or its verdict lost behind a later round's: reopen
             if isinstance(reply, Error) and reply.code != BUSY:
                 raise EdgeError(reply.code, reply.message)
             for chunk in chunks:                    # no reply, or a busy edge: ask again

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from covspec.protocol.messages import Close, Open, Result
+from covspec.protocol.messages import Close, Open, Opened, Result
 from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable
@@ -35,7 +35,7 @@ def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, 
                    committed=np.zeros(0, np.int32))
     tokens = 0
     try:
-        opened = client.request(message, timeout_s=client.backoff.timeout_s * 2)
+        opened = client.request(message, timeout_s=client.backoff.timeout_s * 2, expect=Opened)
         check_opened(opened, 0, settings.max_new_tokens, vocab_size)
         stats.edge_prefill_ms += opened.prefill_ms
         tokens = 1

@@ -243,6 +243,13 @@ class ModelThread:
         old = self.sessions.get(message.session)
         if old is not None:
             _check_owner(old, request)
+            if message.seq == old.last_seq and old.last_reply is not None:   # the same open again (a resend or a
+                old.identity, old.last_active = request.identity, time.monotonic()   # duplicate): its reply again
+                self._send_frames(request.identity, old.last_reply, old)
+                return
+            if message.seq < old.last_seq:                                   # a late copy must not reset the session
+                raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
+                                                 f"({old.last_seq}); reopen with a new, higher seq.")
         began = time.perf_counter()
         image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
         if old is not None:

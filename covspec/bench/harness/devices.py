@@ -5,8 +5,11 @@
 ``generate`` on the target folder, the answer the edge must reproduce token for
 token). ``DeviceLoop`` is one device in a thread: it answers questions back to back
 until its ``stop`` event is set (the answer in progress is finished), and records each
-``Answer``: correct or not, tokens, latency, reopens, or the error that ended it. It
-never raises; a failed answer is an answer that is not correct.
+``Answer``: correct or not, tokens, latency, reopens, or the error that ended it (and
+how long the generation had gone without a token when it ended, to hold against its
+patience), and whether what it committed strayed from the target's answer (a wrong
+token, or one committed twice). It never raises; a failed answer is an answer that is
+not correct.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ def greedy_references(target_dir: Path, questions: list[Question], max_new_token
     return answers
 
 
+def own_copy(artifact: DraftArtifact) -> DraftArtifact:
+    """The same artifact opened again (one onnxruntime thread), for one device alone. Devices
+    that share one artifact share its graphs' ``interrupted()``: a generation that abandons
+    its draft's prefill then ends the runs of every other device too."""
+    return DraftArtifact.load(artifact.folder, threads=1, verify_hashes=False, lean=artifact.lean)
+
+
 @dataclass
 class Answer:
     device: int
@@ -55,6 +65,8 @@ class Answer:
     finished_at: float          # time.monotonic() when the answer was complete
     reopens: int
     error: str = ""
+    stalled_s: float = 0.0      # from the last token (or the start) to the end
+    diverged: bool = False      # the committed tokens are not a prefix of the target's answer
 
 
 class DeviceLoop(threading.Thread):
@@ -87,14 +99,17 @@ class DeviceLoop(threading.Thread):
         began = time.monotonic()
         tokens: list[int] = []
         error = ""
+        last = began
         try:
             for chunk in engine.generate(question.image_png, question.question, self.settings, self.options, stats):
                 tokens += chunk
+                last = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - a failed answer is recorded, never raised
             error = f"{type(exc).__name__}: {exc}"
         done = time.monotonic()
-        return Answer(self.index, which, not error and tokens == self.references[which], len(tokens), done - began,
-                      done, stats.reopens, error)
+        reference = self.references[which]
+        return Answer(self.index, which, not error and tokens == reference, len(tokens), done - began,
+                      done, stats.reopens, error, round(done - last, 3), tokens != reference[:len(tokens)])
 
 
 def run_devices(count: int, seconds: float, artifact: DraftArtifact, address: str, questions: list[Question],

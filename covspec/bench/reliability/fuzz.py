@@ -12,7 +12,8 @@ sees the message; sent from a throw-away socket).
 Each worker also keeps a session of its own (``OwnSession``: opened, verified with
 random chunks, closed), so stale chunks, replays, repeats, bad tokens and wrong
 owners hit live sessions; ``WorkerState.foreign`` lends other workers' sessions for
-ownership attacks. The generator never touches a socket and never decides whether
+ownership attacks, and ``string_fields`` (``reliability.fuzz_strings``) aims hostile
+string values at the live victim sessions of ``WorkerState.victims``. The generator never touches a socket and never decides whether
 the edge was right; the runner (``covspec.bench.reliability.fuzz_run``) does. The records and
 hostile values it draws from live in ``covspec.bench.reliability.hostile``.
 """
@@ -23,6 +24,7 @@ import json
 
 import numpy as np
 
+from covspec.bench.reliability.fuzz_strings import string_field_case
 from covspec.bench.reliability.hostile import (ANY_ERROR, BAD_SAMPLING, DIGIT_LIMIT, FIELD_KINDS, HOSTILE_IMAGES,
                                                HUGE_INTS, MAX_HEADER, NO_REPLY, NON_FINITE, QUESTION, WRONG_VALUES,
                                                Case, OwnSession, TargetFacts, WorkerState)
@@ -269,6 +271,9 @@ class Fuzzer:
         return self._case(Close(session=victim.id, seq=state.next_seq(), owner=owner), ["not_owner", NO_REPLY],
                           kind="close")
 
+    def _string_fields(self, state):
+        return string_field_case(self, state)
+
     def _replay(self, state):
         own = state.own
         if own is None or own.last_seq < 2:
@@ -386,4 +391,4 @@ CLASSES = {"random_bytes": 6, "malformed_json": 6, "deep_nesting": 4, "huge_ints
            "bad_arrays": 8, "overflowing_shapes": 5, "frame_counts": 5, "oversized": 0.06, "bad_tokens": 6,
            "bad_sampling": 6, "wrong_owner": 6, "replay": 3, "repeat": 2, "stale_chunk": 4, "unknown_session": 5,
            "bad_images": 3, "edge_only_types": 2, "versions_and_types": 3, "pings": 3, "closes": 2,
-           "open_refusals": 0.5, "own_traffic": 8}
+           "open_refusals": 0.5, "own_traffic": 8, "string_fields": 9}

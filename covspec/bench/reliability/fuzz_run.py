@@ -10,7 +10,12 @@ they arrive) and ``socket_drop`` cases go out on a throw-away socket (the socket
 drops the peer, nothing comes back). The result, ``FuzzTally``, counts messages per
 class, replies by label, labels outside what the case allows (``unexpected``, with
 examples), unanswered messages, the replies that by design do not come, and replies
-naming another session or seq than the request's (``misaddressed``).
+naming another session or seq than the request's (``misaddressed``). With
+``TargetFacts.victim_answer``, each worker also keeps a victim session
+(``reliability.victim``) that hostile string fields name, and runs its next round after
+every ``BATCH`` messages: it must still commit the target's tokens (``victims_ended_by_others``
+counts the victims the edge no longer knew: the goal is 0). An error reply is never
+acceptable as ``internal``.
 
 Nothing here starts or stops an edge or watches its memory; ``reliability.phases`` does.
 """
@@ -27,10 +32,13 @@ import zmq
 
 from covspec.bench.reliability.fuzz import Fuzzer
 from covspec.bench.reliability.hostile import ANY_ERROR, NO_REPLY, Case, OwnSession, TargetFacts, WorkerState
+from covspec.bench.reliability.victim import Victim, VictimTally
+from covspec.protocol.errors import INTERNAL
 from covspec.protocol.messages import Close, Error, Message, Opened, ProtocolError, decode, encode
 
 EXAMPLES = 5                      # examples kept per (class, label) of something unexpected
 REPLY_TIMEOUT_S = 10.0            # how long a fuzzing socket waits for each reply
+BATCH = 50                        # messages a worker sends between two rounds of its victim
 
 
 @dataclass
@@ -43,6 +51,7 @@ class FuzzTally:
     by_design: Counter = field(default_factory=Counter)            # "close" / "socket_drop" -> no reply, as designed
     misaddressed: int = 0
     strays: int = 0                # sessions a hostile open created after all (closed again at once)
+    victims: VictimTally = field(default_factory=VictimTally)
     examples: dict = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,7 +68,8 @@ class FuzzTally:
             label = label_of(reply)
             self.replies[label] += 1
             self.by_class[case.kind][label] += 1
-            if not (label in case.expect or (ANY_ERROR in case.expect and isinstance(reply, Error))):
+            if not (label in case.expect or (ANY_ERROR in case.expect and isinstance(reply, Error)
+                                             and reply.code != INTERNAL)):
                 self.unexpected[f"{case.kind}: {label}"] += 1
                 self._example(f"{case.kind}: {label}", case, getattr(reply, "message", "") or detail)
             if case.address is not None and (reply.session, reply.seq) != case.address:
@@ -80,7 +90,7 @@ class FuzzTally:
                 "replies_by_class": {k: dict(v) for k, v in self.by_class.items()},
                 "unexpected": dict(self.unexpected), "unanswered": dict(self.unanswered),
                 "no_reply_by_design": dict(self.by_design), "misaddressed": self.misaddressed,
-                "strays": self.strays, "examples": dict(self.examples)}
+                "strays": self.strays, "examples": dict(self.examples), **self.victims.as_dict()}
 
 
 def label_of(reply: Message) -> str:
@@ -100,22 +110,30 @@ class _Worker:
     """One fuzzing socket: sends its cases in lock-step and keeps its own session."""
 
     def __init__(self, index: int, address: str, facts: TargetFacts, seed: int, registry: dict,
-                 tally: FuzzTally, timeout_s: float):
+                 tally: FuzzTally, timeout_s: float, victims: dict):
         self.address, self.tally, self.timeout_s = address, tally, timeout_s
         self.fuzzer = Fuzzer(seed, facts)
-        self.state = WorkerState(index, registry)
+        self.state = WorkerState(index, registry, victims)
+        self.victim = Victim(index, address, facts, victims, tally.victims, timeout_s) if facts.victim_answer \
+            else None
         self.socket = _dealer(address)
         self.closes: dict[tuple, Case] = {}           # close cases whose refusal may still arrive
 
     def run(self, quota: int, tick: Callable[[], None]) -> None:
         try:
-            for _ in range(quota):
+            if self.victim is not None:
+                self.victim.open()
+            for sent in range(1, quota + 1):
                 self.one(self.fuzzer.case(self.state))
                 tick()
+                if self.victim is not None and (sent % BATCH == 0 or sent == quota):
+                    self.victim.check()          # after each batch: the victim still answers right
             self._drain(0.5)
         finally:
             self.socket.close(linger=0)
             self.state.adopt(None)
+            if self.victim is not None:
+                self.victim.finish()
 
     def one(self, case: Case) -> None:
         with self.tally.lock:
@@ -205,8 +223,10 @@ def run_fuzz(address: str, facts: TargetFacts, messages: int, sockets: int = 8, 
              timeout_s: float = REPLY_TIMEOUT_S, tick: Callable[[], None] = lambda: None) -> FuzzTally:
     """Send ``messages`` generated cases to the edge at ``address`` from ``sockets`` workers."""
     tally, registry = FuzzTally(), {}
+    victims = dict.fromkeys(range(sockets))         # every key there before the threads read it
     quotas = [messages // sockets + (1 if i < messages % sockets else 0) for i in range(sockets)]
-    workers = [_Worker(i, address, facts, seed * 1000 + i, registry, tally, timeout_s) for i in range(sockets)]
+    workers = [_Worker(i, address, facts, seed * 1000 + i, registry, tally, timeout_s, victims)
+               for i in range(sockets)]
     threads = [threading.Thread(target=w.run, args=(q, tick), name=f"fuzz-{i}", daemon=True)
                for i, (w, q) in enumerate(zip(workers, quotas))]
     for thread in threads:

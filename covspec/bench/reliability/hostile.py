@@ -6,9 +6,10 @@
   (session, seq) the reply must carry when the header names them;
 - ``OwnSession``/``WorkerState``: a fuzzing socket's own live session as it believes the
   edge holds it (updated from every reply), and the sessions of the other sockets, for
-  ownership attacks;
+  ownership attacks; ``VictimSession``: the sessions hostile string fields aim at;
 - the hostile values: images whose headers lie or whose data is broken, integers beyond
-  64 bits, wrong JSON types per field, meaningless sampling settings.
+  64 bits, wrong JSON types per field, strings UTF-8 cannot encode, meaningless sampling
+  settings.
 
 Data only: no socket, no randomness.
 """
@@ -37,6 +38,8 @@ class TargetFacts:
     vocab_hash: str
     image_png: bytes                   # a small valid image, for opens that must get past the image
     max_message_bytes: int = 16 * 1024 * 1024
+    victim_prompt: str = QUESTION      # the victims' question about ``image_png``
+    victim_answer: tuple[int, ...] = ()   # the target's greedy answer to it (empty: no victims)
 
 
 @dataclass
@@ -78,14 +81,28 @@ class Case:
     session: OwnSession | None = None          # role "open": the session it opens
 
 
-class WorkerState:
-    """One fuzzing socket's view: its seq counter, its own session, everyone's sessions."""
+@dataclass(frozen=True)
+class VictimSession:
+    """A live session that only its owner ever touches (``reliability.victim``)."""
 
-    def __init__(self, index: int, registry: dict[int, OwnSession]):
+    id: str
+    owner: str
+
+
+class WorkerState:
+    """One fuzzing socket's view: its seq counter, its own session, everyone's sessions and victims."""
+
+    def __init__(self, index: int, registry: dict[int, OwnSession], victims: dict[int, VictimSession] | None = None):
         self.index, self.registry = index, registry
+        self.victims = {} if victims is None else victims
         self.seq = 0
         self.opened = 0
         self.own: OwnSession | None = None
+
+    def victim(self, rng: np.random.Generator) -> VictimSession | None:
+        """A live victim session (any worker's), or None while there is none."""
+        live = [v for v in list(self.victims.values()) if v is not None]
+        return live[int(rng.integers(len(live)))] if live else None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -122,6 +139,8 @@ HOSTILE_IMAGES = [
 HUGE_INTS = [str(2 ** 64).encode(), str(2 ** 64 + 1).encode(), str(-(2 ** 63) - 1).encode(), b"1" + b"0" * 20,
              b"-1" + b"0" * 30, b"1" + b"0" * 100, b"9" * 4300, b"9" * 4301, b"1" + b"0" * 5000]
 DIGIT_LIMIT = 4300                 # Python's int parsing limit: longer literals are not usable JSON
+INVALID_UNICODE = ["\ud800" * 16, "\udfff", "\ud83d", "\udc80" * 3, "a\ud800b", "\ud800\ud800\udfff"]   # lone surrogates
+WRONG_TYPES = [5, 0.5, True, None, ["x"], {"x": 1}, [], 0]                    # for a string field
 WRONG_VALUES = {"int": ["7", 1.5, 1.0, True, None, [1], {"a": 1}], "float": ["0.5", True, None, [0.5], {}],
                 "str": [5, 0.5, True, None, ["x"], {"x": 1}, "\ud800" * 16]}   # a lone surrogate UTF-8 cannot encode
 FIELD_KINDS = {"session": "str", "seq": "int", "prompt": "str", "max_new_tokens": "int", "vocab_hash": "str",

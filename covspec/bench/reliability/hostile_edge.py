@@ -13,7 +13,9 @@ up to the point the case is about, then malformed or hostile:
 - ``huge frames``: a 9 MiB frame beside the verdict, beyond the device's limit;
 - ``silence``: nothing at all, not even ``opened``;
 - ``endless stream``: tokens streamed every millisecond that never end the generation;
-- ``verdict for another session``: the right round, another session's id.
+- ``verdict for another session``: the right round, another session's id;
+- ``stale for ever``: every chunk answered ``stale`` and nothing streamed (an edge that
+  lost track of the committed sequence, e.g. after a late copy of an old ``open``).
 
 ``run_case`` drives one generation of the real device (``CoInference`` with the toy
 draft, device-led or edge-led) against one case and records how it ended: which error,
@@ -99,6 +101,8 @@ CASES = [
     Case("endless stream", stream=_endless),
     Case("verdict for another session", verify=lambda e, m: [
         encode(verdict(m, e.token, session=session_id_for("someone-else-entirely")))]),
+    Case("stale for ever", verify=lambda e, m: [
+        encode(Result(session=m.session, seq=m.seq, start=m.start, status="stale"))]),
 ]
 
 

@@ -178,21 +178,30 @@ class ReliabilityPlan:
     questions: int = 16
     max_new_tokens: int = 64
     seed: int = 0
+    fuzz_only: bool = False          # the hostile messages alone (no load, vanished clients, restarts)
+
+
+def reliability_world(artifacts: Path, target_dir: Path, questions: int, max_new_tokens: int) -> tuple[TargetFacts, dict]:
+    """What the fuzzer knows of the target (its victims ask the first question), and what
+    the devices need (``run_devices``'s keywords): the draft, ``questions`` held-out
+    questions, the target's greedy answers to them, greedy settings."""
+    from covspec.runtime_edge.target import TargetModel
+
+    asked = toy_questions(questions)
+    target = TargetModel.load(target_dir)
+    references = greedy_references(target_dir, asked, max_new_tokens)
+    facts = TargetFacts(target.vocab_size, target.vocab_hash, asked[0].image_png, victim_prompt=asked[0].question,
+                        victim_answer=tuple(references[0]))
+    return facts, {"artifact": DraftArtifact.load(artifacts, threads=1), "questions": asked,
+                   "references": references, "settings": GenerationSettings(max_new_tokens=max_new_tokens)}
 
 
 def measure_reliability(plan: ReliabilityPlan, artifacts: Path, target_dir: Path, log_path: Path,
                         phase: Callable[[str], None] = lambda name: None,
                         tick: Callable[[], None] = lambda: None) -> dict:
     """Every phase of ``plan``; ``phase(name)`` is called as each begins, ``tick`` per hostile message."""
-    from covspec.runtime_edge.target import TargetModel
-
     phase("references")
-    questions = toy_questions(plan.questions)
-    target = TargetModel.load(target_dir)
-    facts = TargetFacts(target.vocab_size, target.vocab_hash, questions[0].image_png)
-    world = {"artifact": DraftArtifact.load(artifacts, threads=1), "questions": questions,
-             "references": greedy_references(target_dir, questions, plan.max_new_tokens),
-             "settings": GenerationSettings(max_new_tokens=plan.max_new_tokens)}
+    facts, world = reliability_world(artifacts, target_dir, plan.questions, plan.max_new_tokens)
     summary: dict = {"plan": asdict(plan)}
     phase("fuzz")
     edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, idle_timeout_s=20.0)
@@ -200,6 +209,8 @@ def measure_reliability(plan: ReliabilityPlan, artifacts: Path, target_dir: Path
         summary["fuzz"] = fuzz_phase(edge, facts, world, plan.messages, plan.sockets, plan.seed, log_path, tick)
     finally:
         edge.stop()
+    if plan.fuzz_only:
+        return summary
     edge = start_edge(target_dir, "tcp://127.0.0.1:*", log_path, idle_timeout_s=plan.idle_timeout_s)
     address = edge.address
     try:

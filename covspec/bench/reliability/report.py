@@ -2,8 +2,9 @@
 
 ``markdown(summary)`` renders the fuzz (totals, replies by code, per class), the load
 levels and the faults; ``verdict(summary)`` lists what broke a promise (a message
-without a reply, an edge crash, a wrong or failed answer, a session that never
-expired), empty when the run kept every one. Pure formatting: nothing is measured here.
+without a reply, an edge crash, a wrong or failed answer, a victim session ended by
+messages its owner did not send, a session that never expired), empty when the run
+kept every one. Pure formatting: nothing is measured here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def fuzz_tables(fuzz: dict) -> str:
              f"{by_design.get('close', 0):,} / {by_design.get('socket_drop', 0)} | "
              f"{sum(fuzz['unexpected'].values())} | {fuzz['misaddressed']} | {fuzz['edge_crashes']} | "
              f"{_mib(fuzz['memory'])} | {device['correct']} / {device['answers']} |", ""]
+    if fuzz.get("victim_checks"):
+        lines += ["| victim rounds after a batch | committed the target's tokens | victims ended by others "
+                  "| wrong | unanswered |", "|---|---|---|---|---|",
+                  f"| {fuzz['victim_checks']:,} | {fuzz['victim_rounds_right']:,} | "
+                  f"{fuzz['victims_ended_by_others']} | {fuzz['victim_wrong']} | {fuzz['victim_unanswered']} |", ""]
     lines += ["| reply | count |", "|---|---|"]
     lines += [f"| {label} | {count:,} |" for label, count in sorted(fuzz["replies"].items(), key=lambda kv: -kv[1])]
     lines += ["", "| class | sent | replies |", "|---|---|---|"]
@@ -78,6 +84,10 @@ def verdict(summary: dict) -> list[str]:
         problems.append(f"replies outside what each case allows: {fuzz['unexpected']}")
     if any(fuzz["edge_log_failures"].values()):
         problems.append(f"the edge logged failed requests: {fuzz['edge_log_failures']}")
+    ended, wrong = fuzz.get("victims_ended_by_others", 0), fuzz.get("victim_wrong", 0) + fuzz.get("victim_unanswered", 0)
+    if ended or wrong:
+        problems.append(f"victim sessions: {ended} ended by messages their owner did not send, {wrong} rounds wrong or "
+                        f"unanswered ({fuzz.get('victim_examples')})")
     if fuzz["misaddressed"]:
         problems.append(f"{fuzz['misaddressed']} replies named another session or seq")
     phases = [("fuzz device", fuzz["device"])] + [(f"{r['devices']} devices", r) for r in summary.get("load", [])]
@@ -102,6 +112,9 @@ def markdown(summary: dict) -> str:
              f"from {fuzz['sockets']} sockets in lock-step (each waits {fuzz['reply_timeout_s']:g} s for its reply), a well-behaved "
              f"device answering alongside. A close is answered only when refused; a frame over the socket's "
              f"MAXMSGSIZE makes ZeroMQ drop the peer before the edge sees it (sent from throw-away sockets). "
+             f"Each socket keeps a victim session that hostile string fields (lone surrogates, empty, huge, wrong "
+             f"types, in every string field of every message) name, and runs its next round after every batch of "
+             f"messages: it must commit the target's own tokens. "
              f"Edge log lines recording a failed request: {failures or 'none'}.",
              fuzz_tables(fuzz)]
     if "load" in summary:
