@@ -109,8 +109,11 @@ def test_a_preprocessing_that_does_not_match_the_graph_is_a_clear_error(pair, ed
     (broken / "manifest.json").write_text(json.dumps(manifest))
     image = tmp_path / "wide.png"
     image.write_bytes(png(noise(76, 32)))
+    # device-led: the draft must run before a token past the first is committed (edge-led, the edge
+    # may finish a 4-token answer before the device's prefill fails, and the run ends well)
     result = CliRunner().invoke(cli, ["device", "run", "--artifacts", str(broken), "--edge", edge.address,
-                                      "--image", str(image), "--prompt", QUESTIONS[0], "--max-new-tokens", "4"])
+                                      "--image", str(image), "--prompt", QUESTIONS[0], "--max-new-tokens", "4",
+                                      "--lead", "device"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "76x32 image into 76x32 pixels, but the vision tower takes 32x32" in result.output
 
