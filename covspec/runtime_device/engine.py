@@ -224,7 +224,7 @@ class _Generation:
                                                        self.options.reopen_attempts, attempt,
                                                        "no verdict within the timeouts, or the edge did not know it"))
 
-    def _draft(self, prefix: list[int], start: int, interrupt=None) -> Chunk | None:
+    def _draft(self, prefix: list[int], start: int, interrupt=None) -> Chunk:
         limit = max(min(self.policy.max_len, self.settings.max_new_tokens - start), 1)
         return self.proposer.draft(prefix, start, limit, interrupt)
 
@@ -320,15 +320,22 @@ class _Generation:
 
     def _draft_branch(self, chunk: Chunk, accepted: int, token: int) -> bool:
         """Draft the continuation after the verdict (accepted, token) on ``chunk``; False
-        when the verdict arrived meanwhile (the branch is dropped unfinished)."""
+        when the verdict arrived meanwhile. The branch then ends where it was (kept, not
+        dropped: which branches survive must not depend on their tokens)."""
         prefix = self.committed[: chunk.start] + chunk.tokens[:accepted] + [token]
         if token in self.draft.eos_ids or len(prefix) >= self.settings.max_new_tokens:
             return True
-        branch = self._draft(prefix, start=len(prefix), interrupt=lambda: self.session.verdict_ready(chunk))
-        if branch is None:
-            return False
+        arrived = False
+
+        def verdict_arrived() -> bool:
+            nonlocal arrived
+            arrived = arrived or self.session.verdict_ready(chunk)
+            return arrived
+
+        branch = self._draft(prefix, start=len(prefix), interrupt=verdict_arrived)
         branch.state = self.drafter.snapshot()
         self.branches[(accepted, token)] = branch
         self.stats.branches_drafted += 1
-        self.trace({"event": "branch", "accepted": accepted, "token": token, "len": len(branch.tokens)})
-        return True
+        self.trace({"event": "branch", "accepted": accepted, "token": token, "len": len(branch.tokens),
+                    "cut": arrived})
+        return not arrived

@@ -68,9 +68,12 @@ class Proposer:
         self.alternatives = alternatives            # record the likeliest corrections (for branches)
 
     def draft(self, prefix: list[int], start: int, limit: int,
-              interrupt: Callable[[], bool] | None = None, *, fixed_length: bool = False) -> Chunk | None:
+              interrupt: Callable[[], bool] | None = None, *, fixed_length: bool = False) -> Chunk:
         """A chunk after the generated tokens ``prefix``, its first token at ``start``, at
-        most ``limit`` (>= 1) tokens. With ``interrupt``, returns None as soon as it says so.
+        most ``limit`` (>= 1) tokens. With ``interrupt``, the chunk ends early, with the
+        tokens drafted so far, as soon as it says so: never dropped, for a chunk kept or
+        dropped by how long it took to draft would be chosen by its tokens (a sampled
+        chunk must be what the draft's distribution gives, whatever its tokens).
         With ``fixed_length`` it is exactly ``limit`` tokens long (drafted on past EOS and
         the policy's stops), so its length and drafting time say nothing of its tokens."""
         began = time.perf_counter()
@@ -87,11 +90,10 @@ class Proposer:
                 alternative = _second_choice(q, token)
                 chunk.alternatives.append(alternative)
                 chunk.alternative_probs.append(float(q[alternative]))
-            if len(chunk.tokens) >= limit or (not fixed_length and self._ends(chunk, limit)):
+            if len(chunk.tokens) >= limit or (not fixed_length and self._ends(chunk, limit)) \
+                    or (interrupt is not None and interrupt()):
                 chunk.draft_s = time.perf_counter() - began
                 return chunk
-            if interrupt is not None and interrupt():
-                return None
             logits = self.drafter.feed([token])[-1]
             self.policy.observe_draft_step(time.perf_counter() - step_began)
 
