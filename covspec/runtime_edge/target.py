@@ -120,8 +120,10 @@ class TargetModel:
 
         inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
         # Full-length layers even for sliding-window models (their own sliding cache cannot
-        # be rolled back once the window is full); the masks still apply the window.
-        inputs.setdefault("cache", DynamicCache())
+        # be rolled back once the window is full); the masks still apply the window. A fresh
+        # one for every prefill, also over a context's own (Gemma 3's), which a second prefill
+        # of the same context would otherwise continue.
+        inputs["cache"] = DynamicCache()
         with self.pacing.prefill(context.length):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         next_position = self.family.next_position(context)
