@@ -1,4 +1,4 @@
-"""The edge's prefix cache (issue 31), with real models and real sessions.
+"""The edge's prefix cache and its KV budget (issue 31), with real models and real sessions.
 
 A session that starts from a cached prefix must give the same logits as a fresh prefill
 (up to float rounding) and the same greedy answer, for the toy target and for families
@@ -6,7 +6,9 @@ whose positions or masks make continuing a prefix delicate: Qwen2-VL's M-RoPE (t
 rest of the context runs at explicit positions offset by the image's), Gemma 3's
 bidirectional image attention and sliding windows (contexts several windows long),
 Idefics3's tiles. Hits, misses, LRU eviction by bytes, what is never cached, that a
-session gets a copy and never the entry's tensors.
+session gets a copy and never the entry's tensors, the counters in ``pong``; and the KV
+budget: an open beyond it is answered ``busy`` with a sentence, nobody live is harmed,
+and the same open succeeds once a session closes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from covspec.hf.tiny import save_tiny_llava
 from covspec.hf.tiny_gemma3 import save_tiny_gemma3
 from covspec.hf.tiny_idefics3 import save_tiny_idefics3
 from covspec.hf.tiny_qwen2vl import save_tiny_qwen2vl
-from covspec.protocol.messages import Open
+from covspec.protocol.errors import BUSY, EdgeError
+from covspec.protocol.messages import Close, Open, Opened, Ping, Pong
+from covspec.protocol.ownership import new_owner, session_id_for
+from covspec.runtime_device.client import Backoff, EdgeClient
+from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.session import Session
 from covspec.runtime_edge.target import TargetModel
@@ -140,3 +146,36 @@ def test_a_session_gets_a_copy_never_the_cached_tensors(toy):
         assert answer("second", cache) == reference and answer("third", cache) == reference
         assert cache.hits == 2 and all(torch.equal(a, b) for a, b in zip(before, entry.keys))
         assert entry.length == entry.capacity                                 # never grown by a session
+
+
+def device_open(target: TargetModel, image, max_new_tokens: int = 16) -> Open:
+    owner = new_owner()
+    return Open(session=session_id_for(owner), owner=owner, seq=0, prompt=QUESTIONS[0],
+                image=np.frombuffer(png(image), np.uint8), max_new_tokens=max_new_tokens,
+                vocab_hash=target.vocab_hash, committed=np.zeros(0, np.int32))
+
+
+def test_the_kv_budget_answers_busy_and_admits_once_a_session_closes(toy):
+    image = noise(40, 40, seed=11)
+    with torch.inference_mode():
+        one = Session.open(toy, device_open(toy, image), image, max_context=4096)[0].kv_bytes()
+    config = ServerConfig(bind="tcp://127.0.0.1:*", kv_budget=one + one // 2, prefix_cache_bytes=1 << 28)
+    with EdgeServer(toy, config) as edge:
+        first, second = EdgeClient(edge.address), EdgeClient(edge.address, Backoff(timeout_s=0.3, retries=1))
+        try:
+            held = device_open(toy, image)
+            assert isinstance(first.request(held), Opened)
+            waiting = device_open(toy, image)
+            with pytest.raises(EdgeError) as refused:                # the device's backoff waited, then gave up
+                second.request(waiting)
+            assert refused.value.code == BUSY and "--kv-budget" in refused.value.message
+            assert "retry later" in refused.value.message
+            assert set(edge._model_thread.sessions) == {held.session}            # the live one is unharmed
+            first.send(Close(session=held.session, seq=1, owner=held.owner))
+            assert isinstance(second.request(waiting), Opened)
+            pong = first.request(Ping(session="", seq=0))
+            assert isinstance(pong, Pong) and pong.prefix_hits >= 1 and pong.prefix_misses == 1
+            assert pong.prefix_bytes > 0
+        finally:
+            first.close()
+            second.close()

@@ -6,6 +6,7 @@ A ``Session`` owns the state of one generation and runs its rounds against a
 ``Session.open`` builds the target's context (the family's), prefills it (with every
 token a reopen carries; through the edge's ``PrefixCache`` when it has one, which may
 start the cache from a cached prefix) and chooses the next token, the reply ``opened``.
+``kv_bytes()`` is what the session's KV cache may take (the edge's ``--kv-budget``).
 
 Positions count generated tokens only. ``committed`` holds every generated token so
 far; the KV cache holds the context plus all committed tokens except the last one,
@@ -246,6 +247,15 @@ class Session:
     def _p(self, row: np.ndarray) -> np.ndarray:
         """The target distribution of one logits row [V] (plain softmax when greedy)."""
         return spec.target_probs(row, 1.0) if self.sampling.greedy else self.sampling.p(row)
+
+    def kv_bytes(self) -> int:
+        """What the session's KV cache may take: its buffers' bytes per position times the most
+        positions it can hold (context + ``max_new_tokens``), or its buffers' bytes now if more;
+        0 once freed."""
+        if self.cache is None:
+            return 0
+        kv = self.cache.kv
+        return max(kv.nbytes, kv.nbytes * (self.context_len + self.max_new_tokens) // kv.capacity)
 
     def free(self) -> None:
         """Drop the KV cache (the session keeps its committed tokens and last reply)."""
