@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from covspec.bench.capacity.load import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_LED_AUTO, WORKLOADS, capacity_ratios,
                                     phase_figures)
-from covspec.bench.capacity.report import markdown
+from covspec.bench.capacity.report import markdown, prefix_cache_table
 from covspec.bench.harness.devices import greedy_references
 from covspec.bench.capacity.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
 from covspec.bench.harness.workload import toy_questions
@@ -222,6 +222,26 @@ def test_ratios_and_report_on_a_crafted_run():
     assert "| 16 | mixed | 2.50x | 5.00x | 2.00x | 0.80x |" in text
     assert "| covspec edge-led (always) | 16 | mixed | 2400 | 150.0 | 5.0 / 9.0 | 4.00 | 0.300 | 25% |" in text
     assert "auto 4: 25% edge steps, 0.300; 16: 25% edge steps, 0.300;" in text
+
+
+def test_repeated_images_ask_about_one_scene_and_report_the_prefix_cache():
+    from covspec.bench.capacity.load import BATCHED, PREFIX_CACHED, CapacityPlan
+    from covspec.bench.harness.workload import follow_ups, toy_questions
+
+    first = toy_questions(2, describe_share=0.5)
+    assert follow_ups(first, 1, describe_only=False) == first                  # the default: a scene per question
+    asked = follow_ups(first, 3, describe_only=False)
+    assert [q.scene for q in asked] == [first[0].scene] * 3 + [first[1].scene] * 3
+    assert len({q.question for q in asked[:3]}) == 3 and len({q.image_png for q in asked[:3]}) == 1
+    described = follow_ups(toy_questions(1, describe_share=1.0), 2, describe_only=True)
+    assert described[0] == described[1] and described[0].qtype == "describe"
+    assert PREFIX_CACHED not in CapacityPlan().configurations and PREFIX_CACHED in \
+        CapacityPlan(repeat_images=2).configurations
+    phases = [{"configuration": c.name, "devices": 2, "workload": "mixed", "tokens_per_s": rate,
+               "prefill_share": share, "prefix_hits": hits, "prefix_misses": 2}
+              for c, rate, share, hits in ((BATCHED, 100.0, 0.5, 0), (PREFIX_CACHED, 125.0, 0.25, 4))]
+    assert "| mixed | 2 | 100 / 125 | 1.25x | 50% / 25% | 4 / 2 |" in prefix_cache_table(phases)
+    assert prefix_cache_table(phases[:1]) == ""
 
 
 def test_quick_load_through_the_cli(tmp_path, artifacts):

@@ -47,6 +47,10 @@ def parse_levels(text: str, option: str) -> tuple[int, ...]:
 @click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
               help="Emulate a deployment: each edge's batched forward padded by the regime's roofline (batching "
                    "nearly free until the knee, as on a GPU) and the replay devices paced by its phone.")
+@click.option("--repeat-images", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Questions asked about each scene in a row (descriptions: the same one again, as many "
+                   "devices asking about one picture; mixed: follow-ups); above 1 also measures CoVSpec batched "
+                   "with the edge's prefix cache on. 1: a new scene per question.")
 @click.option("--quick", is_flag=True, help="A smoke test: 2 devices, 1 s per phase, 2 short questions.")
 @click.option("--artifacts", "artifacts_dir", default=Path("artifacts/toy-draft-int8"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
@@ -57,7 +61,7 @@ def parse_levels(text: str, option: str) -> tuple[int, ...]:
 @click.option("--markdown/--no-markdown", default=True, show_default=True,
               help="Put the tables in BENCHMARKS.md (never with --quick).")
 def load(levels: str, seconds: float, count: int, describe_share: float, max_new_tokens: int, chunk: int,
-         pace: float, agreement: str, regime: str | None, quick: bool, artifacts_dir: Path, out: Path,
+         pace: float, agreement: str, regime: str | None, repeat_images: int, quick: bool, artifacts_dir: Path, out: Path,
          plot_path: Path | None, markdown: bool) -> None:
     """N devices against one edge: target-only batched, CoVSpec batched, CoVSpec
     unbatched, edge-led CoVSpec batched (edge steps auto and always), on descriptions
@@ -65,7 +69,7 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     negligible CPU cost (checked against real devices). Reports aggregate and
     per-device tokens/s, round latency, target forwards per token, the share of tokens
     from the edge's own steps (edge-led), edge peak memory; every answer must equal the
-    target's own."""
+    target's own. With --repeat-images, the prefix cache on against off."""
     from tqdm import tqdm
 
     from covspec.bench.capacity.load import CapacityPlan, measure_capacity, phase_count
@@ -83,12 +87,13 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
         except RegimeError as exc:
             raise click.BadParameter(str(exc), param_hint="--regime") from None
     if quick:
-        plan = dataclasses.replace(CapacityPlan.quick(), regime=regime)
+        plan = dataclasses.replace(CapacityPlan.quick(), regime=regime, repeat_images=repeat_images)
     else:
         try:
             plan = CapacityPlan(levels=parse_levels(levels, "--levels"), seconds=seconds, questions=count,
                                 describe_share=describe_share, max_new_tokens=max_new_tokens, chunk=chunk,
-                                pace=pace, agreement_levels=parse_levels(agreement, "--agreement"), regime=regime)
+                                pace=pace, agreement_levels=parse_levels(agreement, "--agreement"), regime=regime,
+                                repeat_images=repeat_images)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     artifacts = ensure_toy_artifacts(artifacts_dir, lambda line: click.echo(line, err=True))
@@ -96,7 +101,8 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
     with tqdm(total=phase_count(plan), desc="load", unit="phase", file=sys.stderr) as bar:
         summary = measure_capacity(plan, artifacts, bundled_model_dir("target"), out / "edge.log",
                                    phase=lambda name: bar.write(f"load: {name}", file=sys.stderr), tick=bar.update)
-    name = ("load-quick" if quick else "load") + (f"-{regime_slug(regime)}" if regime else "")
+    name = ("load-quick" if quick else "load") + (f"-{regime_slug(regime)}" if regime else "") + \
+        (f"-repeat{repeat_images}" if repeat_images > 1 else "")
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     body = render(summary)
     if regime:
@@ -109,7 +115,8 @@ def load(levels: str, seconds: float, count: int, describe_share: float, max_new
         body += f"\n\n![capacity]({plot_path.as_posix()})"
     click.echo(body)
     if markdown and not quick:
-        title = "Edge capacity: N devices against one edge" + (f", emulated {regime}" if regime else "")
+        title = "Edge capacity: N devices against one edge" + (f", emulated {regime}" if regime else "") + \
+            (f", {repeat_images} questions per image" if repeat_images > 1 else "")
         write_section("load", title, body)
     click.echo(f"raw results: {out / (name + '.json')}", err=True)
     if not summary["all_correct"]:

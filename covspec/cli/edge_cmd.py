@@ -60,6 +60,13 @@ def edge() -> None:
 @click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
               help="Emulate a deployment: pad every target forward to what the regime's target model would "
                    "take on its GPU (a roofline; see `covspec plan --list`). Real time only by default.")
+@click.option("--kv-budget", type=int, default=None,
+              help="Bytes of KV cache the live sessions may take at most, each counted at its longest "
+                   "(context + max_new_tokens); an open beyond it is answered busy (default: no bound "
+                   "but --max-sessions).")
+@click.option("--prefix-cache-bytes", type=int, default=DEFAULT.prefix_cache_bytes, show_default=True,
+              help="Bytes of the prefix cache: sessions about an image seen recently start from the cached "
+                   "KV of its context and prefill only the rest (0: off).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def serve(model_dir: Path | None, log_level: str, **settings) -> None:
     """Serve MODEL_DIR (default: the bundled toy target) to devices until Ctrl-C or SIGTERM.

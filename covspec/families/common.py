@@ -18,8 +18,8 @@
   only when asked for (each family package is one ``LazyFamily``, so importing it
   imports no torch);
 - ``ProcessorTarget``: the ``TargetHalf`` pieces every family's edge half shares (the
-  template, ``context``, EOS ids, vocabulary); a family subclasses it and adds its
-  ``pruned_inputs`` (and the hooks it needs).
+  template, ``context``, the shortest reusable prefix, EOS ids, vocabulary); a family
+  subclasses it and adds its ``pruned_inputs`` (and the hooks it needs).
 
 Imports no torch at import time: the functions take loaded objects and plain mappings.
 """
@@ -131,8 +131,9 @@ def kept_embeddings(model, ids, features, keep):
 
 class ProcessorTarget(TargetHalf):
     """The edge half of a family whose processor takes ``images`` and ``text``: the template
-    rendered once, ``context`` through ``fill_prompt`` and ``target_context``, EOS ids and the
-    vocabulary. A family subclasses it with its ``pruned_inputs`` (and ``placeholders``, the
+    rendered once, ``context`` through ``fill_prompt`` and ``target_context``, the prefix a
+    cached one must cover (through the last image token), EOS ids and the vocabulary. A family
+    subclasses it with its ``pruned_inputs`` (and ``placeholders``, the
     texts a question may not carry; ``processor_options``, extra processor arguments)."""
 
     def __init__(self, model, processor):
@@ -149,6 +150,14 @@ class ProcessorTarget(TargetHalf):
     def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
         return target_context(self.model, self.processor, fill_prompt(self.template, question), question, image,
                               keep, self.placeholders(), **self.processor_options())
+
+    def shortest_reused_prefix(self, context: TargetContext) -> int | None:
+        """Everything up to the last image token: before it a token's KV depends on the image
+        (and, with bidirectional image attention as Gemma 3's, on later image tokens); after it
+        every token is text attending causally, as a cached extension runs it. None for a
+        context without an image token."""
+        slots = (context.inputs["input_ids"][0] == self.model.config.image_token_id).nonzero()
+        return int(slots[-1, 0]) + 1 if len(slots) else None
 
     def eos_ids(self) -> set[int]:
         return generation_eos_ids(self.model, self.processor.tokenizer)

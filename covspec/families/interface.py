@@ -18,7 +18,8 @@ multi-axis (M-RoPE) positions without the device loop knowing.
 
 Every member is explicit. A half subclasses its protocol (``class LlavaDevice(DeviceHalf)``)
 and inherits the documented default of each hook it does not need: ``pack_visual_tokens``
-and ``vision_runs`` on the device, ``next_position`` on the edge, ``dynamic_resolution``
+and ``vision_runs`` on the device, ``next_position`` and ``shortest_reused_prefix`` on the
+edge, ``dynamic_resolution``
 of a family. Callers call the hooks; they never ask whether a family has one. This module
 imports numpy only.
 """
@@ -201,6 +202,14 @@ class TargetHalf(Protocol):
         whose positions are not the cache index (M-RoPE); the edge then gives every cached
         extension explicit positions ``next_position + (cache index - context.length)``
         instead of the model's own. Default: None (positions are the cache index)."""
+        return None
+
+    def shortest_reused_prefix(self, context: TargetContext) -> int | None:
+        """The fewest leading tokens of ``context`` a cached prefix must cover for its KV to
+        stand in for a prefill of them (the edge's prefix cache, ``runtime_edge/prefix_cache.py``):
+        every token whose KV depends on the image, or on a later token, must lie inside it, so
+        that the rest of the context can run as a plain cached extension. Default: None, this
+        family's contexts never continue a cached prefix (the edge prefills them fresh)."""
         return None
 
     def eos_ids(self) -> set[int]:

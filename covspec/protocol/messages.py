@@ -267,7 +267,10 @@ class Pong(Message):
     CUDA allocator's peak on a GPU, else the process's peak resident set). Under a
     deployment regime (``covspec edge serve --regime``), ``overruns`` counts the target
     forwards whose real compute took longer than the regime's emulated time, and
-    ``overrun_ms`` the time beyond it (both optional: an edge that predates them sends none)."""
+    ``overrun_ms`` the time beyond it. The prefix cache's ``prefix_hits``, ``prefix_misses``
+    and ``prefix_evictions`` count opens that started from a cached prefix, opens that
+    found none (and prefilled fresh), and entries evicted; ``prefix_bytes`` is what it
+    holds now (all optional: an edge that predates them sends none; 0 with the cache off)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -278,6 +281,10 @@ class Pong(Message):
     peak_bytes: int = since(2, 0)
     overruns: int = counter(2)
     overrun_ms: int = counter(2)
+    prefix_hits: int = counter(2)
+    prefix_misses: int = counter(2)
+    prefix_evictions: int = counter(2)
+    prefix_bytes: int = counter(2)
 
 
 REQUEST_TYPES = ("open", "verify", "close", "ping")     # what a device sends: no field beyond its type's

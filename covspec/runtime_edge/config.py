@@ -48,6 +48,12 @@ class ServerConfig:
     CPU shared with other work, fewer threads are often much faster). ``regime`` (a
     ``covspec.regime`` name, ``DEVICE@TARGET``, or a profile file) pads every target forward
     to what the regime's target model would take on its GPU (None: real time only).
+    ``kv_budget`` bounds, in bytes, the KV cache the live sessions may take (each charged
+    ``Session.kv_bytes()``: its context plus ``max_new_tokens`` at its cache's bytes per
+    position); an open beyond it is answered ``busy`` (None: no bound but ``max_sessions``).
+    ``prefix_cache_bytes`` bounds the edge's prefix cache (``prefix_cache.py``: sessions
+    about the same image start from a cached prefix of the context; 0: off); it is held
+    apart from ``kv_budget``.
     """
 
     bind: str = "tcp://127.0.0.1:5555"
@@ -69,6 +75,8 @@ class ServerConfig:
     insecure: bool = False
     threads: int | None = None
     regime: str | None = None
+    kv_budget: int | None = None
+    prefix_cache_bytes: int = 0
 
     def validate(self) -> "ServerConfig":
         """Return self if usable; raise ConfigError naming the first problem."""
@@ -90,6 +98,10 @@ class ServerConfig:
                 raise ConfigError(f"--regime: {exc}") from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}.")
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise ConfigError(f"kv_budget must be >= 1 byte, got {self.kv_budget}; leave it out for no bound.")
+        if self.prefix_cache_bytes < 0:
+            raise ConfigError(f"prefix_cache_bytes must be >= 0 (0: off), got {self.prefix_cache_bytes}.")
         for name in ("idle_timeout_s", "finished_timeout_s", "max_image_aspect"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")

@@ -3,7 +3,8 @@
 ``SessionKV`` is one session's cache: per layer, a key and a value buffer
 [heads, capacity, head_dim] of which the first ``length`` positions are live. It grows
 by doubling, and rolling back is only a smaller ``length`` (the positions past it are
-overwritten by the next forward).
+overwritten by the next forward). ``copy(length)`` is a new cache holding a copy of the
+first ``length`` positions (no tensor shared), ``nbytes`` what its buffers take.
 
 ``forward_cache(sessions, query_len)`` builds, for one target forward over B sessions
 with ragged contexts, a transformers ``Cache`` whose layer l holds
@@ -48,6 +49,19 @@ class SessionKV:
     def capacity(self) -> int:
         return int(self.keys[0].shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key and value buffers (their whole capacity, live or not)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def copy(self, length: int, capacity: int = 0) -> "SessionKV":
+        """A new cache of the first ``length`` positions (at most the live ones), with buffers of
+        its own, room for ``capacity`` positions (at least ``length``)."""
+        length = min(length, self.length)
+        capacity = max(capacity, length)
+        return SessionKV([_moved(k, length, capacity) for k in self.keys],
+                         [_moved(v, length, capacity) for v in self.values], length)
+
     def reserve(self, positions: int) -> None:
         """Make room for ``positions`` positions in all (the live ones are kept)."""
         if positions <= self.capacity:
@@ -55,13 +69,18 @@ class SessionKV:
         capacity = max(positions, 2 * self.capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = old.new_empty((old.shape[0], capacity, old.shape[2]))
-                grown[:, :self.length] = old[:, :self.length]
-                store[i] = grown
+                store[i] = _moved(old, self.length, capacity)
 
     def rollback(self, length: int) -> None:
         """Keep only the first ``length`` positions (no-op if it holds no more)."""
         self.length = min(self.length, length)
+
+
+def _moved(buffer: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A new buffer [H, capacity, D] holding the first ``length`` positions of ``buffer``."""
+    moved = buffer.new_empty((buffer.shape[0], capacity, buffer.shape[2]))
+    moved[:, :length] = buffer[:, :length]
+    return moved
 
 
 class _ForwardLayer(DynamicLayer):

@@ -3,12 +3,13 @@
 ``ModelThread.run`` takes decoded requests (``Request``) from a queue filled by the
 server's I/O thread and schedules them. Each iteration it handles the waiting requests
 in arrival order (a session's own requests keep their order; different sessions' may
-pass each other): opens (a prefill each, at most one per iteration so a burst of opens
-does not stall everyone's decoding), closes, and verifies, whose prepared rounds it
-gathers together with one step of every streaming session (target-only, and edge-led
-ones without a chunk this iteration, as ``edge_steps`` allows), up to ``max_batch``
-sessions and ``max_batch_tokens`` input tokens. Then one target forward
-runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
+pass each other): opens (a prefill each, through the edge's ``PrefixCache``; at most one
+per iteration so a burst of opens does not stall everyone's decoding; admitted while the
+live sessions fit ``max_sessions`` and ``kv_budget``, else ``busy``), closes, and
+verifies, whose prepared rounds it gathers together with one step of every streaming
+session (target-only, and edge-led ones without a chunk this iteration, as
+``edge_steps`` allows), up to ``max_batch`` sessions and ``max_batch_tokens`` input
+tokens. Then one target forward runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
 did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
 
 A failure that concerns one message ends nothing but that message. A refused request
@@ -41,6 +42,7 @@ from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.protocol.ownership import new_owner
 from covspec.runtime_edge.config import ServerConfig
+from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.rounds import pick_verifier, run_rounds
 from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel, decode_image
@@ -48,6 +50,7 @@ from covspec.runtime_edge.target import TargetModel, decode_image
 log = logging.getLogger("covspec.edge")
 
 POLL_S = 0.1         # longest wait for a request when nothing else is due
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -80,6 +83,7 @@ class ModelThread:
         self._streaming: collections.deque[tuple[Session, int]] = collections.deque()  # target-only, with open's seq
         self._push: zmq.Socket | None = None
         self._verifier = pick_verifier(target.device)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self.forwards = 0         # target forwards since start (prefills included), for Pong
         self.committed = 0        # tokens committed over all sessions since start, for Pong
         self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
@@ -262,18 +266,43 @@ class ModelThread:
             if len(self.sessions) >= self.config.max_sessions:
                 raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
                                              "retry later or ask the operator to raise --max-sessions.")
+        self._check_kv_budget(0)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
-                                       owner=message.owner or new_owner(), peer_key=request.peer_key)
+                                       owner=message.owner or new_owner(), peer_key=request.peer_key,
+                                       prefix_cache=self.prefix_cache)
         self.prefill_s += time.perf_counter() - began
+        if opened.token != spec.NO_TOKEN:         # a prefill ran: one forward from a cached prefix, else a
+            self.forwards += 1 if session.stats.reused else 1 + bool(len(message.committed))   # second for a reopen's
+        try:
+            self._check_kv_budget(session.kv_bytes())
+        except EdgeError:
+            session.free()
+            raise
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session
-        if opened.token != spec.NO_TOKEN:         # a prefill ran (a second forward for a reopen's tokens)
-            self.forwards += 1 + bool(len(message.committed))
+        if opened.token != spec.NO_TOKEN:
             self.committed += 1
         self._reply(request, opened, session)
         if session.mode in ("target_only", "edge_led") and not session.done:
             self._streaming.append((session, message.seq))
+
+    def _check_kv_budget(self, needed: int) -> None:
+        """``busy`` unless the live sessions' KV (``Session.kv_bytes``) and ``needed`` more bytes
+        fit ``kv_budget``; a live total already at the budget is refused before any prefill."""
+        budget = self.config.kv_budget
+        if budget is None:
+            return
+        live = sum(session.kv_bytes() for session in self.sessions.values())
+        if live >= budget:
+            raise EdgeError(errors.BUSY, f"the live sessions' KV cache already takes {live / MIB:.1f} MiB of this "
+                                         f"edge's --kv-budget of {budget / MIB:.1f} MiB; retry later (sessions free "
+                                         "theirs as they finish).")
+        if live + needed > budget:
+            raise EdgeError(errors.BUSY, f"this session's KV cache would take {needed / MIB:.1f} MiB beside the live "
+                                         f"sessions' {live / MIB:.1f} MiB, beyond this edge's --kv-budget of "
+                                         f"{budget / MIB:.1f} MiB; retry later (sessions free theirs as they "
+                                         "finish) or ask for fewer new tokens.")
 
     def _verify(self, request: Request, session: Session | None) -> _Work | None:
         message: Verify = request.message

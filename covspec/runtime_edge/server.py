@@ -173,16 +173,20 @@ class EdgeServer:
 
     def counters(self) -> dict[str, int]:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
-        opening sessions and running rounds, peak memory, and under a regime the forwards whose
-        real compute overran their emulated time."""
+        opening sessions and running rounds, peak memory, under a regime the forwards whose
+        real compute overran their emulated time, and the prefix cache's hits, misses,
+        evictions and bytes held."""
         model_thread = self._model_thread
         if model_thread is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
         pacing = self.target.pacing.pacer.counts()
+        prefix = model_thread.prefix_cache
         return {"forwards": model_thread.forwards, "committed": model_thread.committed,
                 "prefill_ms": int(model_thread.prefill_s * 1000), "rounds_ms": int(model_thread.rounds_s * 1000),
                 "peak_bytes": peak_memory_bytes(self.config.device),
-                "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"])}
+                "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"]),
+                "prefix_hits": prefix.hits, "prefix_misses": prefix.misses, "prefix_evictions": prefix.evictions,
+                "prefix_bytes": prefix.nbytes}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()

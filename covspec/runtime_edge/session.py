@@ -4,7 +4,9 @@ A ``Session`` owns the state of one generation and runs its rounds against a
 ``TargetModel``; it never touches a socket (the server sends what it returns).
 
 ``Session.open`` builds the target's context (the family's), prefills it (with every
-token a reopen carries) and chooses the next token, the reply ``opened``.
+token a reopen carries; through the edge's ``PrefixCache`` when it has one, which may
+start the cache from a cached prefix) and chooses the next token, the reply ``opened``.
+``kv_bytes()`` is what the session's KV cache may take (the edge's ``--kv-budget``).
 
 Positions count generated tokens only. ``committed`` holds every generated token so
 far; the KV cache holds the context plus all committed tokens except the last one,
@@ -42,6 +44,7 @@ from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import Codec, check_tokens, codec_named
+from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
 
 
@@ -78,6 +81,7 @@ class SessionStats:
     bytes_in: int = 0
     bytes_out: int = 0
     prefill_ms: float = 0.0
+    reused: int = 0            # context tokens taken from the prefix cache instead of prefilled
     verify_ms: float = 0.0     # model time of all rounds (and target-only steps)
 
     def line(self, session_id: str, mode: str, tokens: int, reason: str) -> str:
@@ -85,7 +89,7 @@ class SessionStats:
         mean_verify = self.verify_ms / self.rounds if self.rounds else 0.0
         return (f"session {session_id} {reason}: mode={mode} tokens={tokens} rounds={self.rounds} "
                 f"accepted_mean={mean_accepted:.2f} drafted={self.drafted} stale={self.stale} "
-                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} "
+                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} reused={self.reused} "
                 f"verify_ms_mean={mean_verify:.2f} verify_ms_total={self.verify_ms:.1f}")
 
 
@@ -116,11 +120,12 @@ class Session:
 
     @classmethod
     def open(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
-             peer_key: str = "") -> tuple["Session", Opened]:
+             peer_key: str = "", prefix_cache: PrefixCache | None = None) -> tuple["Session", Opened]:
         """Prefill a fresh (or reopened) session and commit its next token.
 
         On a reopen ``msg.committed`` holds every token the device already committed;
-        they are prefilled after the context and generation continues after them.
+        they are prefilled after the context and generation continues after them. With
+        ``prefix_cache`` the prefill may start from a cached prefix (``prefix_cache.py``).
         """
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
@@ -141,7 +146,11 @@ class Session:
             session.done = True                     # the reopen already ended generation
             return session, session._opened(msg.seq, spec.NO_TOKEN)
         begin = time.perf_counter()
-        session.cache, logits = target.prefill(context, committed)   # logits [V]
+        if prefix_cache is None:
+            session.cache, logits = target.prefill(context, committed)   # logits [V]
+        else:
+            session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, msg.image.tobytes(),
+                                                                               committed)
         token = session._choose(logits)
         session.stats.prefill_ms = (time.perf_counter() - begin) * 1e3
         session.committed.append(token)
@@ -238,6 +247,15 @@ class Session:
     def _p(self, row: np.ndarray) -> np.ndarray:
         """The target distribution of one logits row [V] (plain softmax when greedy)."""
         return spec.target_probs(row, 1.0) if self.sampling.greedy else self.sampling.p(row)
+
+    def kv_bytes(self) -> int:
+        """What the session's KV cache may take: its buffers' bytes per position times the most
+        positions it can hold (context + ``max_new_tokens``), or its buffers' bytes now if more;
+        0 once freed."""
+        if self.cache is None:
+            return 0
+        kv = self.cache.kv
+        return max(kv.nbytes, kv.nbytes * (self.context_len + self.max_new_tokens) // kv.capacity)
 
     def free(self) -> None:
         """Drop the KV cache (the session keeps its committed tokens and last reply)."""

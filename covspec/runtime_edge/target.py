@@ -13,7 +13,9 @@ KV-cache contract: ``prefill`` returns a cache (``TargetCache``: the model's KV 
 and how generated tokens are positioned) holding every input token; ``extend``
 appends its tokens to the cache and returns one logits row per token (row i scores
 the token after ``tokens[i]``); ``rollback(cache, length)`` crops the cache back to
-its first ``length`` tokens. For a family with ``next_position`` (M-RoPE), extensions
+its first ``length`` tokens; ``prefill_after`` starts a cache from a cached prefix of the
+context (``prefix_cache.py``) and runs the rest as an extension. For a family with
+``next_position`` (M-RoPE), extensions
 get explicit positions from their session's own cache, never the model's shared
 state (Qwen2-VL's ``rope_deltas`` belongs to whichever session prefilled last).
 """
@@ -120,16 +122,29 @@ class TargetModel:
 
         inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
         # Full-length layers even for sliding-window models (their own sliding cache cannot
-        # be rolled back once the window is full); the masks still apply the window.
-        inputs.setdefault("cache", DynamicCache())
+        # be rolled back once the window is full); the masks still apply the window. A fresh
+        # one for every prefill, also over a context's own (Gemma 3's), which a second prefill
+        # of the same context would otherwise continue.
+        inputs["cache"] = DynamicCache()
         with self.pacing.prefill(context.length):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        next_position = self.family.next_position(context)
-        cache = TargetCache(SessionKV.from_cache(out.cache),
-                            None if next_position is None else next_position - context.length)
+        cache = self._session_cache(SessionKV.from_cache(out.cache), context)
         if committed:
             return cache, self.extend(cache, committed)[-1]
         return cache, _to_numpy(out.logits[0, -1])
+
+    def prefill_after(self, context: Context, prefix: SessionKV, rest: Sequence[int]) -> tuple[TargetCache, np.ndarray]:
+        """Continue ``prefix`` (the KV of the first ``prefix.length`` tokens of ``context``; the
+        returned cache takes it over) with ``rest`` (the context's remaining ids, then a reopen's
+        committed tokens; at least one) in one cached forward, as ``extend`` runs it -> (cache,
+        logits [V]): what ``prefill(context, committed)`` returns, up to float rounding."""
+        cache = self._session_cache(prefix, context)
+        return cache, self.extend(cache, rest)[-1]
+
+    def _session_cache(self, kv: SessionKV, context: Context) -> TargetCache:
+        """A session's cache over ``kv`` (a prefix of ``context``), positioned as the family says."""
+        next_position = self.family.next_position(context)
+        return TargetCache(kv, None if next_position is None else next_position - context.length)
 
     def extend(self, cache: TargetCache, tokens: Sequence[int]) -> np.ndarray:
         """One cached forward over ``tokens`` -> logits [len(tokens), V] (numpy); the cache

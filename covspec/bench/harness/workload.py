@@ -39,3 +39,18 @@ def toy_questions(count: int, describe_share: float = 0.5, first_scene: int = 0)
         short += not take_describe
         if len(picked) == count:
             return picked
+
+
+def follow_ups(questions: list[Question], per_scene: int, describe_only: bool) -> list[Question]:
+    """Each of ``questions`` followed by ``per_scene - 1`` more about its scene, with the same
+    image bytes: its scene's other questions in turn (follow-ups), or with ``describe_only``
+    the same description again (many devices asking about one picture)."""
+    from covspec.toy import shapes
+
+    asked: list[Question] = []
+    for question in questions:
+        scene = [question] + [Question(question.scene, qa.type, qa.question, qa.answer, question.image_png)
+                              for qa in shapes.sample("test", question.scene).qas
+                              if qa.type != question.qtype and not describe_only]
+        asked += [scene[i % len(scene)] for i in range(per_scene)]
+    return asked

@@ -22,9 +22,10 @@ loads offline and ``trust_remote_code`` is never set.
 - Sliding-window layers: transformers' own cache for them keeps only the window and
   cannot be cropped once the window is full, so the edge's rollback would fail past
   it. The context therefore brings a fresh full-length ``DynamicCache`` (``cache``),
-  one per context, as ``TargetModel.prefill`` gives every family without one: every
-  layer keeps every token, and the window is applied by the model's attention mask
-  as before (same logits, any length; more memory on long contexts).
+  one per context, for callers that run the model on it; ``TargetModel.prefill`` gives
+  every prefill a fresh one of its own: every layer keeps every token, and the window
+  is applied by the model's attention mask as before (same logits, any length; more
+  memory on long contexts).
 - Pan-and-scan crops are not supported (the model folder's processor must not ask
   for them).
 """
