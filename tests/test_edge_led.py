@@ -126,7 +126,7 @@ def test_the_device_takes_the_lead_only_where_its_rounds_pay():
     def planner(edge_step_s, draft_step_s, rtt_s, agreement=0.8, verify_s=None):
         p = LeadPlanner(draft_len=8)
         p.agreed, p.compared = agreement * 100, 100.0
-        p.edge_step_s, p.draft_step_s, p.rtt_s, p.verify_s = edge_step_s, draft_step_s, rtt_s, verify_s
+        p.edge_forward_s, p.draft_step_s, p.rtt_s, p.verify_s = edge_step_s, draft_step_s, rtt_s, verify_s
         return p
 
     assert planner(0.027, 0.0064, 0.0).device_leads_better()

@@ -95,6 +95,7 @@ class LeadPlanner:
         self.rtt_s: float | None = None
         self.draft_step_s: float | None = None
         self.verify_s: float | None = None                  # the edge's verify forwards (chunks)
+        self.edge_forward_s: float | None = None            # the edge's forwards for its own steps
         self.agreed, self.compared = 7.0, 10.0              # a prior of 0.7 worth ten tokens
         self.skipped = 0                                    # asks answered "not worth it" in a row
 
@@ -124,16 +125,20 @@ class LeadPlanner:
         ``1 + a + ... + a**k`` tokens (a: the agreement so far) in ``k d + rtt + F``
         (draft steps, the round trip, one target forward over the chunk: the edge's
         step T, or the verify forwards measured so far when they took longer), at the
-        best k. False until the edge's step, the draft's step and the round trip have
-        been measured."""
-        if self.edge_step_s is None or self.draft_step_s is None or self.rtt_s is None:
+        best k. T is the edge's own forward time for a step (what its streamed tokens
+        report), not their spacing on arrival, which bunches while the device drafts;
+        the round trip measured edge-led includes waiting for the step under way, half
+        a step on average, which a device-led round does not. False until the edge's
+        step, the draft's step and the round trip have been measured."""
+        if self.edge_forward_s is None or self.draft_step_s is None or self.rtt_s is None:
             return False
-        step, a = max(self.edge_step_s, 1e-6), self.agreed / self.compared
+        step, a = max(self.edge_forward_s, 1e-6), self.agreed / self.compared
         forward = max(step, self.verify_s or 0.0)
+        rtt = max(self.rtt_s - step / 2, 0.0)
         def committed(k: int) -> float:                    # 1 + a + ... + a**k
             return (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
 
-        best = max(committed(k) / (k * self.draft_step_s + self.rtt_s + forward) for k in range(1, self.max_len + 1))
+        best = max(committed(k) / (k * self.draft_step_s + rtt + forward) for k in range(1, self.max_len + 1))
         return best * step > HAND_OVER_GAIN
 
     def observe_agreement(self, agreed: int, compared: int) -> None:
@@ -154,6 +159,9 @@ class LeadPlanner:
 
     def observe_verify(self, verify_s: float) -> None:
         self.verify_s = _ema(self.verify_s, verify_s)
+
+    def observe_edge_forward(self, seconds: float) -> None:
+        self.edge_forward_s = _ema(self.edge_forward_s, seconds)
 
 
 def yield_the_cpu() -> None:
@@ -315,6 +323,8 @@ class EdgeLedGeneration:
             if self.last_step_at is not None:
                 self.planner.observe_edge_step(now - self.last_step_at)
             self.last_step_at = now
+            if reply.token != NO_TOKEN:
+                self.planner.observe_edge_forward(reply.verify_ms / 1000)
             self.stats.edge_steps += reply.token != NO_TOKEN
             return self._commit([], reply)
         chunk = self.chunk
