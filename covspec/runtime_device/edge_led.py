@@ -59,6 +59,7 @@ import numpy as np
 from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Result
 from covspec.protocol.verification import NO_TOKEN
+from covspec.regime.plan import HAND_OVER_GAIN
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
@@ -70,7 +71,6 @@ MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
 VERIFIED_LEN = 8           # tokens past the overlap with the adaptive policy (the toy pair accepts ~4.5 a round)
 EXPLORE_EVERY = 16         # a chunk "not worth drafting" is drafted anyway after this many asks
 QUIET_S = 0.05             # with no chunk in flight, draft one anyway after this long without a token
-HAND_OVER_GAIN = 1.2       # hand the lead to the device when its rounds would commit this much faster
 
 
 class LeadPlanner:
