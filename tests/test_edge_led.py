@@ -117,6 +117,28 @@ def test_negative_control_a_choice_that_looks_at_the_verified_token_is_caught():
     assert pvalue < 1e-6
 
 
+def test_the_device_takes_the_lead_only_where_its_rounds_pay():
+    """A phone-class draft (6.4 ms a token) with a 7B target: hand over on a 27 ms
+    transformers-class step (rounds of 4 commit 1.7x its tokens per second), and on a
+    13 ms vLLM-class one (1.25x) only while its verify forwards cost one step; not over
+    a 60 ms 4G round trip, nor with a draft that rarely agrees; nothing is decided
+    before every timing was measured."""
+    def planner(edge_step_s, draft_step_s, rtt_s, agreement=0.8, verify_s=None):
+        p = LeadPlanner(draft_len=8)
+        p.agreed, p.compared = agreement * 100, 100.0
+        p.edge_forward_s, p.draft_step_s, p.rtt_s, p.verify_s = edge_step_s, draft_step_s, rtt_s, verify_s
+        return p
+
+    assert planner(0.027, 0.0064, 0.0).device_leads_better()
+    assert planner(0.040, 0.0064, 0.010).device_leads_better()
+    assert planner(0.0134, 0.0064, 0.0).device_leads_better()
+    assert not planner(0.0134, 0.0064, 0.0, verify_s=0.020).device_leads_better()
+    assert not planner(0.027, 0.0064, 0.060).device_leads_better()
+    assert not planner(0.027, 0.0064, 0.0, agreement=0.2).device_leads_better()
+    assert not planner(0.027, None, 0.0).device_leads_better()
+    assert planner(0.027, 0.0064, 0.0, agreement=1.0).device_leads_better()
+
+
 # -- the live edge ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -212,3 +234,73 @@ def _v1_edge_led_open(prompt: str, image: np.ndarray, vocab_hash: str) -> list[b
     header = json.loads(frames[0])
     header["v"] = 1
     return [json.dumps(header).encode()] + frames[1:]
+
+
+def test_the_edge_stops_stepping_once_the_device_leads(toy):
+    """A raw device: the edge streams its own tokens until a verify with ``device_leads``;
+    it verifies that chunk as an edge-led one, streams nothing after its verdict, and
+    verifies the next chunk as a speculative session would."""
+    from covspec.protocol.ownership import new_owner, session_id_for
+    from covspec.runtime_edge.target import TargetModel
+
+    question, reference = toy["questions"][0], toy["references"][0]
+    owner = new_owner()
+    session = session_id_for(owner)
+    with serve(toy, "always") as server:
+        socket = zmq.Context.instance().socket(zmq.DEALER)
+        socket.setsockopt(zmq.RCVTIMEO, 20000)
+        socket.connect(server.address)
+        try:
+            socket.send_multipart(encode(Open(
+                session=session, seq=1, owner=owner, prompt=question.question, mode="edge_led",
+                image=np.frombuffer(question.image_png, np.uint8), max_new_tokens=48,
+                vocab_hash=TargetModel.load(toy["target"]).vocab_hash, committed=np.zeros(0, np.int32))))
+            committed = [decode(socket.recv_multipart()).token]
+            while len(committed) < 3:                                   # the edge's own steps
+                committed.append(decode(socket.recv_multipart()).token)
+            chunk = reference[len(committed) - 1:len(committed) + 12]   # covers what it may step meanwhile
+            socket.send_multipart(encode(Verify(session=session, seq=2, owner=owner, start=len(committed) - 1,
+                                                tokens=np.asarray(chunk, np.int32), device_leads=True)))
+            while True:
+                reply = decode(socket.recv_multipart())
+                if reply.seq == 2:
+                    break
+                committed.append(reply.token)                           # streamed before the verdict
+            assert reply.status == "ok" and reply.start == len(committed) and reply.accepted > 0
+            start = reply.start + reply.accepted + 1
+            assert committed == reference[:reply.start] and reply.token == reference[start - 1]
+            assert socket.poll(300) == 0                                # no step of the edge's own any more
+            socket.send_multipart(encode(Verify(session=session, seq=3, owner=owner, start=start,
+                                                tokens=np.asarray(reference[start:start + 4], np.int32))))
+            verdict = decode(socket.recv_multipart())
+            assert verdict.seq == 3 and verdict.status == "ok" and verdict.start == start and verdict.accepted == 4
+            assert verdict.token == reference[start + 4]
+        finally:
+            socket.close(linger=0)
+
+
+def test_greedy_on_the_toy_set_with_the_lead_handed_over(toy):
+    """The default (``lead="auto"``) against an edge paced like a 7B target on an A100
+    (27 ms a step; the toy draft is unpaced, 100x faster): edge-led while the draft
+    prefills, then the planner hands the lead to the device and device-led rounds go
+    on in the same session; every answer is the target's own."""
+    from covspec.runtime_device.client import EdgeClient
+    from covspec.runtime_edge import EdgeServer, ServerConfig
+
+    settings = GenerationSettings(max_new_tokens=48)
+    handed_over = rounds_after = 0
+    config = ServerConfig(bind="tcp://127.0.0.1:*", edge_steps="always", threads=1, regime="phone-135m@7b-a100-hf")
+    with EdgeServer(toy["target"], config) as server:
+        client = EdgeClient(server.address)
+        device = CoInference(toy["artifact"], client)
+        for question, reference in list(zip(toy["questions"], toy["references"]))[:8]:
+            events = []
+            answer = [t for c in device.generate(question.image_png, question.question, settings,
+                                                 DraftingOptions(), trace=events.append) for t in c]
+            assert answer == reference, question.question
+            names = [e["event"] for e in events]
+            if "hand_over" in names:
+                handed_over += 1
+                rounds_after += names[names.index("hand_over"):].count("verdict")
+        client.close()
+    assert handed_over >= 4 and rounds_after > 0

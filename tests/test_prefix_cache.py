@@ -179,3 +179,19 @@ def test_the_kv_budget_answers_busy_and_admits_once_a_session_closes(toy):
         finally:
             first.close()
             second.close()
+
+
+def test_a_sessions_kv_never_grows_past_what_the_budget_charged_it():
+    """Doubling stops at the session's most positions (context + max_new_tokens + 1), so
+    its live bytes stay within what ``kv_bytes`` charged at admission."""
+    from covspec.runtime_edge.kv import SessionKV
+
+    kv = SessionKV([torch.zeros(2, 10, 4)], [torch.zeros(2, 10, 4)], length=10)
+    kv.limit = 13
+    kv.reserve(11)
+    assert kv.capacity == 13                   # not 20
+    kv.reserve(15)                             # past the limit: room still made, exactly
+    assert kv.capacity == 15
+    unlimited = SessionKV([torch.zeros(2, 10, 4)], [torch.zeros(2, 10, 4)], length=10)
+    unlimited.reserve(11)
+    assert unlimited.capacity == 20

@@ -192,6 +192,19 @@ def test_edge_led_never_drafts_when_the_overlap_cannot_survive():
     assert plan.edge_led_s(COSTS, 41, [0.95]) < plan.target_only_s(COSTS, 41)
 
 
+def test_hand_over_streams_until_the_draft_is_ready_then_runs_rounds():
+    # The draft is ready at 0.2 s: the edge streamed 1 + (0.2 - 0.11) / 0.025 = 4.6 tokens by then.
+    assert plan.hand_over_s(COSTS, 4, [1.0], 4) == pytest.approx(plan.target_only_s(COSTS, 4))
+    # alpha = 1: the 41 - 4.6 = 36.4 tokens left take 7 rounds of 4 (5 tokens each) from 0.2 s, then
+    # one of 2 (the draft stops where the answer ends).
+    assert plan.hand_over_s(COSTS, 41, [1.0], 4) == pytest.approx(0.2 + 7 * (4 * 0.005 + 0.035) + 2 * 0.005 + 0.035)
+    assert plan.hand_over_s(COSTS, 41, [1.0], 4) < plan.device_led_s(COSTS, 41, [1.0], 4)
+    # rounds that barely beat the edge alone (1.1x < HAND_OVER_GAIN): edge-led throughout
+    poor = plan.Costs(**{**COSTS.__dict__, "draft_step_s": 0.02})
+    assert plan.round_rate(poor, [0.3], 1) * poor.target_step_s < plan.HAND_OVER_GAIN
+    assert plan.hand_over_s(poor, 41, [0.3], 1) == pytest.approx(plan.edge_led_s(poor, 41, [0.3]))
+
+
 def test_recommend_steps_aside_when_the_draft_is_slow():
     slow_draft = plan.Costs(**{**COSTS.__dict__, "draft_step_s": 0.05, "draft_prefill_s": 3.0})
     assert plan.recommend(slow_draft, 41, [0.8]).mode == "target-only"

@@ -66,7 +66,7 @@ def regime(regimes: str | None, links: str, count: int, max_new_tokens: int, art
                  "new tokens. EMULATED: the toy pair runs for real, but every draft run is padded to the named "
                  "phone-class device and every target forward to the named model on its GPU (profiles and their "
                  "sources: `covspec/regime/profiles.json`); calls whose real compute was slower than emulated are "
-                 "counted as overruns. `covspec` is today's default (edge-led for greedy); `plan-device-led` is "
+                 "counted as overruns. `covspec` is today's default (greedy: edge-led, handing the lead to device-led rounds once the draft is ready and they pay); `plan-device-led` is "
                  f"device-led with a fixed draft length of {PLAN_DRAFT_LEN}, no pipelining, no branches. Speedups are medians over "
                  "questions of target-only's time over the scenario's, same run, same link.")
         write_section("regime", "Deployment regime (emulated)", f"{intro}\n\n{body}")

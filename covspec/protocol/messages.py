@@ -64,6 +64,12 @@ def counter(version: int):
     return field(default=0, metadata={"since": version, "optional": True})
 
 
+def flag(version: int):
+    """A boolean from protocol ``version`` on that a message may omit (false when absent).
+    It is sent only when true, so a message that does not use it reads as before."""
+    return field(default=False, metadata={"since": version, "optional": True})
+
+
 def array_field(dtype: str, ndim: int, optional: bool = False):
     """A dataclass field holding an ndarray of a fixed dtype and rank."""
     meta = {"array": True, "dtype": dtype, "ndim": ndim}
@@ -166,7 +172,9 @@ class Verify(Message):
     """Device -> edge: a draft chunk starting at generated position ``start``.
 
     ``assumed`` is the token the device assumed at ``start - 1`` (-1: none, the
-    chunk follows the last verdict). What travels beside the ids is the wire
+    chunk follows the last verdict). ``device_leads`` (an ``edge_led`` session only)
+    hands the lead to the device: from this chunk on the edge stops stepping by itself
+    and the session runs as ``speculative``. What travels beside the ids is the wire
     format's (``covspec.protocol.wire``): on the compact wire, sampling mode sends the
     draft's sparse proposal per position (``q_ids``, ``q_probs``: [n, k]) and greedy
     mode ids only; the dense wire sends the full distribution ``q_dense`` [n, V].
@@ -180,6 +188,7 @@ class Verify(Message):
     q_ids: np.ndarray | None = array_field("int32", 2, optional=True)
     q_probs: np.ndarray | None = array_field("float16", 2, optional=True)
     q_dense: np.ndarray | None = array_field("float16", 2, optional=True)
+    device_leads: bool = flag(3)
 
     def check(self) -> None:
         n = self.tokens.shape[0]
@@ -309,7 +318,7 @@ def encode(message: Message) -> list[bytes]:
                 raise ProtocolError(errors.BAD_ARRAY, f"{f.name} must have {f.metadata['ndim']} dimensions")
             arrays.append({"name": f.name, "dtype": f.metadata["dtype"], "shape": list(array.shape)})
             frames.append(array.tobytes())
-        else:
+        elif not (f.metadata.get("optional") and value == f.default):     # an optional field at its default is left out
             header[f.name] = value
     header["arrays"] = arrays
     return [json.dumps(header, separators=(",", ":")).encode("utf-8")] + frames

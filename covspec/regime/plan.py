@@ -15,7 +15,7 @@ times are seconds from the moment the device sends ``open``.
   answer ends: the draft stops at its end of sequence), travels, is verified in one forward
   and commits E[accepted] + 1 tokens, where E[accepted] = sum_i prod_{j<=i} alpha_j; rounds
   follow until n - 1 tokens are expected: about ``D + (n - 1) / (E + 1) x (k t_d + rtt + t_v(k))``.
-- edge-led (today's default for greedy): the target steps by itself from F on; the
+- edge-led (``lead="edge"``): the target steps by itself from F on; the
   draft is ready at D; each chunk is ``L = ceil(overlap + v)`` tokens (``LeadPlanner``'s
   rule, v = 8), where the overlap is what the edge generates while the chunk is drafted
   (after feeding the streamed tokens: one more run), travels, and waits for the edge's
@@ -26,6 +26,12 @@ times are seconds from the moment the device sends ``open``.
   next drafted at once. Chunks are not drafted when the overlap survives with chance
   below 0.1. The generation ends when n tokens arrived: a draft prefill still under way
   then is abandoned.
+
+- hand-over (the default for greedy, ``lead="auto"``): edge-led until the draft is ready
+  at D, the edge streaming ``1 + (D - F) / t_e`` tokens by then; from D on, device-led
+  rounds of k, if a round commits more than ``HAND_OVER_GAIN`` times the tokens per
+  second of the edge stepping alone (the device's rule, ``LeadPlanner.device_leads_better``);
+  else edge-led throughout.
 
 ``recommend`` picks the mode (and k) of least expected time. Device-led with adaptive
 lengths, pipelining and branches is not modelled: its draft length is the plan's k.
@@ -44,6 +50,7 @@ LEAD_VERIFIED = 8          # tokens past the overlap in an edge-led chunk (the d
 LEAD_MAX = 32              # the longest edge-led chunk (the device's MAX_LEAD_LEN)
 LEAD_MIN_SURVIVAL = 0.1    # below this chance that the overlap agrees, no chunk is drafted
 MAX_DRAFT_LEN = 12
+HAND_OVER_GAIN = 1.2       # an edge-led generation hands the lead to the device when its rounds commit this much faster
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,28 @@ def target_only_s(costs: Costs, n: int) -> float:
 
 def device_led_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
     start = max(costs.first_token_s, costs.draft_prefill_s)
-    remaining, seconds = float(max(n - 1, 0)), start
+    return _rounds_s(costs, start, float(max(n - 1, 0)), alpha, k)
+
+
+def round_rate(costs: Costs, alpha: Sequence[float], k: int) -> float:
+    """Tokens per second that device-led rounds of k commit."""
+    return (expected_accepted(alpha, k) + 1) / (k * costs.draft_step_s + costs.rtt_s + costs.verify(k))
+
+
+def hand_over_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
+    first, step = costs.first_token_s, costs.target_step_s
+    ready = max(first, costs.draft_prefill_s)
+    streamed = 1 + (ready - first) / step
+    if streamed >= n:
+        return target_only_s(costs, n)
+    if round_rate(costs, alpha, k) * step <= HAND_OVER_GAIN:
+        return edge_led_s(costs, n, alpha)
+    return _rounds_s(costs, ready, n - streamed, alpha, k)
+
+
+def _rounds_s(costs: Costs, start: float, remaining: float, alpha: Sequence[float], k: int) -> float:
+    """When ``remaining`` more tokens are committed by device-led rounds of k from ``start``."""
+    seconds = start
     while remaining > 0:
         drafted = max(1, min(k, math.ceil(remaining)))      # the draft stops where the answer ends (its EOS)
         seconds += drafted * costs.draft_step_s + costs.rtt_s + costs.verify(drafted)
@@ -146,8 +174,8 @@ def edge_led_s(costs: Costs, n: int, alpha: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str                       # "target-only", "device-led" or "edge-led"
-    draft_len: int                  # device-led: the draft length; edge-led: the chunk length
+    mode: str                       # "target-only", "device-led", "edge-led" or "hand-over"
+    draft_len: int                  # device-led, hand-over: the draft length; edge-led: the chunk length
     seconds: float
     target_only_s: float
     times: dict                     # every mode's expected time, device-led by draft length
@@ -162,9 +190,10 @@ def recommend(costs: Costs, n: int, alpha: Sequence[float], max_draft_len: int =
     baseline = target_only_s(costs, n)
     times = {"target-only": baseline, "edge-led": edge_led_s(costs, n, alpha)}
     times.update({f"device-led k={k}": device_led_s(costs, n, alpha, k) for k in range(1, max_draft_len + 1)})
+    times.update({f"hand-over k={k}": hand_over_s(costs, n, alpha, k) for k in range(1, max_draft_len + 1)})
     best = min(times, key=times.get)
-    if best.startswith("device-led"):
-        mode, length = "device-led", int(best.split("=")[1])
+    if best.startswith(("device-led", "hand-over")):
+        mode, length = best.split(" k=")[0], int(best.split("=")[1])
     else:
         mode, length = best, lead_chunk(costs, alpha)[0] if best == "edge-led" else 0
     return Plan(mode, length, times[best], baseline, times)

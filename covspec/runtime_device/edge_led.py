@@ -16,6 +16,16 @@ A chunk that a streamed token contradicts is given up at once and a fresh one dr
 (the edge would answer it ``stale``). Pipelining and branches are not used here: the
 edge's own steps take their place.
 
+Hand-over (``lead="auto"``, greedy). Edge-led suits the start of an answer, while the
+draft still prefills, and a draft no faster than the target; once the draft is ready
+and the device's own rounds would commit tokens faster than the target steps alone
+(``LeadPlanner.device_leads_better``: measured edge step, draft step, round trip and
+agreement), the next chunk carries ``device_leads``. The edge verifies it as an
+edge-led chunk, stops stepping by itself, and the generation goes on device-led
+(``hand_over``: the device-led loop, continuing this session and its tokens). A short
+answer is over before the draft is ready and never pays for the draft; a long one gets
+the device-led rounds' speed.
+
 Exactness. Greedy: every committed token is the target's argmax, by its own step or
 by verification. Sampling: a drafted token at a position L is tested against the q it
 was drawn from, and the rule commits p exactly, *provided the decision to test it at L
@@ -49,6 +59,7 @@ import numpy as np
 from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Result
 from covspec.protocol.verification import NO_TOKEN
+from covspec.regime.plan import HAND_OVER_GAIN
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
@@ -83,6 +94,8 @@ class LeadPlanner:
         self.edge_step_s: float | None = None
         self.rtt_s: float | None = None
         self.draft_step_s: float | None = None
+        self.verify_s: float | None = None                  # the edge's verify forwards (chunks)
+        self.edge_forward_s: float | None = None            # the edge's forwards for its own steps
         self.agreed, self.compared = 7.0, 10.0              # a prior of 0.7 worth ten tokens
         self.skipped = 0                                    # asks answered "not worth it" in a row
 
@@ -106,6 +119,28 @@ class LeadPlanner:
         self.skipped += 1
         return False
 
+    def device_leads_better(self) -> bool:
+        """Whether device-led rounds would commit ``HAND_OVER_GAIN`` times the tokens per
+        second of the target stepping alone: a round of k drafted tokens commits
+        ``1 + a + ... + a**k`` tokens (a: the agreement so far) in ``k d + rtt + F``
+        (draft steps, the round trip, one target forward over the chunk: the edge's
+        step T, or the verify forwards measured so far when they took longer), at the
+        best k. T is the edge's own forward time for a step (what its streamed tokens
+        report), not their spacing on arrival, which bunches while the device drafts;
+        the round trip measured edge-led includes waiting for the step under way, half
+        a step on average, which a device-led round does not. False until the edge's
+        step, the draft's step and the round trip have been measured."""
+        if self.edge_forward_s is None or self.draft_step_s is None or self.rtt_s is None:
+            return False
+        step, a = max(self.edge_forward_s, 1e-6), self.agreed / self.compared
+        forward = max(step, self.verify_s or 0.0)
+        rtt = max(self.rtt_s - step / 2, 0.0)
+        def committed(k: int) -> float:                    # 1 + a + ... + a**k
+            return (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
+
+        best = max(committed(k) / (k * self.draft_step_s + rtt + forward) for k in range(1, self.max_len + 1))
+        return best * step > HAND_OVER_GAIN
+
     def observe_agreement(self, agreed: int, compared: int) -> None:
         self.agreed, self.compared = self.agreed + agreed, self.compared + compared
 
@@ -121,6 +156,12 @@ class LeadPlanner:
 
     def observe_round(self, seconds: float, verify_s: float) -> None:
         self.rtt_s = _ema(self.rtt_s, max(seconds - verify_s, 0.0))
+
+    def observe_verify(self, verify_s: float) -> None:
+        self.verify_s = _ema(self.verify_s, verify_s)
+
+    def observe_edge_forward(self, seconds: float) -> None:
+        self.edge_forward_s = _ema(self.edge_forward_s, seconds)
 
 
 def yield_the_cpu() -> None:
@@ -142,8 +183,11 @@ class EdgeLedGeneration:
 
     def __init__(self, draft, client, planner: LeadPlanner, image_bytes: bytes, question: str,
                  settings: GenerationSettings, options: DraftingOptions, stats: GenerationStats,
-                 trace: Callable[[dict], None], rng: np.random.Generator):
+                 trace: Callable[[dict], None], rng: np.random.Generator,
+                 hand_over: Callable[["EdgeLedGeneration"], Iterator[list[int]]] | None = None):
         self.draft, self.client, self.planner = draft, client, planner
+        self.hand_over = hand_over if settings.greedy else None     # device-led from the hand-over on
+        self.handed_over = False
         self.image_bytes, self.question = image_bytes, question
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
         codec = options.codec()
@@ -176,10 +220,13 @@ class EdgeLedGeneration:
                 self.stats.ttft_s = time.perf_counter() - began
                 yield first
                 quiet = False
-                while not self.done:
+                while not self.done and not self.handed_over:
                     ready = prefill.done() and prefill.result() is None      # re-raises a failed prefill
-                    if ready and self.chunk is None and (quiet or self.planner.worth_drafting()):
-                        self._send(self._draft())
+                    if ready and self.chunk is None:
+                        if self.hand_over is not None and self.planner.device_leads_better():
+                            self._send(self._draft(), device_leads=True)
+                        elif quiet or self.planner.worth_drafting():
+                            self._send(self._draft())
                     new = self._absorb()
                     quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
                     if new:
@@ -187,6 +234,9 @@ class EdgeLedGeneration:
             finally:
                 self._abandon(prefill)
                 pool.shutdown(wait=True)
+            if self.handed_over and not self.done:
+                self.trace({"event": "hand_over", "committed": len(self.committed)})
+                yield from self.hand_over(self)
         finally:
             self.session.close()
             self.stats.tokens = len(self.committed)
@@ -224,7 +274,8 @@ class EdgeLedGeneration:
         limit = max(min(self.planner.chunk_len(), self.settings.max_new_tokens - start), 1)
         return self.proposer.draft(self.committed, start, limit, fixed_length=not self.settings.sampling.greedy)
 
-    def _send(self, chunk: Chunk) -> None:
+    def _send(self, chunk: Chunk, device_leads: bool = False) -> None:
+        chunk.device_leads = device_leads
         self.session.send(chunk)
         self.chunk = chunk
         self.stats.drafted += len(chunk.tokens)
@@ -242,9 +293,10 @@ class EdgeLedGeneration:
             if self.done or time.perf_counter() > until:
                 return new
             reply = self.client.receive_any(self.session.id, 0.0)
-        if self.chunk is not None and not self._alive(self.chunk):
+        if self.chunk is not None and not self.chunk.device_leads and not self._alive(self.chunk):
             self._judged(self.chunk)
             self.chunk = None                 # contradicted by a streamed token: the edge drops it
+            # (a chunk handing over the lead is waited for even so: the edge hands over on any verdict)
         if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > \
                 self.client.backoff.timeout_s:
             new = self._reopen("no reply for a whole timeout")          # the edge is lost
@@ -271,12 +323,16 @@ class EdgeLedGeneration:
             if self.last_step_at is not None:
                 self.planner.observe_edge_step(now - self.last_step_at)
             self.last_step_at = now
+            if reply.token != NO_TOKEN:
+                self.planner.observe_edge_forward(reply.verify_ms / 1000)
             self.stats.edge_steps += reply.token != NO_TOKEN
             return self._commit([], reply)
         chunk = self.chunk
         if chunk is None or reply.seq != chunk.seq:
             return []                                                  # a chunk given up earlier
         self.chunk = None
+        if chunk.device_leads:                # the edge steps no more: the device leads from this verdict on
+            self.handed_over, self.session.mode = True, "speculative"
         if reply.status == "stale":
             self._judged(chunk)
             self.stats.stale += 1
@@ -289,6 +345,7 @@ class EdgeLedGeneration:
         skip = check_verdict(reply, chunk.start, len(chunk.tokens), len(self.committed),
                              self.settings.max_new_tokens, self.draft.vocab_size, edge_led=True)
         self.planner.observe_round(time.perf_counter() - chunk.sent_at, reply.verify_ms / 1000)
+        self.planner.observe_verify(reply.verify_ms / 1000)
         self.last_step_at = None              # a verify forward is not an edge step
         self.stats.rounds += 1
         self.stats.accepted.append(reply.accepted)

@@ -14,7 +14,9 @@ nothing about text or terminals. The parts it drives, one job each:
 
 When ``DraftingOptions.edge_led`` says so (greedy by default) the generation is
 edge-led instead (``edge_led.EdgeLedGeneration``): the edge generates by itself and
-the device's chunks jump it ahead. The device-led loop here serves the rest.
+the device's chunks jump it ahead. The device-led loop here serves the rest, and the
+rounds of an edge-led generation that handed the lead to the device
+(``_Generation.continuing``: same session, same committed tokens).
 
 The committed sequence is owned by the edge (it verifies, corrects and stops); the
 device only ever appends what a verdict says. Everything else the device does is
@@ -130,8 +132,9 @@ class CoInference:
         stats = stats if stats is not None else GenerationStats()
         trace = trace or (lambda event: None)
         if options.edge_led(settings):
+            hand_over = (lambda led: _Generation.continuing(self, led).rounds()) if options.lead == "auto" else None
             return EdgeLedGeneration(self.draft, self.client, self.lead_planner_for(options), image_bytes, question,
-                                     settings, options, stats, trace, draft_rng(settings.seed)).tokens()
+                                     settings, options, stats, trace, draft_rng(settings.seed), hand_over).tokens()
         return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()
 
 
@@ -156,6 +159,14 @@ class _Generation:
         self.branches: dict[tuple[int, int], Chunk] = {}
         self.target_keep: np.ndarray | None = None     # the kept visual tokens, for a pruned target
 
+    @classmethod
+    def continuing(cls, device: CoInference, led: EdgeLedGeneration) -> "_Generation":
+        """The device-led rounds of an edge-led generation that handed the lead to the device:
+        the same session (now ``speculative`` on the edge), committed tokens, stats and trace."""
+        generation = cls(device, led.image_bytes, led.question, led.settings, led.options, led.stats, led.trace)
+        generation.session, generation.committed = led.session, led.committed
+        return generation
+
     def tokens(self) -> Iterator[list[int]]:
         stats, session = self.stats, self.session
         began = time.perf_counter()
@@ -175,24 +186,28 @@ class _Generation:
             first = self._commit_opened(session.await_opened(opening))
             stats.ttft_s = time.perf_counter() - began
             yield first
-            while not self.done:
-                # 4a. Keep a chunk in flight.
-                if not self.in_flight:
-                    self._send(self._draft(self.committed, start=len(self.committed)))
-                # 4b. Use the wait: pipeline the next chunk, or draft branches.
-                self._speculate()
-                # 4c. The verdict on the oldest chunk in flight (reopen if the edge is lost).
-                result = session.await_verdict(self.in_flight)
-                new = self._reopen() if result is None else self._apply(result)
-                # 4d. Stream what was committed.
-                if new:
-                    yield new
+            yield from self.rounds()
         finally:
             session.close()
             stats.tokens = len(self.committed)
             stats.wall_s = time.perf_counter() - began
             stats.bytes_up += self.client.bytes_up - up0
             stats.bytes_down += self.client.bytes_down - down0
+
+    def rounds(self) -> Iterator[list[int]]:
+        """Device-led rounds until the answer is done; yields what each verdict commits."""
+        while not self.done:
+            # 4a. Keep a chunk in flight.
+            if not self.in_flight:
+                self._send(self._draft(self.committed, start=len(self.committed)))
+            # 4b. Use the wait: pipeline the next chunk, or draft branches.
+            self._speculate()
+            # 4c. The verdict on the oldest chunk in flight (reopen if the edge is lost).
+            result = self.session.await_verdict(self.in_flight)
+            new = self._reopen() if result is None else self._apply(result)
+            # 4d. Stream what was committed.
+            if new:
+                yield new
 
     # -- phases ---------------------------------------------------------------------------------
 

@@ -17,11 +17,13 @@ from covspec.protocol.wire import CODECS, codec_named
 from covspec.runtime_device.policy import POLICIES
 from covspec.runtime_device.pruning import METHODS
 
-# Who sets the pace: the edge's own steps (edge_led), or the device's chunks. "auto" is
-# edge-led when greedy (token for token the target's answer, never slower than the edge
-# alone) and device-led when sampling, where a seed then reproduces the answer (edge-led
-# sampling follows the target's distribution too, but which positions the target
-# samples by itself depends on timing).
+# Who sets the pace: the edge's own steps (edge_led), or the device's chunks. "auto" is,
+# when greedy, edge-led until the draft is ready and then device-led if the device's
+# rounds would commit faster than the target alone (the hand-over of ``edge_led``: the
+# first token and short answers come as fast as the edge alone, long answers at the
+# device-led rounds' pace); when sampling, device-led, where a seed then reproduces the
+# answer (edge-led sampling follows the target's distribution too, but which positions
+# the target samples by itself depends on timing). "edge" never hands over.
 LEADS = ("auto", "edge", "device")
 
 

@@ -35,7 +35,8 @@ class Chunk:
     ``start - 1`` (-1: none, it follows the last verdict) and ``assumed_confidence``
     the draft's probability of it. ``state`` is the drafter fork after drafting (kept
     for branches); ``draft_s`` the seconds spent drafting it; ``seq`` and ``sent_at``
-    are set when it is sent.
+    are set when it is sent; ``device_leads`` marks the edge-led chunk that hands the
+    lead to the device (``Verify.device_leads``).
     """
 
     start: int
@@ -50,6 +51,7 @@ class Chunk:
     draft_s: float = 0.0
     seq: int = -1
     sent_at: float = 0.0
+    device_leads: bool = False
 
     @property
     def end(self) -> int:

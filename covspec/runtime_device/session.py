@@ -132,4 +132,5 @@ class DeviceSession:
 
     def _verify(self, chunk: Chunk) -> Verify:
         return Verify(session=self.id, seq=chunk.seq, owner=self.owner, start=chunk.start, assumed=chunk.assumed,
-                      tokens=np.asarray(chunk.tokens, np.int32), **self.codec.encode(chunk.rows))
+                      tokens=np.asarray(chunk.tokens, np.int32), device_leads=chunk.device_leads,
+                      **self.codec.encode(chunk.rows))

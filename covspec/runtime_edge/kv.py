@@ -32,6 +32,7 @@ class SessionKV:
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
         self.keys, self.values, self.length = keys, values, length       # per layer [H, capacity, D]
+        self.limit = 0            # the most positions the session can need (0: unknown); growth stops there
 
     @classmethod
     def from_cache(cls, cache: Cache) -> "SessionKV":
@@ -67,6 +68,8 @@ class SessionKV:
         if positions <= self.capacity:
             return
         capacity = max(positions, 2 * self.capacity)
+        if self.limit:
+            capacity = max(positions, min(capacity, self.limit))     # doubling never passes what it can need
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 store[i] = _moved(old, self.length, capacity)

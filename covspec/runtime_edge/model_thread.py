@@ -148,7 +148,7 @@ class ModelThread:
         for _ in range(len(self._streaming)):            # one step of each streaming session that fits
             session, seq = self._streaming[0]
             self._streaming.rotate(-1)
-            if self.sessions.get(session.id) is not session or session.done:
+            if self.sessions.get(session.id) is not session or session.done or session.mode == "speculative":
                 self._streaming.remove((session, seq))
             elif session.id not in held and len(batch) < self.config.max_batch and \
                     (not batch or tokens + 1 <= self.config.max_batch_tokens) and \
@@ -324,6 +324,8 @@ class ModelThread:
             raise EdgeError(errors.WRONG_MODE, "this session is target_only: the edge streams its tokens; "
                                                "open a speculative session to verify drafts.")
         work = session.prepare(self.target, message)
+        if message.device_leads and session.mode == "edge_led":
+            session.mode = "speculative"        # the device leads from here: no more steps of the edge's own
         if isinstance(work, Result):
             self._reply(request, work, session)
             return None

@@ -151,6 +151,7 @@ class Session:
         else:
             session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, msg.image.tobytes(),
                                                                                committed)
+        session.cache.kv.limit = session.max_positions                  # what kv_bytes charges it
         token = session._choose(logits)
         session.stats.prefill_ms = (time.perf_counter() - begin) * 1e3
         session.committed.append(token)
@@ -248,14 +249,20 @@ class Session:
         """The target distribution of one logits row [V] (plain softmax when greedy)."""
         return spec.target_probs(row, 1.0) if self.sampling.greedy else self.sampling.p(row)
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions its KV cache can need: the context, ``max_new_tokens`` (a chunk's
+        tokens past them are dropped) and the one verified beside them."""
+        return self.context_len + self.max_new_tokens + 1
+
     def kv_bytes(self) -> int:
         """What the session's KV cache may take: its buffers' bytes per position times the most
-        positions it can hold (context + ``max_new_tokens``), or its buffers' bytes now if more;
-        0 once freed."""
+        positions it can need (``max_positions``: its growth stops there), or its buffers' bytes
+        now if more; 0 once freed."""
         if self.cache is None:
             return 0
         kv = self.cache.kv
-        return max(kv.nbytes, kv.nbytes * (self.context_len + self.max_new_tokens) // kv.capacity)
+        return max(kv.nbytes, kv.nbytes * self.max_positions // kv.capacity)
 
     def free(self) -> None:
         """Drop the KV cache (the session keeps its committed tokens and last reply)."""

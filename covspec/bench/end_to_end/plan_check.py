@@ -9,7 +9,7 @@ costs are the regime's (``costs_for``) with what the same run measured put in (`
 the target's step as target-only streamed it (the roofline's plus the real system's own cost
 per token: the edge's bookkeeping, the socket), target-only's time to first token, and the
 draft's prefill as the device timed it. For
-each regime x link x workload and each modelled scenario (the default, edge-led, and
+each regime x link x workload and each modelled scenario (the default, edge-led with its hand-over, and
 ``plan-device-led``) every question's time is predicted from its own answer length and
 upload bytes; the predicted speedup (median over questions of target-only's predicted
 time over the scenario's) is compared with the measured one (same median, measured),
@@ -28,7 +28,7 @@ from covspec.regime import plan as model
 
 TOY_EDGE_CONTEXT = 154      # the toy target's context: 144 visual tokens and the prompt
 TOY_DRAFT_ROWS = 82         # the toy draft's context at the artifact's keep ratio 0.5: 72 visual tokens and the prompt
-MODELLED = {"covspec": "edge-led", "plan-device-led": "device-led"}
+MODELLED = {"covspec": "hand-over", "plan-device-led": "device-led"}
 
 
 def draft_len(data: dict) -> int:
@@ -71,6 +71,8 @@ def predicted_s(regime, link: dict, record: dict, mode: str, alpha: list[float],
         return model.target_only_s(costs, n)
     if mode == "edge-led":
         return model.edge_led_s(costs, n, alpha)
+    if mode == "hand-over":
+        return model.hand_over_s(costs, n, alpha, k)
     return model.device_led_s(costs, n, alpha, k)
 
 
