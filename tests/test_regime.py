@@ -193,11 +193,11 @@ def test_edge_led_never_drafts_when_the_overlap_cannot_survive():
 
 
 def test_hand_over_streams_until_the_draft_is_ready_then_runs_rounds():
-    # The draft is ready at 0.2 s: the edge streamed 1 + (0.2 - 0.11) / 0.025 = 4.6 tokens by then.
-    assert plan.hand_over_s(COSTS, 4, [1.0], 4) == pytest.approx(plan.target_only_s(COSTS, 4))
-    # alpha = 1: the 41 - 4.6 = 36.4 tokens left take 7 rounds of 4 (5 tokens each) from 0.2 s, then
-    # one of 2 (the draft stops where the answer ends).
-    assert plan.hand_over_s(COSTS, 41, [1.0], 4) == pytest.approx(0.2 + 7 * (4 * 0.005 + 0.035) + 2 * 0.005 + 0.035)
+    # The draft is ready at 0.2 s; the hand-over chunk (4 x 5 ms) travels (10 ms) and meets the edge
+    # mid-step (12.5 ms): the edge streams 1 + (0.2425 - 0.11) / 0.025 = 6.3 tokens until 0.2425 s.
+    assert plan.hand_over_s(COSTS, 6, [1.0], 4) == pytest.approx(plan.target_only_s(COSTS, 6))
+    # alpha = 1: the 41 - 6.3 = 34.7 tokens left take 6 rounds of 4 (5 tokens each), then one of 4.
+    assert plan.hand_over_s(COSTS, 41, [1.0], 4) == pytest.approx(0.2425 + 7 * (4 * 0.005 + 0.035))
     assert plan.hand_over_s(COSTS, 41, [1.0], 4) < plan.device_led_s(COSTS, 41, [1.0], 4)
     # rounds that barely beat the edge alone (1.1x < HAND_OVER_GAIN): edge-led throughout
     poor = plan.Costs(**{**COSTS.__dict__, "draft_step_s": 0.02})

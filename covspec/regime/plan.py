@@ -28,10 +28,12 @@ times are seconds from the moment the device sends ``open``.
   then is abandoned.
 
 - hand-over (the default for greedy, ``lead="auto"``): edge-led until the draft is ready
-  at D, the edge streaming ``1 + (D - F) / t_e`` tokens by then; from D on, device-led
-  rounds of k, if a round commits more than ``HAND_OVER_GAIN`` times the tokens per
-  second of the edge stepping alone (the device's rule, ``LeadPlanner.device_leads_better``);
-  else edge-led throughout.
+  at D; then the chunk that hands the lead over is drafted (k tokens), travels and meets
+  the edge mid-step, so the edge steps by itself until ``H = D + k t_d + rtt + t_e / 2``,
+  streaming ``1 + (H - F) / t_e`` tokens by then; from H on, device-led rounds of k (the
+  hand-over chunk's own accepted tokens are not counted). All this only if a round
+  commits more than ``HAND_OVER_GAIN`` times the tokens per second of the edge stepping
+  alone (the device's rule, ``LeadPlanner.device_leads_better``); else edge-led throughout.
 
 ``recommend`` picks the mode (and k) of least expected time. Device-led with adaptive
 lengths, pipelining and branches is not modelled: its draft length is the plan's k.
@@ -120,13 +122,13 @@ def round_rate(costs: Costs, alpha: Sequence[float], k: int) -> float:
 
 def hand_over_s(costs: Costs, n: int, alpha: Sequence[float], k: int) -> float:
     first, step = costs.first_token_s, costs.target_step_s
-    ready = max(first, costs.draft_prefill_s)
-    streamed = 1 + (ready - first) / step
-    if streamed >= n:
-        return target_only_s(costs, n)
     if round_rate(costs, alpha, k) * step <= HAND_OVER_GAIN:
         return edge_led_s(costs, n, alpha)
-    return _rounds_s(costs, ready, n - streamed, alpha, k)
+    handed = max(first, costs.draft_prefill_s) + k * costs.draft_step_s + costs.rtt_s + step / 2
+    streamed = 1 + (handed - first) / step
+    if streamed >= n:
+        return target_only_s(costs, n)
+    return _rounds_s(costs, handed, n - streamed, alpha, k)
 
 
 def _rounds_s(costs: Costs, start: float, remaining: float, alpha: Sequence[float], k: int) -> float:
