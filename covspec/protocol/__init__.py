@@ -1,2 +1,3 @@
 """Code shared by device and edge: wire messages, verification math, vocabulary hash,
-artifact manifest. Depends on numpy and the standard library only."""
+artifact manifest, and giving freed heap memory back (`heap`). Depends on numpy and the
+standard library only."""

@@ -11,7 +11,7 @@ an error before anything else runs, and stays open (a process that answers many
 images). A ``lean`` artifact opens each graph when it is first used and closes the
 vision graph once it has encoded an image (``encode_image``, which also closes the
 decoder before it starts: a new image replaces the draft's context), giving the
-freed pages back (``memory.release_heap``), so the vision tower and the decoder are
+freed pages back (``covspec.protocol.heap.release_heap``), so the vision tower and the decoder are
 never in memory together and the process peaks near the larger of the two instead
 of their sum. The price is opening both graphs again for every image; a one-shot
 ``covspec device run`` opens each once either way.
@@ -41,10 +41,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from covspec.families import DeviceHalf, UnsupportedModelError, family_named
+from covspec.protocol.heap import release_heap
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
 from covspec.regime.pacing import NO_PACING
 from covspec.runtime_device.embedding import QuantizedTable, load_table
-from covspec.runtime_device.memory import release_heap
 
 GRAPHS = ("vision", "scorer", "decoder")
 

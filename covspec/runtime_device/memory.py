@@ -4,20 +4,17 @@
 - ``peak_rss_mb``: the process's peak resident memory (``VmHWM``; ``ru_maxrss`` where
   ``/proc`` has none, which on Linux carries a parent's high-water mark over fork and
   exec), MiB;
-- ``release_heap``: return the heap's free pages to the system (glibc's
-  ``malloc_trim``). onnxruntime parses a graph file into buffers it frees once the
-  session is built, and frees a closed session's weights, but glibc keeps most of
-  those pages mapped: at 0.5B int4 that is about 160 MB per opened decoder. A no-op
-  where the C library has no ``malloc_trim`` (macOS, Android's bionic).
+
+Giving freed memory back is ``covspec.protocol.heap.release_heap``: onnxruntime parses a
+graph file into buffers it frees once the session is built, and frees a closed
+session's weights, but glibc keeps most of those pages mapped (at 0.5B int4 about
+160 MB per opened decoder).
 
 Standard library only.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import resource
 import sys
 
@@ -43,19 +40,3 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024    # bytes on macOS, KiB elsewhere
-
-
-@functools.cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def release_heap() -> None:
-    """Give the heap's free pages back to the system, where the C library can."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

@@ -42,6 +42,7 @@ from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.protocol.ownership import new_owner
 from covspec.runtime_edge.config import ServerConfig
+from covspec.runtime_edge.heap import HeapTrimmer
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.rounds import pick_verifier, run_rounds
 from covspec.runtime_edge.session import Round, Session
@@ -88,6 +89,7 @@ class ModelThread:
         self.committed = 0        # tokens committed over all sessions since start, for Pong
         self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
         self.rounds_s = 0.0       # time spent in batched forwards and verdicts, for Pong
+        self._heap = HeapTrimmer()   # freed memory back to the OS now and then: a flat RSS over days
 
     def run(self, push: zmq.Socket) -> None:
         """Serve until ``stopping`` is set; replies go out through ``push`` (closed at the end)."""
@@ -106,6 +108,7 @@ class ModelThread:
                     now = time.monotonic()
                     if now >= next_check or not batch:
                         self._expire(now)
+                        self._heap.maybe_trim(now)
                         next_check = now + check_every
         finally:
             push.close(linger=0)
