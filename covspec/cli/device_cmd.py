@@ -46,7 +46,8 @@ def device_pacing(regime: str | None):
 @click.option("--lead", default="auto", show_default=True, type=click.Choice(list(LEADS)),
               help="edge: the target generates by itself and the draft's chunks jump it ahead (never slower than "
                    "the edge alone; protocol v2); device: the target waits for each chunk (a seed reproduces a "
-                   "sampled answer); auto: edge when greedy, device when sampling.")
+                   "sampled answer); auto: when greedy, edge until the draft is ready, then device if its rounds "
+                   "commit faster than the edge alone (measured as it runs); device when sampling.")
 @click.option("--draft-policy", default="adaptive", show_default=True, type=click.Choice(list(POLICIES)),
               help="adaptive: chunk length from draft confidence and measured costs; fixed: --draft-len.")
 @click.option("--draft-len", default=4, show_default=True, type=click.IntRange(min=1),
