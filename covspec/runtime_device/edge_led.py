@@ -135,6 +135,7 @@ class LeadPlanner:
         step, a = max(self.edge_forward_s, 1e-6), self.agreed / self.compared
         forward = max(step, self.verify_s or 0.0)
         rtt = max(self.rtt_s - step / 2, 0.0)
+
         def committed(k: int) -> float:                    # 1 + a + ... + a**k
             return (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
 
