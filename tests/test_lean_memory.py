@@ -15,7 +15,8 @@ from covspec.hf.tiny import save_tiny_llava
 from covspec.runtime_device.artifact import DraftArtifact, Graph
 from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.engine import CoInference
-from covspec.runtime_device.memory import peak_rss_mb, release_heap, rss_mb
+from covspec.protocol.heap import release_heap
+from covspec.runtime_device.memory import peak_rss_mb, rss_mb
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
 from covspec.runtime_edge import EdgeServer, ServerConfig
