@@ -134,6 +134,10 @@ class TableTarget:
     def rollback(cache: list[int], length: int) -> None:
         del cache[length:]
 
+    @staticmethod
+    def bound(cache: list[int], positions: int) -> None:
+        """A list grows as it needs: nothing to bound."""
+
 
 class InProcessEdge:
     """The client interface of the device loop, served by real edge sessions in-process."""

@@ -151,7 +151,7 @@ class Session:
         else:
             session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, msg.image.tobytes(),
                                                                                committed)
-        session.cache.kv.limit = session.max_positions                  # what kv_bytes charges it
+        target.bound(session.cache, session.max_positions)              # what kv_bytes charges it
         token = session._choose(logits)
         session.stats.prefill_ms = (time.perf_counter() - begin) * 1e3
         session.committed.append(token)

@@ -183,6 +183,11 @@ class TargetModel:
         """Crop ``cache`` to its first ``length`` tokens (no-op if it holds no more)."""
         cache.kv.rollback(length)
 
+    @staticmethod
+    def bound(cache: TargetCache, positions: int) -> None:
+        """The most positions ``cache`` will need: its buffers stop growing by doubling there."""
+        cache.kv.limit = positions
+
 
 def _to_numpy(logits) -> np.ndarray:
     return logits.float().cpu().numpy()
