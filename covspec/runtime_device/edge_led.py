@@ -59,7 +59,7 @@ import numpy as np
 from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Result
 from covspec.protocol.verification import NO_TOKEN
-from covspec.regime.plan import HAND_OVER_GAIN
+from covspec.regime import plan
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
@@ -121,8 +121,9 @@ class LeadPlanner:
 
     def device_leads_better(self) -> bool:
         """Whether device-led rounds would commit ``HAND_OVER_GAIN`` times the tokens per
-        second of the target stepping alone: a round of k drafted tokens commits
-        ``1 + a + ... + a**k`` tokens (a: the agreement so far) in ``k d + rtt + F``
+        second of the target stepping alone (``plan.round_rate``, the plan's own formula): a
+        round of k drafted tokens commits ``1 + a + ... + a**k`` tokens (a: the agreement
+        so far) in ``k d + rtt + F``
         (draft steps, the round trip, one target forward over the chunk: the edge's
         step T, or the verify forwards measured so far when they took longer), at the
         best k. T is the edge's own forward time for a step (what its streamed tokens
@@ -132,15 +133,13 @@ class LeadPlanner:
         step, the draft's step and the round trip have been measured."""
         if self.edge_forward_s is None or self.draft_step_s is None or self.rtt_s is None:
             return False
-        step, a = max(self.edge_forward_s, 1e-6), self.agreed / self.compared
-        forward = max(step, self.verify_s or 0.0)
-        rtt = max(self.rtt_s - step / 2, 0.0)
-
-        def committed(k: int) -> float:                    # 1 + a + ... + a**k
-            return (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
-
-        best = max(committed(k) / (k * self.draft_step_s + rtt + forward) for k in range(1, self.max_len + 1))
-        return best * step > HAND_OVER_GAIN
+        step = max(self.edge_forward_s, 1e-6)
+        costs = plan.Costs(target_step_s=step, target_prefill_s=0.0, verify_s=(max(step, self.verify_s or 0.0),),
+                           draft_step_s=self.draft_step_s, draft_prefill_s=0.0,
+                           rtt_s=max(self.rtt_s - step / 2, 0.0), upload_s=0.0)
+        agreement = [self.agreed / self.compared]
+        best = max(plan.round_rate(costs, agreement, k) for k in range(1, self.max_len + 1))
+        return best * step > plan.HAND_OVER_GAIN
 
     def observe_agreement(self, agreed: int, compared: int) -> None:
         self.agreed, self.compared = self.agreed + agreed, self.compared + compared

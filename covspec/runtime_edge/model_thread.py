@@ -9,8 +9,8 @@ live sessions fit ``max_sessions`` and ``kv_budget``, else ``busy``), closes, an
 verifies, whose prepared rounds it gathers together with one step of every streaming
 session (target-only, and edge-led ones without a chunk this iteration, as
 ``edge_steps`` allows), up to ``max_batch`` sessions and ``max_batch_tokens`` input
-tokens. Then one target forward runs them all (``rounds.run_rounds``) and each session gets its reply; a request that
-did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
+tokens. Then one target forward runs them all (``rounds.run_rounds``) and each session
+gets its reply; a request that did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
 
 A failure that concerns one message ends nothing but that message. A refused request
 (``EdgeError``) becomes an ``error`` reply (not remembered as the round's reply) and
