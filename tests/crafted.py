@@ -95,7 +95,7 @@ class TableDraft:
         self.eos_ids = eos_ids
         self.vocab_size = len(logits(()))
 
-    def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
+    def prefill(self, image_bytes, question, options, seed, trace, history=()) -> DraftPrefill:
         self.drafter.fed = []
         return DraftPrefill(kept=np.zeros(0, np.int64), visual_tokens=0, selection="none")
 

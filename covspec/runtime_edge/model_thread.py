@@ -42,6 +42,7 @@ from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.protocol.ownership import new_owner
 from covspec.runtime_edge.config import ServerConfig
+from covspec.runtime_edge.admission import check_kv_budget, make_room
 from covspec.runtime_edge.heap import HeapTrimmer
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.rounds import pick_verifier, run_rounds
@@ -51,7 +52,6 @@ from covspec.runtime_edge.target import TargetModel, decode_image
 log = logging.getLogger("covspec.edge")
 
 POLL_S = 0.1         # longest wait for a request when nothing else is due
-MIB = 1024 * 1024
 
 
 @dataclass
@@ -258,26 +258,26 @@ class ModelThread:
                 raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
                                                  f"({old.last_seq}); reopen with a new, higher seq.")
         began = time.perf_counter()
-        image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
-        if old is not None:
+        image_bytes = message.image.tobytes() if message.image.size else getattr(old, "image", b"")
+        if not image_bytes:
+            raise EdgeError(errors.EXPIRED, f"this edge no longer holds the conversation of session {message.session!r} "
+                                            "(it expired after being idle, was evicted for memory, or the edge "
+                                            "restarted); open it again with the image and the whole history.")
+        image = decode_image(image_bytes, self.config.max_image_pixels, self.config.max_image_aspect)
+        previous = old if message.history is not None else None    # a follow-up turn continues its cache
+        if old is not None and previous is None:
             self.end(old, "reopened by its owner")
-        if len(self.sessions) >= self.config.max_sessions:
-            self._expire(time.monotonic())
-            finished = [s for s in self.sessions.values() if s.done]
-            if len(self.sessions) >= self.config.max_sessions and finished:
-                self.end(min(finished, key=lambda s: s.last_active), "finished; its slot was needed")
-            if len(self.sessions) >= self.config.max_sessions:
-                raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
-                                             "retry later or ask the operator to raise --max-sessions.")
-        self._check_kv_budget(0)
+        make_room(self.sessions.values(), self.config, keep=previous, end=self.end)
         session, opened = Session.open(target, message, image, max_context=self.config.max_context,
                                        owner=message.owner or new_owner(), peer_key=request.peer_key,
-                                       prefix_cache=self.prefix_cache)
+                                       prefix_cache=self.prefix_cache, image_bytes=image_bytes, previous=previous)
+        if previous is not None:
+            self.end(previous, "continued by its next turn")
         self.prefill_s += time.perf_counter() - began
         if opened.token != spec.NO_TOKEN:         # a prefill ran: one forward from a cached prefix, else a
             self.forwards += 1 if session.stats.reused else 1 + bool(len(message.committed))   # second for a reopen's
         try:
-            self._check_kv_budget(session.kv_bytes())
+            check_kv_budget(self.sessions.values(), self.config.kv_budget, session.kv_bytes())
         except EdgeError:
             session.free()
             raise
@@ -289,23 +289,6 @@ class ModelThread:
         self._reply(request, opened, session)
         if session.mode in ("target_only", "edge_led") and not session.done:
             self._streaming.append((session, message.seq))
-
-    def _check_kv_budget(self, needed: int) -> None:
-        """``busy`` unless the live sessions' KV (``Session.kv_bytes``) and ``needed`` more bytes
-        fit ``kv_budget``; a live total already at the budget is refused before any prefill."""
-        budget = self.config.kv_budget
-        if budget is None:
-            return
-        live = sum(session.kv_bytes() for session in self.sessions.values())
-        if live >= budget:
-            raise EdgeError(errors.BUSY, f"the live sessions' KV cache already takes {live / MIB:.1f} MiB of this "
-                                         f"edge's --kv-budget of {budget / MIB:.1f} MiB; retry later (sessions free "
-                                         "theirs as they finish).")
-        if live + needed > budget:
-            raise EdgeError(errors.BUSY, f"this session's KV cache would take {needed / MIB:.1f} MiB beside the live "
-                                         f"sessions' {live / MIB:.1f} MiB, beyond this edge's --kv-budget of "
-                                         f"{budget / MIB:.1f} MiB; retry later (sessions free theirs as they "
-                                         "finish) or ask for fewer new tokens.")
 
     def _verify(self, request: Request, session: Session | None) -> _Work | None:
         message: Verify = request.message
@@ -337,7 +320,8 @@ class ModelThread:
     def _expire(self, now: float) -> None:
         """End sessions idle too long: ``finished_timeout_s`` once done, else ``idle_timeout_s``."""
         for session in list(self.sessions.values()):
-            limit = self.config.finished_timeout_s if session.done else self.config.idle_timeout_s
+            limit = self.config.finished_timeout_s if session.done and not session.conversation \
+                else self.config.idle_timeout_s
             if now - session.last_active > limit:
                 self.end(session, f"{'finished' if session.done else 'expired'} after {limit:g} s idle")
 

@@ -28,7 +28,9 @@ model thread can run the middle one for many sessions at once:
    cache back so that it again holds everything except the new last token, and build
    the ``result`` (with what the wire format adds, from the logits ``row``).
 
-Once a session is done its cache is freed. A refused request leaves the session intact.
+Once a session is done its cache is freed, unless it is a conversation's (``conversation``):
+then it keeps the context and every committed token but the last, for the next turn
+(``turns.py``). A refused request leaves the session intact.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import Codec, check_tokens, codec_named
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
+from covspec.runtime_edge.turns import continue_from, conversation_template
 
 
 @dataclass
@@ -115,49 +118,60 @@ class Session:
     identity: bytes = b""
     last_active: float = field(default_factory=time.monotonic)
     stats: SessionStats = field(default_factory=SessionStats)
+    conversation: bool = False        # keeps its cache once done, for a follow-up turn (``turns.py``)
+    image: bytes = b""                # the image's bytes: a follow-up without them asks about this one
+    context_ids: list[int] = field(default_factory=list)   # the context's ids (none for a pruned target)
 
     # --- open --------------------------------------------------------------------
 
     @classmethod
     def open(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
-             peer_key: str = "", prefix_cache: PrefixCache | None = None) -> tuple["Session", Opened]:
+             peer_key: str = "", prefix_cache: PrefixCache | None = None, image_bytes: bytes = b"",
+             previous: "Session | None" = None) -> tuple["Session", Opened]:
         """Prefill a fresh (or reopened) session and commit its next token.
 
         On a reopen ``msg.committed`` holds every token the device already committed;
         they are prefilled after the context and generation continues after them. With
         ``prefix_cache`` the prefill may start from a cached prefix (``prefix_cache.py``).
+        A follow-up turn (``msg.history``) renders the whole conversation and starts from
+        ``previous``'s cache (the session's last turn, ``turns.continue_from``) where it can.
         """
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
-                      owner=owner, peer_key=peer_key, version=msg.version)
+                      owner=owner, peer_key=peer_key, version=msg.version, conversation=msg.conversation,
+                      image=image_bytes or msg.image.tobytes())
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
             raise EdgeError(BAD_FIELD, f"committed holds {len(committed)} tokens but max_new_tokens is "
                                        f"{msg.max_new_tokens}; send at most max_new_tokens committed tokens.")
-        context: Context = target.context(msg.prompt, image, keep=msg.target_keep)
+        context: Context = target.context(msg.prompt, image, keep=msg.target_keep,
+                                          template=conversation_template(target, msg))
         if context.length + msg.max_new_tokens > max_context:
             raise EdgeError(TOO_LONG, f"the context is {context.length} tokens and max_new_tokens is "
                                       f"{msg.max_new_tokens}, beyond this edge's max context of {max_context}; "
                                       f"ask for at most {max(0, max_context - context.length)} new tokens.")
         session.context_len = context.length
+        session.context_ids = [] if context.keep is not None else [int(i) for i in context.inputs["input_ids"][0].tolist()]
         session.committed = committed
         if len(committed) >= msg.max_new_tokens or any(t in target.eos_ids for t in committed):
             session.done = True                     # the reopen already ended generation
             return session, session._opened(msg.seq, spec.NO_TOKEN)
         begin = time.perf_counter()
-        if prefix_cache is None:
+        continued = continue_from(target, previous, context, session.image, committed)
+        if continued is not None:
+            session.cache, logits, session.stats.reused = continued
+        elif prefix_cache is None:
             session.cache, logits = target.prefill(context, committed)   # logits [V]
         else:
-            session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, msg.image.tobytes(),
+            session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, session.image,
                                                                                committed)
         target.bound(session.cache, session.max_positions)              # what kv_bytes charges it
         token = session._choose(logits)
         session.stats.prefill_ms = (time.perf_counter() - begin) * 1e3
         session.committed.append(token)
         session.done = token in target.eos_ids or len(session.committed) >= msg.max_new_tokens
-        if session.done:
-            session.free()
+        session._settle(target)
         return session, session._opened(msg.seq, token)
 
     def _opened(self, seq: int, token: int) -> Opened:
@@ -222,10 +236,7 @@ class Session:
         verdict = spec.apply_stops(tokens, accepted, token, target.eos_ids, work.remaining)
         self.committed += verdict.committed(tokens)
         self.done = verdict.done
-        if self.done:
-            self.free()
-        else:
-            target.rollback(self.cache, self.context_len + len(self.committed) - 1)
+        self._settle(target)
         verify_ms = round_ms(work.began)
         self.stats.rounds += 1
         self.stats.drafted += len(tokens)
@@ -238,6 +249,14 @@ class Session:
                       token=verdict.token, done=verdict.done, verify_ms=verify_ms, **extra)
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _settle(self, target: TargetModel) -> None:
+        """After a commit: roll the cache back to everything but the last committed token; once
+        done, free it, unless a follow-up turn may continue it (``conversation``)."""
+        if self.done and not self.conversation:
+            self.free()
+        elif self.cache is not None:
+            target.rollback(self.cache, self.context_len + len(self.committed) - 1)
 
     def _choose(self, logits: np.ndarray) -> int:
         """The next token from one logits row [V]: argmax, or a draw from p."""
