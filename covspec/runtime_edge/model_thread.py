@@ -89,6 +89,7 @@ class ModelThread:
         self.committed = 0        # tokens committed over all sessions since start, for Pong
         self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
         self.rounds_s = 0.0       # time spent in batched forwards and verdicts, for Pong
+        self.turns_continued = 0  # follow-up questions that continued their session's cache, for Pong
         self._heap = HeapTrimmer()   # freed memory back to the OS now and then: a flat RSS over days
 
     def run(self, push: zmq.Socket) -> None:
@@ -272,10 +273,12 @@ class ModelThread:
                                        owner=message.owner or new_owner(), peer_key=request.peer_key,
                                        prefix_cache=self.prefix_cache, image_bytes=image_bytes, previous=previous)
         if previous is not None:
+            self.turns_continued += session.stats.continued > 0
             self.end(previous, "continued by its next turn")
         self.prefill_s += time.perf_counter() - began
-        if opened.token != spec.NO_TOKEN:         # a prefill ran: one forward from a cached prefix, else a
-            self.forwards += 1 if session.stats.reused else 1 + bool(len(message.committed))   # second for a reopen's
+        if opened.token != spec.NO_TOKEN:         # a prefill ran: one forward from a cached prefix or an earlier
+            cached = session.stats.reused or session.stats.continued     # turn, else a second for a reopen's tokens
+            self.forwards += 1 if cached else 1 + bool(len(message.committed))
         try:
             check_kv_budget(self.sessions.values(), self.config.kv_budget, session.kv_bytes())
         except EdgeError:

@@ -85,6 +85,7 @@ class SessionStats:
     bytes_out: int = 0
     prefill_ms: float = 0.0
     reused: int = 0            # context tokens taken from the prefix cache instead of prefilled
+    continued: int = 0         # context tokens kept from the session's previous turn (a conversation)
     verify_ms: float = 0.0     # model time of all rounds (and target-only steps)
 
     def line(self, session_id: str, mode: str, tokens: int, reason: str) -> str:
@@ -92,7 +93,7 @@ class SessionStats:
         mean_verify = self.verify_ms / self.rounds if self.rounds else 0.0
         return (f"session {session_id} {reason}: mode={mode} tokens={tokens} rounds={self.rounds} "
                 f"accepted_mean={mean_accepted:.2f} drafted={self.drafted} stale={self.stale} "
-                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} reused={self.reused} "
+                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} reused={self.reused} continued={self.continued} "
                 f"verify_ms_mean={mean_verify:.2f} verify_ms_total={self.verify_ms:.1f}")
 
 
@@ -160,7 +161,7 @@ class Session:
         begin = time.perf_counter()
         continued = continue_from(target, previous, context, session.image, committed)
         if continued is not None:
-            session.cache, logits, session.stats.reused = continued
+            session.cache, logits, session.stats.continued = continued
         elif prefix_cache is None:
             session.cache, logits = target.prefill(context, committed)   # logits [V]
         else:
