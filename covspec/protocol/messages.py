@@ -259,7 +259,8 @@ class Pong(Message):
     and ``prefix_evictions`` count opens that started from a cached prefix, opens that
     found none (and prefilled fresh), and entries evicted; ``prefix_bytes`` is what it
     holds now; ``turns_continued`` counts follow-up questions that continued their session's
-    own cache (all optional: an edge that predates them sends none; 0 with the cache off)."""
+    own cache; ``kv_bytes`` is the live sessions' KV as ``--kv-budget`` counts it (all optional:
+    an edge that predates them sends none; 0 with the cache off)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -275,6 +276,7 @@ class Pong(Message):
     prefix_evictions: int = counter(2)
     prefix_bytes: int = counter(2)
     turns_continued: int = counter(2)
+    kv_bytes: int = counter(2)
 
 
 REQUEST_TYPES = ("open", "verify", "close", "ping")     # what a device sends: no field beyond its type's

@@ -55,12 +55,15 @@ def prefill_draft(artifact: DraftArtifact, drafter: Drafter, image, question: st
     """Prefill ``drafter`` for ``question`` about ``image`` (a PIL image). A conversation's
     follow-up passes its ``template`` (the conversation so far, ``families/chat.py``) and
     what its first question ``seen`` of the same image (``image`` is then not read): no
-    vision graph runs, the first question's kept visual tokens stay, so the draft's cache
+    vision graph runs, and the first question's kept visual tokens stay, so the draft's cache
     keeps the image and the earlier turns and only the new rows run (``Drafter.prefill``'s
-    ``reuse``)."""
+    ``reuse``); with ``options.reselect`` they are chosen again for the new question, and
+    the draft's cache is prefilled again from the first visual token that changed."""
     if seen is not None:
         feeds, visual, activity, kept = seen.feeds, seen.visual, seen.activity, seen.kept
         selection = "kept from the first question"
+        if options.reselect:
+            kept, selection = _select(artifact, visual, activity, question, options, seed)
     else:
         feeds = artifact.family.vision_inputs(image)
         visual, activity = artifact.family.pack_visual_tokens(feeds, *artifact.encode_image(feeds))  # [N, D], [N]

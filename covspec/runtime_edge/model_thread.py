@@ -90,6 +90,7 @@ class ModelThread:
         self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
         self.rounds_s = 0.0       # time spent in batched forwards and verdicts, for Pong
         self.turns_continued = 0  # follow-up questions that continued their session's cache, for Pong
+        self.kv_bytes = 0         # the live sessions' KV (Session.kv_bytes) after the last iteration, for Pong
         self._heap = HeapTrimmer()   # freed memory back to the OS now and then: a flat RSS over days
 
     def run(self, push: zmq.Socket) -> None:
@@ -106,6 +107,7 @@ class ModelThread:
                     batch = self._gather()
                     if batch:
                         self._run(batch)
+                    self.kv_bytes = sum(session.kv_bytes() for session in self.sessions.values())
                     now = time.monotonic()
                     if now >= next_check or not batch:
                         self._expire(now)
