@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from covspec.cli.bench_common import RESULTS, write_section
+from covspec.cli.bench_common import REGIME_HELP, RESULTS, write_section
 
 
 @click.command("conversation")
@@ -22,10 +22,11 @@ from covspec.cli.bench_common import RESULTS, write_section
 @click.option("--memory-turns", default=10, show_default=True, type=click.IntRange(min=1),
               help="Questions of the one long conversation whose memory is followed turn by turn.")
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(min=1))
+@click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE", help=REGIME_HELP)
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--markdown/--no-markdown", default=True, show_default=True)
-def conversation(artifacts: Path, images: int, turns: int, memory_turns: int, max_new_tokens: int, out: Path,
-                 markdown: bool) -> None:
+def conversation(artifacts: Path, images: int, turns: int, memory_turns: int, max_new_tokens: int,
+                 regime: str | None, out: Path, markdown: bool) -> None:
     """Conversations about toy scenes against a real toy edge: time to the first token, the
     draft's prefill and the bytes of each turn, first question vs follow-ups; kept vs
     re-selected visual tokens; and one long conversation's memory on both sides. Every
@@ -38,12 +39,13 @@ def conversation(artifacts: Path, images: int, turns: int, memory_turns: int, ma
 
     ensure_toy_artifacts(artifacts, lambda line: click.echo(line, err=True))
     with tqdm(total=images * len(CONFIGURATIONS), desc="conversations", unit="conv", file=sys.stderr) as bar:
-        report = measure_conversations(artifacts, images, turns, max_new_tokens, tick=bar.update)
+        report = measure_conversations(artifacts, images, turns, max_new_tokens, tick=bar.update, regime=regime)
     click.echo(f"a conversation of {memory_turns} questions ...", err=True)
-    report["memory"] = memory_over_turns(artifacts, memory_turns, max_new_tokens)
+    report["memory"] = memory_over_turns(artifacts, memory_turns, max_new_tokens, regime)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "conversation.json").write_text(json.dumps(report, indent=1))
+    name = "conversation" + (f"-{regime.replace('@', '-at-')}" if regime else "")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     body = markdown_report(report)
     click.echo(body)
     if markdown:
-        write_section("conversation", "Conversations: follow-up questions", body)
+        write_section("conversation", f"Conversations: follow-up questions{f' under {regime}' if regime else ''}", body)

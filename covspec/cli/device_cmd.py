@@ -57,6 +57,10 @@ OPTIONS = [
     click.option("--selection", default="covspec", show_default=True,
                  type=click.Choice(list(METHODS)),
                  help="How the kept visual tokens are chosen."),
+    click.option("--reselect/--no-reselect", default=False, show_default=True,
+                 help="In a conversation, choose the draft's kept visual tokens again for each follow-up question "
+                      "(re-prefills the draft from the image on; by default the first question's stay, and a "
+                      "follow-up prefills only its new tokens)."),
     click.option("--prune-target", is_flag=True,
                  help="NOT EXACT (opt-in): the edge target also sees only the kept visual tokens, "
                       "trading accuracy for edge prefill time."),

@@ -71,7 +71,8 @@ class DeviceSetup:
         options = DraftingOptions(lead=v["lead"], policy=v["draft_policy"], draft_len=v["draft_len"],
                                   max_draft_len=v["max_draft_len"], pipeline=v["pipeline"],
                                   max_in_flight=v["max_in_flight"], branches=v["branches"], wire=v["wire"],
-                                  keep_ratio=v["keep_ratio"], keep_tokens=v["keep_tokens"], selection=v["selection"])
+                                  keep_ratio=v["keep_ratio"], keep_tokens=v["keep_tokens"], selection=v["selection"],
+                                  reselect=v["reselect"])
         if v["prune_target"]:
             click.secho("warning: --prune-target is not exact; the answer may differ from the target's own.",
                         fg="yellow", err=True)

@@ -3,9 +3,9 @@
 ``measure_conversations`` serves the toy target (an edge child, ``harness/edge.py``) and,
 for each configuration of ``CONFIGURATIONS`` and each of ``images`` toy scenes, holds a
 conversation of ``turns`` questions (``QUESTIONS`` in turn) through ``Conversation``:
-the default drafting options (a follow-up keeps the first question's visual tokens), and
-a draft keeping half its visual tokens with and without choosing them again for each
-question (``DraftingOptions.reselect``). Every answer is checked against the toy
+the default drafting options, device-led (its time to the first token is the draft's
+prefill: the device side), and device-led with a draft keeping half its visual tokens,
+kept from the first question or chosen again for each (``DraftingOptions.reselect``). Every answer is checked against the toy
 target's own greedy answer to the whole conversation (the chat template applied to the
 history); a wrong one is counted, never hidden. Per turn it records the device's time
 to the first token, the draft's prefill, the bytes up and down, the tokens, the wall
@@ -17,6 +17,10 @@ answer), the live KV bytes the edge reports (``pong``'s ``kv_bytes``), the draft
 cache bytes and the device's peak RSS. The edge bounds a conversation by ``--max-context``
 (a longer one is refused ``too_long``) and ``--kv-budget`` (a finished conversation's
 cache is evicted first, and reopened with the history when it comes back).
+
+Under a deployment ``regime`` both sides are paced as in ``covspec bench regime``: the
+toy's fixed per-forward costs, which dominate its follow-ups, give way to a GPU target's
+prefill of image and prompt against a follow-up's short extension.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from pathlib import Path
 QUESTIONS = ["what is in the picture ?", "what color is the square ?", "describe the picture .",
              "is there a red circle ?", "how many shapes are there ?"]
 CONFIGURATIONS = {
-    "default": {},
-    "keep 0.5, kept from the first question": {"keep_ratio": 0.5},
-    "keep 0.5, re-selected per question": {"keep_ratio": 0.5, "reselect": True},
+    "default (lead auto)": {},
+    "device-led": {"lead": "device"},
+    "device-led, keep 0.5, kept from the first question": {"lead": "device", "keep_ratio": 0.5},
+    "device-led, keep 0.5, re-selected per question": {"lead": "device", "keep_ratio": 0.5, "reselect": True},
 }
 
 
@@ -64,15 +69,16 @@ class References:
 
 
 def measure_conversations(artifacts: Path, images: int = 8, turns: int = 3, max_new_tokens: int = 48,
-                          tick: Callable[[], None] = lambda: None) -> dict:
+                          tick: Callable[[], None] = lambda: None, regime: str | None = None) -> dict:
     """Per configuration, the turns of every conversation (see the module docstring)."""
     from covspec.bench.harness.workload import toy_questions
     from covspec.runtime_device.options import DraftingOptions
 
     references = References(max_new_tokens)
     pictures = [question.image_png for question in toy_questions(images)]
-    report = {"images": images, "turns": turns, "max_new_tokens": max_new_tokens, "configurations": {}}
-    with _toy_edge() as edge, _device(artifacts, edge.address) as device:
+    report = {"images": images, "turns": turns, "max_new_tokens": max_new_tokens, "regime": regime,
+              "configurations": {}}
+    with _toy_edge(regime) as edge, _device(artifacts, edge.address, regime) as device:
         warm_up(device, pictures[0])
         for name, fields in CONFIGURATIONS.items():
             rows = []
@@ -84,7 +90,8 @@ def measure_conversations(artifacts: Path, images: int = 8, turns: int = 3, max_
     return report
 
 
-def memory_over_turns(artifacts: Path, turns: int = 10, max_new_tokens: int = 48) -> list[dict]:
+def memory_over_turns(artifacts: Path, turns: int = 10, max_new_tokens: int = 48,
+                      regime: str | None = None) -> list[dict]:
     """Per turn of one long conversation: context, edge KV bytes, draft KV bytes, device peak RSS."""
     from covspec.bench.harness.edge import ask
     from covspec.bench.harness.workload import toy_questions
@@ -96,7 +103,7 @@ def memory_over_turns(artifacts: Path, turns: int = 10, max_new_tokens: int = 48
 
     picture = toy_questions(1)[0].image_png
     rows = []
-    with _toy_edge() as edge, _device(artifacts, edge.address) as device:
+    with _toy_edge(regime) as edge, _device(artifacts, edge.address, regime) as device:
         with Conversation(device, picture, GenerationSettings(max_new_tokens=max_new_tokens)) as chat:
             for number in range(turns):
                 events: list[dict] = []
@@ -156,13 +163,13 @@ def summarize(conversations: list[list[dict]]) -> dict:
 
 
 @contextmanager
-def _toy_edge():
-    """The toy target served by an edge child for the length of a ``with``."""
+def _toy_edge(regime: str | None):
+    """The toy target served by an edge child (paced to ``regime``'s target) for a ``with``."""
     from covspec.bench.harness.edge import start_edge
     from covspec.toy.models import bundled_model_dir
 
     with tempfile.TemporaryDirectory() as folder:
-        edge = start_edge(bundled_model_dir("target"), "tcp://127.0.0.1:*", Path(folder) / "edge.log")
+        edge = start_edge(bundled_model_dir("target"), "tcp://127.0.0.1:*", Path(folder) / "edge.log", regime=regime)
         try:
             yield edge
         finally:
@@ -170,14 +177,17 @@ def _toy_edge():
 
 
 @contextmanager
-def _device(artifacts: Path, address: str):
-    """A ``CoInference`` on ``artifacts`` against ``address`` for the length of a ``with``."""
+def _device(artifacts: Path, address: str, regime: str | None):
+    """A ``CoInference`` on ``artifacts`` (paced to ``regime``'s phone) against ``address`` for a ``with``."""
+    from covspec.regime import DevicePacing, load_regime
+    from covspec.regime.pacing import NO_PACING
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import Backoff, EdgeClient
     from covspec.runtime_device.engine import CoInference
 
+    pacing = DevicePacing(load_regime(regime).device) if regime else NO_PACING
     client = EdgeClient(address, Backoff(timeout_s=10))
     try:
-        yield CoInference(DraftArtifact.load(artifacts, threads=1), client)
+        yield CoInference(DraftArtifact.load(artifacts, threads=1, pacing=pacing), client)
     finally:
         client.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 def markdown_report(report: dict) -> str:
+    regime = f"under the regime {report['regime']} (both sides paced), " if report.get("regime") else ""
     lines = [f"{report['images']} conversations of {report['turns']} questions per configuration (toy scenes, "
-             f"at most {report['max_new_tokens']} new tokens, greedy, the default lead), one toy edge child; "
-             "medians per turn. TTFT and prefill are the device's; bytes are what its socket sent and received.", ""]
+             f"at most {report['max_new_tokens']} new tokens, greedy, the default lead), one toy edge child, "
+             f"{regime}medians per turn. TTFT and prefill are the device's; bytes are what its socket sent and "
+             "received.", ""]
     for name, entry in report["configurations"].items():
         summary = entry["summary"]
         lines += [f"**{name}**: {summary['answers'] - summary['wrong']} of {summary['answers']} answers the "
