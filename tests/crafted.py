@@ -112,7 +112,7 @@ class TableTarget:
     def __init__(self, logits: Logits, vocab: int, eos_ids=frozenset()):
         self.logits, self.vocab_size, self.eos_ids = logits, vocab, eos_ids
 
-    def context(self, question, image, keep=None) -> Context:
+    def context(self, question, image, keep=None, template=None) -> Context:
         return Context(inputs={}, length=0)
 
     def prefill(self, context: Context, committed=()) -> tuple[list[int], np.ndarray]:

@@ -121,7 +121,7 @@ class Session:
     stats: SessionStats = field(default_factory=SessionStats)
     conversation: bool = False        # keeps its cache once done, for a follow-up turn (``turns.py``)
     image: bytes = b""                # the image's bytes: a follow-up without them asks about this one
-    context_ids: list[int] = field(default_factory=list)   # the context's ids (none for a pruned target)
+    context_ids: list[int] = field(default_factory=list)   # a conversation's context ids (none when pruned)
 
     # --- open --------------------------------------------------------------------
 
@@ -153,7 +153,8 @@ class Session:
                                       f"{msg.max_new_tokens}, beyond this edge's max context of {max_context}; "
                                       f"ask for at most {max(0, max_context - context.length)} new tokens.")
         session.context_len = context.length
-        session.context_ids = [] if context.keep is not None else [int(i) for i in context.inputs["input_ids"][0].tolist()]
+        if msg.conversation and context.keep is None:          # what a follow-up compares its prompt with
+            session.context_ids = [int(i) for i in context.inputs["input_ids"][0].tolist()]
         session.committed = committed
         if len(committed) >= msg.max_new_tokens or any(t in target.eos_ids for t in committed):
             session.done = True                     # the reopen already ended generation
