@@ -1,0 +1,89 @@
+"""The draft as a generation sees it: what it prefills, and the proposer it drafts with.
+
+``DraftModel`` is the interface of the one device loop (``loop.Generation``) to a draft:
+its stop ids, vocabulary size and hash, a ``prefill`` that readies it for one image and
+question, ``interrupted`` (a prefill under way ends at once) and ``proposer``, the
+``ChunkProposer`` a strategy drafts its chunks with, built with the strategy's own
+drafting policy. ``DecoderDraft`` is every draft that runs a decoder (``Drafter``):
+its proposer is ``proposer.Proposer``. ``ArtifactDraft`` is the exported artifact's,
+run with onnxruntime. A draft that runs no model (the ``bench load`` replay devices'
+table) implements ``DraftModel`` with a proposer of its own.
+
+``draft_rng`` is the draft's random stream, keyed apart from the edge's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import numpy as np
+
+from covspec.protocol.sampling import SamplingParams
+from covspec.runtime_device.artifact import DraftArtifact
+from covspec.runtime_device.drafter import Drafter
+from covspec.runtime_device.options import DraftingOptions
+from covspec.runtime_device.policy import DraftPolicy
+from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
+from covspec.runtime_device.preprocess import load_image
+from covspec.runtime_device.proposer import ChunkProposer, Proposer
+
+DRAFT_STREAM = 0x6472616674  # "draft": keys the device's random stream apart from the edge's
+
+
+def draft_rng(seed: int) -> np.random.Generator:
+    """The draft's random stream. It must be independent of the edge's (seeded with the
+    same user seed), or the joint output is biased: a separate stream is derived."""
+    return np.random.default_rng([seed, DRAFT_STREAM])
+
+
+class DraftModel(Protocol):
+    """What a generation needs of the draft: its stop ids, vocabulary size and hash, a
+    prefill that readies it for one image and question, and proposers."""
+
+    eos_ids: Collection[int]
+    vocab_size: int
+    vocab_hash: str
+
+    def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
+                trace: Callable[[dict], None]) -> DraftPrefill:
+        """Prefill the draft; which visual tokens it kept."""
+
+    def interrupted(self) -> AbstractContextManager:
+        """A context within which the draft's work (a prefill under way in another thread)
+        ends at once, raising there; the draft is prefilled afresh afterwards."""
+
+    def proposer(self, codec, sampling: SamplingParams, policy: DraftPolicy, rng: np.random.Generator,
+                 alternatives: bool) -> ChunkProposer:
+        """A proposer drafting with ``policy`` (its chunk ends, its step timings) on the
+        wire ``codec``; ``alternatives`` records the likeliest corrections (for branches)."""
+
+
+class DecoderDraft:
+    """A draft that runs a decoder (``drafter``): its proposer is the ``Proposer``."""
+
+    drafter: Drafter
+    eos_ids: Collection[int]
+
+    def proposer(self, codec, sampling: SamplingParams, policy: DraftPolicy, rng: np.random.Generator,
+                 alternatives: bool) -> Proposer:
+        return Proposer(self.drafter, codec, sampling, policy, rng, self.eos_ids, alternatives=alternatives)
+
+
+class ArtifactDraft(DecoderDraft):
+    """The draft of an exported artifact, run with onnxruntime."""
+
+    def __init__(self, artifact: DraftArtifact):
+        self.artifact = artifact
+        self.drafter = Drafter.from_artifact(artifact)
+        self.eos_ids = artifact.eos_ids
+        self.vocab_size = int(artifact.manifest.tokenizer["vocab_size"])
+        self.vocab_hash = artifact.vocab_hash
+
+    def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
+                trace: Callable[[dict], None]) -> DraftPrefill:
+        return prefill_draft(self.artifact, self.drafter, load_image(image_bytes), question, options, seed, trace)
+
+    def interrupted(self) -> AbstractContextManager:
+        return self.artifact.interrupted()
