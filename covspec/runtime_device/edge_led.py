@@ -197,7 +197,7 @@ class EdgeLed:
     def _commit(self, accepted: list[int], reply: Result) -> list[int]:
         self.generation.session.progress()
         self.busy = self.stale = 0
-        return self.generation.committed_by(accepted, reply.token, reply.done)
+        return self.generation.commit_verdict(accepted, reply.token, reply.done)
 
     def _judged(self, chunk: Chunk) -> None:
         """Count how far ``chunk`` agreed with the committed tokens it covers."""

@@ -167,8 +167,9 @@ class Generation:
         self.done = done
         return tokens
 
-    def committed_by(self, accepted: list[int], token: int, done: bool) -> list[int]:
-        """Commit a verdict's ``accepted`` draft tokens and its correction or bonus ``token``."""
+    def commit_verdict(self, accepted: list[int], token: int, done: bool) -> list[int]:
+        """Commit what a reply says: ``accepted`` draft tokens, then its ``token`` (the
+        correction or bonus, a streamed or the first token; ``NO_TOKEN``: none)."""
         return self.commit(list(accepted) + ([] if token == NO_TOKEN else [token]), done)
 
     def reopen(self, why: str) -> list[int]:
@@ -202,7 +203,7 @@ class Generation:
         self.opened_seq = opened.seq
         self.stats.edge_prefill_ms += opened.prefill_ms
         self.strategy.opened()
-        return self.committed_by([], opened.token, opened.done)
+        return self.commit_verdict([], opened.token, opened.done)
 
     def _abandon(self) -> None:
         """End a draft prefill still under way (its runs and padding stop at once, raising

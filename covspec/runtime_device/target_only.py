@@ -48,7 +48,7 @@ class TargetOnly:
                                   f"{committed} tokens (a reply was lost); ask again")
         check_streamed(reply, committed, generation.settings.max_new_tokens, generation.vocab_size)
         generation.stats.edge_verify_ms += reply.verify_ms
-        return generation.committed_by([], reply.token, reply.done)
+        return generation.commit_verdict([], reply.token, reply.done)
 
 
 def generate_target_only(client: EdgeClient, image_bytes: bytes, question: str, settings: GenerationSettings,
