@@ -20,6 +20,7 @@ import numpy as np
 from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Opened, Result, Verify, decode, encode
 from covspec.runtime_device.client import Backoff
+from covspec.runtime_device.draft_model import DecoderDraft
 from covspec.runtime_device.prefill import DraftPrefill
 from covspec.runtime_edge.rounds import run_rounds, verify_one
 from covspec.runtime_edge.session import Session
@@ -85,7 +86,7 @@ class TableDrafter:
         del self.fed[generated:]
 
 
-class TableDraft:
+class TableDraft(DecoderDraft):
     """A ``DraftModel`` over a logits table (no image: its prefill keeps nothing)."""
 
     vocab_hash = "table"

@@ -5,7 +5,8 @@ The replay precomputation is tested against a live edge (in this process, the to
 target): a recorded chunk table gives the target's own answer in exactly the rounds
 it promises, a real device with the same fixed chunks sends the same chunks and gets
 the same verdicts, and a table from a different (noisier) draft still gives the
-target's answer, with fewer tokens accepted per round. An edge-led replay device
+target's answer, with fewer tokens accepted per round. The table-driven proposer in the
+real device sends the real draft's chunks, chunk for chunk. An edge-led replay device
 against an edge that steps by itself gets the target's answer too, partly from the
 edge's own steps and partly from verified chunks.
 """
@@ -24,12 +25,15 @@ from covspec.bench.capacity.load import (CONFIGURATIONS, EDGE_LED_ALWAYS, EDGE_L
                                     phase_figures)
 from covspec.bench.capacity.report import markdown, prefix_cache_table
 from covspec.bench.harness.devices import greedy_references
-from covspec.bench.capacity.replay import DEFAULT_CHUNK, ReplayAnswer, build_chunk_table, replay_answer, replay_options
+from covspec.bench.capacity.replay import ReplayAnswer, replay_answer
+from covspec.bench.capacity.replay_table import DEFAULT_CHUNK, build_chunk_table, replay_options
 from covspec.bench.harness.workload import toy_questions
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Backoff
 from covspec.runtime_device.drafter import Drafter
-from covspec.runtime_device.engine import ArtifactDraft, CoInference
+from covspec.protocol.messages import Verify
+from covspec.runtime_device.draft_model import ArtifactDraft
+from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.toy.models import bundled_model_dir
@@ -112,6 +116,42 @@ def test_the_table_holds_the_chunks_a_real_device_sends(world, client):
             replayed.append((len(chunk), accepted))
             k += accepted + 1
         assert real == replayed
+
+
+class RecordingClient(EdgeClient):
+    """An edge client that keeps every ``verify`` it sends."""
+
+    def __init__(self, address: str):
+        super().__init__(address, Backoff(timeout_s=10))
+        self.verifies: list[Verify] = []
+
+    def send(self, message) -> None:
+        if isinstance(message, Verify):
+            self.verifies.append(message)
+        super().send(message)
+
+    def chunks(self) -> list[dict]:
+        """What each chunk carried, the session's names and round numbers aside."""
+        return [{name: value.tolist() if isinstance(value, np.ndarray) else value
+                 for name, value in vars(verify).items() if name not in ("session", "seq", "owner")}
+                for verify in self.verifies]
+
+
+def test_the_replay_proposer_equals_a_real_device_chunk_for_chunk(world, client):
+    """The same device (``CoInference``) with the real draft and with the table-driven
+    proposer sends the same chunks, field for field, and gets the same answer."""
+    for which, (question, table) in enumerate(zip(world["questions"], world["tables"])):
+        real, replayed = RecordingClient(client.address), RecordingClient(client.address)
+        try:
+            tokens = [t for chunk in CoInference(world["artifact"], real).generate(
+                question.image_png, question.question, SETTINGS, replay_options(CHUNK)) for t in chunk]
+            answer = replay_answer(replayed, table, SETTINGS, pace=0.0, question=which)
+        finally:
+            real.close()
+            replayed.close()
+        assert answer.correct and tuple(tokens) == table.answer, answer.error
+        assert len(real.chunks()) == len(answer.accepted) > 0
+        assert replayed.chunks() == real.chunks()
 
 
 class NoisyDecoder:

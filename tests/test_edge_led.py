@@ -22,7 +22,7 @@ from crafted import SteppingEdge, TableDraft, TableTarget, greedy_sequence, rand
 from test_waiting import answers_pvalue, exact_distribution
 
 from covspec.protocol.messages import Error, Open, Opened, Verify, decode, encode
-from covspec.runtime_device.edge_led import LeadPlanner
+from covspec.runtime_device.lead_planner import LeadPlanner
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats

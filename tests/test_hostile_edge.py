@@ -21,7 +21,7 @@ from covspec.protocol.errors import BAD_REPLY
 from covspec.protocol.messages import Result
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import Backoff
-from covspec.runtime_device.engine import ArtifactDraft
+from covspec.runtime_device.draft_model import ArtifactDraft
 from covspec.runtime_device.replies import EdgeMisbehaved, check_verdict
 
 POLICY = Backoff(timeout_s=0.3, retries=1, backoff_s=0.02)

@@ -13,7 +13,7 @@ import click
 
 from covspec.cli.bench_common import regime_slug, write_section
 
-DEFAULT_CHUNK = 8          # covspec.bench.capacity.replay.DEFAULT_CHUNK (not imported: subcommands load lazily)
+DEFAULT_CHUNK = 8          # covspec.bench.capacity.replay_table.DEFAULT_CHUNK (not imported: subcommands load lazily)
 
 
 def parse_levels(text: str, option: str) -> tuple[int, ...]:

@@ -8,7 +8,9 @@ correction, for branches) and the wire format's row for it (what the edge verifi
 against). The draft samples from exactly the distribution that row describes, so the
 proposer asks the codec for both (``codec.propose``) and never branches on the wire.
 
-The proposer knows nothing of sessions, sockets or verdicts. Numpy only.
+``ChunkProposer`` is what a strategy of the device loop drafts with: ``Proposer`` (a
+draft model's), or the recorded chunks of a ``bench load`` replay device's table. The proposer knows nothing of sessions, sockets or
+verdicts. Numpy only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +60,25 @@ class Chunk:
     def end(self) -> int:
         """The generated position right after the chunk's last token."""
         return self.start + len(self.tokens)
+
+
+class ChunkProposer(Protocol):
+    """Proposes chunks: ``draft`` one after the generated tokens ``prefix``, ``guess_bonus``
+    (the likeliest token after ``prefix``, for pipelining and branches) and the draft's
+    state around a branch (``snapshot``, ``restore``)."""
+
+    def draft(self, prefix: list[int], start: int, limit: int,
+              interrupt: Callable[[], bool] | None = None, *, fixed_length: bool = False) -> Chunk:
+        """A chunk after ``prefix``, its first token at ``start``, at most ``limit`` tokens."""
+
+    def guess_bonus(self, prefix: list[int]) -> tuple[int, float]:
+        """The likeliest token after ``prefix`` and its probability."""
+
+    def snapshot(self) -> DrafterState | None:
+        """The draft's state after the last chunk (a branch resumes from it)."""
+
+    def restore(self, state: DrafterState | None) -> None:
+        """Resume from a ``snapshot``."""
 
 
 class Proposer:
@@ -104,6 +126,12 @@ class Proposer:
         q = softmax(self.drafter.extend_to(prefix))
         bonus = int(np.argmax(q))
         return bonus, float(q[bonus])
+
+    def snapshot(self) -> DrafterState:
+        return self.drafter.snapshot()
+
+    def restore(self, state: DrafterState) -> None:
+        self.drafter.restore(state)
 
     def _q(self, logits: np.ndarray) -> np.ndarray:
         """The draft's distribution: plain softmax when greedy, else processed as the user asked."""

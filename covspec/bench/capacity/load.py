@@ -34,7 +34,7 @@ until the knee, as on a GPU) and the chunk tables record the regime's phone time
 - every answer checked against the target's own greedy answer.
 
 At the ``agreement_levels`` the CoVSpec batched edge also serves N *real* devices
-(``DeviceLoop``: onnxruntime drafting with the same fixed chunks) on descriptions,
+(``CoInference``: onnxruntime drafting with the same fixed chunks) on descriptions,
 and both runs' tokens/s (all answers' tokens over the wall time, the same formula
 for both) are compared: replay devices stand for real ones when they agree.
 
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.bench.capacity.replay import (DEFAULT_CHUNK, ChunkTable, ReplayAnswer, build_chunk_table, replay_options,
-                                           run_replay)
+from covspec.bench.capacity.replay import ReplayAnswer, run_replay
+from covspec.bench.capacity.replay_table import DEFAULT_CHUNK, ChunkTable, build_chunk_table, replay_options
 from covspec.bench.harness.devices import greedy_references, run_devices
 from covspec.bench.harness.edge import ask, start_edge
 from covspec.bench.harness.rss import RssSampler

@@ -41,7 +41,8 @@ from covspec.protocol.messages import Message, Open, Opened, ProtocolError, Resu
 from covspec.protocol.ownership import session_id_for
 from covspec.runtime_device.client import EdgeClient, EdgeError, EdgeUnreachable, Backoff
 from covspec.runtime_device.artifact import DraftArtifact
-from covspec.runtime_device.engine import ArtifactDraft, CoInference, DraftModel
+from covspec.runtime_device.draft_model import ArtifactDraft, DraftModel
+from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.session import patience_s
 
