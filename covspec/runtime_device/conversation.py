@@ -18,7 +18,9 @@ What makes a follow-up cheap: its edge session lives on (``DeviceSession`` and t
 edge's ``conversation`` sessions), so no image bytes travel and the edge reuses its KV
 cache up to where the rendered conversation first differs from what it holds; the
 device runs no vision graph and reuses the draft's cache the same way
-(``ArtifactDraft.prefill``). An edge that no longer holds the conversation (expired,
+(``ArtifactDraft.prefill``). A draft prefill that an answer did not wait for (a short
+answer, edge-led) is not abandoned: it goes on, so the next question finds the draft
+ready. An edge that no longer holds the conversation (expired,
 evicted for memory, restarted) answers ``expired`` and the device opens it again with
 the image and the whole history, transparently. An answer abandoned half-way (the
 stream not read to its end, an error) does not join the history.
@@ -30,6 +32,7 @@ per ``CoInference`` (the draft holds one context).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import wait
 
 from covspec.protocol.messages import Close
 from covspec.protocol.ownership import session_id_for
@@ -66,7 +69,11 @@ class Conversation:
         self.last_tokens = list(stream.tokens)
 
     def close(self) -> None:
-        """End the conversation's session on the edge (nothing to do before the first question)."""
+        """End the conversation's session on the edge (nothing to do before the first question)
+        and a draft prefill still going on for it."""
+        if self.turn.pending is not None and not self.turn.pending.done():
+            with self.device.draft.interrupted():
+                wait([self.turn.pending])
         if self.turn.owner is not None:
             self.device.client.send(Close(session=session_id_for(self.turn.owner), seq=self.turn.seq + 1,
                                           owner=self.turn.owner))

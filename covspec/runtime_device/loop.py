@@ -141,8 +141,7 @@ class Generation:
         finally:
             # 4. Close.
             if pool is not None:
-                self._abandon()
-                pool.shutdown(wait=True)
+                self._leave_prefill(pool)
             session.close()
             stats.tokens = len(self.committed)
             stats.wall_s = answered_s if answered_s is not None else time.perf_counter() - began
@@ -195,6 +194,10 @@ class Generation:
     def _prefill_draft(self, background: bool) -> None:
         if background:
             yield_the_cpu()             # the edge's tokens stream in meanwhile: receiving them comes first
+        turn = self.session.turn
+        if turn is not None and turn.pending is not None:     # the last question's prefill, still going on
+            wait([turn.pending])
+            turn.pending = None
         began = time.perf_counter()
         prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace,
                                      self.session.history)
@@ -208,6 +211,17 @@ class Generation:
         self.stats.edge_prefill_ms += opened.prefill_ms
         self.strategy.opened()
         return self.commit_verdict([], opened.token, opened.done)
+
+    def _leave_prefill(self, pool: ThreadPoolExecutor) -> None:
+        """A background prefill still under way: a conversation's goes on (its next question
+        wants the draft ready; ``Turn.pending``), any other is abandoned."""
+        turn = self.session.turn
+        if turn is not None and not self._prefill.done():
+            turn.pending = self._prefill
+            pool.shutdown(wait=False)
+            return
+        self._abandon()
+        pool.shutdown(wait=True)
 
     def _abandon(self) -> None:
         """End a draft prefill still under way (its runs and padding stop at once, raising

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +43,14 @@ class Turn:
     """A question's place in a conversation (``conversation.py``): the earlier turns, and once
     the conversation has opened its session on the edge, that session's owner secret and its
     last ``seq``, so the next question continues it (``DeviceSession`` keeps them up to date
-    and never closes a conversation's session: the conversation does)."""
+    and never closes a conversation's session: the conversation does). A draft prefill that
+    an answer did not wait for goes on as ``pending``: the next question's prefill waits for
+    it and reuses what it did (the image's visual tokens, the draft's cache)."""
 
     history: tuple[tuple[str, str], ...] = ()
     owner: str | None = None
     seq: int = 0
+    pending: Future | None = None     # the draft's prefill for the last question, left running for this one
 
 
 class DeviceSession:
