@@ -35,15 +35,15 @@ class SessionKV:
         self.limit = 0            # the most positions the session can need (0: unknown); growth stops there
 
     @classmethod
-    def from_cache(cls, cache: Cache) -> "SessionKV":
-        """Copy the one row of a prefilled transformers cache (every layer [1, H, L, D])."""
+    def from_cache(cls, cache: Cache, row: int = 0) -> "SessionKV":
+        """Copy row ``row`` of a prefilled transformers cache (every layer [B, H, L, D])."""
         keys, values = [], []
         for layer in cache.layers:
-            if not layer.is_initialized or layer.keys is None or layer.keys.shape[0] != 1:
-                raise ValueError("the prefilled cache has a layer without keys of batch 1; this model's cache "
+            if not layer.is_initialized or layer.keys is None or layer.keys.shape[0] <= row:
+                raise ValueError("the prefilled cache has a layer without keys for every row; this model's cache "
                                  "layout (KV sharing, linear attention) is not supported by the edge")
-            keys.append(layer.keys[0].clone())
-            values.append(layer.values[0].clone())
+            keys.append(layer.keys[row].clone())
+            values.append(layer.values[row].clone())
         return cls(keys, values, int(keys[0].shape[1]))
 
     @property
