@@ -13,9 +13,13 @@ from covspec.runtime_edge.scheduler import CLOSE, OPEN, VERIFY, Budget, Prefilli
 def test_rounds_fill_the_forward_first_and_prefill_takes_the_room_left():
     waiting = [Waiting(f"v{i}", VERIFY, 9) for i in range(3)]
     prefilling = [Prefilling("p0", head=0, rest=100), Prefilling("p1", head=0, rest=5)]
-    plan = schedule(waiting, prefilling, [], Budget(max_batch=8, max_tokens=60, prefill_chunk=32, prefill_tokens=512))
+    budget = Budget(max_batch=8, max_tokens=60, prefill_chunk=32, prefill_tokens=512)
+    plan = schedule(waiting, prefilling, [], budget)
     assert plan.handle == [0, 1, 2]
-    assert plan.chunks == [("p0", 32), ("p1", 1)]             # 27 + 32 + 1 = 60 tokens: the budget
+    assert plan.chunks == [("p0", 9), ("p1", 5)]              # no wider than the widest round
+    wide = [Waiting(f"v{i}", VERIFY, 20) for i in range(3)]
+    assert schedule(wide[:2], prefilling, [], budget).chunks == [("p0", 20)]    # 40 + 20 = 60: the budget
+    assert schedule([], prefilling, [], budget).chunks == [("p0", 32), ("p1", 5)]   # no round: full chunks
 
 
 def test_the_forward_never_passes_max_batch_or_max_tokens():
@@ -130,10 +134,11 @@ def test_no_starvation_rounds_keep_going_and_prefills_finish_under_full_load():
             world.arrive(f"o{now}", now)
         world.iterate(now)
     assert len(world.opened) == 20
-    assert max(done - arrived for arrived, done in world.opened.values()) <= 12
+    # a head and ceil(50 / 9) chunks (no wider than the 9-token rounds), one at least every other iteration
+    assert max(done - arrived for arrived, done in world.opened.values()) <= 1 + 2 * (1 + 6)
     for name, at in world.rounds.items():
         assert len(at) > 140 and max(b - a for a, b in zip(at, at[1:])) <= 2, name
-    assert all(sessions <= 16 + 1 and tokens <= 160 + 16 for sessions, tokens, _ in world.forwards)
+    assert all(sessions <= 16 and tokens <= 160 + 16 for sessions, tokens, _ in world.forwards)   # a due chunk has its seat
     assert all(prefill <= budget.prefill_chunk + 64 for _, _, prefill in world.forwards)
 
 
@@ -150,10 +155,10 @@ def test_unbatched_rounds_and_prefill_chunks_take_turns():
 def test_prefill_chunks_interleave_with_rounds():
     """A long prompt never holds the rounds back: while it prefills, every decoder gets
     a round in every iteration, beside one chunk of the prompt."""
-    world = World(Budget(max_batch=8, prefill_chunk=16, prefill_tokens=16), decoders=4, head=0, rest=160)
+    world = World(Budget(max_batch=8, prefill_chunk=16, prefill_tokens=16), decoders=4, head=0, rest=90)
     world.arrive("long", 0)
     for now in range(12):
         world.iterate(now)
-    assert world.opened["long"] == (0, 10)                   # admitted at 0, ten chunks of 16 from 1 to 10
+    assert world.opened["long"] == (0, 10)          # admitted at 0, ten chunks of 9 (the rounds' width) from 1 to 10
     assert all(at == list(range(12)) for at in world.rounds.values())
-    assert all(sessions == 5 and prefill == 16 for sessions, _, prefill in world.forwards[1:11])
+    assert all(sessions == 5 and prefill == 9 for sessions, _, prefill in world.forwards[1:11])

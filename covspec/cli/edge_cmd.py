@@ -48,7 +48,8 @@ def edge() -> None:
               help="Input tokens in one batched target forward at most.")
 @click.option("--prefill-chunk", type=int, default=DEFAULT.prefill_chunk, show_default=True,
               help="Prompt tokens (after the image) one opening session runs in one forward at most: long "
-                   "prompts are cut into chunks that share forwards with the other sessions' rounds.")
+                   "prompts are cut into chunks that share forwards with the other sessions' rounds (and are no "
+                   "wider than the widest of those).")
 @click.option("--prefill-tokens", type=int, default=DEFAULT.prefill_tokens, show_default=True,
               help="Prefill tokens (images with what precedes them, and prompt chunks) one iteration runs at "
                    "most, after the rounds; the oldest opening session always gets a piece.")

@@ -74,7 +74,7 @@ class ServerConfig:
     max_batch: int = 64
     max_batch_tokens: int = 2048
     prefill_chunk: int = 32
-    prefill_tokens: int = 512
+    prefill_tokens: int = 256
     edge_steps: str = "auto"
     secret_key: Path | None = None
     allow_keys: Path | None = None

@@ -20,13 +20,16 @@ prefix: ``prefill_after``'s tokens, cut into pieces). The contract:
   from the next iteration on) while fewer than ``max_batch`` sessions are prefilling.
 - **Rounds first, prefill in the room left.** Verify rounds and edge steps fill the
   forward up to ``max_batch`` sessions and ``max_tokens`` input tokens; prefill pieces
-  (heads and chunks of ``prefill_chunk`` tokens at most) follow, oldest prefilling
+  (heads, and chunks of at most ``prefill_chunk`` tokens) follow, oldest prefilling
   session first, up to ``prefill_tokens`` prefill tokens an iteration and the room
-  left. So decoding never waits behind a whole prompt, only behind a bounded piece.
+  left. A chunk is no wider than the forward's widest round (the forward pads every row
+  to its widest), unless the forward holds no round. So decoding never waits behind a
+  whole prompt, only behind a bounded piece.
 - **No starvation.** When the oldest prefilling session got nothing last iteration
-  (``Prefilling.skipped``), its piece goes first, before any round; so a prefill advances
-  at least every other iteration, whatever the load, and rounds wait one iteration at
-  most. A head larger than the budgets still runs, alone among the prefills.
+  (``Prefilling.skipped``), its seat in the forward is kept before any round and its
+  piece runs whatever the budgets; so a prefill advances at least every other
+  iteration, whatever the load, and a round waits one iteration at most. A head larger
+  than the budgets still runs, alone among the prefills.
 - **Edge steps** (``Streaming``): target-only sessions step whenever they fit; edge-led
   ones as ``edge_steps`` says (``auto``: while the rounds fill less than half of
   ``max_batch`` and of ``max_tokens``). Streaming sessions come in the caller's order
@@ -51,7 +54,7 @@ class Budget:
     max_batch: int = 64          # sessions in the forward
     max_tokens: int = 2048       # input tokens in the forward
     prefill_chunk: int = 32      # most tokens one session's chunk runs in one forward
-    prefill_tokens: int = 512    # most prefill tokens (heads and chunks) an iteration
+    prefill_tokens: int = 256    # most prefill tokens (heads and chunks) an iteration
     edge_steps: str = "auto"
 
 
@@ -104,17 +107,16 @@ class Plan:
 def schedule(waiting: Sequence[Waiting], prefilling: Sequence[Prefilling], streaming: Sequence[Streaming],
              budget: Budget) -> Plan:
     """The plan of one iteration (the module's contract)."""
-    plan = _Builder(budget, {p.session for p in prefilling})
-    due = prefilling[0].skipped if prefilling else False
-    if due:                                        # starved last iteration: its piece before any round
-        plan.prefill(prefilling[0])
+    due = bool(prefilling) and prefilling[0].skipped
+    plan = _Builder(budget, {p.session for p in prefilling}, reserved=int(due))   # a due piece keeps its seat
     plan.requests(waiting, len(prefilling))
     rounds, round_tokens = plan.sessions, plan.tokens
     for session in streaming:
         if session.mode == "target_only" or _steps_allowed(budget, rounds, round_tokens):
             plan.step(session)
-    for session in prefilling[1:] if due else prefilling:
-        plan.prefill(session)
+    plan.reserved = 0
+    for at, session in enumerate(prefilling):
+        plan.prefill(session, due=due and at == 0)
     return plan.plan
 
 
@@ -128,15 +130,19 @@ def _steps_allowed(budget: Budget, rounds: int, tokens: int) -> bool:
 class _Builder:
     """A plan being filled, with what its forward and its prefills hold so far."""
 
-    def __init__(self, budget: Budget, prefilling: set[str]):
-        self.budget, self.plan = budget, Plan()
+    def __init__(self, budget: Budget, prefilling: set[str], reserved: int):
+        self.budget, self.plan, self.reserved = budget, Plan(), reserved
         self.busy = set(prefilling)          # sessions with a piece, a round, or a deferred request
         self.sessions = self.tokens = 0      # in the forward
+        self.width = 0                       # its widest round or step (input tokens)
         self.prefilled = 0                   # prefill tokens this iteration (heads and chunks)
 
     def fits(self, tokens: int) -> bool:
-        return self.sessions < self.budget.max_batch and \
+        return self.sessions + self.reserved < self.budget.max_batch and \
             (self.sessions == 0 or self.tokens + tokens <= self.budget.max_tokens)
+
+    def add(self, tokens: int) -> None:
+        self.sessions, self.tokens, self.width = self.sessions + 1, self.tokens + tokens, max(self.width, tokens)
 
     def requests(self, waiting: Sequence[Waiting], prefilling: int) -> None:
         held: set[str] = set()
@@ -154,7 +160,7 @@ class _Builder:
             elif self.fits(request.tokens):
                 self.plan.handle.append(index)
                 self.busy.add(request.session)
-                self.sessions, self.tokens = self.sessions + 1, self.tokens + request.tokens
+                self.add(request.tokens)
             else:
                 held.add(request.session)
         self.busy |= held
@@ -163,11 +169,12 @@ class _Builder:
         if session.session not in self.busy and self.fits(1):
             self.plan.steps.append(session.session)
             self.busy.add(session.session)
-            self.sessions, self.tokens = self.sessions + 1, self.tokens + 1
+            self.add(1)
 
-    def prefill(self, session: Prefilling) -> None:
-        """The next pieces of ``session``'s prefill (its head, a chunk) where they fit; the
-        iteration's first head always fits, and so does the first chunk of an empty forward."""
+    def prefill(self, session: Prefilling, due: bool) -> None:
+        """The next pieces of ``session``'s prefill (its head, then a chunk) where they fit. The
+        iteration's first head always fits; a ``due`` session's chunk too (its seat was kept).
+        A chunk never widens a forward beyond its widest round (its rows are padded to it)."""
         room = self.budget.prefill_tokens - self.prefilled
         if session.head:
             if self.prefilled and session.head > room:
@@ -175,11 +182,13 @@ class _Builder:
             self.plan.heads.append(session.session)
             self.prefilled += session.head
             room -= session.head
-        size = min(session.rest, self.budget.prefill_chunk)
-        if self.sessions:
-            size = min(size, room, self.budget.max_tokens - self.tokens)
-        if size < 1 or self.sessions >= self.budget.max_batch:
+        size = min(session.rest, self.budget.prefill_chunk, self.width or self.budget.prefill_chunk)
+        if not due:
+            size = min(size, room, self.budget.max_tokens - self.tokens) if self.sessions else size
+            if self.sessions >= self.budget.max_batch:
+                return
+        if size < 1:
             return
         self.plan.chunks.append((session.session, size))
         self.prefilled += size
-        self.sessions, self.tokens = self.sessions + 1, self.tokens + size
+        self.add(size)
