@@ -65,6 +65,20 @@ def test_pieces_give_one_prefills_logits_and_answers(tmp_path, family):
         assert greedy(target, again.cache, again.logits, ANSWER_TOKENS) == answers[0]
 
 
+def test_a_short_rest_joins_the_head_but_committed_tokens_never_do():
+    from covspec.runtime_edge.target import TargetModel
+    from covspec.toy.models import bundled_model_dir
+
+    target = TargetModel.load(bundled_model_dir("target"))
+    with torch.inference_mode():
+        context = target.context(QUESTIONS[0], noise(40, 40, seed=6))
+        floor = target.family.shortest_reused_prefix(context)
+        short = Prefill.plan(target, context, [7, 8], chunk=context.length - floor)
+        assert (short.head, short.rest) == (context.length, [7, 8])
+        cut = Prefill.plan(target, context, [7, 8], chunk=context.length - floor - 1)
+        assert cut.head == floor and cut.rest[-2:] == [7, 8]
+
+
 def test_a_pruned_context_prefills_whole_in_its_head():
     from covspec.runtime_edge.target import TargetModel
     from covspec.toy.models import bundled_model_dir

@@ -313,7 +313,7 @@ class ModelThread:
         self._check_kv_budget(0)
         session, opened = Session.begin(target, message, image, max_context=self.config.max_context,
                                         owner=message.owner or new_owner(), peer_key=request.peer_key,
-                                        prefix_cache=self.prefix_cache)
+                                        prefix_cache=self.prefix_cache, chunk=self.config.prefill_chunk)
         self.prefill_s += time.perf_counter() - began
         self._check_kv_budget(session.kv_bytes())              # a cached prefix's copy is charged at once
         session.identity = request.identity

@@ -7,7 +7,8 @@ session's cache, in at most two kinds of piece:
   model's own (``TargetModel.prefill_heads``; heads of equal shapes share it). It ends
   at the family's ``shortest_reused_prefix`` (every token whose KV depends on the image
   or on a later token), or covers the whole context where there is none (a pruned
-  target, a family without the hook). A session that continues a cached prefix (the
+  target, a family without the hook) or where the rest of the context is short (at most
+  one chunk: then one forward does it all, as a whole prefill). A session that continues a cached prefix (the
   edge's ``PrefixCache``, or any other given prefix KV) has no head;
 - the *rest*: the context's remaining ids, then the committed tokens, run as cached
   extensions like a verify round (``TargetModel.extend_batch``), in ``take``-sized chunks
@@ -52,10 +53,12 @@ class Prefill:
     @classmethod
     def plan(cls, target: TargetModel, context: Context, committed: Sequence[int], *,
              prefix_cache: PrefixCache | None = None, image: bytes = b"",
-             prefix: SessionKV | None = None, limit: int = 0) -> "Prefill":
+             prefix: SessionKV | None = None, limit: int = 0, chunk: int = 0) -> "Prefill":
         """How ``context`` + ``committed`` gets prefilled: after ``prefix`` (the KV of the
         context's first ``prefix.length`` tokens, taken over) when given, else after the
-        longest prefix ``prefix_cache`` holds for ``image``, else head and rest."""
+        longest prefix ``prefix_cache`` holds for ``image``, else head and rest; a head whose
+        context goes on for at most ``chunk`` more tokens takes them too (a short prompt
+        prefills in one forward). ``limit`` bounds the cache's growth (``TargetModel.bound``)."""
         ids = [int(i) for i in context.inputs["input_ids"][0].tolist()] if context.keep is None else []
         committed = [int(t) for t in committed]
         key = None
@@ -67,7 +70,7 @@ class Prefill:
             return cls(context, 0, ids[prefix.length:] + committed, target.continuing(context, prefix),
                        reused=prefix.length, limit=limit)
         floor = target.family.shortest_reused_prefix(context) if context.keep is None else None
-        head = context.length if floor is None else floor
+        head = context.length if floor is None or context.length - floor <= chunk else floor
         return cls(context, head, ids[head:] + committed, store=key, prefix_cache=prefix_cache, limit=limit)
 
     @property

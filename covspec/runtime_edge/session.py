@@ -147,14 +147,16 @@ class Session:
 
     @classmethod
     def begin(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
-              peer_key: str = "", prefix_cache: PrefixCache | None = None) -> tuple["Session", Opened | None]:
+              peer_key: str = "", prefix_cache: PrefixCache | None = None,
+              chunk: int = 0) -> tuple["Session", Opened | None]:
         """``open`` up to the prefill: validate, build the context and plan its prefill
-        (``session.prefill``, a ``Prefill``; run it in pieces, then ``opened``) -> (session,
-        None); or (session, the reply) when nothing is to prefill (a reopen that already ended)."""
+        (``session.prefill``, a ``Prefill`` of chunks of ``chunk`` tokens; run it in pieces, then
+        ``opened``) -> (session, None); or (session, the reply) when nothing is to prefill (a
+        reopen that already ended)."""
         session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key)
         if opened is None:
             session.prefill = Prefill.plan(target, context, session.committed, prefix_cache=prefix_cache,
-                                           image=msg.image.tobytes(), limit=session.max_positions)
+                                           image=msg.image.tobytes(), limit=session.max_positions, chunk=chunk)
             session.stats.reused = session.prefill.reused
         return session, opened
 

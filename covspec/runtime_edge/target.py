@@ -35,7 +35,8 @@ from covspec.protocol.errors import BAD_IMAGE, EdgeError
 from covspec.protocol.vocab import vocab_hash
 from covspec.regime.pacing import NO_PACING
 from covspec.runtime_edge.config import ConfigError
-from covspec.runtime_edge.kv import SessionKV, forward_cache, keep_new
+from covspec.runtime_edge.attention import in_place
+from covspec.runtime_edge.kv import SessionKV
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect: float):
@@ -179,27 +180,30 @@ class TargetModel:
         a tensor on the model's device: session b's rows follow session b - 1's, row i
         scores the token after ``inputs[b][i]``. Cache b grows by len(inputs[b]).
 
-        Rows are left-padded to the longest past and right-padded to the longest input
-        (``kv.forward_cache``); every row gets its true positions, so each session's
-        logits are what its own forward would give (up to float rounding).
+        Rows are right-padded to the longest input; every row gets its true positions and
+        attends to its own session's cache in place (``attention.in_place``: only the new
+        tokens are written, nothing of the past is copied), so each session's logits are
+        what its own forward would give (up to float rounding).
         """
         import torch
 
         query_len = max(len(tokens) for tokens in inputs)
-        kv, past = forward_cache([cache.kv for cache in caches], query_len)
+        new = [len(tokens) for tokens in inputs]
+        sessions = [cache.kv for cache in caches]
+        for session, count in zip(sessions, new):
+            session.reserve(session.length + count)
         ids = torch.zeros((len(caches), query_len), dtype=torch.long)                  # [B, Q]
         positions = torch.zeros((len(caches), query_len), dtype=torch.long)            # [B, Q]
-        mask = torch.ones((len(caches), past + query_len), dtype=torch.long)           # [B, L + Q]
         for row, (cache, tokens) in enumerate(zip(caches, inputs)):
             ids[row, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
             start = cache.next_position
             positions[row] = torch.arange(start, start + query_len)
-            mask[row, :past - cache.kv.length] = 0
-        with self.pacing.forward([cache.kv.length for cache in caches], [len(tokens) for tokens in inputs]):
+        with self.pacing.forward([s.length for s in sessions], new), in_place(self.model, sessions, new) as kv:
             out = self.model(input_ids=ids.to(self.device), cache=kv, use_cache=True,
-                             position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
-        keep_new([cache.kv for cache in caches], kv, past, [len(tokens) for tokens in inputs])
-        return torch.cat([out.logits[row, :len(tokens)] for row, tokens in enumerate(inputs)])
+                             position_ids=positions.to(self.device))
+        for session, count in zip(sessions, new):
+            session.length += count
+        return torch.cat([out.logits[row, :count] for row, count in enumerate(new)])
 
     @staticmethod
     def rollback(cache: TargetCache, length: int) -> None:
