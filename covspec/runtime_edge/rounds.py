@@ -45,10 +45,6 @@ def run_forward(target: TargetModel, work: Sequence[tuple[Session, Round]], chun
     """One forward over the rounds of ``work`` and the prefill ``chunks`` ((prefill, tokens):
     the next ``tokens`` of each ``Prefill``'s rest, which advances) -> (each round's reply,
     each chunk's logits [V] after its last token)."""
-    import torch
-
-    from covspec.runtime_edge.verify_batch import verify_batch
-
     sessions = [session for session, _ in work]
     assert len({id(s) for s in sessions}) == len(sessions), "one round per session in a forward"
     pieces = [prefill.take(count) for prefill, count in chunks]
@@ -56,11 +52,20 @@ def run_forward(target: TargetModel, work: Sequence[tuple[Session, Round]], chun
                                  [r.inputs for _, r in work] + pieces)                  # [total + B + chunks', V]
     ends = np.cumsum([len(r.inputs) for _, r in work] + [len(piece) for piece in pieces])
     rows = [logits[end - 1].float().cpu().numpy() for end in ends[len(work):]]
-    for (prefill, _), piece, row in zip(chunks, pieces, rows):
+    results = _judge(target, work, logits[:int(ends[len(work) - 1])], verifier) if work else []   # rounds' rows
+    for (prefill, _), piece, row in zip(chunks, pieces, rows):                # once nothing can fail any more
         prefill.advance(len(piece), row)
-    if not work:
-        return [], rows
-    logits = logits[:int(ends[len(work) - 1])]                                           # the rounds' rows
+    return results, rows
+
+
+def _judge(target: TargetModel, work: Sequence[tuple[Session, Round]], logits,
+           verifier: Callable | None) -> list[Result]:
+    """Verdicts for the rounds of ``work`` from their logits rows [total + B, V]; each session commits."""
+    import torch
+
+    from covspec.runtime_edge.verify_batch import verify_batch
+
+    sessions = [session for session, _ in work]
     lengths = [len(r.tokens) for _, r in work]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)   # [B + 1]
     draft = torch.from_numpy(np.concatenate([r.tokens for _, r in work]).astype(np.int64))  # [total]
@@ -82,7 +87,7 @@ def run_forward(target: TargetModel, work: Sequence[tuple[Session, Round]], chun
             return logits[first_row + i].float().cpu().numpy()
 
         results.append(session.commit(target, round_, accepted[b], token[b], row))
-    return results, rows
+    return results
 
 
 def _sampling_inputs(work: Sequence[tuple[Session, Round]], total: int, vocab: int):
