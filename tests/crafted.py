@@ -95,7 +95,7 @@ class TableDraft:
         self.eos_ids = eos_ids
         self.vocab_size = len(logits(()))
 
-    def prefill(self, image_bytes, question, options, seed, trace) -> DraftPrefill:
+    def prefill(self, image_bytes, question, options, seed, trace, history=()) -> DraftPrefill:
         self.drafter.fed = []
         return DraftPrefill(kept=np.zeros(0, np.int64), visual_tokens=0, selection="none")
 
@@ -112,7 +112,7 @@ class TableTarget:
     def __init__(self, logits: Logits, vocab: int, eos_ids=frozenset()):
         self.logits, self.vocab_size, self.eos_ids = logits, vocab, eos_ids
 
-    def context(self, question, image, keep=None) -> Context:
+    def context(self, question, image, keep=None, template=None) -> Context:
         return Context(inputs={}, length=0)
 
     def prefill(self, context: Context, committed=()) -> tuple[list[int], np.ndarray]:

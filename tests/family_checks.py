@@ -22,9 +22,11 @@ import numpy as np
 from PIL import Image
 from scipy.stats import chisquare
 
+from covspec.families import family_for_model
 from covspec.protocol.manifest import load_manifest
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.client import EdgeClient, Backoff
+from covspec.runtime_device.conversation import Conversation
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.stats import GenerationStats
@@ -89,6 +91,30 @@ def check_greedy_exact(artifact, address: str, model, inputs_for: Callable[[Imag
                                   GenerationSettings(max_new_tokens=max_new_tokens), replace(options, lead="edge"))
         assert edge_led == expected, ("edge-led", question, size)
     return total
+
+
+def check_conversation_exact(artifact, address: str, model, processor, image: Image.Image,
+                             max_new_tokens: int = 12) -> None:
+    """Three-turn conversations about ``image``, device-led and edge-led: every answer equals the
+    target's own greedy ``generate()`` on the whole conversation (the family's chat template
+    applied to the history: ``target.turns``, checked against ``apply_chat_template`` by
+    ``tests/test_conversation.py``), and the follow-ups travel without the image."""
+    artifact = DraftArtifact.load(artifact)
+    target = family_for_model(model).target(model, processor)
+    for options in (SELF_DRAFT, replace(SELF_DRAFT, lead="edge")):
+        client = EdgeClient(address, Backoff(timeout_s=10))
+        try:
+            with Conversation(CoInference(artifact, client), png(image), GenerationSettings(max_new_tokens=max_new_tokens),
+                              options) as chat:
+                for number, question in enumerate(QUESTIONS[:3]):
+                    context = target.context(question, image, template=target.turns.template(chat.history))
+                    inputs = {k: v for k, v in context.inputs.items() if k != "cache"}
+                    stats = GenerationStats()
+                    list(chat.ask(question, stats=stats))
+                    assert chat.last_tokens == reference(model, inputs, max_new_tokens), (options.lead, number)
+                    assert number == 0 or stats.bytes_up < len(png(image)), "a follow-up carried the image"
+        finally:
+            client.close()
 
 
 def acceptance(stats: GenerationStats) -> float:

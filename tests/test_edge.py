@@ -474,7 +474,7 @@ def bad_request_cases(target: TargetModel, image: Image.Image) -> list[tuple[str
     return [
         ("header is not JSON", [b"\xff{not json"], "bad_json"),
         ("empty header frame", [b""], "bad_json"),
-        ("wrong protocol version", raw({"v": 4}), "bad_version"),
+        ("wrong protocol version", raw({"v": 5}), "bad_version"),
         ("a float version", raw({"v": 1.0}), "bad_version"),
         # Issue 30: an owner UTF-8 cannot encode made the owner check raise and dropped the victim.
         ("owner of lone surrogates", raw({"owner": "\ud800" * 16, "arrays": [{**tokens, "shape": [1]}]}, b"\0" * 4),

@@ -34,7 +34,7 @@ from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
+from family_checks import (check_conversation_exact, QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
                            check_sampling_follows, co_generate, device_run_without_torch, noise, png,
                            pruned_options, reference)
 
@@ -269,3 +269,8 @@ def test_sampling_follows_target_distribution(pair, edge):
             second = target_probs(pair.model(**longer).logits[0, -1].numpy(), temperature, top_k)
             joint.update({(int(t1), int(t2)): first[t1] * second[t2] for t2 in np.nonzero(second)[0]})
     check_sampling_follows(joint, pair.root / "draft-fp32", edge.address, image, question, temperature, top_k, runs)
+
+
+def test_three_turn_conversations_are_exact(pair, edge):
+    """Each turn's answer is the target's own answer to the whole conversation, device-led and edge-led."""
+    check_conversation_exact(pair.root / "self-fp32", edge.address, pair.model, pair.processor, noise(57, 40), max_new_tokens=10)

@@ -30,7 +30,7 @@ from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_device.prefill import prefill_draft
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.hf.tiny_idefics3 import save_tiny_idefics3
-from family_checks import (QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
+from family_checks import (check_conversation_exact, QUESTIONS, SELF_DRAFT, SIZES, acceptance, check_greedy_exact, check_int8_export,
                            co_generate, device_run_without_torch, noise, png, pruned_options, reference)
 
 # Tiles of 32 px, patch 8, pixel shuffle 2: 4 tokens per frame; images resized to a
@@ -247,3 +247,8 @@ def test_the_vision_graph_runs_a_few_frames_at_a_time_and_equals_one_run(pair):
     for one, parts in zip(whole, split):
         assert one.shape == parts.shape
         np.testing.assert_allclose(parts, one, atol=1e-5)
+
+
+def test_three_turn_conversations_are_exact(pair, edge):
+    """Each turn's answer is the target's own answer to the whole conversation, device-led and edge-led."""
+    check_conversation_exact(pair.root / "self-fp32", edge.address, pair.model, pair.processor, noise(57, 40), max_new_tokens=10)

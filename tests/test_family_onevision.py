@@ -23,7 +23,7 @@ from covspec.protocol.manifest import load_manifest
 from covspec.protocol.verification import target_probs
 from covspec.runtime_device.artifact import DraftArtifact, run_vision
 from covspec.runtime_edge import EdgeServer, ServerConfig
-from family_checks import (QUESTIONS, SIZES, acceptance, check_greedy_exact, check_pruned_exact, check_sampling_follows,
+from family_checks import (check_conversation_exact, QUESTIONS, SIZES, acceptance, check_greedy_exact, check_pruned_exact, check_sampling_follows,
                            device_run_without_torch, noise, reference)
 
 MORE_SIZES = SIZES + [(200, 150), (31, 31)]
@@ -175,3 +175,8 @@ def test_sampling_follows_target_distribution(pair, edge, wire):
     temperature, top_k, runs = 1.5, 4, 600
     joint = target_joint(pair, image, question, temperature, top_k)
     check_sampling_follows(joint, pair.root / "draft-fp32", edge.address, image, question, temperature, top_k, runs, wire)
+
+
+def test_three_turn_conversations_are_exact(pair, edge):
+    """Each turn's answer is the target's own answer to the whole conversation, device-led and edge-led."""
+    check_conversation_exact(pair.root / "self-fp32", edge.address, pair.model, pair.processor, noise(57, 40), max_new_tokens=10)

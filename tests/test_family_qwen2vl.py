@@ -35,7 +35,7 @@ from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.options import GenerationSettings
 from covspec.runtime_edge import EdgeServer, ServerConfig
 from covspec.runtime_edge.target import TargetModel
-from family_checks import (QUESTIONS, SIZES, check_greedy_exact, check_pruned_exact, check_sampling_follows,
+from family_checks import (check_conversation_exact, QUESTIONS, SIZES, check_greedy_exact, check_pruned_exact, check_sampling_follows,
                            co_generate, device_run_without_torch, noise, png, reference)
 
 EXPORT_SIZE = (64, 48)                  # (width, height): 8 x 6 patches of 8 px, 4 x 3 merged tokens
@@ -250,3 +250,8 @@ def test_qwen25_window_attention_pair(tmp_path_factory):
     with EdgeServer(pair25.root / "target", ServerConfig(bind="tcp://127.0.0.1:*")) as server:
         assert self_draft(pair25.root / "self-fp32", server.address, pair25.model, inputs_for(pair25)) >= 0.95
         check_greedy_exact(pair25.root / "draft-int8", server.address, pair25.model, inputs_for(pair25))
+
+
+def test_three_turn_conversations_are_exact(pair, edge):
+    """Each turn's answer is the target's own answer to the whole conversation, device-led and edge-led."""
+    check_conversation_exact(pair.root / "self-fp32", edge.address, pair.model, pair.processor, noise(64, 48), max_new_tokens=10)

@@ -23,7 +23,7 @@ from covspec.hf.tiny import save_tiny_llava
 from covspec.protocol.manifest import ArtifactError, load_manifest
 from covspec.runtime_device.artifact import DraftArtifact, run_vision
 from covspec.runtime_edge import EdgeServer, ServerConfig
-from family_checks import (QUESTIONS, SIZES, check_greedy_exact, device_run_without_torch, noise, png,
+from family_checks import (check_conversation_exact, QUESTIONS, SIZES, check_greedy_exact, device_run_without_torch, noise, png,
                                  reference)
 
 SIGLIP = {"tower": "siglip", "language": "qwen2", "image_size": 32, "patch_size": 8}
@@ -124,3 +124,7 @@ def test_a_preprocessing_that_does_not_match_the_graph_is_a_clear_error(pair, ed
     with pytest.raises(ArtifactError, match="produced no 'pixel_values'"):
         run_vision(artifact.vision, {"pixels": np.zeros((1, 3, 32, 32), np.float32)})
 
+
+def test_three_turn_conversations_are_exact(pair, edge):
+    """Each turn's answer is the target's own answer to the whole conversation, device-led and edge-led."""
+    check_conversation_exact(pair.root / "self-fp32", edge.address, pair.model, pair.processor, noise(57, 40), max_new_tokens=10)

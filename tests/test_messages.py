@@ -46,7 +46,7 @@ def assert_same(a, b):
 @pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
 def test_round_trip(message):
     frames = encode(message)
-    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == PROTOCOL_VERSION == 3
+    assert isinstance(frames[0], bytes) and json.loads(frames[0])["v"] == PROTOCOL_VERSION == 4
     assert_same(message, decode(frames))
 
 
@@ -186,7 +186,7 @@ MALFORMED = {
     "not utf8": ([b"\xff\xfe"], "bad_json"),
     "json list": ([b"[1, 2]"], "bad_json"),
     "no frames": ([], "missing_frames"),
-    "wrong version": (with_header(good_verify_frames(), v=4), "bad_version"),
+    "wrong version": (with_header(good_verify_frames(), v=5), "bad_version"),
     "float version": (with_header(good_verify_frames(), v=2.0), "bad_version"),
     "boolean version": (with_header(good_verify_frames(), v=True), "bad_version"),
     "unknown type": (with_header(good_verify_frames(), type="explode"), "unknown_type"),

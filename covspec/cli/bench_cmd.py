@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from covspec.cli.bench_conversation_cmd import conversation
 from covspec.cli.bench_device_cmd import device
 from covspec.cli.bench_drafting_cmd import drafting
 from covspec.cli.bench_families_cmd import families
@@ -27,5 +28,5 @@ def bench() -> None:
     benchmarks/ (JSON, PNG) and BENCHMARKS.md (Markdown tables)."""
 
 
-for command in (run, pruning, drafting, wire, families, reliability, load, regime, device, gpu):
+for command in (run, pruning, drafting, wire, families, reliability, load, regime, device, gpu, conversation):
     bench.add_command(command)

@@ -29,7 +29,7 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str |
     process, and the device side (onnxruntime draft) in this process. With --regime the
     timings are emulated (and labelled so); the answers are the same.
     """
-    from covspec.cli.device_cmd import device_pacing
+    from covspec.cli.device_setup import device_pacing
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import EdgeClient
     from covspec.runtime_device.engine import CoInference

@@ -36,6 +36,7 @@ from covspec.export.errors import ExportError, OutputExistsError, ParityError
 from covspec.export.quantize import SCHEMES
 
 from covspec.families import Family, family_for_folder
+from covspec.families.chat import chat_turns
 
 if TYPE_CHECKING:  # torch-side types; this module imports torch only when it exports
     from covspec.export.parity import ExportedDraft, ParityPrompt, Sample
@@ -215,6 +216,7 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
     model, processor = family.load(model_dir)
     sized = {"image_size": options.image_size} if options.image_size is not None else {}
     half = family.exporter(model, processor, **sized)
+    turns = chat_turns(processor)        # None: the template renders no conversation, one question per session
 
     progress("export graphs")
     graph_specs = {
@@ -276,5 +278,6 @@ def _build(model_dir: Path, folder: Path, family: Family, options: ExportOptions
         "embedding": embedding,
         "tokenizer": tokenizer, "image": image,
         "num_visual_tokens": num_visual_tokens, "prompt_template": half.template,
+        "conversation": None if turns is None else turns.to_dict(),
         "pruning": {"keep_ratio": options.keep_ratio, "selection": "covspec"}, "parity": report,
     }

@@ -4,7 +4,7 @@
   one question, with ``{question}`` where the question goes;
 - ``fill_prompt(template, question)``: the one way to put a question into that template,
   used by every family's device, edge and export halves, so draft and target tokenize
-  the same text: the question stripped of surrounding whitespace replaces the one
+  the same text: the question stripped of surrounding whitespace replaces the (last)
   ``{question}``; any other brace in the template or the question is plain text;
 - ``saved_chat_template(path)``: the processor's chat template saved in a model folder;
 - ``generation_eos_ids(model, tokenizer)``: EOS ids as ``generate`` uses them;
@@ -32,12 +32,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from covspec.families.chat import QUESTION_SLOT, chat_turns
 from covspec.families.interface import (DeviceHalf, ExportHalf, Family, ImageSizeError, ModelFolderError,
                                         TargetContext, TargetHalf)
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.manifest import ArtifactError
-
-QUESTION_SLOT = "{question}"
 
 
 def prompt_template(processor) -> str:
@@ -53,8 +52,11 @@ def prompt_template(processor) -> str:
 def fill_prompt(template: str, question: str) -> str:
     """``template`` with its ``{question}`` replaced by ``question`` stripped of surrounding
     whitespace. Not ``str.format``: a brace elsewhere in the template (a chat template's
-    literal ``{``) or in the question stays as it is."""
-    return template.replace(QUESTION_SLOT, question.strip())
+    literal ``{``) or in the question stays as it is. The slot is the template's last
+    ``{question}``: a conversation's template (``families/chat.py``) holds earlier texts,
+    which may read ``{question}`` themselves."""
+    before, slot, after = template.rpartition(QUESTION_SLOT)
+    return before + question.strip() + after if slot else template
 
 
 def saved_chat_template(path: Path) -> str | None:
@@ -140,6 +142,7 @@ class ProcessorTarget(TargetHalf):
         self.model = model
         self.processor = processor
         self.template = prompt_template(processor)
+        self.turns = chat_turns(processor)
 
     def placeholders(self) -> Iterable[str]:
         return [self.processor.image_token]
@@ -147,9 +150,10 @@ class ProcessorTarget(TargetHalf):
     def processor_options(self) -> dict[str, Any]:
         return {}
 
-    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
-        return target_context(self.model, self.processor, fill_prompt(self.template, question), question, image,
-                              keep, self.placeholders(), **self.processor_options())
+    def context(self, question: str, image, keep: Sequence[int] | None = None,
+                template: str | None = None) -> TargetContext:
+        return target_context(self.model, self.processor, fill_prompt(template or self.template, question), question,
+                              image, keep, self.placeholders(), **self.processor_options())
 
     def shortest_reused_prefix(self, context: TargetContext) -> int | None:
         """Everything up to the last image token: before it a token's KV depends on the image

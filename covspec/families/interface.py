@@ -163,11 +163,14 @@ class DeviceHalf(Protocol):
         for a few frames at a time."""
         return [feeds]
 
-    def prompt_layout(self, question: str, feeds: Mapping[str, np.ndarray] | None = None) -> PromptLayout:
+    def prompt_layout(self, question: str, feeds: Mapping[str, np.ndarray] | None = None,
+                      template: str | None = None) -> PromptLayout:
         """The prompt template filled with ``question``, tokenized as the processor
         does (special tokens included) and split at its image slots. ``feeds`` are
         ``vision_inputs``' output for the image: a family whose prompt depends on the
-        image (e.g. its tile grid) reads it there; None stands for a square image."""
+        image (e.g. its tile grid) reads it there; None stands for a square image.
+        ``template``: a conversation's template (``families/chat.py``) instead of the
+        artifact's single-question one."""
 
     def draft_context(self, layout: PromptLayout, image_features: np.ndarray, kept: np.ndarray,
                       positions: str) -> DraftContext:
@@ -183,9 +186,12 @@ class TargetHalf(Protocol):
     """The edge side of a family around one loaded target (torch)."""
 
     template: str   # the rendered single-image prompt, ``{question}`` where the question goes
+    turns: Any      # the template's ``ChatTurns`` (``families/chat.py``), None: one question per session
 
-    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
-        """Fill the template with ``question`` and process it with ``image``.
+    def context(self, question: str, image, keep: Sequence[int] | None = None,
+                template: str | None = None) -> TargetContext:
+        """Fill the template (``template``, a conversation's, if given) with ``question``
+        and process it with ``image``.
 
         With ``keep`` (the opt-in pruned target), only those visual tokens will enter
         the context. Raises ``EdgeError(BAD_FIELD)`` for a question that carries the

@@ -31,6 +31,7 @@ REPLAYED = "replayed"                 # a seq older than the session's last hand
 UNEXPECTED_TYPE = "unexpected_type"   # a message only the edge sends (opened, result, pong, error)
 WRONG_MODE = "wrong_mode"             # verify sent to a target_only session
 TOO_LONG = "too_long"                 # context + max_new_tokens beyond max_context
+EXPIRED = "expired"                   # a follow-up turn without its image on an edge that no longer holds the conversation
 BUSY = "busy"                         # max_sessions, kv_budget or the request queue is full
 INTERNAL = "internal"                 # an unexpected failure (the session was dropped if its owner sent it)
 

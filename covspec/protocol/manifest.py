@@ -69,6 +69,7 @@ class Manifest:
     image: dict[str, Any]
     num_visual_tokens: int
     prompt_template: str
+    conversation: dict[str, str] | None = None      # the template's ChatTurns (covspec/families/chat.py); None: none
     pruning: dict[str, Any] = field(default_factory=lambda: {"keep_ratio": 1.0})
     parity: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -1,4 +1,4 @@
-"""Protocol v3: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
+"""Protocol v4: one dataclass per wire message, encoded to and decoded from ZeroMQ frames.
 
 A message is a list of frames. Frame 0 is a UTF-8 JSON header::
 
@@ -19,15 +19,15 @@ counters (``counter``) without breaking older devices. Nothing is ever unpickled
 evaluated.
 
 Versions: v2 added the ``edge_led`` mode of ``open`` and ``pong``'s counters (fields
-marked ``since(2)``); v3 made session ids self-certifying (``covspec.protocol.ownership``):
-a v3 ``open`` carries the device's owner secret and names the session
-``session_id_for(owner)``. An open naming an id of that form must carry its owner in
-every version, so no v1/v2 device can take a v3 device's id. All three versions
-decode; a decoded message remembers its ``version`` and a reply is encoded in the
-version of its request, without the fields the older version lacks, so v1 and v2
-devices are served as before. A v1 message asking for what only v2 has
-(``edge_led``) is refused with ``bad_field``. PROTOCOL.md describes the messages and
-the modes.
+marked ``since(2)``, ``covspec.protocol.fields``); v3 made session ids self-certifying
+(``covspec.protocol.ownership``): a v3 ``open`` carries the device's owner secret and
+names the session ``session_id_for(owner)``. An open naming an id of that form must
+carry its owner in every version, so no v1/v2 device can take a v3 device's id. v4 added
+conversations (``open``'s ``conversation`` and ``history``). Every version decodes; a
+decoded message remembers its ``version`` and a reply is encoded in the version of its
+request, without the fields the older version lacks, so older devices are served as
+before. A v1 message asking for what only v2 has (``edge_led``) is refused with
+``bad_field``. PROTOCOL.md describes the messages and the modes.
 """
 
 from __future__ import annotations
@@ -40,42 +40,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from covspec.protocol import errors
+from covspec.protocol import history as history_wire
+from covspec.protocol.fields import array_field, counter, flag, since
 from covspec.protocol.frames import Limits, ProtocolError, is_int, parse_header, read_array, require, scalar
 from covspec.protocol.ownership import certifies, derived_form
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import CODECS
 
-PROTOCOL_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+PROTOCOL_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 MODES = ("speculative", "target_only", "edge_led")
 MAX_SESSION_ID = 64
 MIN_OWNER, MAX_OWNER = 16, 64             # characters of a session's owner secret
 SEED_RANGE = (0, 2 ** 64)
-
-
-def since(version: int, default):
-    """A scalar field that exists from protocol ``version`` on (``default`` in older messages)."""
-    return field(default=default, metadata={"since": version})
-
-
-def counter(version: int):
-    """An integer counter from protocol ``version`` on that a message may omit (0 when absent),
-    so a side that counts more than an older peer stays readable by it and reads it."""
-    return field(default=0, metadata={"since": version, "optional": True})
-
-
-def flag(version: int):
-    """A boolean from protocol ``version`` on that a message may omit (false when absent).
-    It is sent only when true, so a message that does not use it reads as before."""
-    return field(default=False, metadata={"since": version, "optional": True})
-
-
-def array_field(dtype: str, ndim: int, optional: bool = False):
-    """A dataclass field holding an ndarray of a fixed dtype and rank."""
-    meta = {"array": True, "dtype": dtype, "ndim": ndim}
-    if optional:
-        return field(default=None, metadata=meta)
-    return field(metadata=meta)
 
 
 @dataclass(kw_only=True)
@@ -95,19 +72,20 @@ class Message:
 class Open(Message):
     """Device -> edge: start (or reopen) a session.
 
-    ``committed`` holds every token already committed, so a restarted edge can
-    rebuild the exact state; it is empty on a first open. ``owner`` is empty on a
-    first open (the edge issues one) or a secret of the device's own choosing (at
-    least ``MIN_OWNER`` random characters); a reopen sends the session's secret (an edge
-    that no longer knows the session adopts it; one that does refuses any other). ``temperature`` 0 means
-    greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is
-    ``speculative`` (the device drafts, the target waits for its chunks),
-    ``target_only`` (the edge generates and streams) or, from v2, ``edge_led`` (the
-    edge generates and streams by itself and verifies the device's chunks as they
-    come; see ``covspec.runtime_edge.session``). ``wire`` names the wire format (``covspec.protocol.wire``): ``compact``
-    (ids + sparse q) or ``dense`` (full q and p).
-    ``target_keep`` (opt-in, NOT exact) lists the visual tokens the target keeps too
-    (indices into its visual token grid), trading accuracy for edge prefill time.
+    ``committed`` holds every token already committed, so a restarted edge can rebuild
+    the exact state; it is empty on a first open. ``owner`` is empty on a first open (the
+    edge issues one) or a secret of the device's own choosing (at least ``MIN_OWNER``
+    random characters); a reopen sends the session's secret (an edge that no longer knows
+    the session adopts it; one that does refuses any other). ``temperature`` 0 means
+    greedy; ``top_k`` 0 and ``top_p`` 1.0 mean no truncation. ``mode`` is ``speculative``
+    (the device drafts, the target waits for its chunks), ``target_only`` (the edge
+    generates and streams) or, from v2, ``edge_led`` (the edge generates and streams by
+    itself and verifies the device's chunks as they come). ``wire`` names the wire format
+    (``covspec.protocol.wire``). ``target_keep`` (opt-in, NOT exact) lists the visual
+    tokens the target keeps too. From v4, ``conversation`` keeps the session after its
+    answer for a follow-up question, which opens the same session with the earlier turns
+    (``history``, ``covspec.protocol.history``) and may leave ``image`` empty while the
+    edge holds it (else ``expired``).
     """
 
     TYPE: ClassVar[str] = "open"
@@ -124,9 +102,13 @@ class Open(Message):
     owner: str = ""
     committed: np.ndarray = array_field("int32", 1)
     target_keep: np.ndarray | None = array_field("int32", 1, optional=True)
+    history: np.ndarray | None = array_field("uint8", 1, optional=True, since=4)
+    history_sizes: np.ndarray | None = array_field("int32", 1, optional=True, since=4)
+    conversation: bool = flag(4)
 
     def check(self) -> None:
         require(self.target_keep is None or self.target_keep.size > 0, errors.BAD_FIELD, "target_keep is empty")
+        history_wire.check(self.history, self.history_sizes)
         require(self.max_new_tokens >= 1, errors.BAD_FIELD, "max_new_tokens must be >= 1")
         for problem in self.sampling.problems():
             raise ProtocolError(errors.BAD_FIELD, problem)
@@ -134,7 +116,8 @@ class Open(Message):
         require(self.mode != "edge_led" or self.version >= 2, errors.BAD_FIELD,
                 "mode 'edge_led' needs protocol v2; this message is v1")
         require(self.wire in CODECS, errors.BAD_FIELD, f"wire must be one of {', '.join(CODECS)}")
-        require(self.image.size > 0, errors.BAD_FIELD, "image is empty")
+        require(self.image.size > 0 or self.history is not None, errors.BAD_FIELD,
+                "image is empty (only a follow-up turn, with history, may leave it out)")
         require(self.owner != "" or self.version < 3, errors.BAD_FIELD,
                 "a v3 open carries the device's owner secret (the session id is derived from it); "
                 "see covspec.protocol.ownership")
@@ -149,6 +132,11 @@ class Open(Message):
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """The earlier turns of the conversation, (question, answer) pairs ([] on a first question)."""
+        return history_wire.decode(self.history, self.history_sizes)
 
 
 @dataclass(kw_only=True)
@@ -270,7 +258,9 @@ class Pong(Message):
     ``overrun_ms`` the time beyond it. The prefix cache's ``prefix_hits``, ``prefix_misses``
     and ``prefix_evictions`` count opens that started from a cached prefix, opens that
     found none (and prefilled fresh), and entries evicted; ``prefix_bytes`` is what it
-    holds now (all optional: an edge that predates them sends none; 0 with the cache off)."""
+    holds now; ``turns_continued`` counts follow-up questions that continued their session's
+    own cache; ``kv_bytes`` is the live sessions' KV as ``--kv-budget`` counts it (all optional:
+    an edge that predates them sends none; 0 with the cache off)."""
 
     TYPE: ClassVar[str] = "pong"
     sessions: int = 0
@@ -285,6 +275,8 @@ class Pong(Message):
     prefix_misses: int = counter(2)
     prefix_evictions: int = counter(2)
     prefix_bytes: int = counter(2)
+    turns_continued: int = counter(2)
+    kv_bytes: int = counter(2)
 
 
 REQUEST_TYPES = ("open", "verify", "close", "ping")     # what a device sends: no field beyond its type's
@@ -345,7 +337,7 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     require(len(values["session"]) <= MAX_SESSION_ID, errors.BAD_FIELD,
              f"session id is longer than {MAX_SESSION_ID} characters")
 
-    declared = _array_specs(header, cls)
+    declared = _array_specs(header, cls, version)
     require(len(frames) - 1 == len(declared), errors.EXTRA_FRAMES if len(frames) - 1 > len(declared)
              else errors.MISSING_FRAMES, f"header declares {len(declared)} arrays but {len(frames) - 1} frames follow")
     fields = _fields(cls, version)
@@ -370,10 +362,10 @@ def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
     return message
 
 
-def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
+def _array_specs(header: dict, cls: type[Message], version: int) -> dict[str, dict]:
     specs = header.get("arrays", [])
     require(isinstance(specs, list), errors.BAD_FIELD, "'arrays' must be a list")
-    allowed = {f.name: f.metadata for f in _fields(cls) if f.metadata.get("array")}
+    allowed = {f.name: f.metadata for f in _fields(cls, version) if f.metadata.get("array")}
     declared: dict[str, dict] = {}
     for spec in specs:
         require(isinstance(spec, dict) and isinstance(spec.get("name"), str), errors.BAD_ARRAY,
@@ -381,7 +373,7 @@ def _array_specs(header: dict, cls: type[Message]) -> dict[str, dict]:
         name = spec["name"]
         require(set(spec) <= {"name", "dtype", "shape"}, errors.BAD_ARRAY,
                 f"array {name!a} is declared with keys {sorted(spec)!a}; an array has a name, dtype and shape only")
-        require(name in allowed, errors.BAD_ARRAY, f"{cls.TYPE} has no array {name!a}")
+        require(name in allowed, errors.BAD_ARRAY, f"a v{version} {cls.TYPE} has no array {name!a}")
         require(name not in declared, errors.BAD_ARRAY, f"array {name!a} is declared twice")
         meta = allowed[name]
         require(spec.get("dtype") == meta["dtype"], errors.BAD_ARRAY,

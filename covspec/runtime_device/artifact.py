@@ -41,6 +41,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from covspec.families import DeviceHalf, UnsupportedModelError, family_named
+from covspec.families.chat import ChatTurns, ConversationError, History, check_history
 from covspec.protocol.heap import release_heap
 from covspec.protocol.manifest import ArtifactError, Manifest, load_manifest
 from covspec.regime.pacing import NO_PACING
@@ -219,3 +220,16 @@ class DraftArtifact:
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def conversation_template(self, history: History) -> str:
+        """The prompt template of the question after ``history`` (earlier (question, answer)
+        turns), as the draft's chat template renders the conversation (``families/chat.py``);
+        ``ConversationError`` for an artifact without one or a text with the image token."""
+        turns = ChatTurns.from_dict(self.manifest.conversation)
+        if turns is None:
+            raise ConversationError(f"the artifact {self.folder} has no conversation template (exported before "
+                                    "covspec rendered conversations, or its chat template renders none); re-export "
+                                    "it with this covspec, or ask each question on its own.")
+        image_token = self.tokenizer.id_to_token(int(self.manifest.tokenizer["image_token_id"]))
+        check_history(history, [image_token or ""])
+        return turns.template(history)

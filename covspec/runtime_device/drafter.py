@@ -75,6 +75,7 @@ class Drafter:
         self.next_position = 0         # position of the first generated token
         self.position_axes = 0         # 0: 1-D positions; A: A position axes
         self.fed: list[int] = []       # generated tokens whose KV is in the cache
+        self.context: DraftContext | None = None   # the context the cache holds
 
     # The decoder is first touched here, on first use: an artifact ``Graph`` opens its
     # session then (a lean artifact's decoder after the image is encoded).
@@ -108,23 +109,49 @@ class Drafter:
     def generated(self) -> int:
         return len(self.fed)
 
-    def prefill(self, context: DraftContext) -> np.ndarray:
-        """Run the context (replacing any earlier one) -> logits [V] after it."""
-        return self._prefill(context, (), last_only=True)[-1]
+    def prefill(self, context: DraftContext, reuse: bool = False) -> np.ndarray:
+        """Run the context (replacing any earlier one) -> logits [V] after it. With ``reuse``
+        (a conversation's next question), the rows the cache already holds with the same
+        embedding, position and image group (the earlier context and generated tokens) are
+        kept and only the rest runs; the last row always runs."""
+        return self._prefill(context, (), last_only=True, reuse=self._reusable(context) if reuse else 0)[-1]
 
     def prefill_rows(self, context: DraftContext, generated: list[int] = ()) -> np.ndarray:
         """Run the context followed by ``generated`` tokens in one pass (replacing any
         earlier cache) -> logits [S + n, V], one row per context entry and token."""
         return self._prefill(context, generated, last_only=False)
 
-    def _prefill(self, context: DraftContext, generated, last_only: bool) -> np.ndarray:
-        self.cache.reset()
+    def _reusable(self, context: DraftContext) -> int:
+        """How many leading rows of ``context`` the cache holds already (at most all but one)."""
+        if self.context is None:
+            return 0
+        held = self.context
+        fed_positions = np.arange(held.next_position, held.next_position + len(self.fed), dtype=np.int64)
+        if self.position_axes:
+            fed_positions = np.broadcast_to(fed_positions, (self.position_axes, len(self.fed)))
+        rows = min(len(held) + len(self.fed), len(context) - 1)
+        if rows <= 0 or context.positions.ndim != held.positions.ndim:
+            return 0
+        embeds = np.concatenate([held.embeds, self.embed(self.fed)]) if self.fed else held.embeds
+        positions = np.concatenate([held.positions, fed_positions], axis=-1)
+        groups = _groups(held, len(held) + len(self.fed))
+        same = (embeds[:rows] == context.embeds[:rows]).all(axis=1) & \
+            (positions[..., :rows] == context.positions[..., :rows]).reshape(-1, rows).all(axis=0) & \
+            (groups[:rows] == _groups(context, len(context))[:rows])
+        return int(np.argmin(same)) if not same.all() else rows
+
+    def _prefill(self, context: DraftContext, generated, last_only: bool, reuse: int = 0) -> np.ndarray:
+        if reuse:
+            self.cache.truncate(reuse)
+        else:
+            self.cache.reset()
+        self.context = None            # until every row has run: an interrupted prefill leaves nothing to reuse
         self.context_len = 0
         self.position_axes = context.positions.shape[0] if context.positions.ndim == 2 else 0
         self.next_position = context.next_position
         self.fed = []
         embeds, positions = context.embeds, context.positions
-        groups = context.image_groups if context.image_groups is not None else np.zeros(len(context), np.int64)
+        groups = _groups(context, len(context))
         if len(generated):
             embeds = np.concatenate([embeds, self.embed(generated)])
             positions = np.concatenate([positions, self._positions(len(generated))], axis=-1)
@@ -132,11 +159,11 @@ class Drafter:
         total = embeds.shape[0]
         step = self.prefill_chunk or total
         rows = []
-        for start in range(0, total, step):
+        for start in range(reuse, total, step):
             stop = min(total, start + step)
             rows.append(self._run(embeds[start:stop], positions[..., start:stop], groups[start:stop],
                                   last_only=last_only, prefill=True))
-        self.context_len = len(context)
+        self.context_len, self.context = len(context), context
         self.fed = [int(t) for t in generated]
         return rows[-1] if last_only else np.concatenate(rows)
 
@@ -200,3 +227,11 @@ class Drafter:
             feeds["attention_mask"] = np.ones((1, self.cache.rows + embeds.shape[0]), dtype=np.int64)
         with self.pacing.decoder(embeds.shape[0], prefill):
             return self.cache.run(feeds, rows_out)                              # [S, V] or [1, V]
+
+
+def _groups(context: DraftContext, rows: int) -> np.ndarray:
+    """Image groups [rows] of ``context``'s rows and the generated rows after it (text: 0)."""
+    groups = np.zeros(rows, np.int64)
+    if context.image_groups is not None:
+        groups[:len(context)] = context.image_groups
+    return groups

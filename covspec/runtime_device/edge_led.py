@@ -64,7 +64,7 @@ from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.proposer import Chunk, Proposer
 from covspec.runtime_device.replies import check_opened, check_streamed, check_verdict
-from covspec.runtime_device.session import DeviceSession
+from covspec.runtime_device.session import DeviceSession, Turn
 from covspec.runtime_device.stats import GenerationStats
 
 MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
@@ -184,7 +184,8 @@ class EdgeLedGeneration:
     def __init__(self, draft, client, planner: LeadPlanner, image_bytes: bytes, question: str,
                  settings: GenerationSettings, options: DraftingOptions, stats: GenerationStats,
                  trace: Callable[[dict], None], rng: np.random.Generator,
-                 hand_over: Callable[["EdgeLedGeneration"], Iterator[list[int]]] | None = None):
+                 hand_over: Callable[["EdgeLedGeneration"], Iterator[list[int]]] | None = None,
+                 turn: Turn | None = None):
         self.draft, self.client, self.planner = draft, client, planner
         self.hand_over = hand_over if settings.greedy else None     # device-led from the hand-over on
         self.handed_over = False
@@ -194,7 +195,7 @@ class EdgeLedGeneration:
         self.proposer = Proposer(draft.drafter, codec, settings.sampling, planner, rng, draft.eos_ids,
                                  alternatives=False)
         self.session = DeviceSession(client, codec, settings, question, image_bytes, draft.vocab_hash, trace,
-                                     mode="edge_led")
+                                     mode="edge_led", turn=turn)
         self.committed: list[int] = []
         self.done = False
         self.stream_seq = -1                  # the seq of the open whose steps the edge streams
@@ -260,7 +261,8 @@ class EdgeLedGeneration:
     def _prefill(self) -> None:
         yield_the_cpu()                 # the edge's tokens stream in meanwhile: receiving them comes first
         started = time.perf_counter()
-        prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace)
+        prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace,
+                                     self.session.history)
         self.stats.device_prefill_s = time.perf_counter() - started
         self.stats.kept_visual_tokens = int(len(prefill.kept))
 

@@ -42,6 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
+from covspec.families.chat import History
 from covspec.protocol.verification import NO_TOKEN
 from covspec.runtime_device import waiting
 from covspec.runtime_device.artifact import DraftArtifact
@@ -50,11 +51,11 @@ from covspec.runtime_device.drafter import Drafter
 from covspec.runtime_device.edge_led import VERIFIED_LEN, EdgeLedGeneration, LeadPlanner
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.policy import DraftPolicy
-from covspec.runtime_device.prefill import DraftPrefill, prefill_draft
+from covspec.runtime_device.prefill import DraftPrefill, SeenImage, prefill_draft
 from covspec.runtime_device.preprocess import load_image
 from covspec.runtime_device.proposer import Chunk, Proposer
 from covspec.runtime_device.replies import check_opened, check_verdict
-from covspec.runtime_device.session import DeviceSession
+from covspec.runtime_device.session import DeviceSession, Turn
 from covspec.runtime_device.stats import GenerationStats
 from covspec.runtime_device.verdicts import judge, record
 
@@ -77,8 +78,9 @@ class DraftModel(Protocol):
     vocab_hash: str
 
     def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
-                trace: Callable[[dict], None]) -> DraftPrefill:
-        """Prefill the drafter; which visual tokens it kept."""
+                trace: Callable[[dict], None], history: History = ()) -> DraftPrefill:
+        """Prefill the drafter for ``question`` after a conversation's ``history`` (earlier
+        (question, answer) turns); which visual tokens it kept."""
 
     def interrupted(self) -> AbstractContextManager:
         """A context within which the draft's work (a prefill under way in another thread)
@@ -94,10 +96,18 @@ class ArtifactDraft:
         self.eos_ids = artifact.eos_ids
         self.vocab_size = int(artifact.manifest.tokenizer["vocab_size"])
         self.vocab_hash = artifact.vocab_hash
+        self.seen: tuple[bytes, SeenImage] | None = None     # the last image, for a conversation's follow-up
 
     def prefill(self, image_bytes: bytes, question: str, options: DraftingOptions, seed: int,
-                trace: Callable[[dict], None]) -> DraftPrefill:
-        return prefill_draft(self.artifact, self.drafter, load_image(image_bytes), question, options, seed, trace)
+                trace: Callable[[dict], None], history: History = ()) -> DraftPrefill:
+        """A first question runs the vision graph; a follow-up (``history``) about the image the
+        draft saw last reuses its visual tokens and the draft's cache (``prefill_draft``)."""
+        template = self.artifact.conversation_template(history) if history else None
+        seen = self.seen[1] if history and self.seen is not None and self.seen[0] == image_bytes else None
+        prefill = prefill_draft(self.artifact, self.drafter, None if seen else load_image(image_bytes), question,
+                                options, seed, trace, template=template, seen=seen)
+        self.seen = (image_bytes, prefill.seen)
+        return prefill
 
     def interrupted(self) -> AbstractContextManager:
         return self.artifact.interrupted()
@@ -128,21 +138,25 @@ class CoInference:
 
     def generate(self, image_bytes: bytes, question: str, settings: GenerationSettings,
                  options: DraftingOptions = DraftingOptions(), stats: GenerationStats | None = None,
-                 trace: Callable[[dict], None] | None = None) -> Iterator[list[int]]:
+                 trace: Callable[[dict], None] | None = None, turn: Turn | None = None) -> Iterator[list[int]]:
+        """The tokens each verdict commits, for ``question`` about the image; ``turn``: its place
+        in a conversation (``conversation.Conversation``), whose session it continues."""
         stats = stats if stats is not None else GenerationStats()
         trace = trace or (lambda event: None)
         if options.edge_led(settings):
             hand_over = (lambda led: _Generation.continuing(self, led).rounds()) if options.lead == "auto" else None
             return EdgeLedGeneration(self.draft, self.client, self.lead_planner_for(options), image_bytes, question,
-                                     settings, options, stats, trace, draft_rng(settings.seed), hand_over).tokens()
-        return _Generation(self, image_bytes, question, settings, options, stats, trace).tokens()
+                                     settings, options, stats, trace, draft_rng(settings.seed), hand_over,
+                                     turn).tokens()
+        return _Generation(self, image_bytes, question, settings, options, stats, trace, turn).tokens()
 
 
 class _Generation:
     """The state of one generation: committed tokens, chunks in flight, branches."""
 
     def __init__(self, device: CoInference, image_bytes: bytes, question: str, settings: GenerationSettings,
-                 options: DraftingOptions, stats: GenerationStats, trace: Callable[[dict], None]):
+                 options: DraftingOptions, stats: GenerationStats, trace: Callable[[dict], None],
+                 turn: Turn | None = None):
         self.draft, self.drafter = device.draft, device.draft.drafter
         self.image_bytes, self.question = image_bytes, question
         self.settings, self.options, self.stats, self.trace = settings, options, stats, trace
@@ -151,7 +165,7 @@ class _Generation:
         self.proposer = Proposer(self.drafter, codec, settings.sampling, self.policy, draft_rng(settings.seed),
                                  self.draft.eos_ids, alternatives=options.branches > 0)
         self.session = DeviceSession(device.client, codec, settings, question, image_bytes,
-                                     self.draft.vocab_hash, trace)
+                                     self.draft.vocab_hash, trace, turn=turn)
         self.client = device.client
         self.committed: list[int] = []
         self.done = False
@@ -213,7 +227,8 @@ class _Generation:
 
     def _prefill(self) -> None:
         began = time.perf_counter()
-        prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace)
+        prefill = self.draft.prefill(self.image_bytes, self.question, self.options, self.settings.seed, self.trace,
+                                     self.session.history)
         self.stats.device_prefill_s = time.perf_counter() - began
         self.stats.kept_visual_tokens = int(len(prefill.kept))
         self.target_keep = prefill.kept if self.settings.prune_target else None

@@ -50,6 +50,11 @@ class CopyingCache:
     def rows(self) -> int:
         return int(self.arrays[0].shape[2])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's arrays hold."""
+        return sum(kv.nbytes for kv in self.arrays)
+
     def reset(self) -> None:
         self.arrays = [np.zeros(self.kv_shape, np.float32) for _ in self.past_names]
 
@@ -107,6 +112,11 @@ class SharedBufferCache:
         self._devices = [ort.OrtDevice.make("cpu", 0)._get_c_device()] * len(self._fetch_names)
         self._run_options = getattr(decoder, "run_options", None) or ort.RunOptions()   # the Graph's: interruptible
         self._vector = OrtValueVector
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the preallocated buffers hold (their capacity, not just the rows in use)."""
+        return sum(buffer.nbytes for buffer in self.buffers)
 
     def reset(self) -> None:
         """Forget every row (a new prefill); earlier snapshots can no longer be restored."""

@@ -73,6 +73,7 @@ class DraftingOptions:
     keep_ratio: float | None = None       # None: the artifact's default
     keep_tokens: int | None = None
     selection: str = "covspec"
+    reselect: bool = False                 # a follow-up question re-selects the kept visual tokens (re-prefill)
     positions: str = "original"            # kept visual tokens keep their original positions
     q_top_k: int = 8                       # compact wire, sampling: at most this many proposed ids
     q_mass: float = 0.999                  # per position, fewer once they hold this much of q

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
-from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
+from covspec.protocol.errors import BUSY, EXPIRED, REPLAYED, UNKNOWN_SESSION
+from covspec.protocol.history import arrays as history_arrays
 from covspec.protocol.messages import Close, Error, Open, Opened, Result, Verify
 from covspec.protocol.ownership import new_owner, session_id_for
 from covspec.runtime_device.client import Backoff, EdgeClient, EdgeError, EdgeUnreachable
@@ -35,15 +37,32 @@ def patience_s(backoff: Backoff, attempts: int) -> float:
     return 2 * backoff.timeout_s + backoff.patience_s + (attempts + 1) * 2 * backoff.patience_s
 
 
+@dataclass
+class Turn:
+    """A question's place in a conversation (``conversation.py``): the earlier turns, and once
+    the conversation has opened its session on the edge, that session's owner secret and its
+    last ``seq``, so the next question continues it (``DeviceSession`` keeps them up to date
+    and never closes a conversation's session: the conversation does)."""
+
+    history: tuple[tuple[str, str], ...] = ()
+    owner: str | None = None
+    seq: int = 0
+
+
 class DeviceSession:
     def __init__(self, client: EdgeClient, codec, settings: GenerationSettings, question: str,
-                 image_bytes: bytes, vocab_hash: str, trace: Callable[[dict], None], mode: str = "speculative"):
+                 image_bytes: bytes, vocab_hash: str, trace: Callable[[dict], None], mode: str = "speculative",
+                 turn: Turn | None = None):
         self.client, self.codec, self.settings, self.mode = client, codec, settings, mode
         self.question, self.image_bytes, self.vocab_hash = question, image_bytes, vocab_hash
         self.trace = trace
-        self.owner = new_owner()                # proves on every message that this device opened the session
+        self.turn = turn
+        continuing = turn is not None and turn.owner is not None
+        self.owner = turn.owner if continuing else new_owner()   # proves on every message that this device opened it
         self.id = session_id_for(self.owner)    # self-certifying: only this owner can (re)open it
-        self.seq = 0
+        self.seq = turn.seq if continuing else 0
+        self.image_held = continuing            # the edge holds the image: the first open leaves it out
+        self.history = turn.history if turn is not None else ()
         self.lost = 0                           # reopens since the last verdict
 
     def _next_seq(self) -> int:
@@ -53,23 +72,35 @@ class DeviceSession:
     # -- open ----------------------------------------------------------------------------------
 
     def open_message(self, committed: list[int], target_keep: np.ndarray | None) -> Open:
-        """An ``open`` (or reopen) carrying every committed token."""
+        """An ``open`` (or reopen) carrying every committed token, and in a conversation the
+        earlier turns; the image bytes unless this is a follow-up's first open (the edge
+        holds the image; if it no longer does it answers ``expired``, see ``await_opened``)."""
         s = self.settings
+        image = b"" if self.image_held else self.image_bytes
+        self.image_held = False
         return Open(session=self.id, seq=self._next_seq(), prompt=self.question,
-                    image=np.frombuffer(self.image_bytes, np.uint8), max_new_tokens=s.max_new_tokens,
+                    image=np.frombuffer(image, np.uint8), max_new_tokens=s.max_new_tokens,
                     vocab_hash=self.vocab_hash, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                     seed=s.seed, wire=self.codec.name, owner=self.owner, mode=self.mode,
                     committed=np.asarray(committed, np.int32),
-                    target_keep=None if target_keep is None else target_keep.astype(np.int32))
+                    target_keep=None if target_keep is None else target_keep.astype(np.int32),
+                    conversation=self.turn is not None, **history_arrays(self.history))
 
     def await_opened(self, message: Open) -> Opened:
-        """The reply to an ``open`` already sent (sent again if it does not come)."""
-        reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2, Opened)
-        if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
-            reply = self.client.request(message, expect=Opened)     # resends, and waits out a busy edge
-        if isinstance(reply, Error):
-            raise EdgeError(reply.code, reply.message)
-        return reply
+        """The reply to an ``open`` already sent (sent again if it does not come). A follow-up
+        whose conversation the edge no longer holds (``expired``) is opened again with the image."""
+        try:
+            reply = self.client.receive(message.session, message.seq, self.client.backoff.timeout_s * 2, Opened)
+            if reply is None or (isinstance(reply, Error) and reply.code == BUSY):
+                reply = self.client.request(message, expect=Opened)     # resends, and waits out a busy edge
+            if isinstance(reply, Error):
+                raise EdgeError(reply.code, reply.message)
+            return reply
+        except EdgeError as exc:
+            if exc.code != EXPIRED or message.image.size:
+                raise
+        self.trace({"event": "expired", "seq": message.seq})
+        return self.client.request(self.open_message(list(message.committed), message.target_keep), expect=Opened)
 
     def reopen(self, committed: list[int], target_keep: np.ndarray | None, attempts: int,
                on_attempt: Callable[[int], None], why: str = "the edge lost it") -> Opened:
@@ -128,6 +159,10 @@ class DeviceSession:
         return None
 
     def close(self) -> None:
+        """End the session on the edge; a conversation's is kept for its next question (``Turn``)."""
+        if self.turn is not None:
+            self.turn.owner, self.turn.seq = self.owner, self.seq
+            return
         self.client.send(Close(session=self.id, seq=self._next_seq(), owner=self.owner))
 
     def _verify(self, chunk: Chunk) -> Verify:

@@ -34,7 +34,9 @@ class ServerConfig:
     is disconnected), ``idle_timeout_s`` after which a silent session is dropped and
     its cache freed, ``finished_timeout_s`` after which a session that finished
     generating gives up its slot (its cache is freed at once; until then it answers
-    repeated requests; a full edge takes finished slots back at once),
+    repeated requests; a full edge takes finished slots back at once; a conversation's
+    session keeps its cache for the next question, for ``idle_timeout_s``, unless its
+    slot or KV is needed),
     ``max_image_pixels`` per decoded image and ``max_image_aspect`` its longest to
     shortest side (both checked before decoding), ``max_queue`` requests waiting for
     the model. The scheduler runs the ready rounds of up to ``max_batch`` sessions as

@@ -39,6 +39,7 @@ from covspec.protocol.errors import EdgeError
 from covspec.protocol.messages import Close, Error, Message, Open, Result, Verify, encode
 from covspec.protocol.ownership import new_owner
 from covspec.runtime_edge.config import ServerConfig
+from covspec.runtime_edge.admission import check_kv_budget, make_room
 from covspec.runtime_edge.heap import HeapTrimmer
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.prefill import run_heads
@@ -50,7 +51,6 @@ from covspec.runtime_edge.target import TargetModel, decode_image
 log = logging.getLogger("covspec.edge")
 
 POLL_S = 0.1         # longest wait for a request when nothing else is due
-MIB = 1024 * 1024
 
 
 @dataclass
@@ -97,6 +97,8 @@ class ModelThread:
         self.committed = 0        # tokens committed over all sessions since start, for Pong
         self.prefill_s = 0.0      # time spent opening sessions (context + prefill), for Pong
         self.rounds_s = 0.0       # time spent in batched forwards and verdicts, for Pong
+        self.turns_continued = 0  # follow-up questions that continued their session's cache, for Pong
+        self.kv_bytes = 0         # the live sessions' KV (Session.kv_bytes) after the last iteration, for Pong
         self._heap = HeapTrimmer()   # freed memory back to the OS now and then: a flat RSS over days
 
     def run(self, push: zmq.Socket) -> None:
@@ -111,6 +113,7 @@ class ModelThread:
                 while not self.stopping.is_set():
                     self._take(block=not self._waiting and not self._streaming and not self._prefilling)
                     busy = self._iterate()
+                    self.kv_bytes = sum(session.kv_bytes() for session in self.sessions.values())
                     now = time.monotonic()
                     if now >= next_check or not busy:
                         self._expire(now)
@@ -183,7 +186,8 @@ class ModelThread:
         self.prefill_s += time.perf_counter() - began
         for session, request in opening:
             try:
-                self._check_kv_budget(session.kv_bytes(), besides=session)
+                check_kv_budget([s for s in self.sessions.values() if s is not session], self.config.kv_budget,
+                                session.kv_bytes())
             except EdgeError as exc:
                 self.end(session, "over the KV budget")
                 self._reply(request, Error(session=session.id, seq=request.message.seq, code=exc.code,
@@ -299,23 +303,25 @@ class ModelThread:
                 raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
                                                  f"({old.last_seq}); reopen with a new, higher seq.")
         began = time.perf_counter()
-        image = decode_image(message.image.tobytes(), self.config.max_image_pixels, self.config.max_image_aspect)
-        if old is not None:
+        image_bytes = message.image.tobytes() if message.image.size else getattr(old, "image", b"")
+        if not image_bytes:
+            raise EdgeError(errors.EXPIRED, f"this edge no longer holds the conversation of session {message.session!r} "
+                                            "(it expired after being idle, was evicted for memory, or the edge "
+                                            "restarted); open it again with the image and the whole history.")
+        image = decode_image(image_bytes, self.config.max_image_pixels, self.config.max_image_aspect)
+        previous = old if message.history is not None else None    # a follow-up turn continues its cache
+        if old is not None and previous is None:
             self.end(old, "reopened by its owner")
-        if len(self.sessions) >= self.config.max_sessions:
-            self._expire(time.monotonic())
-            finished = [s for s in self.sessions.values() if s.done]
-            if len(self.sessions) >= self.config.max_sessions and finished:
-                self.end(min(finished, key=lambda s: s.last_active), "finished; its slot was needed")
-            if len(self.sessions) >= self.config.max_sessions:
-                raise EdgeError(errors.BUSY, f"the edge already serves {self.config.max_sessions} sessions; "
-                                             "retry later or ask the operator to raise --max-sessions.")
-        self._check_kv_budget(0)
+        make_room(self.sessions.values(), self.config, keep=previous, end=self.end)
         session, opened = Session.begin(target, message, image, max_context=self.config.max_context,
                                         owner=message.owner or new_owner(), peer_key=request.peer_key,
-                                        prefix_cache=self.prefix_cache, chunk=self.config.prefill_chunk)
+                                        prefix_cache=self.prefix_cache, chunk=self.config.prefill_chunk,
+                                        image_bytes=image_bytes, previous=previous)
+        if previous is not None:
+            self.turns_continued += session.stats.continued > 0
+            self.end(previous, "continued by its next turn")
         self.prefill_s += time.perf_counter() - began
-        self._check_kv_budget(session.kv_bytes())              # a cached prefix's copy is charged at once
+        check_kv_budget(self.sessions.values(), self.config.kv_budget, session.kv_bytes())  # a prefix's copy, at once
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session
@@ -323,23 +329,6 @@ class ModelThread:
             self._reply(request, opened, session)
         else:                                                   # the scheduler runs its prefill in pieces
             self._prefilling.append((session, request))
-
-    def _check_kv_budget(self, needed: int, besides: Session | None = None) -> None:
-        """``busy`` unless the KV of the live sessions besides ``besides`` (``Session.kv_bytes``) and
-        ``needed`` more bytes fit ``kv_budget``; a live total already at the budget is refused before any prefill."""
-        budget = self.config.kv_budget
-        if budget is None:
-            return
-        live = sum(session.kv_bytes() for session in self.sessions.values() if session is not besides)
-        if live >= budget:
-            raise EdgeError(errors.BUSY, f"the live sessions' KV cache already takes {live / MIB:.1f} MiB of this "
-                                         f"edge's --kv-budget of {budget / MIB:.1f} MiB; retry later (sessions free "
-                                         "theirs as they finish).")
-        if live + needed > budget:
-            raise EdgeError(errors.BUSY, f"this session's KV cache would take {needed / MIB:.1f} MiB beside the live "
-                                         f"sessions' {live / MIB:.1f} MiB, beyond this edge's --kv-budget of "
-                                         f"{budget / MIB:.1f} MiB; retry later (sessions free theirs as they "
-                                         "finish) or ask for fewer new tokens.")
 
     def _verify(self, request: Request, session: Session | None) -> _Work | None:
         message: Verify = request.message
@@ -371,7 +360,8 @@ class ModelThread:
     def _expire(self, now: float) -> None:
         """End sessions idle too long: ``finished_timeout_s`` once done, else ``idle_timeout_s``."""
         for session in list(self.sessions.values()):
-            limit = self.config.finished_timeout_s if session.done else self.config.idle_timeout_s
+            limit = self.config.finished_timeout_s if session.done and not session.conversation \
+                else self.config.idle_timeout_s
             if now - session.last_active > limit:
                 self.end(session, f"{'finished' if session.done else 'expired'} after {limit:g} s idle")
 

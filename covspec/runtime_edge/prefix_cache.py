@@ -104,7 +104,7 @@ class PrefixCache:
         best, shared = None, 0
         for key in self.entries:
             if key[0] == digest:
-                length = _common_length(key[1], ids)
+                length = common_length(key[1], ids)
                 if best is None or length > shared:
                     best, shared = key, length
         return best, shared
@@ -120,7 +120,7 @@ class PrefixCache:
             self.evictions += 1
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))

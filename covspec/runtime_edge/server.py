@@ -175,7 +175,8 @@ class EdgeServer:
         """Pong's counters since start: target forwards, committed tokens, milliseconds spent
         opening sessions and running rounds, peak memory, under a regime the forwards whose
         real compute overran their emulated time, and the prefix cache's hits, misses,
-        evictions and bytes held."""
+        evictions and bytes held, the follow-up questions that continued their session's cache, and
+        the live sessions' KV bytes."""
         model_thread = self._model_thread
         if model_thread is None:
             return {"peak_bytes": peak_memory_bytes(self.config.device)}
@@ -186,7 +187,8 @@ class EdgeServer:
                 "peak_bytes": peak_memory_bytes(self.config.device),
                 "overruns": pacing["overruns"], "overrun_ms": int(pacing["overrun_ms"]),
                 "prefix_hits": prefix.hits, "prefix_misses": prefix.misses, "prefix_evictions": prefix.evictions,
-                "prefix_bytes": prefix.nbytes}
+                "prefix_bytes": prefix.nbytes, "turns_continued": model_thread.turns_continued,
+                "kv_bytes": model_thread.kv_bytes}
 
     def __enter__(self) -> "EdgeServer":
         return self.start()

@@ -31,7 +31,9 @@ model thread can run the middle one for many sessions at once:
    cache back so that it again holds everything except the new last token, and build
    the ``result`` (with what the wire format adds, from the logits ``row``).
 
-Once a session is done its cache is freed. A refused request leaves the session intact.
+Once a session is done its cache is freed, unless it is a conversation's (``conversation``):
+then it keeps the context and every committed token but the last, for the next turn
+(``turns.py``). A refused request leaves the session intact.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from covspec.protocol.wire import Codec, check_tokens, codec_named
 from covspec.runtime_edge.prefill import Prefill
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
+from covspec.runtime_edge.turns import continue_from, continued_prefix, conversation_template
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SessionStats:
     bytes_out: int = 0
     prefill_ms: float = 0.0
     reused: int = 0            # context tokens taken from the prefix cache instead of prefilled
+    continued: int = 0         # context tokens kept from the session's previous turn (a conversation)
     verify_ms: float = 0.0     # model time of all rounds (and target-only steps)
 
     def line(self, session_id: str, mode: str, tokens: int, reason: str) -> str:
@@ -94,7 +98,7 @@ class SessionStats:
         mean_verify = self.verify_ms / self.rounds if self.rounds else 0.0
         return (f"session {session_id} {reason}: mode={mode} tokens={tokens} rounds={self.rounds} "
                 f"accepted_mean={mean_accepted:.2f} drafted={self.drafted} stale={self.stale} "
-                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} reused={self.reused} "
+                f"bytes_in={self.bytes_in} bytes_out={self.bytes_out} prefill_ms={self.prefill_ms:.1f} reused={self.reused} continued={self.continued} "
                 f"verify_ms_mean={mean_verify:.2f} verify_ms_total={self.verify_ms:.1f}")
 
 
@@ -120,6 +124,9 @@ class Session:
     identity: bytes = b""
     last_active: float = field(default_factory=time.monotonic)
     stats: SessionStats = field(default_factory=SessionStats)
+    conversation: bool = False        # keeps its cache once done, for a follow-up turn (``turns.py``)
+    image: bytes = b""                # the image's bytes: a follow-up without them asks about this one
+    context_ids: list[int] = field(default_factory=list)   # a conversation's context ids (none when pruned)
     prefill: Prefill | None = None    # the prefill under way (``begin`` -> ``opened``), else None
     began: float = 0.0                # when the prefill began (perf_counter)
 
@@ -127,37 +134,48 @@ class Session:
 
     @classmethod
     def open(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
-             peer_key: str = "", prefix_cache: PrefixCache | None = None) -> tuple["Session", Opened]:
+             peer_key: str = "", prefix_cache: PrefixCache | None = None, image_bytes: bytes = b"",
+             previous: "Session | None" = None) -> tuple["Session", Opened]:
         """Prefill a fresh (or reopened) session and commit its next token.
 
         On a reopen ``msg.committed`` holds every token the device already committed;
         they are prefilled after the context and generation continues after them. With
         ``prefix_cache`` the prefill may start from a cached prefix (``prefix_cache.py``).
+        A follow-up turn (``msg.history``) renders the whole conversation and starts from
+        ``previous``'s cache (the session's last turn, ``turns.continue_from``) where it can.
         The whole prefill runs here, at once (``begin`` leaves it to a scheduler).
         """
-        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key)
+        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key, image_bytes)
         if opened is not None:
             return session, opened
-        if prefix_cache is None:
+        continued = continue_from(target, previous, context, session.image, session.committed)
+        if continued is not None:
+            cache, logits, session.stats.continued = continued
+        elif prefix_cache is None:
             cache, logits = target.prefill(context, session.committed)            # logits [V]
         else:
-            cache, logits, session.stats.reused = prefix_cache.prefill(target, context, msg.image.tobytes(),
+            cache, logits, session.stats.reused = prefix_cache.prefill(target, context, session.image,
                                                                        session.committed)
         return session, session._first(target, cache, logits, msg.seq)
 
     @classmethod
     def begin(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
-              peer_key: str = "", prefix_cache: PrefixCache | None = None,
-              chunk: int = 0) -> tuple["Session", Opened | None]:
+              peer_key: str = "", prefix_cache: PrefixCache | None = None, chunk: int = 0,
+              image_bytes: bytes = b"", previous: "Session | None" = None) -> tuple["Session", Opened | None]:
         """``open`` up to the prefill: validate, build the context and plan its prefill
-        (``session.prefill``, a ``Prefill`` of chunks of ``chunk`` tokens; run it in pieces, then
-        ``opened``) -> (session, None); or (session, the reply) when nothing is to prefill (a
-        reopen that already ended)."""
-        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key)
+        (``session.prefill``, a ``Prefill`` of chunks of ``chunk`` tokens, after ``previous``'s
+        rolled-back KV on a follow-up turn; run it in pieces, then ``opened``) -> (session,
+        None); or (session, the reply) when nothing is to prefill (a reopen that already ended)."""
+        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key, image_bytes)
         if opened is None:
+            prefix = continued_prefix(target, previous, context, session.image)
             session.prefill = Prefill.plan(target, context, session.committed, prefix_cache=prefix_cache,
-                                           image=msg.image.tobytes(), limit=session.max_positions, chunk=chunk)
-            session.stats.reused = session.prefill.reused
+                                           image=session.image, prefix=prefix, limit=session.max_positions,
+                                           chunk=chunk)
+            if prefix is not None:
+                session.stats.continued = prefix.length
+            else:
+                session.stats.reused = session.prefill.reused
         return session, opened
 
     def opened(self, target: TargetModel, seq: int) -> Opened:
@@ -167,23 +185,27 @@ class Session:
         return self._first(target, prefill.cache, prefill.logits, seq)
 
     @classmethod
-    def _new(cls, target: TargetModel, msg: Open, image, max_context: int, owner: str,
-             peer_key: str) -> tuple["Session", Context, Opened | None]:
+    def _new(cls, target: TargetModel, msg: Open, image, max_context: int, owner: str, peer_key: str,
+             image_bytes: bytes) -> tuple["Session", Context, Opened | None]:
         """A session for ``msg`` and its context, checked; the reply already when a reopen ended."""
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
-                      owner=owner, peer_key=peer_key, version=msg.version, began=time.perf_counter())
+                      owner=owner, peer_key=peer_key, version=msg.version, conversation=msg.conversation,
+                      image=image_bytes or msg.image.tobytes(), began=time.perf_counter())
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
             raise EdgeError(BAD_FIELD, f"committed holds {len(committed)} tokens but max_new_tokens is "
                                        f"{msg.max_new_tokens}; send at most max_new_tokens committed tokens.")
-        context: Context = target.context(msg.prompt, image, keep=msg.target_keep)
+        context: Context = target.context(msg.prompt, image, keep=msg.target_keep,
+                                          template=conversation_template(target, msg))
         if context.length + msg.max_new_tokens > max_context:
             raise EdgeError(TOO_LONG, f"the context is {context.length} tokens and max_new_tokens is "
                                       f"{msg.max_new_tokens}, beyond this edge's max context of {max_context}; "
                                       f"ask for at most {max(0, max_context - context.length)} new tokens.")
         session.context_len = context.length
+        if msg.conversation and context.keep is None:          # what a follow-up compares its prompt with
+            session.context_ids = [int(i) for i in context.inputs["input_ids"][0].tolist()]
         session.committed = committed
         if len(committed) >= msg.max_new_tokens or any(t in target.eos_ids for t in committed):
             session.done = True                     # the reopen already ended generation
@@ -198,8 +220,7 @@ class Session:
         self.stats.prefill_ms = (time.perf_counter() - self.began) * 1e3
         self.committed.append(token)
         self.done = token in target.eos_ids or len(self.committed) >= self.max_new_tokens
-        if self.done:
-            self.free()
+        self._settle(target)
         return self._opened(seq, token)
 
     def _opened(self, seq: int, token: int) -> Opened:
@@ -264,10 +285,7 @@ class Session:
         verdict = spec.apply_stops(tokens, accepted, token, target.eos_ids, work.remaining)
         self.committed += verdict.committed(tokens)
         self.done = verdict.done
-        if self.done:
-            self.free()
-        else:
-            target.rollback(self.cache, self.context_len + len(self.committed) - 1)
+        self._settle(target)
         verify_ms = round_ms(work.began)
         self.stats.rounds += 1
         self.stats.drafted += len(tokens)
@@ -280,6 +298,14 @@ class Session:
                       token=verdict.token, done=verdict.done, verify_ms=verify_ms, **extra)
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _settle(self, target: TargetModel) -> None:
+        """After a commit: roll the cache back to everything but the last committed token; once
+        done, free it, unless a follow-up turn may continue it (``conversation``)."""
+        if self.done and not self.conversation:
+            self.free()
+        elif self.cache is not None:
+            target.rollback(self.cache, self.context_len + len(self.committed) - 1)
 
     def _choose(self, logits: np.ndarray) -> int:
         """The next token from one logits row [V]: argmax, or a draw from p."""

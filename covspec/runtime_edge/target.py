@@ -104,13 +104,15 @@ class TargetModel:
         model, processor = family_for_folder(path).load(path, device=device, dtype=dtype)
         return cls(model, processor, device)
 
-    def context(self, question: str, image, keep: Sequence[int] | None = None) -> Context:
-        """Fill the chat template with ``question`` and process it with ``image``.
+    def context(self, question: str, image, keep: Sequence[int] | None = None,
+                template: str | None = None) -> Context:
+        """Fill the chat template (``template``: a conversation's) with ``question`` and
+        process it with ``image``.
 
         With ``keep`` (the opt-in pruned target, not exact), only those visual tokens
         enter the context, renumbered contiguously.
         """
-        return self.family.context(question, image, keep)
+        return self.family.context(question, image, keep, template)
 
     def prefill(self, context: Context, committed: Sequence[int] = ()) -> tuple[TargetCache, np.ndarray]:
         """Run image + prompt (+ ``committed`` tokens, on a reopen) -> (cache, logits [V]).

@@ -41,9 +41,10 @@ def ensure_toy_artifacts(folder: Path = DEFAULT_ARTIFACTS, log: Callable[[str], 
     from covspec.toy.models import bundled_model_dir
 
     try:
-        if load_manifest(folder).source["sha256"] == source_hash(bundled_model_dir("draft")):
+        manifest = load_manifest(folder)
+        if manifest.source["sha256"] == source_hash(bundled_model_dir("draft")) and manifest.conversation:
             return folder
-        log(f"{folder} holds an older toy draft; re-exporting")
+        log(f"{folder} holds an older toy draft (or one exported before conversations); re-exporting")
     except ArtifactError:
         pass
 

@@ -329,7 +329,7 @@ class Fuzzer:
     def _versions_and_types(self, state):
         header, arrays = self._header(self._any_message(state))
         if self.rng.random() < 0.5:
-            header["v"] = self._pick([0, 4, 99, -1, 2 ** 40, "v1", True, 1.0, 3.0])
+            header["v"] = self._pick([0, 5, 99, -1, 2 ** 40, "v1", True, 1.0, 3.0])
             return Case("", self._frames(header, arrays), frozenset(["bad_version"]))
         header["type"] = self._pick(["hello", "", "Open", "ping\u0000", "verify2", "x" * 1000, "__class__"])
         return Case("", self._frames(header, arrays), frozenset(["unknown_type"]))

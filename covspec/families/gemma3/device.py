@@ -65,14 +65,14 @@ class Gemma3Device(DeviceHalf):
                                 " the artifact's 'image' section does not describe its model's processor.")
         return {"pixel_values": pixels}
 
-    def prompt_layout(self, question: str, feeds=None) -> PromptLayout:
+    def prompt_layout(self, question: str, feeds=None, template: str | None = None) -> PromptLayout:
         spec = self.image
         for token in (spec["placeholder"], spec["image_token"]):
             if token in question:
                 raise ArtifactError(f"the question contains {token!r}; send the question text only, the prompt "
                                     "places the image itself.")
         seq = int(spec["image_seq_len"])
-        text = fill_prompt(self.template, question)
+        text = fill_prompt(template or self.template, question)
         text = text.replace(spec["placeholder"],
                             spec["image_text_before"] + spec["image_token"] * seq + spec["image_text_after"])
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids, np.int64)

@@ -77,10 +77,11 @@ class Gemma3Target(ProcessorTarget):
     def processor_options(self) -> dict[str, Any]:
         return {"add_special_tokens": self.add_special_tokens}
 
-    def context(self, question: str, image, keep: Sequence[int] | None = None) -> TargetContext:
+    def context(self, question: str, image, keep: Sequence[int] | None = None,
+                template: str | None = None) -> TargetContext:
         from transformers import DynamicCache
 
-        context = super().context(question, image, keep)
+        context = super().context(question, image, keep, template)
         context.inputs["cache"] = DynamicCache()        # full length on every layer: see the module docstring
         return context
 

@@ -184,7 +184,8 @@ class Idefics3Device(DeviceHalf):
         prompt order."""
         return features[0], activity[0]
 
-    def prompt_layout(self, question: str, feeds=None, grid: tuple[int, int] | None = None) -> PromptLayout:
+    def prompt_layout(self, question: str, feeds=None, template: str | None = None,
+                      grid: tuple[int, int] | None = None) -> PromptLayout:
         if grid is None:
             grid = self.square_grid if feeds is None else tuple(int(x) for x in np.asarray(feeds["image_grid"]))
         grid = tuple(grid)
@@ -192,7 +193,7 @@ class Idefics3Device(DeviceHalf):
         if image_token in question:
             raise ArtifactError(f"the question contains {image_token!r}; send the question text only, the "
                                 "prompt places the image itself.")
-        text = fill_prompt(self.template, question)
+        text = fill_prompt(template or self.template, question)
         text = text.replace(image_token, expand_image(grid, self.image))
         ids = np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)   # special tokens included
         is_image = ids == self.image_token_id

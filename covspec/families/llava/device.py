@@ -93,8 +93,8 @@ class LlavaDevice(DeviceHalf):
                                 "does not describe its model's processor; re-export it with this covspec.")
         return {"pixel_values": pixels}
 
-    def prompt_layout(self, question: str, feeds=None) -> PromptLayout:
-        text = fill_prompt(self.template, question)
+    def prompt_layout(self, question: str, feeds=None, template: str | None = None) -> PromptLayout:
+        text = fill_prompt(template or self.template, question)
         ids = self.tokenizer.encode(text).ids  # as the processor does, special tokens included
         if ids.count(self.image_token_id) != 1:
             raise ArtifactError("the prompt template must contain exactly one image token.")
