@@ -3,8 +3,9 @@
 ``ModelThread.run`` takes decoded requests (``Request``) from a queue filled by the
 server's I/O thread; each iteration executes the plan of the pure scheduler
 (``scheduler.schedule``): the waiting requests it admits, in arrival order (opens: the
-context is built and the prefill planned, ``Session.begin``, admitted while the live
-sessions fit ``max_sessions`` and ``kv_budget``, else ``busy``; closes; verifies,
+context is built and the prefill planned, ``Session.begin``, after the session's own KV
+on a conversation's follow-up; admitted while the live sessions fit ``max_sessions`` and
+``kv_budget``, ``admission.py``, else ``busy``; closes; verifies,
 prepared into rounds), the heads of opening sessions (``prefill.run_heads``), then one
 forward (``rounds.run_forward``) of the rounds, the edge steps of streaming sessions
 and the prefill chunks; an open is answered once its last piece ran. With ``max_batch`` 1
