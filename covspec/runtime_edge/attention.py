@@ -27,13 +27,11 @@ builds stay [Q, Q] and are not used here. One thread only (the edge's model thre
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from covspec.runtime_edge.kv import SessionKV
 
@@ -80,6 +78,8 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """``ATTENTION``: per session, in place, for this forward's layers; SDPA for anything else."""
     forward, layer = _current, getattr(module, "layer_idx", None)
     if forward is None or forward.handed.get(layer) is not key:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -103,14 +103,22 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out, None
 
 
-AttentionInterface.register(ATTENTION, attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+@functools.cache
+def _register() -> None:
+    """Make ``ATTENTION`` known to transformers (once; imported late: transformers' attention
+    and mask modules import Triton, which must not load before a test can set its interpreter)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
 def in_place(model, sessions: Sequence[SessionKV], new: Sequence[int]) -> Iterator[Cache]:
     """The cache of one in-place forward of ``model`` (the module's contract)."""
     global _current
+    _register()
     forward = _Forward(sessions, new)
     device = sessions[0].keys[0].device
     cache = Cache(layers=[_InPlaceLayer(forward, index, device) for index in range(len(sessions[0].keys))])
