@@ -110,7 +110,8 @@ def test_families_batched_equal_unbatched(tmp_path, family):
 def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(toy_draft_fp32):
     """Eight target-only streams and four drafting devices at once on one edge: the answers
     are the target's own; the streams share forwards (far fewer forwards than tokens),
-    which an unbatched edge (``max_batch`` 1) cannot do."""
+    which an unbatched edge (``max_batch`` 1) cannot do. So are they when every prompt is
+    cut into 2-token chunks that run beside the others' rounds."""
     from covspec.bench.harness.devices import greedy_references
     from covspec.bench.harness.edge import ask
     from covspec.bench.harness.workload import toy_questions
@@ -141,9 +142,11 @@ def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(toy_draft_
             client.close()
 
     forwards = {}
-    for max_batch in (64, 1):
+    # batched; unbatched; batched with prompts cut into 2-token chunks beside the rounds
+    for label, max_batch, prefill in ((64, 64, {}), (1, 1, {}), ("chunked", 64, {"prefill_chunk": 2,
+                                                                                 "prefill_tokens": 16})):
         with EdgeServer(bundled_model_dir("target"), ServerConfig(bind="tcp://127.0.0.1:*", max_batch=max_batch,
-                                                                   threads=1)) as server:
+                                                                   threads=1, **prefill)) as server:
             answers: dict[int, list[int]] = {}
             threads = [threading.Thread(target=answer, args=(server.address, i, answers)) for i in range(12)]
             for thread in threads:
@@ -154,5 +157,5 @@ def test_a_live_edge_batches_sessions_and_every_answer_is_the_targets(toy_draft_
             assert [answers.get(i) for i in range(12)] == [references[i % 4] for i in range(12)]
             pong = ask(server.address, Ping(session="", seq=0))
             assert pong.committed == sum(len(a) for a in answers.values())
-            forwards[max_batch] = pong.forwards
+            forwards[label] = pong.forwards
     assert forwards[64] * 2 < forwards[1], forwards

@@ -59,7 +59,7 @@ def test_every_server_setting_survives_the_edge_command_line():
     changed = {"bind": "tcp://127.0.0.1:7000", "device": "cuda:1", "dtype": "bfloat16", "max_sessions": 3,
                "max_context": 999, "max_message_bytes": 5000, "idle_timeout_s": 2.5,
                "finished_timeout_s": 0.5, "max_image_pixels": 77, "max_image_aspect": 4.0,
-               "max_queue": 9, "max_batch": 5, "max_batch_tokens": 300, "edge_steps": "always", "secret_key": Path("keys/edge.key_secret"), "allow_keys": Path("keys/devices"),
+               "max_queue": 9, "max_batch": 5, "max_batch_tokens": 300, "prefill_chunk": 7, "prefill_tokens": 99, "edge_steps": "always", "secret_key": Path("keys/edge.key_secret"), "allow_keys": Path("keys/devices"),
                "insecure": True, "threads": 1, "regime": "phone-135m@7b-a100-hf", "kv_budget": 1 << 30,
                "prefix_cache_bytes": 1 << 28}
     assert set(changed) == {f.name for f in dataclasses.fields(ServerConfig)}, "a new field needs a value here"

@@ -46,6 +46,13 @@ def edge() -> None:
               help="Sessions whose rounds share one target forward at most (1: unbatched).")
 @click.option("--max-batch-tokens", type=int, default=DEFAULT.max_batch_tokens, show_default=True,
               help="Input tokens in one batched target forward at most.")
+@click.option("--prefill-chunk", type=int, default=DEFAULT.prefill_chunk, show_default=True,
+              help="Prompt tokens (after the image) one opening session runs in one forward at most: long "
+                   "prompts are cut into chunks that share forwards with the other sessions' rounds (and are no "
+                   "wider than the widest of those).")
+@click.option("--prefill-tokens", type=int, default=DEFAULT.prefill_tokens, show_default=True,
+              help="Prefill tokens (images with what precedes them, and prompt chunks) one iteration runs at "
+                   "most, after the rounds; the oldest opening session always gets a piece.")
 @click.option("--edge-steps", type=click.Choice(EDGE_STEPS), default=DEFAULT.edge_steps, show_default=True,
               help="When the target of an edge-led session generates by itself instead of waiting for the "
                    "device's chunks: auto (while the edge has room), always, never.")

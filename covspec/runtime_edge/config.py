@@ -41,7 +41,11 @@ class ServerConfig:
     shortest side (both checked before decoding), ``max_queue`` requests waiting for
     the model. The scheduler runs the ready rounds of up to ``max_batch`` sessions as
     one target forward (1: one session per forward, unbatched), with at most
-    ``max_batch_tokens`` input tokens in it. ``edge_steps`` says when the target of an
+    ``max_batch_tokens`` input tokens in it. Opens prefill in pieces beside the rounds
+    (``scheduler.py``): an image with what precedes it in one piece, the rest of the prompt
+    in chunks of at most ``prefill_chunk`` tokens per session and forward, and at most
+    ``prefill_tokens`` prefill tokens an iteration (the oldest opening session always gets
+    a piece). ``edge_steps`` says when the target of an
     ``edge_led`` session generates by itself instead of waiting for the device's next
     chunk: ``always``, ``never`` (the session then runs like a ``speculative`` one) or
     ``auto``: while the edge has room (the iteration's rounds fill less than half of
@@ -71,6 +75,8 @@ class ServerConfig:
     max_queue: int = 1024
     max_batch: int = 64
     max_batch_tokens: int = 2048
+    prefill_chunk: int = 32
+    prefill_tokens: int = 256
     edge_steps: str = "auto"
     secret_key: Path | None = None
     allow_keys: Path | None = None
@@ -89,7 +95,7 @@ class ServerConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
         for name in ("max_sessions", "max_context", "max_message_bytes", "max_image_pixels", "max_queue",
-                     "max_batch", "max_batch_tokens"):
+                     "max_batch", "max_batch_tokens", "prefill_chunk", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.regime is not None:

@@ -1,16 +1,15 @@
 """The model thread: the one thread that touches the target and the sessions.
 
 ``ModelThread.run`` takes decoded requests (``Request``) from a queue filled by the
-server's I/O thread and schedules them. Each iteration it handles the waiting requests
-in arrival order (a session's own requests keep their order; different sessions' may
-pass each other): opens (a prefill each, through the edge's ``PrefixCache``; at most one
-per iteration so a burst of opens does not stall everyone's decoding; admitted while the
-live sessions fit ``max_sessions`` and ``kv_budget``, else ``busy``), closes, and
-verifies, whose prepared rounds it gathers together with one step of every streaming
-session (target-only, and edge-led ones without a chunk this iteration, as
-``edge_steps`` allows), up to ``max_batch`` sessions and ``max_batch_tokens`` input
-tokens. Then one target forward runs them all (``rounds.run_rounds``) and each session
-gets its reply; a request that did not fit waits for the next iteration. With ``max_batch`` 1 every round runs alone.
+server's I/O thread; each iteration executes the plan of the pure scheduler
+(``scheduler.schedule``): the waiting requests it admits, in arrival order (opens: the
+context is built and the prefill planned, ``Session.begin``, after the session's own KV
+on a conversation's follow-up; admitted while the live sessions fit ``max_sessions`` and
+``kv_budget``, ``admission.py``, else ``busy``; closes; verifies,
+prepared into rounds), the heads of opening sessions (``prefill.run_heads``), then one
+forward (``rounds.run_forward``) of the rounds, the edge steps of streaming sessions
+and the prefill chunks; an open is answered once its last piece ran. With ``max_batch`` 1
+every forward holds one session.
 
 A failure that concerns one message ends nothing but that message. A refused request
 (``EdgeError``) becomes an ``error`` reply (not remembered as the round's reply) and
@@ -26,7 +25,6 @@ version of the device's request.
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import queue
 import sys
@@ -45,7 +43,9 @@ from covspec.runtime_edge.config import ServerConfig
 from covspec.runtime_edge.admission import check_kv_budget, make_room
 from covspec.runtime_edge.heap import HeapTrimmer
 from covspec.runtime_edge.prefix_cache import PrefixCache
-from covspec.runtime_edge.rounds import pick_verifier, run_rounds
+from covspec.runtime_edge.prefill import run_heads
+from covspec.runtime_edge.rounds import pick_verifier, run_forward
+from covspec.runtime_edge.scheduler import CLOSE, OPEN, VERIFY, Budget, Prefilling, Streaming, Waiting, schedule
 from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel, decode_image
 
@@ -66,11 +66,16 @@ class Request:
 
 @dataclass
 class _Work:
-    """A prepared round in this iteration's batch, and the request it answers (None: a target-only step)."""
+    """A piece of this iteration's forward: a prepared round and the request it answers (None:
+    an edge step), or (``round`` None) ``chunk`` tokens of an opening session's prefill and its open."""
 
     session: Session
-    round: Round
+    round: Round | None
     request: Request | None
+    chunk: int = 0
+
+
+_KINDS = {Open: OPEN, Verify: VERIFY, Close: CLOSE}
 
 
 class ModelThread:
@@ -82,6 +87,10 @@ class ModelThread:
         self.sessions: dict[str, Session] = {}
         self._waiting: collections.deque[Request] = collections.deque()    # taken from the queue, not yet handled
         self._streaming: collections.deque[tuple[Session, int]] = collections.deque()  # target-only, with open's seq
+        self._prefilling: collections.deque[tuple[Session, Request]] = collections.deque()  # opening, oldest first
+        self._starved: str | None = None      # the oldest opening session, if it got no piece last iteration
+        self._budget = Budget(config.max_batch, config.max_batch_tokens, config.prefill_chunk, config.prefill_tokens,
+                              config.edge_steps)
         self._push: zmq.Socket | None = None
         self._verifier = pick_verifier(target.device)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
@@ -103,13 +112,11 @@ class ModelThread:
         try:
             with torch.inference_mode():
                 while not self.stopping.is_set():
-                    self._take(block=not self._waiting and not self._streaming)
-                    batch = self._gather()
-                    if batch:
-                        self._run(batch)
+                    self._take(block=not self._waiting and not self._streaming and not self._prefilling)
+                    busy = self._iterate()
                     self.kv_bytes = sum(session.kv_bytes() for session in self.sessions.values())
                     now = time.monotonic()
-                    if now >= next_check or not batch:
+                    if now >= next_check or not busy:
                         self._expire(now)
                         self._heap.maybe_trim(now)
                         next_check = now + check_every
@@ -127,69 +134,100 @@ class ModelThread:
         except queue.Empty:
             pass
 
-    def _gather(self) -> list[_Work]:
-        """Handle the waiting requests that fit this iteration; the rounds to run."""
-        batch: list[_Work] = []
-        deferred: collections.deque[Request] = collections.deque()
-        held: set[str] = set()              # sessions with a round in the batch or a deferred request
-        tokens, opened = 0, False
-        while self._waiting:
-            request = self._waiting.popleft()
-            message = request.message
-            size = len(getattr(message, "tokens", ())) + 1
-            full = len(batch) >= self.config.max_batch or (batch and tokens + size > self.config.max_batch_tokens)
-            if message.session in held or (isinstance(message, Verify) and full) or \
-                    (isinstance(message, Open) and opened):
-                held.add(message.session)
-                deferred.append(request)
-                continue
-            opened |= isinstance(message, Open)
-            work = self._handle(request)
-            if work is not None:
-                batch.append(work)
-                held.add(work.session.id)
-                tokens += len(work.round.inputs)
-        self._waiting = deferred
-        room = self._edge_steps_allowed(len(batch), tokens)
-        for _ in range(len(self._streaming)):            # one step of each streaming session that fits
-            session, seq = self._streaming[0]
-            self._streaming.rotate(-1)
-            if self.sessions.get(session.id) is not session or session.done or session.mode == "speculative":
-                self._streaming.remove((session, seq))
-            elif session.id not in held and len(batch) < self.config.max_batch and \
-                    (not batch or tokens + 1 <= self.config.max_batch_tokens) and \
-                    (session.mode == "target_only" or room):
+    def _iterate(self) -> bool:
+        """One iteration: plan it (``scheduler.schedule``), handle the requests it admits, run
+        the heads, then one forward of rounds, edge steps and prefill chunks. Whether any ran."""
+        live = lambda session: self.sessions.get(session.id) is session   # noqa: E731
+        self._prefilling = collections.deque((s, r) for s, r in self._prefilling if live(s) and s.prefill)
+        self._streaming = collections.deque((s, q) for s, q in self._streaming
+                                            if live(s) and not s.done and s.mode != "speculative")
+        waiting = list(self._waiting)
+        oldest = self._prefilling[0][0].id if self._prefilling else None
+        plan = schedule([Waiting(r.message.session, _KINDS[type(r.message)], len(getattr(r.message, "tokens", ())) + 1)
+                         for r in waiting],
+                        [Prefilling(s.id, s.prefill.head, len(s.prefill.rest), skipped=s.id == self._starved)
+                         for s, _ in self._prefilling],
+                        [Streaming(s.id, s.mode) for s, _ in self._streaming], self._budget)
+        handled = set(plan.handle)
+        self._waiting = collections.deque(r for i, r in enumerate(waiting) if i not in handled)
+        batch = [work for work in map(self._handle, (waiting[i] for i in plan.handle)) if work is not None]
+        stepping = set(plan.steps)
+        for session, seq in [pair for pair in self._streaming if pair[0].id in stepping]:
+            if live(session) and not session.done and all(w.session is not session for w in batch):
                 batch.append(_Work(session, session.prepare_step(seq), None))
-                held.add(session.id)
-                tokens += 1
-        return batch
+            self._streaming.remove((session, seq))
+            self._streaming.append((session, seq))                      # round robin
+        pieces = plan.prefill_sessions
+        opening = {s.id: (s, r) for s, r in self._prefilling if s.id in pieces and live(s) and s.prefill}
+        self._heads([opening[i] for i in plan.heads if i in opening])
+        for session_id, count in plan.chunks:
+            session, request = opening.get(session_id, (None, None))
+            if session is not None and live(session) and session.prefill and not session.prefill.head:
+                batch.append(_Work(session, None, request, count))
+        self._starved = oldest if oldest is not None and oldest not in pieces else None
+        if batch:
+            self._run(batch)
+        return bool(batch or plan.handle or plan.heads)
 
-    def _edge_steps_allowed(self, rounds: int, tokens: int) -> bool:
-        """Whether edge-led sessions step by themselves this iteration (``edge_steps``)."""
-        mode = self.config.edge_steps
-        if mode != "auto":
-            return mode == "always"
-        return rounds < self.config.max_batch / 2 and tokens < self.config.max_batch_tokens / 2
-
-    def _run(self, batch: list[_Work]) -> None:
-        """One forward for the whole batch; on failure, each round alone."""
-        lengths = [work.session.cache.kv.length for work in batch]
+    def _heads(self, opening: list[tuple[Session, Request]]) -> None:
+        """Run the heads of these opening sessions (``prefill.run_heads``), then charge each its KV."""
+        if not opening:
+            return
         began = time.perf_counter()
         try:
-            results = run_rounds(self.target, [(work.session, work.round) for work in batch], self._verifier)
+            self.forwards += run_heads(self.target, [s.prefill for s, _ in opening], self.config.max_batch)
+        except Exception:  # noqa: BLE001 - retried one by one, where the failure is attributed
+            if len(opening) == 1:
+                return self._fail(_Work(opening[0][0], None, opening[0][1]))
+            log.warning("the heads of %d opens failed together; retrying them one by one", len(opening),
+                        exc_info=True)
+            for pair in opening:
+                self._heads([pair])
+            return
+        self.prefill_s += time.perf_counter() - began
+        for session, request in opening:
+            try:
+                check_kv_budget([s for s in self.sessions.values() if s is not session], self.config.kv_budget,
+                                session.kv_bytes())
+            except EdgeError as exc:
+                self.end(session, "over the KV budget")
+                self._reply(request, Error(session=session.id, seq=request.message.seq, code=exc.code,
+                                           message=exc.message), None, remember=False)
+                continue
+            if session.prefill.done:
+                self._opened(session, request)
+
+    def _opened(self, session: Session, request: Request) -> None:
+        """``session``'s prefill is done: its first token, the reply, and its streaming."""
+        opened = session.opened(self.target, request.message.seq)
+        self.committed += 1
+        self._reply(request, opened, session)
+        if session.mode in ("target_only", "edge_led") and not session.done:
+            self._streaming.append((session, request.message.seq))
+
+    def _run(self, batch: list[_Work]) -> None:
+        """One forward for the whole batch; on failure, each piece alone."""
+        caches = [work.session.cache if work.round else work.session.prefill.cache for work in batch]
+        lengths = [cache.kv.length for cache in caches]
+        rounds = [work for work in batch if work.round]
+        chunks = [work for work in batch if not work.round]
+        began = time.perf_counter()
+        try:
+            results, _ = run_forward(self.target, [(work.session, work.round) for work in rounds],
+                                     [(work.session.prefill, work.chunk) for work in chunks], self._verifier)
             self.rounds_s += time.perf_counter() - began
         except Exception:  # noqa: BLE001 - retried one by one below, where the failure is attributed
             if len(batch) == 1:
                 return self._fail(batch[0])
             log.warning("a batched forward of %d sessions failed; retrying them one by one", len(batch),
                         exc_info=True)
-            for work, length in zip(batch, lengths):
-                if work.session.cache is not None:
-                    self.target.rollback(work.session.cache, length)
+            for work, cache, length in zip(batch, caches, lengths):
+                if work.session.cache is not None or work.session.prefill is not None:
+                    self.target.rollback(cache, length)
                 self._run([work])
             return
         self.forwards += 1
-        for work, result in zip(batch, results):
+        for work, result in zip(rounds, results):
             self.committed += result.accepted + (result.token != spec.NO_TOKEN)
             if work.request is None:
                 result.version = work.session.version
@@ -197,14 +235,19 @@ class ModelThread:
                 work.session.last_active = time.monotonic()
             else:
                 self._reply(work.request, result, work.session)
+        for work in chunks:
+            if work.session.prefill.done:
+                self._opened(work.session, work.request)
 
     def _fail(self, work: _Work) -> None:
         session = work.session
-        log.exception("session %s: %s failed", session.id, "a target-only step" if work.request is None else "verify")
+        what = "a target-only step" if work.request is None else "verify" if work.round else "the prefill"
+        log.exception("session %s: %s failed", session.id, what)
         self.end(session, "dropped after an internal error")
         exc = sys.exc_info()[1]
+        seq = work.round.seq if work.round else work.request.message.seq
         self._send_frames(session.identity if work.request is None else work.request.identity, encode(Error(
-            session=session.id, seq=work.round.seq, code=errors.INTERNAL, version=session.version,
+            session=session.id, seq=seq, code=errors.INTERNAL, version=session.version,
             message=f"the edge failed on this round ({type(exc).__name__}: {exc}); the session was dropped, "
                     "reopen it with your committed tokens.")), None)
 
@@ -219,7 +262,7 @@ class ModelThread:
                 self._open(request)
             elif isinstance(message, Close):
                 if session is not None:
-                    _check_owner(session, request)
+                    session.check_owner(request.message, request.peer_key)
                     session.stats.bytes_in += request.nbytes
                     self.end(session, "closed")
             else:
@@ -227,11 +270,11 @@ class ModelThread:
         except EdgeError as exc:        # refused: nothing changed; only the owner's own session pays for the reply
             owned = self.sessions.get(message.session)
             self._reply(request, Error(session=message.session, seq=message.seq, code=exc.code, message=exc.message),
-                        owned if _owns(owned, request) else None, remember=False)
+                        owned if owned and owned.owned_by(request.message, request.peer_key) else None, remember=False)
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
             log.exception("session %s: request %s failed", message.session, message.TYPE)
             broken = self.sessions.get(message.session)
-            dropped = _owns(broken, request)          # the owner's own model work failed; nobody else's can
+            dropped = bool(broken and broken.owned_by(request.message, request.peer_key))          # the owner's own model work failed; nobody else's can
             if dropped:
                 self.end(broken, "dropped after an internal error")
             self._reply(request, Error(
@@ -252,7 +295,7 @@ class ModelThread:
                                                    "must use the same tokenizer.")
         old = self.sessions.get(message.session)
         if old is not None:
-            _check_owner(old, request)
+            old.check_owner(request.message, request.peer_key)
             if message.seq == old.last_seq and old.last_reply is not None:   # the same open again (a resend or a
                 old.identity, old.last_active = request.identity, time.monotonic()   # duplicate): its reply again
                 self._send_frames(request.identity, old.last_reply, old)
@@ -271,29 +314,22 @@ class ModelThread:
         if old is not None and previous is None:
             self.end(old, "reopened by its owner")
         make_room(self.sessions.values(), self.config, keep=previous, end=self.end)
-        session, opened = Session.open(target, message, image, max_context=self.config.max_context,
-                                       owner=message.owner or new_owner(), peer_key=request.peer_key,
-                                       prefix_cache=self.prefix_cache, image_bytes=image_bytes, previous=previous)
+        session, opened = Session.begin(target, message, image, max_context=self.config.max_context,
+                                        owner=message.owner or new_owner(), peer_key=request.peer_key,
+                                        prefix_cache=self.prefix_cache, chunk=self.config.prefill_chunk,
+                                        image_bytes=image_bytes, previous=previous)
         if previous is not None:
             self.turns_continued += session.stats.continued > 0
             self.end(previous, "continued by its next turn")
         self.prefill_s += time.perf_counter() - began
-        if opened.token != spec.NO_TOKEN:         # a prefill ran: one forward from a cached prefix or an earlier
-            cached = session.stats.reused or session.stats.continued     # turn, else a second for a reopen's tokens
-            self.forwards += 1 if cached else 1 + bool(len(message.committed))
-        try:
-            check_kv_budget(self.sessions.values(), self.config.kv_budget, session.kv_bytes())
-        except EdgeError:
-            session.free()
-            raise
+        check_kv_budget(self.sessions.values(), self.config.kv_budget, session.kv_bytes())  # a prefix's copy, at once
         session.identity = request.identity
         session.stats.bytes_in += request.nbytes
         self.sessions[session.id] = session
-        if opened.token != spec.NO_TOKEN:
-            self.committed += 1
-        self._reply(request, opened, session)
-        if session.mode in ("target_only", "edge_led") and not session.done:
-            self._streaming.append((session, message.seq))
+        if opened is not None:                                  # a reopen that had already ended
+            self._reply(request, opened, session)
+        else:                                                   # the scheduler runs its prefill in pieces
+            self._prefilling.append((session, request))
 
     def _verify(self, request: Request, session: Session | None) -> _Work | None:
         message: Verify = request.message
@@ -301,7 +337,7 @@ class ModelThread:
             raise EdgeError(errors.UNKNOWN_SESSION, f"no session {message.session!r} on this edge (never opened, "
                                                     "closed, expired after being idle, or the edge restarted); "
                                                     "reopen it with Open carrying your committed tokens.")
-        _check_owner(session, request)
+        session.check_owner(request.message, request.peer_key)
         session.stats.bytes_in += request.nbytes
         session.identity = request.identity
         session.last_active = time.monotonic()
@@ -350,23 +386,3 @@ class ModelThread:
         if session is not None:
             session.stats.bytes_out += sum(len(f) for f in frames)
         self._push.send_multipart([identity] + frames)
-
-
-
-
-def _owns(session: Session | None, request: Request) -> bool:
-    """Whether ``request`` comes from the device that opened ``session``: the owner secret
-    matches (compared in constant time) and so does the CurveZMQ key when keys are on.
-    Never raises (``decode`` guarantees an owner UTF-8 can encode)."""
-    owner = getattr(request.message, "owner", "")
-    return session is not None and hmac.compare_digest(session.owner.encode(), owner.encode()) and \
-        session.peer_key == request.peer_key
-
-
-def _check_owner(session: Session, request: Request) -> None:
-    """Refuse a message about ``session`` from anyone but the device that opened it (``_owns``).
-    Nothing about the session changes before this passes."""
-    if not _owns(session, request):
-        raise EdgeError(errors.NOT_OWNER, f"session {request.message.session!r} belongs to another device; send "
-                                          "the owner secret of the session (the one it was opened with, or that "
-                                          "this edge issued in `opened`), or open a session of your own.")

@@ -26,6 +26,9 @@ The contract:
   image's size and the question).
 - A *miss* prefills fresh and stores a copy of the context's KV as a new entry; a hit
   stores nothing (the entry it used serves the image's later sessions as well).
+- The same two steps serve a prefill in pieces (``prefill.py``, the model thread's):
+  ``start`` looks the context up (a hit's prefix, or a miss's key), ``store`` keeps a
+  miss's KV once the context is prefilled.
 - Never reused, prefilled fresh and not counted: everything while the cache is off
   (``max_bytes`` 0), a pruned target's context (``keep``: its KV depends on the kept
   set), a family whose ``shortest_reused_prefix`` is None.
@@ -60,11 +63,27 @@ class PrefixCache:
     def prefill(self, target: TargetModel, context: Context, image: bytes,
                 committed: Sequence[int] = ()) -> tuple[TargetCache, np.ndarray, int]:
         """(cache, logits [V], reused): ``target.prefill(context, committed)``'s answer, starting
-        from a cached prefix where one fits; ``reused`` counts the context tokens taken from it."""
+        from a cached prefix where one fits; ``reused`` counts the context tokens taken from it.
+        (The edge's model thread runs the same steps in pieces: ``prefill.py``.)"""
+        prefix, shared, key = self.start(target, context, image)
+        ids = context.inputs["input_ids"][0].tolist()
+        if prefix is not None:
+            rest = ids[shared:] + [int(t) for t in committed]
+            return *target.prefill_after(context, prefix.copy(shared, capacity=shared + len(rest)), rest), shared
+        cache, logits = target.prefill(context, committed)
+        if key is not None:
+            self.store(key, cache.kv)
+        return cache, logits, 0
+
+    def start(self, target: TargetModel, context: Context, image: bytes) -> tuple[SessionKV | None, int, tuple | None]:
+        """Look ``context`` up -> (prefix, shared, key). A hit: ``prefix`` is the entry whose first
+        ``shared`` tokens the context continues (never handed out: continue a ``copy``), ``key``
+        None. A miss: prefix None, shared 0, and ``key`` the entry to ``store`` once the context
+        is prefilled, or None when it is never cached (the module's contract)."""
         floor = None if self.max_bytes == 0 or context.keep is not None else \
             target.family.shortest_reused_prefix(context)
         if floor is None:
-            return *target.prefill(context, committed), 0
+            return None, 0, None
         digest = hashlib.sha256(image).digest()
         ids = tuple(int(i) for i in context.inputs["input_ids"][0].tolist())
         key, shared = self._longest(digest, ids)
@@ -72,14 +91,13 @@ class PrefixCache:
         if key is not None and shared >= floor:
             self.hits += 1
             self.entries.move_to_end(key)
-            rest = list(ids[shared:]) + [int(t) for t in committed]
-            prefix = self.entries[key].copy(shared, capacity=shared + len(rest))   # as large as a fresh prefill's
-            cache, logits = target.prefill_after(context, prefix, rest)
-            return cache, logits, shared
+            return self.entries[key], shared, None
         self.misses += 1
-        cache, logits = target.prefill(context, committed)
-        self._store((digest, ids), cache.kv.copy(len(ids)))
-        return cache, logits, 0
+        return None, 0, (digest, ids)
+
+    def store(self, key: tuple[bytes, tuple[int, ...]], kv: SessionKV) -> None:
+        """Keep a copy of the context's KV (the first ``len(key[1])`` positions of ``kv``)."""
+        self._store(key, kv.copy(len(key[1])))
 
     def _longest(self, digest: bytes, ids: tuple[int, ...]) -> tuple[tuple | None, int]:
         """The entry of this image sharing the longest start with ``ids``, and how many ids it shares."""

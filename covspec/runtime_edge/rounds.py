@@ -8,6 +8,10 @@ bonus, greedy or lossless sampling with each session's own settings and uniforms
 and commits each session (``Session.commit``). Only the verdicts' ids leave the
 target's device, plus one distribution row for sessions on the dense wire.
 
+``run_forward`` is the same with prefill chunks (``prefill.Prefill``) in the forward
+beside the rounds: a chunk is a cached extension like a round, and only the logits after
+its last token leave the forward (they choose a new session's first token).
+
 A session's verdict does not depend on which other sessions share its forward (up to
 the float rounding of a different batch shape), and a sampling session's randomness
 comes from its own seeded generator in ``prepare``; so batched and one-at-a-time
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from covspec.protocol.messages import Result, Verify
+from covspec.runtime_edge.prefill import Prefill
 from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel
 
@@ -32,13 +37,35 @@ from covspec.runtime_edge.target import TargetModel
 def run_rounds(target: TargetModel, work: Sequence[tuple[Session, Round]],
                verifier: Callable | None = None) -> list[Result]:
     """One forward and one verdict for each (session, round) -> each session's reply, in order."""
+    return run_forward(target, work, (), verifier)[0]
+
+
+def run_forward(target: TargetModel, work: Sequence[tuple[Session, Round]], chunks: Sequence[tuple[Prefill, int]],
+                verifier: Callable | None = None) -> tuple[list[Result], list[np.ndarray]]:
+    """One forward over the rounds of ``work`` and the prefill ``chunks`` ((prefill, tokens):
+    the next ``tokens`` of each ``Prefill``'s rest, which advances) -> (each round's reply,
+    each chunk's logits [V] after its last token)."""
+    sessions = [session for session, _ in work]
+    assert len({id(s) for s in sessions}) == len(sessions), "one round per session in a forward"
+    pieces = [prefill.take(count) for prefill, count in chunks]
+    logits = target.extend_batch([s.cache for s in sessions] + [prefill.cache for prefill, _ in chunks],
+                                 [r.inputs for _, r in work] + pieces)                  # [total + B + chunks', V]
+    ends = np.cumsum([len(r.inputs) for _, r in work] + [len(piece) for piece in pieces])
+    rows = [logits[end - 1].float().cpu().numpy() for end in ends[len(work):]]
+    results = _judge(target, work, logits[:int(ends[len(work) - 1])], verifier) if work else []   # rounds' rows
+    for (prefill, _), piece, row in zip(chunks, pieces, rows):                # once nothing can fail any more
+        prefill.advance(len(piece), row)
+    return results, rows
+
+
+def _judge(target: TargetModel, work: Sequence[tuple[Session, Round]], logits,
+           verifier: Callable | None) -> list[Result]:
+    """Verdicts for the rounds of ``work`` from their logits rows [total + B, V]; each session commits."""
     import torch
 
     from covspec.runtime_edge.verify_batch import verify_batch
 
     sessions = [session for session, _ in work]
-    assert len({id(s) for s in sessions}) == len(sessions), "one round per session in a forward"
-    logits = target.extend_batch([s.cache for s in sessions], [r.inputs for _, r in work])    # [total + B, V]
     lengths = [len(r.tokens) for _, r in work]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)   # [B + 1]
     draft = torch.from_numpy(np.concatenate([r.tokens for _, r in work]).astype(np.int64))  # [total]

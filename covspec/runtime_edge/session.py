@@ -6,6 +6,9 @@ A ``Session`` owns the state of one generation and runs its rounds against a
 ``Session.open`` builds the target's context (the family's), prefills it (with every
 token a reopen carries; through the edge's ``PrefixCache`` when it has one, which may
 start the cache from a cached prefix) and chooses the next token, the reply ``opened``.
+The model thread splits it: ``begin`` builds the context and plans the prefill
+(``session.prefill``, a ``prefill.Prefill`` its scheduler runs in pieces beside other
+sessions' rounds), ``opened`` chooses the token once the last piece ran.
 ``kv_bytes()`` is what the session's KV cache may take (the edge's ``--kv-budget``).
 
 Positions count generated tokens only. ``committed`` holds every generated token so
@@ -35,6 +38,7 @@ then it keeps the context and every committed token but the last, for the next t
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,13 +46,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from covspec.protocol import verification as spec
-from covspec.protocol.errors import BAD_FIELD, TOO_LONG, EdgeError
+from covspec.protocol.errors import BAD_FIELD, NOT_OWNER, TOO_LONG, EdgeError
 from covspec.protocol.messages import Open, Opened, Result, Verify
 from covspec.protocol.sampling import SamplingParams
 from covspec.protocol.wire import Codec, check_tokens, codec_named
+from covspec.runtime_edge.prefill import Prefill
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
-from covspec.runtime_edge.turns import continue_from, conversation_template
+from covspec.runtime_edge.turns import continue_from, continued_prefix, conversation_template
 
 
 @dataclass
@@ -122,6 +127,8 @@ class Session:
     conversation: bool = False        # keeps its cache once done, for a follow-up turn (``turns.py``)
     image: bytes = b""                # the image's bytes: a follow-up without them asks about this one
     context_ids: list[int] = field(default_factory=list)   # a conversation's context ids (none when pruned)
+    prefill: Prefill | None = None    # the prefill under way (``begin`` -> ``opened``), else None
+    began: float = 0.0                # when the prefill began (perf_counter)
 
     # --- open --------------------------------------------------------------------
 
@@ -136,11 +143,55 @@ class Session:
         ``prefix_cache`` the prefill may start from a cached prefix (``prefix_cache.py``).
         A follow-up turn (``msg.history``) renders the whole conversation and starts from
         ``previous``'s cache (the session's last turn, ``turns.continue_from``) where it can.
+        The whole prefill runs here, at once (``begin`` leaves it to a scheduler).
         """
+        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key, image_bytes)
+        if opened is not None:
+            return session, opened
+        continued = continue_from(target, previous, context, session.image, session.committed)
+        if continued is not None:
+            cache, logits, session.stats.continued = continued
+        elif prefix_cache is None:
+            cache, logits = target.prefill(context, session.committed)            # logits [V]
+        else:
+            cache, logits, session.stats.reused = prefix_cache.prefill(target, context, session.image,
+                                                                       session.committed)
+        return session, session._first(target, cache, logits, msg.seq)
+
+    @classmethod
+    def begin(cls, target: TargetModel, msg: Open, image, *, max_context: int, owner: str = "",
+              peer_key: str = "", prefix_cache: PrefixCache | None = None, chunk: int = 0,
+              image_bytes: bytes = b"", previous: "Session | None" = None) -> tuple["Session", Opened | None]:
+        """``open`` up to the prefill: validate, build the context and plan its prefill
+        (``session.prefill``, a ``Prefill`` of chunks of ``chunk`` tokens, after ``previous``'s
+        rolled-back KV on a follow-up turn; run it in pieces, then ``opened``) -> (session,
+        None); or (session, the reply) when nothing is to prefill (a reopen that already ended)."""
+        session, context, opened = cls._new(target, msg, image, max_context, owner, peer_key, image_bytes)
+        if opened is None:
+            prefix = continued_prefix(target, previous, context, session.image)
+            session.prefill = Prefill.plan(target, context, session.committed, prefix_cache=prefix_cache,
+                                           image=session.image, prefix=prefix, limit=session.max_positions,
+                                           chunk=chunk)
+            if prefix is not None:
+                session.stats.continued = prefix.length
+            else:
+                session.stats.reused = session.prefill.reused
+        return session, opened
+
+    def opened(self, target: TargetModel, seq: int) -> Opened:
+        """The prefill ``begin`` planned has run: commit the next token; the reply ``opened``."""
+        prefill, self.prefill = self.prefill, None
+        assert prefill is not None and prefill.done, "opened before the prefill ran"
+        return self._first(target, prefill.cache, prefill.logits, seq)
+
+    @classmethod
+    def _new(cls, target: TargetModel, msg: Open, image, max_context: int, owner: str, peer_key: str,
+             image_bytes: bytes) -> tuple["Session", Context, Opened | None]:
+        """A session for ``msg`` and its context, checked; the reply already when a reopen ended."""
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
                       owner=owner, peer_key=peer_key, version=msg.version, conversation=msg.conversation,
-                      image=image_bytes or msg.image.tobytes())
+                      image=image_bytes or msg.image.tobytes(), began=time.perf_counter())
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
@@ -158,23 +209,19 @@ class Session:
         session.committed = committed
         if len(committed) >= msg.max_new_tokens or any(t in target.eos_ids for t in committed):
             session.done = True                     # the reopen already ended generation
-            return session, session._opened(msg.seq, spec.NO_TOKEN)
-        begin = time.perf_counter()
-        continued = continue_from(target, previous, context, session.image, committed)
-        if continued is not None:
-            session.cache, logits, session.stats.continued = continued
-        elif prefix_cache is None:
-            session.cache, logits = target.prefill(context, committed)   # logits [V]
-        else:
-            session.cache, logits, session.stats.reused = prefix_cache.prefill(target, context, session.image,
-                                                                               committed)
-        target.bound(session.cache, session.max_positions)              # what kv_bytes charges it
-        token = session._choose(logits)
-        session.stats.prefill_ms = (time.perf_counter() - begin) * 1e3
-        session.committed.append(token)
-        session.done = token in target.eos_ids or len(session.committed) >= msg.max_new_tokens
-        session._settle(target)
-        return session, session._opened(msg.seq, token)
+            return session, context, session._opened(msg.seq, spec.NO_TOKEN)
+        return session, context, None
+
+    def _first(self, target: TargetModel, cache: TargetCache, logits: np.ndarray, seq: int) -> Opened:
+        """The prefill left ``cache`` and ``logits`` [V]: commit the next token; the reply ``opened``."""
+        self.cache = cache
+        target.bound(cache, self.max_positions)                          # what kv_bytes charges it
+        token = self._choose(logits)
+        self.stats.prefill_ms = (time.perf_counter() - self.began) * 1e3
+        self.committed.append(token)
+        self.done = token in target.eos_ids or len(self.committed) >= self.max_new_tokens
+        self._settle(target)
+        return self._opened(seq, token)
 
     def _opened(self, seq: int, token: int) -> Opened:
         return Opened(session=self.id, seq=seq, owner=self.owner, token=token, position=len(self.committed) - 1,
@@ -280,14 +327,30 @@ class Session:
         """What the session's KV cache may take: its buffers' bytes per position times the most
         positions it can need (``max_positions``: its growth stops there), or its buffers' bytes
         now if more; 0 once freed."""
-        if self.cache is None:
+        cache = self.cache if self.prefill is None else self.prefill.cache
+        if cache is None:
             return 0
-        kv = self.cache.kv
+        kv = cache.kv
         return max(kv.nbytes, kv.nbytes * self.max_positions // kv.capacity)
+
+    def owned_by(self, message, peer_key: str) -> bool:
+        """Whether ``message`` (about this session) comes from the device that opened it: the
+        owner secret matches (compared in constant time) and so does the CurveZMQ key when
+        keys are on. Never raises (``decode`` guarantees an owner UTF-8 can encode)."""
+        owner = getattr(message, "owner", "")
+        return hmac.compare_digest(self.owner.encode(), owner.encode()) and self.peer_key == peer_key
+
+    def check_owner(self, message, peer_key: str) -> None:
+        """Refuse a message about this session from anyone but the device that opened it
+        (``owned_by``). Nothing about the session changes before this passes."""
+        if not self.owned_by(message, peer_key):
+            raise EdgeError(NOT_OWNER, f"session {message.session!r} belongs to another device; send the owner "
+                                       "secret of the session (the one it was opened with, or that this edge "
+                                       "issued in `opened`), or open a session of your own.")
 
     def free(self) -> None:
         """Drop the KV cache (the session keeps its committed tokens and last reply)."""
-        self.cache = None
+        self.cache = self.prefill = None
 
     def log_line(self, reason: str) -> str:
         return self.stats.line(self.id, self.mode, len(self.committed), reason)

@@ -35,7 +35,8 @@ from covspec.protocol.errors import BAD_IMAGE, EdgeError
 from covspec.protocol.vocab import vocab_hash
 from covspec.regime.pacing import NO_PACING
 from covspec.runtime_edge.config import ConfigError
-from covspec.runtime_edge.kv import SessionKV, forward_cache, keep_new
+from covspec.runtime_edge.attention import in_place
+from covspec.runtime_edge.kv import SessionKV
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect: float):
@@ -120,31 +121,54 @@ class TargetModel:
         Committed tokens are generated text and run as a second, cached forward: an id
         that happens to be the image placeholder is never taken for an image slot.
         """
+        (cache, logits), = self.prefill_heads([context], [context.length])
+        if committed:
+            return cache, self.extend(cache, committed)[-1]
+        return cache, logits
+
+    def prefill_heads(self, contexts: Sequence[Context], heads: Sequence[int]) -> list[tuple[TargetCache, np.ndarray]]:
+        """Run the first ``heads[b]`` tokens of each context, image included, as one forward
+        -> per context (cache holding them, logits [V] after the last). The contexts must
+        have inputs of equal shapes after the cut (``head_shape``) and no ``keep`` unless
+        alone. A head must cover every token whose KV depends on the image or on a later
+        token (``shortest_reused_prefix``); the rest of the context then runs as cached
+        extensions (``extend_batch``), as ``prefill_after`` runs it."""
+        import torch
         from transformers import DynamicCache
 
-        inputs = self.family.pruned_inputs(context) if context.keep is not None else dict(context.inputs)
+        assert len(contexts) == 1 or all(c.keep is None for c in contexts), "a pruned context prefills alone"
+        rows = [_head_inputs(self.family, context, head) for context, head in zip(contexts, heads)]
+        inputs = {name: torch.cat([row[name] for row in rows]) if isinstance(rows[0][name], torch.Tensor)
+                  else rows[0][name] for name in rows[0]}
         # Full-length layers even for sliding-window models (their own sliding cache cannot
         # be rolled back once the window is full); the masks still apply the window. A fresh
         # one for every prefill, also over a context's own (Gemma 3's), which a second prefill
         # of the same context would otherwise continue.
         inputs["cache"] = DynamicCache()
-        with self.pacing.prefill(context.length):
+        with self.pacing.prefill(sum(heads), len(contexts)):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        cache = self._session_cache(SessionKV.from_cache(out.cache), context)
-        if committed:
-            return cache, self.extend(cache, committed)[-1]
-        return cache, _to_numpy(out.logits[0, -1])
+        return [(self.continuing(context, SessionKV.from_cache(out.cache, row)), _to_numpy(out.logits[row, -1]))
+                for row, context in enumerate(contexts)]
+
+    def head_shape(self, context: Context, head: int) -> tuple | None:
+        """What decides whether contexts' heads can share a forward (``prefill_heads``): the
+        shapes of their inputs after a cut at ``head`` (None: a pruned context, alone)."""
+        if context.keep is not None:
+            return None
+        return tuple((name, tuple(getattr(value, "shape", ())))
+                     for name, value in sorted(_head_inputs(self.family, context, head).items()))
 
     def prefill_after(self, context: Context, prefix: SessionKV, rest: Sequence[int]) -> tuple[TargetCache, np.ndarray]:
         """Continue ``prefix`` (the KV of the first ``prefix.length`` tokens of ``context``; the
         returned cache takes it over) with ``rest`` (the context's remaining ids, then a reopen's
         committed tokens; at least one) in one cached forward, as ``extend`` runs it -> (cache,
         logits [V]): what ``prefill(context, committed)`` returns, up to float rounding."""
-        cache = self._session_cache(prefix, context)
+        cache = self.continuing(context, prefix)
         return cache, self.extend(cache, rest)[-1]
 
-    def _session_cache(self, kv: SessionKV, context: Context) -> TargetCache:
-        """A session's cache over ``kv`` (a prefix of ``context``), positioned as the family says."""
+    def continuing(self, context: Context, kv: SessionKV) -> TargetCache:
+        """A session's cache over ``kv`` (a prefix of ``context``, taken over), positioned as
+        the family says, ready for the rest of the context as cached extensions."""
         next_position = self.family.next_position(context)
         return TargetCache(kv, None if next_position is None else next_position - context.length)
 
@@ -158,27 +182,30 @@ class TargetModel:
         a tensor on the model's device: session b's rows follow session b - 1's, row i
         scores the token after ``inputs[b][i]``. Cache b grows by len(inputs[b]).
 
-        Rows are left-padded to the longest past and right-padded to the longest input
-        (``kv.forward_cache``); every row gets its true positions, so each session's
-        logits are what its own forward would give (up to float rounding).
+        Rows are right-padded to the longest input; every row gets its true positions and
+        attends to its own session's cache in place (``attention.in_place``: only the new
+        tokens are written, nothing of the past is copied), so each session's logits are
+        what its own forward would give (up to float rounding).
         """
         import torch
 
         query_len = max(len(tokens) for tokens in inputs)
-        kv, past = forward_cache([cache.kv for cache in caches], query_len)
+        new = [len(tokens) for tokens in inputs]
+        sessions = [cache.kv for cache in caches]
+        for session, count in zip(sessions, new):
+            session.reserve(session.length + count)
         ids = torch.zeros((len(caches), query_len), dtype=torch.long)                  # [B, Q]
         positions = torch.zeros((len(caches), query_len), dtype=torch.long)            # [B, Q]
-        mask = torch.ones((len(caches), past + query_len), dtype=torch.long)           # [B, L + Q]
         for row, (cache, tokens) in enumerate(zip(caches, inputs)):
             ids[row, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
             start = cache.next_position
             positions[row] = torch.arange(start, start + query_len)
-            mask[row, :past - cache.kv.length] = 0
-        with self.pacing.forward([cache.kv.length for cache in caches], [len(tokens) for tokens in inputs]):
+        with self.pacing.forward([s.length for s in sessions], new), in_place(self.model, sessions, new) as kv:
             out = self.model(input_ids=ids.to(self.device), cache=kv, use_cache=True,
-                             position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
-        keep_new([cache.kv for cache in caches], kv, past, [len(tokens) for tokens in inputs])
-        return torch.cat([out.logits[row, :len(tokens)] for row, tokens in enumerate(inputs)])
+                             position_ids=positions.to(self.device))
+        for session, count in zip(sessions, new):
+            session.length += count
+        return torch.cat([out.logits[row, :count] for row, count in enumerate(new)])
 
     @staticmethod
     def rollback(cache: TargetCache, length: int) -> None:
@@ -189,6 +216,17 @@ class TargetModel:
     def bound(cache: TargetCache, positions: int) -> None:
         """The most positions ``cache`` will need: its buffers stop growing by doubling there."""
         cache.kv.limit = positions
+
+
+def _head_inputs(family, context: Context, head: int) -> dict:
+    """The model inputs of the first ``head`` tokens of ``context``: every per-token input
+    ([1, length]: ids, masks, token types) cut there, the image inputs whole."""
+    if context.keep is not None:
+        return family.pruned_inputs(context)
+    inputs = dict(context.inputs)
+    length = inputs["input_ids"].shape[-1]
+    return {name: value[:, :head] if getattr(value, "ndim", 0) == 2 and tuple(value.shape) == (1, length) else value
+            for name, value in inputs.items()}
 
 
 def _to_numpy(logits) -> np.ndarray:

@@ -19,6 +19,7 @@ edge still holds the session, no image bytes (PROTOCOL.md, "Conversations"):
   generated one, a merge across the boundary: the prefix simply ends earlier). The new
   session takes the cache over (``previous.cache`` becomes None). None when nothing can
   be reused (no cache, another image, a pruned target, a prefix short of the image).
+  ``continued_prefix`` is its first half (the rolled-back KV), for a prefill in pieces.
 
 One thread only (the model thread).
 """
@@ -32,6 +33,7 @@ import numpy as np
 from covspec.families.chat import ConversationError, check_history
 from covspec.protocol.errors import BAD_FIELD, EdgeError
 from covspec.protocol.messages import Open
+from covspec.runtime_edge.kv import SessionKV
 from covspec.runtime_edge.prefix_cache import common_length
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
 
@@ -55,6 +57,18 @@ def continue_from(target: TargetModel, previous, context: Context, image: bytes,
                   committed: Sequence[int]) -> tuple[TargetCache, np.ndarray, int] | None:
     """(cache, logits [V], reused context tokens) from ``previous``'s cache (a ``Session`` of
     the same owner), or None when none of it can be reused."""
+    kv = continued_prefix(target, previous, context, image)
+    if kv is None:
+        return None
+    ids = [int(i) for i in context.inputs["input_ids"][0].tolist()]
+    cache, logits = target.prefill_after(context, kv, ids[kv.length:] + [int(t) for t in committed])
+    return cache, logits, kv.length
+
+
+def continued_prefix(target: TargetModel, previous, context: Context, image: bytes) -> SessionKV | None:
+    """``previous``'s KV rolled back to the longest prefix it shares with ``context`` (taken over:
+    ``previous.cache`` becomes None), for a prefill of the rest (``continue_from``, or the model
+    thread's prefill in pieces, ``prefill.Prefill``); None when none of it can be reused."""
     if previous is None or previous.cache is None or previous.image != image or context.keep is not None:
         return None
     floor = target.family.shortest_reused_prefix(context)
@@ -65,5 +79,4 @@ def continue_from(target: TargetModel, previous, context: Context, image: bytes,
         return None
     kv, previous.cache = previous.cache.kv, None
     kv.rollback(shared)
-    cache, logits = target.prefill_after(context, kv, ids[shared:] + [int(t) for t in committed])
-    return cache, logits, shared
+    return kv

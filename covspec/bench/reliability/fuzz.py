@@ -28,7 +28,8 @@ from covspec.bench.reliability.fuzz_strings import string_field_case
 from covspec.bench.reliability.hostile import (ANY_ERROR, BAD_SAMPLING, DIGIT_LIMIT, FIELD_KINDS, HOSTILE_IMAGES,
                                                HUGE_INTS, MAX_HEADER, NO_REPLY, NON_FINITE, QUESTION, WRONG_VALUES,
                                                Case, OwnSession, TargetFacts, WorkerState)
-from covspec.protocol.messages import Close, Error, Message, Open, Opened, Ping, Pong, Result, Verify, encode
+from covspec.protocol.messages import (PROTOCOL_VERSION, Close, Error, Message, Open, Opened, Ping, Pong, Result,
+                                       Verify, encode)
 from covspec.protocol.ownership import session_id_for
 
 class Fuzzer:
@@ -150,7 +151,8 @@ class Fuzzer:
             del header[name]
             expect = {"v": "bad_version", "type": "unknown_type"}.get(name, "missing_field")
         elif name == "v":
-            header[name], expect = self._pick(["1", 4, 0, -1, None, [1], True, 1.0, 3.0]), "bad_version"
+            header[name], expect = self._pick(["1", PROTOCOL_VERSION + 1, 0, -1, None, [1], True, 1.0, 3.0]), \
+                "bad_version"                               # (4 was one before protocol v4 made it valid)
         elif name == "type":
             header[name], expect = self._pick([["ping"], {"a": 1}, 5, None, "PING", "open "]), "unknown_type"
         elif name == "arrays":
