@@ -399,3 +399,20 @@ def test_sampling_on_a_follow_up_follows_the_target(toy, edge, toy_draft_int8, p
     without_history = follow_up_joint(toy, picture, [], QUESTIONS[1], temperature, top_k)
     assert p_value(counts, joint) > 1e-3
     assert p_value(counts, without_history) < 1e-6, "the negative control was not rejected: the test has no power"
+
+
+def test_bench_conversation_reports_every_configuration(toy_draft_int8, tmp_path):
+    """`covspec bench conversation`, smallest: every configuration measured, every answer the
+    target's own, a device-led follow-up's draft prefill a fraction of the first's (no vision
+    graph, the draft's cache reused), and the long conversation followed turn by turn."""
+    result = subprocess.run(covspec_command("bench", "conversation", "--artifacts", str(toy_draft_int8), "--images", "1",
+                                            "--turns", "2", "--memory-turns", "2", "--max-new-tokens", "12",
+                                            "--no-markdown", "--out", str(tmp_path)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "conversation.json").read_text())
+    for name, entry in report["configurations"].items():
+        assert entry["summary"]["wrong"] == 0 and entry["summary"]["answers"] == 2, name
+    first, follow_up = report["configurations"]["device-led"]["conversations"][0]
+    assert follow_up["device_prefill_s"] < first["device_prefill_s"] / 2
+    assert [row["turn"] for row in report["memory"]] == [1, 2] and report["memory"][1]["edge_kv_bytes"] > 0
