@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from covspec.cli.device_setup import DeviceSetup, read_image
+from covspec.runtime_device.stats import GenerationStats
 
 HELP = "type a question, or /image PATH (a new conversation), /save FILE (the transcript as JSON), /quit"
 
@@ -58,7 +59,7 @@ def chat_loop(setup: DeviceSetup, image: str | None = None) -> None:
 
 def _answer(setup: DeviceSetup, conversation, question: str, turns: list) -> None:
     """Stream the answer to ``question``; record the turn in ``turns`` if it completes."""
-    stats = setup.new_stats()
+    stats = GenerationStats()
     try:
         for text in conversation.ask(question, stats=stats, trace=setup.trace):
             click.echo(text, nl=False)

@@ -109,6 +109,7 @@ def run(prompts: tuple[str, ...], as_json: bool, **values) -> None:
     """
     from covspec.cli.device_setup import DeviceSetup
     from covspec.runtime_device.memory import peak_rss_mb
+    from covspec.runtime_device.stats import GenerationStats
 
     setup = DeviceSetup.from_values(values)
     turns = []
@@ -118,7 +119,7 @@ def run(prompts: tuple[str, ...], as_json: bool, **values) -> None:
             for prompt in prompts:
                 if len(prompts) > 1 and not as_json:
                     click.secho(f"> {prompt.strip()}", bold=True)
-                stats, answer = setup.new_stats(), ""
+                stats, answer = GenerationStats(), ""
                 for text in chat.ask(prompt, stats=stats, trace=setup.trace):
                     answer += text
                     if not as_json:

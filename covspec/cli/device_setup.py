@@ -20,16 +20,16 @@ from covspec.runtime_device.conversation import Conversation
 from covspec.runtime_device.engine import CoInference
 from covspec.runtime_device.options import DraftingOptions, GenerationSettings
 from covspec.runtime_device.preprocess import ImageError, load_image
-from covspec.runtime_device.stats import GenerationStats, trace_to_file
+from covspec.runtime_device.stats import trace_to_file
 
 
 def device_pacing(regime: str | None):
     """The draft's pacing under ``regime`` (none without one); BadParameter for a bad regime."""
-    from covspec.regime import DevicePacing, RegimeError, load_regime
-    from covspec.regime.pacing import NO_PACING
+    from covspec.regime import RegimeError
+    from covspec.regime import device_pacing as pacing_for
 
     try:
-        return DevicePacing(load_regime(regime).device) if regime else NO_PACING
+        return pacing_for(regime)
     except RegimeError as exc:
         raise click.BadParameter(str(exc), param_hint="--regime") from None
 
@@ -84,10 +84,6 @@ class DeviceSetup:
         """A new conversation about ``image_bytes`` (default: the --image)."""
         return Conversation(CoInference(self.artifact, self.client), image_bytes or self.image_bytes, self.settings,
                             self.options)
-
-    @staticmethod
-    def new_stats() -> GenerationStats:
-        return GenerationStats()
 
     def close(self) -> None:
         self.client.close()

@@ -13,8 +13,14 @@ Numpy and the standard library only: both runtimes import this package, and the
 device never imports torch.
 """
 
-from covspec.regime.pacing import DevicePacing, EdgePacing, Pacer
+from covspec.regime.pacing import NO_PACING, DevicePacing, EdgePacing, Pacer
 from covspec.regime.profiles import DeviceProfile, Regime, RegimeError, TargetProfile, builtin_regimes, load_regime
 
+
+def device_pacing(regime: str | None):
+    """The draft's pacing under ``regime`` (``NO_PACING`` without one); ``RegimeError`` for a bad one."""
+    return DevicePacing(load_regime(regime).device) if regime else NO_PACING
+
+
 __all__ = ["DevicePacing", "DeviceProfile", "EdgePacing", "Pacer", "Regime", "RegimeError", "TargetProfile",
-           "builtin_regimes", "load_regime"]
+           "builtin_regimes", "device_pacing", "load_regime"]

@@ -57,8 +57,7 @@ from covspec.bench.harness.edge import ask, start_edge
 from covspec.bench.harness.rss import RssSampler
 from covspec.bench.harness.workload import follow_ups, toy_questions
 from covspec.protocol.messages import Ping, Pong
-from covspec.regime import DevicePacing, load_regime
-from covspec.regime.pacing import NO_PACING
+from covspec.regime import device_pacing
 from covspec.runtime_device.artifact import DraftArtifact
 from covspec.runtime_device.engine import ArtifactDraft
 from covspec.runtime_device.options import GenerationSettings
@@ -131,12 +130,6 @@ class CapacityPlan:
     def quick(cls) -> "CapacityPlan":
         """A smoke test of every phase: 2 devices, 1 s per phase, 2 questions, short answers."""
         return cls(levels=(2,), seconds=1.0, questions=2, max_new_tokens=24, agreement_levels=(2,))
-
-
-def device_pacing(regime: str | None):
-    """The draft's pacing under ``regime`` (none without one): chunk tables built with it
-    record the phone's times, which the replay devices then take."""
-    return DevicePacing(load_regime(regime).device) if regime else NO_PACING
 
 
 def prepare_tables(plan: CapacityPlan, artifact: DraftArtifact, target_dir: Path) -> dict[str, list[ChunkTable]]:

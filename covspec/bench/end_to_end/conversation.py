@@ -179,15 +179,13 @@ def _toy_edge(regime: str | None):
 @contextmanager
 def _device(artifacts: Path, address: str, regime: str | None):
     """A ``CoInference`` on ``artifacts`` (paced to ``regime``'s phone) against ``address`` for a ``with``."""
-    from covspec.regime import DevicePacing, load_regime
-    from covspec.regime.pacing import NO_PACING
+    from covspec.regime import device_pacing
     from covspec.runtime_device.artifact import DraftArtifact
     from covspec.runtime_device.client import Backoff, EdgeClient
     from covspec.runtime_device.engine import CoInference
 
-    pacing = DevicePacing(load_regime(regime).device) if regime else NO_PACING
     client = EdgeClient(address, Backoff(timeout_s=10))
     try:
-        yield CoInference(DraftArtifact.load(artifacts, threads=1, pacing=pacing), client)
+        yield CoInference(DraftArtifact.load(artifacts, threads=1, pacing=device_pacing(regime)), client)
     finally:
         client.close()

@@ -86,8 +86,7 @@ class Bench:
 
     def __init__(self, artifacts: Path, target_dir: Path, settings: GenerationSettings, edge_log: Path,
                  regime: str | None = None):
-        from covspec.regime import DevicePacing, load_regime
-        from covspec.regime.pacing import NO_PACING
+        from covspec.regime import device_pacing
         from covspec.runtime_edge import EdgeProcess, ServerConfig
 
         self.settings = settings
@@ -96,8 +95,7 @@ class Bench:
                                 log_path=edge_log).start()
         pin_to_cores(self.edge.pid, self.edge_cores)
         pin_to_cores(0, self.device_cores)
-        pacing = DevicePacing(load_regime(regime).device) if regime else NO_PACING
-        self.artifact = DraftArtifact.load(artifacts, threads=1, pacing=pacing)
+        self.artifact = DraftArtifact.load(artifacts, threads=1, pacing=device_pacing(regime))
 
     def close(self) -> None:
         self.edge.stop()
