@@ -96,11 +96,29 @@ def run(draft_logits, target_logits, settings, options, delay, eos_ids=frozenset
 def test_a_perfect_draft_keeps_every_pipelined_chunk():
     target = random_table(0, VOCAB)
     options = DraftingOptions(lead="device", policy="fixed", draft_len=4, pipeline=True, max_in_flight=3, branches=0)
-    tokens, stats = run(target, target, GenerationSettings(max_new_tokens=30), options, delay=5)
+    tokens, stats = run(target, target, GenerationSettings(max_new_tokens=30), options, delay=12)
     assert tokens == greedy_sequence(target, 30)
     assert stats.stale == 0 and stats.pipelined_misses == 0
     assert stats.deepest_in_flight == 3 and stats.pipelined_hits >= 4
     assert sum(stats.accepted) == stats.drafted > 0            # every drafted token was accepted
+
+
+def test_a_pipelined_chunk_ends_when_the_verdict_arrives():
+    """The verdict on the oldest chunk is applied as soon as it arrives, not after the
+    pipelined chunk under way is finished (the edge would idle meanwhile): that chunk ends
+    where it is and is still sent, and still used when the verdict confirms it."""
+    target = random_table(0, VOCAB)
+    options = DraftingOptions(lead="device", policy="fixed", draft_len=6, pipeline=True, max_in_flight=2, branches=0)
+    events = []
+    edge = InProcessEdge(TableTarget(target, VOCAB), delay=3)
+    device = CoInference(TableDraft(target), edge)
+    stats = GenerationStats()
+    tokens = [t for chunk in device.generate(b"image", "question", GenerationSettings(max_new_tokens=30), options,
+                                             stats, events.append) for t in chunk]
+    assert tokens == greedy_sequence(target, 30)
+    pipelined = [e for e in events if e["event"] == "chunk" and e.get("assumed", -1) != -1]
+    assert pipelined and all(1 <= e["len"] < 6 for e in pipelined)
+    assert stats.pipelined_hits >= 1 and stats.stale == 0
 
 
 def test_a_wrong_bonus_guess_drops_the_pipelined_chunks():

@@ -142,7 +142,7 @@ class DeviceLed:
                 if pipeline else 0.0
             use = waiting.next_use(pipeline, all_accepted, self.policy.pipeline_weight(), outcomes)
             if use == "pipeline":
-                can_pipeline = self._pipeline()
+                can_pipeline = self._pipeline(oldest)
             elif use == "branch":
                 outcome = outcomes.pop(0)
                 if not self._draft_branch(oldest, outcome.accepted, outcome.token):
@@ -150,14 +150,20 @@ class DeviceLed:
             else:
                 break
 
-    def _pipeline(self) -> bool:
+    def _pipeline(self, oldest: Chunk) -> bool:
         """Send one more chunk, drafted assuming every chunk in flight is fully accepted and
-        the bonus after them is the draft's own guess; False when that guess ends the answer."""
+        the bonus after them is the draft's own guess; False when that guess ends the answer.
+        The chunk ends where it is when the verdict on ``oldest`` arrives, so that the
+        verdict is applied at once (the edge idles until the device's next chunk); it is
+        sent even so (an outside event cut it, never its tokens), and answered ``stale``
+        when the verdict disproves what it assumed."""
+        session = self.generation.session
         prefix = waiting.assumed_prefix(self.generation.committed, self.in_flight)
         bonus, confidence = self.proposer.guess_bonus(prefix)
         if bonus in self.eos_ids:
             return False
-        chunk = self._draft(prefix + [bonus], start=self.in_flight[-1].end + 1)
+        chunk = self._draft(prefix + [bonus], start=self.in_flight[-1].end + 1,
+                            interrupt=lambda: session.verdict_ready(oldest))
         chunk.assumed, chunk.assumed_confidence = bonus, confidence
         self._send(chunk)
         return True

@@ -96,18 +96,20 @@ class EdgeLed:
 
     def step(self) -> list[int]:
         if self.generation.draft_ready() and self.chunk is None:
-            if self.hand_over is not None and self.planner.device_leads_better():
-                self._send(self._draft(), device_leads=True)
+            verified = self.planner.hand_over_len() if self.hand_over is not None else None
+            if verified is not None:
+                self._send(self._draft(verified), device_leads=True)
             elif self.quiet or self.planner.worth_drafting():
                 self._send(self._draft())
         new = self._absorb()
         self.quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
         return new
 
-    def _draft(self) -> Chunk:
+    def _draft(self, verified: int | None = None) -> Chunk:
+        """A chunk from the committed tokens: the planner's overlap and ``verified`` tokens past it."""
         committed = self.generation.committed
         start = len(committed)
-        return self.proposer.draft(committed, start, self.generation.limit(start, self.planner.chunk_len()),
+        return self.proposer.draft(committed, start, self.generation.limit(start, self.planner.chunk_len(verified)),
                                    fixed_length=not self.settings.greedy)
 
     def _send(self, chunk: Chunk, device_leads: bool = False) -> None:

@@ -48,16 +48,20 @@ class LeadPlanner:
         self.agreed, self.compared = 7.0, 10.0              # a prior of 0.7 worth ten tokens
         self.skipped = 0                                    # asks answered "not worth it" in a row
 
-    def overlap(self) -> float:
-        """The tokens the edge is expected to generate before a chunk drafted now arrives."""
+    def overlap(self, verified: int | None = None) -> float:
+        """The tokens the edge is expected to generate before a chunk drafted now, with
+        ``verified`` tokens past the overlap (default ``draft_len``), arrives."""
         if self.edge_step_s is None:
             return 0.0
         step = max(self.edge_step_s, 1e-6)
-        return ((self.rtt_s or 0.0) + self.draft_len * (self.draft_step_s or 0.0)) / step / \
+        verified = self.draft_len if verified is None else verified
+        return ((self.rtt_s or 0.0) + verified * (self.draft_step_s or 0.0)) / step / \
             max(1.0 - (self.draft_step_s or 0.0) / step, 0.25)
 
-    def chunk_len(self) -> int:
-        return int(min(self.max_len, math.ceil(self.overlap() + self.draft_len)))
+    def chunk_len(self, verified: int | None = None) -> int:
+        """The overlap and ``verified`` tokens past it (default ``draft_len``)."""
+        verified = self.draft_len if verified is None else verified
+        return int(min(self.max_len, math.ceil(self.overlap(verified) + verified)))
 
     def worth_drafting(self) -> bool:
         """Whether to draft a chunk now; below ``min_survival`` still once every
@@ -69,7 +73,13 @@ class LeadPlanner:
         return False
 
     def device_leads_better(self) -> bool:
-        """Whether device-led rounds would commit ``HAND_OVER_GAIN`` times the tokens per
+        return self.hand_over_len() is not None
+
+    def hand_over_len(self) -> int | None:
+        """The verified length of the chunk that hands the lead to the device (the best
+        round length k below), or None while the edge stepping alone is better.
+
+        Whether device-led rounds would commit ``HAND_OVER_GAIN`` times the tokens per
         second of the target stepping alone (``plan.round_rate``, the plan's own formula): a
         round of k drafted tokens commits ``1 + a + ... + a**k`` tokens (a: the agreement
         so far) in ``k d + rtt + F``
@@ -78,17 +88,19 @@ class LeadPlanner:
         best k. T is the edge's own forward time for a step (what its streamed tokens
         report), not their spacing on arrival, which bunches while the device drafts;
         the round trip measured edge-led includes waiting for the step under way, half
-        a step on average, which a device-led round does not. False until the edge's
-        step, the draft's step and the round trip have been measured."""
+        a step on average, which a device-led round does not. None until the edge's
+        step, the draft's step and the round trip have been measured. The hand-over chunk
+        is as long as a round's past its overlap, not an edge-led chunk's: the sooner it
+        is drafted, the sooner the rounds begin."""
         if self.edge_forward_s is None or self.draft_step_s is None or self.rtt_s is None:
-            return False
+            return None
         step = max(self.edge_forward_s, 1e-6)
         costs = plan.Costs(target_step_s=step, target_prefill_s=0.0, verify_s=(max(step, self.verify_s or 0.0),),
                            draft_step_s=self.draft_step_s, draft_prefill_s=0.0,
                            rtt_s=max(self.rtt_s - step / 2, 0.0), upload_s=0.0)
         agreement = [self.agreed / self.compared]
-        best = max(plan.round_rate(costs, agreement, k) for k in range(1, self.max_len + 1))
-        return best * step > plan.HAND_OVER_GAIN
+        rate, k = max((plan.round_rate(costs, agreement, k), k) for k in range(1, self.max_len + 1))
+        return k if rate * step > plan.HAND_OVER_GAIN else None
 
     def observe_agreement(self, agreed: int, compared: int) -> None:
         self.agreed, self.compared = self.agreed + agreed, self.compared + compared
