@@ -290,12 +290,13 @@ def test_greedy_on_the_toy_set_with_the_lead_handed_over(toy):
     """The default (``lead="auto"``) against an edge paced like a 7B target on an A100
     (27 ms a step; the toy draft is unpaced, 100x faster): edge-led while the draft
     prefills, then the planner hands the lead to the device and device-led rounds go
-    on in the same session; every answer is the target's own."""
+    on in the same session (their first chunk drafted while the hand-over chunk was
+    verified); every answer is the target's own."""
     from covspec.runtime_device.client import EdgeClient
     from covspec.runtime_edge import EdgeServer, ServerConfig
 
     settings = GenerationSettings(max_new_tokens=48)
-    handed_over = rounds_after = 0
+    handed_over = rounds_after = looked_ahead = 0
     config = ServerConfig(bind="tcp://127.0.0.1:*", edge_steps="always", threads=1, regime="phone-135m@7b-a100-hf")
     with EdgeServer(toy["target"], config) as server:
         client = EdgeClient(server.address)
@@ -309,5 +310,7 @@ def test_greedy_on_the_toy_set_with_the_lead_handed_over(toy):
             if "hand_over" in names:
                 handed_over += 1
                 rounds_after += names[names.index("hand_over"):].count("verdict")
+                looked_ahead += sum(1 for e in events if e["event"] == "ahead" and e["len"] >= 1)
         client.close()
     assert handed_over >= 4 and rounds_after > 0
+    assert looked_ahead >= 1        # the first round's chunk drafted while the hand-over chunk was verified

@@ -194,6 +194,10 @@ class EdgeClient:
             if self._matches(reply, session):
                 return reply
 
+    def message_waiting(self) -> bool:
+        """Whether a message waits to be read (never blocks, reads nothing)."""
+        return self._held is not None or bool(self.socket.poll(0))
+
     def reply_ready(self, session: str, seq: int) -> bool:
         """Whether the reply to (session, seq) has arrived (never blocks). Other replies
         read on the way (to chunks already given up, answered ``stale``) are dropped, so

@@ -51,6 +51,12 @@ class DeviceLed:
         self.successor: Strategy | None = None
         self.in_flight: deque[Chunk] = deque()
         self.branches: dict[tuple[int, int], Chunk] = {}
+        self.first: Chunk | None = None       # drafted by the strategy that handed the lead over
+
+    def lead_with(self, chunk: Chunk) -> None:
+        """Send ``chunk`` first if the committed tokens are what it assumed (``assumed``
+        at ``start - 1`` and everything before it): the hand-over's pipelined chunk."""
+        self.first = chunk
 
     def begin(self, generation: Generation) -> None:
         self.generation = generation
@@ -66,7 +72,16 @@ class DeviceLed:
         generation = self.generation
         # 1. Keep a chunk in flight.
         if not self.in_flight:
-            self._send(self._draft(generation.committed, start=len(generation.committed)))
+            first, self.first = self.first, None
+            used = first is not None and first.start == len(generation.committed) \
+                and generation.committed[first.start - 1] == first.assumed
+            if first is not None:
+                generation.trace({"event": "ahead", "len": len(first.tokens), "used": used})
+            if used:
+                first.assumed = NO_TOKEN                # sent after the verdict that confirmed it
+                self._send(first)
+            else:
+                self._send(self._draft(generation.committed, start=len(generation.committed)))
         # 2. Use the wait: pipeline the next chunk, or draft branches.
         self._speculate()
         # 3. The verdict on the oldest chunk in flight (reopen if the edge is lost).

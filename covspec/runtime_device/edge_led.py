@@ -58,6 +58,7 @@ from collections.abc import Callable
 from covspec.protocol.errors import BUSY, REPLAYED, UNKNOWN_SESSION
 from covspec.protocol.messages import Error, Message, Result
 from covspec.protocol.verification import NO_TOKEN
+from covspec.runtime_device import waiting
 from covspec.runtime_device.client import EdgeError
 from covspec.runtime_device.draft_model import draft_rng
 from covspec.runtime_device.lead_planner import LeadPlanner
@@ -79,6 +80,8 @@ class EdgeLed:
         self.planner, self.hand_over = planner, hand_over
         self.successor: Strategy | None = None
         self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
+        self.ahead: Chunk | None = None       # drafted after the hand-over chunk, for the successor's first round
+        self.looked_ahead = False
         self.last_step_at: float | None = None
         self.busy = 0                         # busy replies since the last token
         self.stale = 0                        # stale verdicts since the last token
@@ -92,7 +95,7 @@ class EdgeLed:
                                                   draft_rng(self.settings.seed), alternatives=False)
 
     def opened(self) -> None:
-        self.chunk, self.last_step_at, self.stale = None, None, 0
+        self.chunk, self.ahead, self.looked_ahead, self.last_step_at, self.stale = None, None, False, None, 0
 
     def step(self) -> list[int]:
         if self.generation.draft_ready() and self.chunk is None:
@@ -101,6 +104,8 @@ class EdgeLed:
                 self._send(self._draft(verified), device_leads=True)
             elif self.quiet or self.planner.worth_drafting():
                 self._send(self._draft())
+        elif self.chunk is not None and self.chunk.device_leads and not self.looked_ahead:
+            self.looked_ahead, self.ahead = True, self._draft_ahead(self.chunk)
         new = self._absorb()
         self.quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
         return new
@@ -111,6 +116,24 @@ class EdgeLed:
         start = len(committed)
         return self.proposer.draft(committed, start, self.generation.limit(start, self.planner.chunk_len(verified)),
                                    fixed_length=not self.settings.greedy)
+
+    def _draft_ahead(self, chunk: Chunk) -> Chunk | None:
+        """While the hand-over chunk is verified, the successor's first chunk: drafted
+        assuming ``chunk`` fully accepted and the draft's guess as its bonus (greedy, so
+        what is drafted meanwhile never matters to the output), at most a round long and
+        ended when a message arrives (the verdict, or a token streamed before the edge
+        met the chunk); None when the guess ends the answer. Without it the
+        edge, which steps no more, would idle while that chunk is drafted after the verdict."""
+        prefix = self.generation.committed[:chunk.start] + chunk.tokens
+        bonus, _ = self.proposer.guess_bonus(prefix)
+        if waiting.ends_generation(bonus, len(prefix) + 1, self.generation.draft.eos_ids,
+                                   self.settings.max_new_tokens):
+            return None
+        verified = self.planner.hand_over_len() or self.planner.draft_len
+        ahead = self.proposer.draft(prefix + [bonus], len(prefix) + 1, self.generation.limit(len(prefix) + 1, verified),
+                                    self.client.message_waiting)
+        ahead.assumed = bonus
+        return ahead
 
     def _send(self, chunk: Chunk, device_leads: bool = False) -> None:
         chunk.device_leads = device_leads
@@ -171,6 +194,8 @@ class EdgeLed:
         self.chunk = None
         if chunk.device_leads:                # the edge steps no more: the device leads from this verdict on
             self.successor, generation.session.mode = self.hand_over(), "speculative"
+            if self.ahead is not None:
+                self.successor.lead_with(self.ahead)
         if reply.status == "stale":
             self._judged(chunk)
             generation.stats.stale += 1
