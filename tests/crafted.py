@@ -226,6 +226,9 @@ class SteppingEdge:
     def receive(self, session: str, seq: int, timeout_s: float, expect: type | None = None) -> Message | None:
         return self.outbox.pop(0) if self.outbox else None
 
+    def message_waiting(self) -> bool:
+        return bool(self.outbox)
+
     def receive_any(self, session: str, timeout_s: float) -> Message | None:
         if not self.outbox and self.session is not None and not self.session.done:
             self._tick()

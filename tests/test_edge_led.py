@@ -64,7 +64,8 @@ def test_greedy_equals_the_target_whatever_the_delay(delay):
     mixed = lambda prefix: target(prefix) if len(prefix) % 13 else draft(prefix)   # noqa: E731 - agrees often
     tokens, stats = run(mixed, target, GenerationSettings(max_new_tokens=40), delay)
     assert tokens == greedy_sequence(target, 40)
-    assert stats.edge_steps > 0 and stats.rounds > 0 and sum(stats.accepted) > 0
+    assert stats.rounds > 0 and sum(stats.accepted) > 0
+    assert (stats.edge_steps > 0) == (delay > 0)     # with no delay the draft is always ahead: every forward verifies
 
 
 def test_the_lead_planner_covers_the_overlap_and_keeps_exploring():
@@ -243,28 +244,37 @@ def _v1_edge_led_open(prompt: str, image: np.ndarray, vocab_hash: str) -> list[b
     return [json.dumps(header).encode()] + frames[1:]
 
 
+def raw_device(address: str):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.RCVTIMEO, 20000)
+    socket.connect(address)
+    return socket
+
+
+def open_edge_led(socket, toy, question, owner: str, session: str, streamed: int) -> list[int]:
+    """Open an edge-led session from a raw device; the first ``streamed`` tokens it commits."""
+    from covspec.runtime_edge.target import TargetModel
+
+    socket.send_multipart(encode(Open(
+        session=session, seq=1, owner=owner, prompt=question.question, mode="edge_led",
+        image=np.frombuffer(question.image_png, np.uint8), max_new_tokens=48,
+        vocab_hash=TargetModel.load(toy["target"]).vocab_hash, committed=np.zeros(0, np.int32))))
+    return [decode(socket.recv_multipart()).token for _ in range(streamed)]
+
+
 def test_the_edge_stops_stepping_once_the_device_leads(toy):
     """A raw device: the edge streams its own tokens until a verify with ``device_leads``;
     it verifies that chunk as an edge-led one, streams nothing after its verdict, and
     verifies the next chunk as a speculative session would."""
     from covspec.protocol.ownership import new_owner, session_id_for
-    from covspec.runtime_edge.target import TargetModel
 
     question, reference = toy["questions"][0], toy["references"][0]
     owner = new_owner()
     session = session_id_for(owner)
     with serve(toy, "always") as server:
-        socket = zmq.Context.instance().socket(zmq.DEALER)
-        socket.setsockopt(zmq.RCVTIMEO, 20000)
-        socket.connect(server.address)
+        socket = raw_device(server.address)
         try:
-            socket.send_multipart(encode(Open(
-                session=session, seq=1, owner=owner, prompt=question.question, mode="edge_led",
-                image=np.frombuffer(question.image_png, np.uint8), max_new_tokens=48,
-                vocab_hash=TargetModel.load(toy["target"]).vocab_hash, committed=np.zeros(0, np.int32))))
-            committed = [decode(socket.recv_multipart()).token]
-            while len(committed) < 3:                                   # the edge's own steps
-                committed.append(decode(socket.recv_multipart()).token)
+            committed = open_edge_led(socket, toy, question, owner, session, streamed=3)   # the edge's own steps
             chunk = reference[len(committed) - 1:len(committed) + 12]   # covers what it may step meanwhile
             socket.send_multipart(encode(Verify(session=session, seq=2, owner=owner, start=len(committed) - 1,
                                                 tokens=np.asarray(chunk, np.int32), device_leads=True)))
@@ -282,6 +292,42 @@ def test_the_edge_stops_stepping_once_the_device_leads(toy):
             verdict = decode(socket.recv_multipart())
             assert verdict.seq == 3 and verdict.status == "ok" and verdict.start == start and verdict.accepted == 4
             assert verdict.token == reference[start + 4]
+        finally:
+            socket.close(linger=0)
+
+
+def test_a_newer_chunk_waiting_at_the_edge_supersedes_an_older_one(toy):
+    """A draft that runs ahead sends its continuation again and again from its committed
+    end; two such chunks of a greedy edge-led session waiting together at the edge (they
+    arrive while it steps, 27 ms a step): the older is answered ``stale`` unrun and the
+    newer, holding its tokens and more, verified in one forward."""
+    from covspec.protocol.ownership import new_owner, session_id_for
+    from covspec.runtime_edge import EdgeServer, ServerConfig
+
+    question, reference = toy["questions"][0], toy["references"][0]
+    owner = new_owner()
+    session = session_id_for(owner)
+    config = ServerConfig(bind="tcp://127.0.0.1:*", edge_steps="always", threads=1, regime="phone-135m@7b-a100-hf")
+    with EdgeServer(toy["target"], config) as server:
+        socket = raw_device(server.address)
+        try:
+            committed = open_edge_led(socket, toy, question, owner, session, streamed=3)   # the next step has begun
+            start = len(committed)
+            for seq, length in ((2, 6), (3, 10)):
+                socket.send_multipart(encode(Verify(session=session, seq=seq, owner=owner, start=start,
+                                                    tokens=np.asarray(reference[start:start + length], np.int32))))
+            replies = {}
+            while 3 not in replies:
+                reply = decode(socket.recv_multipart())
+                if reply.seq == 1:
+                    committed.append(reply.token)      # the step under way when the chunks arrived
+                else:
+                    replies[reply.seq] = reply
+            assert replies[2].status == "stale"
+            verdict = replies[3]
+            assert verdict.status == "ok" and verdict.start == len(committed)
+            assert verdict.accepted == start + 10 - len(committed)                  # the rest of the newer chunk
+            assert committed == reference[:len(committed)] and verdict.token == reference[start + 10]
         finally:
             socket.close(linger=0)
 

@@ -7,19 +7,30 @@ when the answer is complete.
 
 The session is opened in ``edge_led`` mode. From ``opened`` on, the edge generates by
 itself and streams every token (results with the open's ``seq``); the device drafts
-from the latest tokens it has seen and keeps one chunk in flight. The edge verifies a
+from the latest tokens it has seen and sends chunks. The edge verifies a
 chunk when it arrives: the tokens the target generated meanwhile must equal the
 chunk's tokens at those positions, and the rest is verified in one forward, the
 verdict naming the position ``start`` where verification began. So the answer comes
 at least as fast as the target alone (less the cost of the verify forwards), and
 faster whenever a chunk arrives before the target reached its end.
 
-A chunk is long enough to cover what the target generates while it drafts and
-travels (``lead_planner.LeadPlanner``: the edge's token interval, the round trip and the draft's
-step time, measured as the generation runs) plus ``draft_len`` tokens to verify.
-A chunk that a streamed token contradicts is given up at once and a fresh one drafted
-(the edge would answer it ``stale``). Pipelining and branches are not used here: the
-edge's own steps take their place.
+Greedy (``continuous``): the draft runs ahead. It extends its own continuation of the
+committed tokens one token at a time without waiting for verdicts, and sends it from
+the committed end about twice per edge forward, each chunk a superset of the last; the
+edge verifies the newest chunk waiting when its forward under way ends (answering the
+older ones ``stale`` unrun) and steps by itself only when no chunk waits. A
+continuation the committed tokens contradict is dropped and drafted again from them,
+and drafting pauses once the continuation is unlikely to survive (the agreement so far
+over its unverified length, ``LeadPlanner.min_survival``). Neither the draft nor the
+edge waits for the other, which is what a slow link needs most: over a 60 ms round
+trip the draft keeps drafting while its chunks travel.
+
+Sampling: one chunk in flight, long enough to cover what the target generates while it
+drafts and travels (``lead_planner.LeadPlanner``: the edge's token interval, the round
+trip and the draft's step time, measured as the generation runs) plus ``draft_len``
+tokens to verify. A chunk that a streamed token contradicts is given up at once and a
+fresh one drafted (the edge would answer it ``stale``). Pipelining and branches are not
+used in either: the edge's own steps take their place.
 
 Hand-over (``lead="auto"``, greedy). Edge-led suits the start of an answer, while the
 draft still prefills, and a draft no faster than the target; once the draft is ready
@@ -79,7 +90,10 @@ class EdgeLed:
     def __init__(self, planner: LeadPlanner, hand_over: Callable[[], Strategy] | None = None):
         self.planner, self.hand_over = planner, hand_over
         self.successor: Strategy | None = None
-        self.chunk: Chunk | None = None       # the chunk in flight, while it can still be used
+        self.in_flight: dict[int, Chunk] = {}  # by seq: the chunks sent that can still be used
+        self.path = Chunk(start=0)            # continuous: the draft's own continuation of the committed tokens
+        self.sent_end = 0                     # continuous: where the last chunk sent ended
+        self.sent_at = 0.0
         self.ahead: Chunk | None = None       # drafted after the hand-over chunk, for the successor's first round
         self.looked_ahead = False
         self.last_step_at: float | None = None
@@ -89,23 +103,38 @@ class EdgeLed:
 
     def begin(self, generation: Generation) -> None:
         self.generation, self.client, self.settings = generation, generation.client, generation.settings
+        # Greedy: the draft runs ahead continuously. Sampling: one chunk at a time, of a length
+        # fixed before drafting, and never a hand-over (device-led sampling would draw other tokens).
+        self.continuous = self.settings.greedy
         if not self.settings.greedy:
-            self.hand_over = None             # device-led sampling would draw other tokens: never hand over
+            self.hand_over = None
         self.proposer = generation.draft.proposer(generation.codec, self.settings.sampling, self.planner,
                                                   draft_rng(self.settings.seed), alternatives=False)
 
     def opened(self) -> None:
-        self.chunk, self.ahead, self.looked_ahead, self.last_step_at, self.stale = None, None, False, None, 0
+        self.in_flight, self.ahead, self.looked_ahead, self.last_step_at, self.stale = {}, None, False, None, 0
+        self.path, self.sent_end = Chunk(start=0), 0        # followed to the committed end on the next step
+
+    @property
+    def chunk(self) -> Chunk | None:
+        """The oldest chunk in flight (the only one unless ``continuous``)."""
+        return next(iter(self.in_flight.values()), None)
 
     def step(self) -> list[int]:
-        if self.generation.draft_ready() and self.chunk is None:
+        if self.generation.draft_ready():
+            handing = next((c for c in self.in_flight.values() if c.device_leads), None)
+            if handing is not None:
+                if not self.looked_ahead:
+                    self.looked_ahead, self.ahead = True, self._draft_ahead(handing)
+                return self._absorb()
             verified = self.planner.hand_over_len() if self.hand_over is not None else None
-            if verified is not None:
+            if verified is not None and (self.continuous or self.chunk is None):
                 self._send(self._draft(verified), device_leads=True)
-            elif self.quiet or self.planner.worth_drafting():
+                return self._absorb()
+            if self.continuous:
+                return self._step_continuous()
+            if self.chunk is None and (self.quiet or self.planner.worth_drafting()):
                 self._send(self._draft())
-        elif self.chunk is not None and self.chunk.device_leads and not self.looked_ahead:
-            self.looked_ahead, self.ahead = True, self._draft_ahead(self.chunk)
         new = self._absorb()
         self.quiet = not new and self.chunk is None   # an edge that does not step: draft anyway
         return new
@@ -116,6 +145,82 @@ class EdgeLed:
         start = len(committed)
         return self.proposer.draft(committed, start, self.generation.limit(start, self.planner.chunk_len(verified)),
                                    fixed_length=not self.settings.greedy)
+
+    # -- continuous: the draft runs ahead of the edge -------------------------------------------
+
+    def _step_continuous(self) -> list[int]:
+        """Greedy: the draft extends its own continuation of the committed tokens one token
+        at a time, without waiting for verdicts, and sends it from the committed end about
+        once per edge forward (each chunk a superset of the last: the edge skips what it
+        committed meanwhile and verifies the rest). The edge never idles and neither does
+        the draft; a continuation the committed tokens contradict is dropped and drafted
+        again from them."""
+        self._follow_committed()
+        extending = self._can_extend()
+        if extending:
+            self._extend()
+        if self._send_due():
+            self._send_path()
+        new = self._absorb(wait=not extending)
+        self.quiet = not new and not self.in_flight and not extending   # nothing heard: send the path again
+        return new
+
+    def _follow_committed(self) -> None:
+        """Trim the continuation to what follows the committed tokens; start it again from
+        them when they disagree with it (counted as the draft's agreement)."""
+        committed, path = self.generation.committed, self.path
+        covered = len(committed) - path.start
+        agreed = next((i for i, (a, b) in enumerate(zip(path.tokens, committed[path.start:])) if a != b),
+                      min(covered, len(path.tokens)))
+        if covered > 0:
+            self.planner.observe_agreement(agreed, agreed + (agreed < min(covered, len(path.tokens))))
+        if agreed < min(covered, len(path.tokens)) or covered > len(path.tokens):
+            self.path = Chunk(start=len(committed))
+            self.sent_end = 0
+        elif covered > 0:
+            del path.tokens[:covered], path.confidences[:covered], path.rows[:covered]
+            path.start = len(committed)
+
+    def _can_extend(self) -> bool:
+        """Whether drafting one more token is worth it: the continuation survives the edge's
+        checks with a fair chance (the agreement so far, over its unverified length), is
+        shorter than the longest chunk, and has not reached EOS or ``max_new_tokens``."""
+        path = self.path
+        if path.tokens and path.tokens[-1] in self.generation.draft.eos_ids:
+            return False
+        return (len(path.tokens) < self.planner.max_len and path.end < self.settings.max_new_tokens
+                and (self.planner.agreed / self.planner.compared) ** len(path.tokens) >= self.planner.min_survival)
+
+    def _extend(self) -> None:
+        path, began = self.path, time.perf_counter()
+        token = self.proposer.draft(self.generation.committed[:path.start] + path.tokens, path.end, 1)
+        self.planner.observe_draft_step(time.perf_counter() - began)      # one decoder run: the token before, fed
+        path.tokens += token.tokens
+        path.confidences += token.confidences
+        path.rows += token.rows
+        self.generation.stats.drafted += 1
+
+    def _send_due(self) -> bool:
+        """Whether to send the continuation now: it holds tokens not sent yet, and the last
+        chunk was sent half an edge forward ago (or none is in flight). The edge verifies
+        the newest chunk waiting when its forward under way ends and answers the older
+        ones ``stale`` unrun, so what it verifies is at most half a forward old; sending
+        more often would only add messages."""
+        if self.quiet and self.path.tokens:
+            return True                  # the edge went quiet (a lost token, say): its answer tells where it is
+        if self.path.end <= max(self.sent_end, self.path.start):
+            return False
+        interval = (self.planner.edge_forward_s or self.planner.edge_step_s or 0.0) / 2
+        return not self.in_flight or time.perf_counter() - self.sent_at >= interval
+
+    def _send_path(self) -> None:
+        path = self.path
+        chunk = Chunk(start=path.start, tokens=list(path.tokens), confidences=list(path.confidences),
+                      rows=list(path.rows))
+        chunk.device_leads = False
+        self.generation.send(chunk, drafted=0)          # its tokens were counted as they were drafted
+        self.in_flight[chunk.seq] = chunk
+        self.sent_end, self.sent_at = path.end, chunk.sent_at
 
     def _draft_ahead(self, chunk: Chunk) -> Chunk | None:
         """While the hand-over chunk is verified, the successor's first chunk: drafted
@@ -138,26 +243,29 @@ class EdgeLed:
     def _send(self, chunk: Chunk, device_leads: bool = False) -> None:
         chunk.device_leads = device_leads
         self.generation.send(chunk)
-        self.chunk = chunk
+        self.in_flight[chunk.seq] = chunk
 
-    def _absorb(self) -> list[int]:
-        """Wait for the next message of the session and apply it and any that follow it
-        at once; the tokens they commit. Reopens the session when the edge lost it."""
+    def _absorb(self, wait: bool = True) -> list[int]:
+        """Wait for the next message of the session (not at all unless ``wait``) and apply
+        it and any that follow it at once; the tokens they commit. Reopens the session when
+        the edge lost it."""
         generation, backoff = self.generation, self.client.backoff
         new: list[int] = []
-        timeout = backoff.timeout_s if self.chunk is not None else QUIET_S
+        timeout = 0.0 if not wait else backoff.timeout_s if self.in_flight else QUIET_S
         reply = self.client.receive_any(generation.session.id, timeout)
         until = time.perf_counter() + backoff.timeout_s      # an endless stream still yields
         while reply is not None:
             new += self._apply(reply)
             if generation.done or time.perf_counter() > until:
                 return new
-            reply = self.client.receive_any(generation.session.id, 0.0)
-        if self.chunk is not None and not self.chunk.device_leads and not self._alive(self.chunk):
-            self._judged(self.chunk)
-            self.chunk = None                 # contradicted by a streamed token: the edge drops it
+            reply = self.client.receive_any(generation.session.id, 0.0) if self.client.message_waiting() else None
+        for chunk in list(self.in_flight.values()):
+            if not chunk.device_leads and not self._alive(chunk):
+                self._judged(chunk)
+                del self.in_flight[chunk.seq]     # contradicted by a streamed token: the edge drops it
             # (a chunk handing over the lead is waited for even so: the edge hands over on any verdict)
-        if not new and self.chunk is not None and time.perf_counter() - self.chunk.sent_at > backoff.timeout_s:
+        oldest = self.chunk
+        if not new and oldest is not None and time.perf_counter() - oldest.sent_at > backoff.timeout_s:
             new = generation.reopen("no reply for a whole timeout")          # the edge is lost
         return new
 
@@ -170,7 +278,7 @@ class EdgeLed:
                 return generation.reopen("the edge did not know it")
             if reply.code == BUSY and self.busy < self.client.backoff.retries:
                 self.busy += 1
-                self.chunk = None
+                self.in_flight.pop(reply.seq, None)
                 return []
             raise EdgeError(reply.code, reply.message)
         if not isinstance(reply, Result):
@@ -188,10 +296,9 @@ class EdgeLed:
                 self.planner.observe_edge_forward(reply.verify_ms / 1000)
             generation.stats.edge_steps += reply.token != NO_TOKEN
             return self._commit([], reply)
-        chunk = self.chunk
-        if chunk is None or reply.seq != chunk.seq:
+        chunk = self.in_flight.pop(reply.seq, None)
+        if chunk is None:
             return []                                                  # a chunk given up earlier
-        self.chunk = None
         if chunk.device_leads:                # the edge steps no more: the device leads from this verdict on
             self.successor, generation.session.mode = self.hand_over(), "speculative"
             if self.ahead is not None:
@@ -199,6 +306,8 @@ class EdgeLed:
         if reply.status == "stale":
             self._judged(chunk)
             generation.stats.stale += 1
+            if any(seq > chunk.seq for seq in self.in_flight):
+                return []                     # superseded by a newer chunk waiting with it at the edge
             self.stale += 1                   # an edge that steps streams its tokens before the stale verdict:
             if self.stale > max(self.client.backoff.retries, 1):    # stale again and again, none between: lost
                 return generation.reopen(f"{self.stale} chunks in a row answered stale without a token between")

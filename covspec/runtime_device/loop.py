@@ -157,10 +157,11 @@ class Generation:
         ``max_new_tokens``, at least one."""
         return max(min(longest, self.settings.max_new_tokens - start), 1)
 
-    def send(self, chunk: Chunk, **trace) -> None:
-        """Send ``chunk`` as a new round of the session (traced with ``trace``'s fields)."""
+    def send(self, chunk: Chunk, drafted: int | None = None, **trace) -> None:
+        """Send ``chunk`` as a new round of the session (traced with ``trace``'s fields);
+        ``drafted``: its tokens not counted as drafted before (default: all)."""
         self.session.send(chunk)
-        self.stats.drafted += len(chunk.tokens)
+        self.stats.drafted += len(chunk.tokens) if drafted is None else drafted
         self.trace({"event": "chunk", "seq": chunk.seq, "start": chunk.start, "len": len(chunk.tokens), **trace})
 
     def commit(self, tokens: list[int], done: bool) -> list[int]:

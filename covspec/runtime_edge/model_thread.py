@@ -44,6 +44,7 @@ from covspec.runtime_edge.admission import check_kv_budget, make_room
 from covspec.runtime_edge.heap import HeapTrimmer
 from covspec.runtime_edge.prefix_cache import PrefixCache
 from covspec.runtime_edge.prefill import run_heads
+from covspec.runtime_edge.supersede import split_superseded
 from covspec.runtime_edge.rounds import pick_verifier, run_forward
 from covspec.runtime_edge.scheduler import CLOSE, OPEN, VERIFY, Budget, Prefilling, Streaming, Waiting, schedule
 from covspec.runtime_edge.session import Round, Session
@@ -141,7 +142,7 @@ class ModelThread:
         self._prefilling = collections.deque((s, r) for s, r in self._prefilling if live(s) and s.prefill)
         self._streaming = collections.deque((s, q) for s, q in self._streaming
                                             if live(s) and not s.done and s.mode != "speculative")
-        waiting = list(self._waiting)
+        waiting = self._supersede(list(self._waiting))
         oldest = self._prefilling[0][0].id if self._prefilling else None
         plan = schedule([Waiting(r.message.session, _KINDS[type(r.message)], len(getattr(r.message, "tokens", ())) + 1)
                          for r in waiting],
@@ -168,6 +169,16 @@ class ModelThread:
         if batch:
             self._run(batch)
         return bool(batch or plan.handle or plan.heads)
+
+    def _supersede(self, waiting: list[Request]) -> list[Request]:
+        """``waiting`` less the chunks a newer one supersedes (``supersede.superseded``),
+        each answered ``stale`` unrun."""
+        kept, superseded = split_superseded(waiting, self.sessions)
+        for request, session in superseded:
+            session.stats.stale, session.stats.bytes_in = session.stats.stale + 1, session.stats.bytes_in + request.nbytes
+            self._reply(request, Result(session=session.id, seq=request.message.seq, start=request.message.start,
+                                        status="stale"), session)
+        return kept
 
     def _heads(self, opening: list[tuple[Session, Request]]) -> None:
         """Run the heads of these opening sessions (``prefill.run_heads``), then charge each its KV."""
