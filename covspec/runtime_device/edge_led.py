@@ -113,6 +113,7 @@ class EdgeLed:
 
     def opened(self) -> None:
         self.in_flight, self.ahead, self.looked_ahead, self.last_step_at, self.stale = {}, None, False, None, 0
+        self.heard = True                     # a reply since the hand-over rule was last asked
         self.path, self.sent_end = Chunk(start=0), 0        # followed to the committed end on the next step
 
     @property
@@ -127,7 +128,8 @@ class EdgeLed:
                 if not self.looked_ahead:
                     self.looked_ahead, self.ahead = True, self._draft_ahead(handing)
                 return self._absorb()
-            verified = self.planner.hand_over_len() if self.hand_over is not None else None
+            verified = self.planner.hand_over_len() if self.hand_over is not None and self.heard else None
+            self.heard = False                # the rule's inputs change with what the edge says: asked once per reply
             if verified is not None and (self.continuous or self.chunk is None):
                 self._send(self._draft(verified), device_leads=True)
                 return self._absorb()
@@ -255,6 +257,7 @@ class EdgeLed:
         reply = self.client.receive_any(generation.session.id, timeout)
         until = time.perf_counter() + backoff.timeout_s      # an endless stream still yields
         while reply is not None:
+            self.heard = True
             new += self._apply(reply)
             if generation.done or time.perf_counter() > until:
                 return new
