@@ -96,6 +96,8 @@ class EdgeLed:
         self.sent_at = 0.0
         self.ahead: Chunk | None = None       # drafted after the hand-over chunk, for the successor's first round
         self.looked_ahead = False
+        self.continuous = False               # greedy: the draft runs ahead (set by begin)
+        self.heard = True                     # a reply since the hand-over rule was last asked
         self.last_step_at: float | None = None
         self.busy = 0                         # busy replies since the last token
         self.stale = 0                        # stale verdicts since the last token
@@ -153,7 +155,7 @@ class EdgeLed:
     def _step_continuous(self) -> list[int]:
         """Greedy: the draft extends its own continuation of the committed tokens one token
         at a time, without waiting for verdicts, and sends it from the committed end about
-        once per edge forward (each chunk a superset of the last: the edge skips what it
+        twice per edge forward (each chunk a superset of the last: the edge skips what it
         committed meanwhile and verifies the rest). The edge never idles and neither does
         the draft; a continuation the committed tokens contradict is dropped and drafted
         again from them."""
