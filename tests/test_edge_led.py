@@ -138,12 +138,12 @@ def test_the_device_takes_the_lead_only_where_its_rounds_pay():
     assert not planner(0.027, 0.0064, 0.0, agreement=0.2).device_leads_better()
     assert not planner(0.027, None, 0.0).device_leads_better()
     assert planner(0.027, 0.0064, 0.0, agreement=1.0).device_leads_better()
-    # The chunk that hands over is a round's length past its overlap, not an edge-led chunk's
-    # (8 past it): drafted sooner, the rounds begin sooner.
+    # The rounds after the hand-over are the best round's length, shorter than an edge-led
+    # chunk's 8 past its overlap; the chunk that hands over is its overlap and one token.
     handing = planner(0.027, 0.0064, 0.0)
     handing.observe_edge_step(0.027)
-    verified = handing.hand_over_len()
-    assert 2 <= verified < handing.draft_len and handing.chunk_len(verified) < handing.chunk_len()
+    rounds = handing.hand_over_len()
+    assert 2 <= rounds < handing.draft_len and handing.chunk_len(1) < handing.chunk_len(rounds)
     assert planner(0.027, 0.0064, 0.060).hand_over_len() is None
 
 

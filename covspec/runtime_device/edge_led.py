@@ -36,7 +36,9 @@ Hand-over (``lead="auto"``, greedy). Edge-led suits the start of an answer, whil
 draft still prefills, and a draft no faster than the target; once the draft is ready
 and the device's own rounds would commit tokens faster than the target steps alone
 (``LeadPlanner.device_leads_better``: measured edge step, draft step, round trip and
-agreement), the next chunk carries ``device_leads``. The edge verifies it as an
+agreement), the next chunk carries ``device_leads``: the overlap and one token, so that
+the edge stops stepping as soon as it can, while the first round's chunk is drafted
+behind it (``_draft_ahead``). The edge verifies it as an
 edge-led chunk, stops stepping by itself, and the generation goes on device-led
 (``successor``: ``device_led.DeviceLed``, continuing this session and its tokens). A short
 answer is over before the draft is ready and never pays for the draft; a long one gets
@@ -133,7 +135,9 @@ class EdgeLed:
             verified = self.planner.hand_over_len() if self.hand_over is not None and self.heard else None
             self.heard = False                # the rule's inputs change with what the edge says: asked once per reply
             if verified is not None and (self.continuous or self.chunk is None):
-                self._send(self._draft(verified), device_leads=True)
+                # the overlap and one token: the sooner the edge stops stepping, the sooner the
+                # rounds begin; the first round's chunk (``verified`` long) is drafted meanwhile
+                self._send(self._draft(1), device_leads=True)
                 return self._absorb()
             if self.continuous:
                 return self._step_continuous()

@@ -76,8 +76,9 @@ class LeadPlanner:
         return self.hand_over_len() is not None
 
     def hand_over_len(self) -> int | None:
-        """The verified length of the chunk that hands the lead to the device (the best
-        round length k below), or None while the edge stepping alone is better.
+        """The length of the device-led rounds once the lead is handed over (the best
+        round length k below; the first round's chunk is drafted while the hand-over
+        chunk is verified), or None while the edge stepping alone is better.
 
         Whether device-led rounds would commit ``HAND_OVER_GAIN`` times the tokens per
         second of the target stepping alone (``plan.round_rate``, the plan's own formula): a
@@ -89,9 +90,7 @@ class LeadPlanner:
         report), not their spacing on arrival, which bunches while the device drafts;
         the round trip measured edge-led includes waiting for the step under way, half
         a step on average, which a device-led round does not. None until the edge's
-        step, the draft's step and the round trip have been measured. The hand-over chunk
-        is as long as a round's past its overlap, not an edge-led chunk's: the sooner it
-        is drafted, the sooner the rounds begin."""
+        step, the draft's step and the round trip have been measured."""
         if self.edge_forward_s is None or self.draft_step_s is None or self.rtt_s is None:
             return None
         step = max(self.edge_forward_s, 1e-6)
