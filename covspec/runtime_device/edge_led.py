@@ -98,6 +98,7 @@ class EdgeLed:
         self.sent_at = 0.0
         self.ahead: Chunk | None = None       # drafted after the hand-over chunk, for the successor's first round
         self.looked_ahead = False
+        self.round_len = planner.draft_len    # the rounds' length the hand-over rule chose (the look-ahead's)
         self.continuous = False               # greedy: the draft runs ahead (set by begin)
         self.heard = True                     # a reply since the hand-over rule was last asked
         self.last_step_at: float | None = None
@@ -137,6 +138,7 @@ class EdgeLed:
             if verified is not None and (self.continuous or self.chunk is None):
                 # the overlap and one token: the sooner the edge stops stepping, the sooner the
                 # rounds begin; the first round's chunk (``verified`` long) is drafted meanwhile
+                self.round_len = verified
                 self._send(self._draft(1), device_leads=True)
                 return self._absorb()
             if self.continuous:
@@ -178,11 +180,11 @@ class EdgeLed:
         them when they disagree with it (counted as the draft's agreement)."""
         committed, path = self.generation.committed, self.path
         covered = len(committed) - path.start
-        agreed = next((i for i, (a, b) in enumerate(zip(path.tokens, committed[path.start:])) if a != b),
-                      min(covered, len(path.tokens)))
+        seen = min(covered, len(path.tokens))            # the continuation's tokens the committed ones cover
+        agreed = next((i for i, (a, b) in enumerate(zip(path.tokens, committed[path.start:])) if a != b), seen)
         if covered > 0:
-            self.planner.observe_agreement(agreed, agreed + (agreed < min(covered, len(path.tokens))))
-        if agreed < min(covered, len(path.tokens)) or covered > len(path.tokens):
+            self.planner.observe_agreement(agreed, agreed + (agreed < seen))
+        if agreed < seen or covered > len(path.tokens):
             self.path = Chunk(start=len(committed))
             self.sent_end = 0
         elif covered > 0:
@@ -225,9 +227,7 @@ class EdgeLed:
         path = self.path
         chunk = Chunk(start=path.start, tokens=list(path.tokens), confidences=list(path.confidences),
                       rows=list(path.rows))
-        chunk.device_leads = False
-        self.generation.send(chunk, drafted=0)          # its tokens were counted as they were drafted
-        self.in_flight[chunk.seq] = chunk
+        self._send(chunk, drafted=0)                    # its tokens were counted as they were drafted
         self.sent_end, self.sent_at = path.end, chunk.sent_at
 
     def _draft_ahead(self, chunk: Chunk) -> Chunk | None:
@@ -242,15 +242,14 @@ class EdgeLed:
         if waiting.ends_generation(bonus, len(prefix) + 1, self.generation.draft.eos_ids,
                                    self.settings.max_new_tokens):
             return None
-        verified = self.planner.hand_over_len() or self.planner.draft_len
-        ahead = self.proposer.draft(prefix + [bonus], len(prefix) + 1, self.generation.limit(len(prefix) + 1, verified),
-                                    self.client.message_waiting)
+        ahead = self.proposer.draft(prefix + [bonus], len(prefix) + 1,
+                                    self.generation.limit(len(prefix) + 1, self.round_len), self.client.message_waiting)
         ahead.assumed = bonus
         return ahead
 
-    def _send(self, chunk: Chunk, device_leads: bool = False) -> None:
+    def _send(self, chunk: Chunk, device_leads: bool = False, drafted: int | None = None) -> None:
         chunk.device_leads = device_leads
-        self.generation.send(chunk)
+        self.generation.send(chunk, drafted)
         self.in_flight[chunk.seq] = chunk
 
     def _absorb(self, wait: bool = True) -> list[int]:
