@@ -127,21 +127,26 @@ def warm_up(device, picture: bytes) -> None:
 
 
 def _conversation(device, picture: bytes, turns: int, options, max_new_tokens: int, references: References) -> list:
+    """One conversation's rows. Each answer is checked after the conversation, against the
+    history it was asked after: the target's own generation in this process, between timed
+    turns, would leave torch's worker threads spinning on the cores the next turn needs."""
     from covspec.runtime_device.conversation import Conversation
     from covspec.runtime_device.options import GenerationSettings
     from covspec.runtime_device.stats import GenerationStats
 
-    rows = []
+    rows, answers = [], []
     with Conversation(device, picture, GenerationSettings(max_new_tokens=max_new_tokens), options) as chat:
         for number in range(turns):
-            question = QUESTIONS[number % len(QUESTIONS)]
-            expected = references.answer(picture, list(chat.history), question)
             stats = GenerationStats()
-            list(chat.ask(question, stats=stats))
-            rows.append({"turn": number + 1, "correct": chat.last_tokens == expected, "tokens": stats.tokens,
+            list(chat.ask(QUESTIONS[number % len(QUESTIONS)], stats=stats))
+            answers.append(chat.last_tokens)
+            rows.append({"turn": number + 1, "tokens": stats.tokens,
                          "ttft_s": stats.ttft_s, "wall_s": stats.wall_s, "device_prefill_s": stats.device_prefill_s,
                          "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                          "mean_accepted": stats.mean_accepted, "rounds": stats.rounds})
+        history = list(chat.history)
+    for number, (row, answer) in enumerate(zip(rows, answers)):
+        row["correct"] = answer == references.answer(picture, history[:number], QUESTIONS[number % len(QUESTIONS)])
     return rows
 
 
