@@ -75,9 +75,45 @@ def test_the_lead_planner_covers_the_overlap_and_keeps_exploring():
     planner.observe_round(0.012, 0.002)                                   # a 10 ms round trip: 5 edge steps
     planner.observe_draft_step(0.0)
     assert planner.chunk_len() == 9 and planner.worth_drafting()           # 0.7 ** 5 = 0.17
+    assert planner.reach() == pytest.approx(5.0)                           # a chunk drafted already: no more
     planner.observe_agreement(0, 200)                                     # the draft never agrees
     asks = [planner.worth_drafting() for _ in range(40)]
     assert asks.count(True) == 2 and not any(asks[:16])                  # still drafts once every 17 asks
+
+
+def most_chunks_in_flight(verify_s: float, forward_s: float) -> int:
+    """A perfect draft, greedy, the edge 3 steps away, with the planner's measured verify
+    and step forwards preset: the most chunks ever sent and not yet answered."""
+    target = random_table(23, VOCAB)
+    edge = SteppingEdge(TableTarget(target, VOCAB, frozenset()), delay=3)
+    device = device_for(target, edge)
+    planner = device._lead_planners[EDGE_LED]
+    planner.observe_verify(verify_s)
+    planner.observe_edge_forward(forward_s)
+    events = []
+    tokens = [t for chunk in device.generate(b"image", "question", GenerationSettings(max_new_tokens=40), EDGE_LED,
+                                             GenerationStats(), events.append) for t in chunk]
+    assert tokens == greedy_sequence(target, 40)
+    waiting, most = set(), 0
+    for event in events:
+        if event["event"] == "chunk":
+            waiting.add(event["seq"])
+        elif event["event"] == "verdict":
+            waiting = {seq for seq in waiting if seq > event["seq"]}     # an older one was superseded
+        most = max(most, len(waiting))
+    return most
+
+
+def test_the_draft_runs_ahead_only_where_a_verify_costs_about_a_step():
+    planner = LeadPlanner(draft_len=4)
+    assert planner.verify_costs_a_step()                                  # nothing measured: run ahead
+    planner.observe_edge_forward(0.025)
+    planner.observe_verify(0.0265)                                        # a GPU target: memory-bound
+    assert planner.verify_costs_a_step()
+    planner.verify_s = 0.033                                              # a small target on a CPU
+    assert not planner.verify_costs_a_step()
+    assert most_chunks_in_flight(verify_s=0.0265, forward_s=0.025) > 1   # continuous: chunks behind chunks
+    assert most_chunks_in_flight(verify_s=0.033, forward_s=0.025) == 1   # one chunk at a time
 
 
 def test_a_draft_that_never_agrees_stays_exact():

@@ -21,9 +21,14 @@ edge verifies the newest chunk waiting when its forward under way ends (answerin
 older ones ``stale`` unrun) and steps by itself only when no chunk waits. A
 continuation the committed tokens contradict is dropped and drafted again from them,
 and drafting pauses once the continuation is unlikely to survive (the agreement so far
-over its unverified length, ``LeadPlanner.min_survival``). Neither the draft nor the
-edge waits for the other, which is what a slow link needs most: over a 60 ms round
-trip the draft keeps drafting while its chunks travel.
+over its unverified length, ``LeadPlanner.min_survival``). A continuation no longer
+than what the edge commits in a round trip (``LeadPlanner.reach``) is not sent: it
+would arrive overtaken. Neither the draft nor the edge waits for the other, which is
+what a slow link needs most: over a 60 ms round trip the draft keeps drafting while its
+chunks travel. Running ahead turns many of the edge's steps into verify forwards of
+chunks the overlap has mostly used up, so it is chosen only where a verify forward
+costs about a step (``LeadPlanner.verify_costs_a_step``, as measured so far); elsewhere
+greedy keeps one chunk in flight, as sampling does.
 
 Sampling: one chunk in flight, long enough to cover what the target generates while it
 drafts and travels (``lead_planner.LeadPlanner``: the edge's token interval, the round
@@ -108,9 +113,10 @@ class EdgeLed:
 
     def begin(self, generation: Generation) -> None:
         self.generation, self.client, self.settings = generation, generation.client, generation.settings
-        # Greedy: the draft runs ahead continuously. Sampling: one chunk at a time, of a length
-        # fixed before drafting, and never a hand-over (device-led sampling would draw other tokens).
-        self.continuous = self.settings.greedy
+        # Greedy: the draft runs ahead where a verify forward costs about a step. Sampling: one
+        # chunk at a time, of a length fixed before drafting, and never a hand-over (device-led
+        # sampling would draw other tokens).
+        self.continuous = self.settings.greedy and self.planner.verify_costs_a_step()
         if not self.settings.greedy:
             self.hand_over = None
         self.proposer = generation.draft.proposer(generation.codec, self.settings.sampling, self.planner,
@@ -220,6 +226,8 @@ class EdgeLed:
             return True                  # the edge went quiet (a lost token, say): its answer tells where it is
         if self.path.end <= max(self.sent_end, self.path.start):
             return False
+        if len(self.path.tokens) <= self.planner.reach() and self._can_extend():
+            return False                 # it would arrive overtaken: the edge commits that much meanwhile
         interval = (self.planner.edge_forward_s or self.planner.edge_step_s or 0.0) / 2
         return not self.in_flight or time.perf_counter() - self.sent_at >= interval
 

@@ -20,6 +20,7 @@ from covspec.regime import plan
 MAX_LEAD_LEN = 32          # the longest chunk (overlap included)
 VERIFIED_LEN = 8           # tokens past the overlap with the adaptive policy (the toy pair accepts ~4.5 a round)
 EXPLORE_EVERY = 16         # a chunk "not worth drafting" is drafted anyway after this many asks
+STEP_LIKE_VERIFY = 1.15    # a verify forward "costs about a step" up to this many times the edge's own forward
 
 
 class LeadPlanner:
@@ -58,10 +59,27 @@ class LeadPlanner:
         return ((self.rtt_s or 0.0) + verified * (self.draft_step_s or 0.0)) / step / \
             max(1.0 - (self.draft_step_s or 0.0) / step, 0.25)
 
+    def reach(self) -> float:
+        """The tokens the edge is expected to commit while a chunk already drafted travels
+        to it and its reply travels back: a chunk from the committed end must be longer
+        than this to hold a token the edge still has to verify when it arrives."""
+        if self.edge_step_s is None:
+            return 0.0
+        return (self.rtt_s or 0.0) / max(self.edge_step_s, 1e-6)
+
     def chunk_len(self, verified: int | None = None) -> int:
         """The overlap and ``verified`` tokens past it (default ``draft_len``)."""
         verified = self.draft_len if verified is None else verified
         return int(min(self.max_len, math.ceil(self.overlap(verified) + verified)))
+
+    def verify_costs_a_step(self) -> bool:
+        """Whether the edge's verify forwards cost about what its own steps do (at most
+        ``STEP_LIKE_VERIFY`` times; true until both are measured). A GPU target's are
+        memory-bound, so a chunk of a few tokens costs a step; a small target on a CPU
+        pays for every row."""
+        if self.verify_s is None or self.edge_forward_s is None:
+            return True
+        return self.verify_s <= STEP_LIKE_VERIFY * self.edge_forward_s
 
     def worth_drafting(self) -> bool:
         """Whether to draft a chunk now; below ``min_survival`` still once every
