@@ -75,10 +75,25 @@ def test_the_lead_planner_covers_the_overlap_and_keeps_exploring():
     planner.observe_round(0.012, 0.002)                                   # a 10 ms round trip: 5 edge steps
     planner.observe_draft_step(0.0)
     assert planner.chunk_len() == 9 and planner.worth_drafting()           # 0.7 ** 5 = 0.17
-    assert planner.reach() == pytest.approx(5.0)                           # a chunk drafted already: no more
+    assert planner.reach() == pytest.approx(5.0) and planner.reachable()  # a chunk drafted already: no more
     planner.observe_agreement(0, 200)                                     # the draft never agrees
+    assert not planner.reachable()                                        # nothing worth running ahead
     asks = [planner.worth_drafting() for _ in range(40)]
     assert asks.count(True) == 2 and not any(asks[:16])                  # still drafts once every 17 asks
+
+
+def test_the_round_trip_is_measured_when_every_chunk_is_overtaken():
+    """On a slow link streamed tokens overtake every short chunk before its reply comes; the
+    reply (stale) still measures the round trip, without which the chunks stay too short."""
+    target = random_table(24, VOCAB)
+    edge = SteppingEdge(TableTarget(target, VOCAB, frozenset()), delay=6)
+    device = CoInference(TableDraft(target), edge)
+    planner = device._lead_planners[EDGE_LED] = LeadPlanner(draft_len=1, max_len=1, min_survival=0.0)
+    settings = GenerationSettings(max_new_tokens=30, temperature=1.0, seed=3)     # one chunk at a time
+    stats = GenerationStats()
+    tokens = [t for chunk in device.generate(b"image", "question", settings, EDGE_LED, stats) for t in chunk]
+    assert len(tokens) == 30 and stats.drafted > 0 and sum(stats.accepted) == 0     # nothing reached the edge in time
+    assert planner.rtt_s is not None
 
 
 def most_chunks_in_flight(verify_s: float, forward_s: float) -> int:

@@ -21,14 +21,14 @@ edge verifies the newest chunk waiting when its forward under way ends (answerin
 older ones ``stale`` unrun) and steps by itself only when no chunk waits. A
 continuation the committed tokens contradict is dropped and drafted again from them,
 and drafting pauses once the continuation is unlikely to survive (the agreement so far
-over its unverified length, ``LeadPlanner.min_survival``). A continuation no longer
-than what the edge commits in a round trip (``LeadPlanner.reach``) is not sent: it
-would arrive overtaken. Neither the draft nor the edge waits for the other, which is
-what a slow link needs most: over a 60 ms round trip the draft keeps drafting while its
-chunks travel. Running ahead turns many of the edge's steps into verify forwards of
-chunks the overlap has mostly used up, so it is chosen only where a verify forward
-costs about a step (``LeadPlanner.verify_costs_a_step``, as measured so far); elsewhere
-greedy keeps one chunk in flight, as sampling does.
+over its unverified length, ``LeadPlanner.min_survival``). Neither the draft nor the
+edge waits for the other, which is what a slow link needs most: over a 60 ms round
+trip the draft keeps drafting while its chunks travel. Running ahead turns many of the
+edge's steps into verify forwards of chunks the overlap has mostly used up, so it is
+chosen only where a verify forward costs about a step (``LeadPlanner.verify_costs_a_step``,
+as measured so far) and a chunk is likely to agree with all the edge commits while it
+travels (``LeadPlanner.reachable``); elsewhere greedy keeps one chunk in flight, as
+sampling does, and drafts it only when worth it.
 
 Sampling: one chunk in flight, long enough to cover what the target generates while it
 drafts and travels (``lead_planner.LeadPlanner``: the edge's token interval, the round
@@ -98,6 +98,7 @@ class EdgeLed:
         self.planner, self.hand_over = planner, hand_over
         self.successor: Strategy | None = None
         self.in_flight: dict[int, Chunk] = {}  # by seq: the chunks sent that can still be used
+        self.given_up: dict[int, Chunk] = {}   # by seq: chunks sent that streamed tokens overtook, unanswered
         self.path = Chunk(start=0)            # continuous: the draft's own continuation of the committed tokens
         self.sent_end = 0                     # continuous: where the last chunk sent ended
         self.sent_at = 0.0
@@ -124,6 +125,7 @@ class EdgeLed:
 
     def opened(self) -> None:
         self.in_flight, self.ahead, self.looked_ahead, self.last_step_at, self.stale = {}, None, False, None, 0
+        self.given_up = {}
         self.heard = True                     # a reply since the hand-over rule was last asked
         self.path, self.sent_end = Chunk(start=0), 0        # followed to the committed end on the next step
 
@@ -147,7 +149,7 @@ class EdgeLed:
                 self.round_len = verified
                 self._send(self._draft(1), device_leads=True)
                 return self._absorb()
-            if self.continuous:
+            if self.continuous and self.planner.reachable():
                 return self._step_continuous()
             if self.chunk is None and (self.quiet or self.planner.worth_drafting()):
                 self._send(self._draft())
@@ -226,8 +228,6 @@ class EdgeLed:
             return True                  # the edge went quiet (a lost token, say): its answer tells where it is
         if self.path.end <= max(self.sent_end, self.path.start):
             return False
-        if len(self.path.tokens) <= self.planner.reach() and self._can_extend():
-            return False                 # it would arrive overtaken: the edge commits that much meanwhile
         interval = (self.planner.edge_forward_s or self.planner.edge_step_s or 0.0) / 2
         return not self.in_flight or time.perf_counter() - self.sent_at >= interval
 
@@ -278,7 +278,8 @@ class EdgeLed:
         for chunk in list(self.in_flight.values()):
             if not chunk.device_leads and not self._alive(chunk):
                 self._judged(chunk)
-                del self.in_flight[chunk.seq]     # contradicted by a streamed token: the edge drops it
+                del self.in_flight[chunk.seq]     # contradicted or overtaken by streamed tokens: the edge drops it
+                self.given_up[chunk.seq] = chunk
             # (a chunk handing over the lead is waited for even so: the edge hands over on any verdict)
         oldest = self.chunk
         if not new and oldest is not None and time.perf_counter() - oldest.sent_at > backoff.timeout_s:
@@ -313,13 +314,17 @@ class EdgeLed:
             generation.stats.edge_steps += reply.token != NO_TOKEN
             return self._commit([], reply)
         chunk = self.in_flight.pop(reply.seq, None)
-        if chunk is None:
-            return []                                                  # a chunk given up earlier
+        if chunk is None:                     # a chunk given up earlier: its round trip is still a measure
+            late = self.given_up.pop(reply.seq, None)   # (on a slow link every chunk may be overtaken)
+            if late is not None:
+                self.planner.observe_round(time.perf_counter() - late.sent_at, reply.verify_ms / 1000)
+            return []
         if chunk.device_leads:                # the edge steps no more: the device leads from this verdict on
             self.successor, generation.session.mode = self.hand_over(), "speculative"
             if self.ahead is not None:
                 self.successor.lead_with(self.ahead)
-        if reply.status == "stale":
+        if reply.status == "stale":               # answered unrun: the round trip alone
+            self.planner.observe_round(time.perf_counter() - chunk.sent_at, 0.0)
             self._judged(chunk)
             generation.stats.stale += 1
             if any(seq > chunk.seq for seq in self.in_flight):

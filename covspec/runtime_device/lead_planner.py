@@ -67,6 +67,11 @@ class LeadPlanner:
             return 0.0
         return (self.rtt_s or 0.0) / max(self.edge_step_s, 1e-6)
 
+    def reachable(self) -> bool:
+        """Whether a chunk already drafted has a fair chance (``min_survival``) to agree with
+        everything the edge commits while it travels (``reach``), so that running ahead pays."""
+        return (self.agreed / self.compared) ** self.reach() >= self.min_survival
+
     def chunk_len(self, verified: int | None = None) -> int:
         """The overlap and ``verified`` tokens past it (default ``draft_len``)."""
         verified = self.draft_len if verified is None else verified
