@@ -2,8 +2,9 @@
 
 Builds the toy draft artifacts if missing (``covspec export``, int8), starts an edge
 server with the toy target in a child process, asks questions about the bundled
-ShapesVQA images with co-inference (streaming the answer), asks the same with the
-edge alone (target-only), and prints both with their statistics.
+ShapesVQA images with co-inference, asks the same with the edge alone (target-only),
+and prints both as they stream (alike, so that printing costs each the same), with
+their statistics.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str |
     from covspec.runtime_device.options import GenerationSettings
     from covspec.runtime_device.stats import GenerationStats
     from covspec.runtime_device.target_only import generate_target_only
-    from covspec.runtime_device.stream import TextStream
     from covspec.runtime_edge import EdgeProcess, ServerConfig
     from covspec.toy.artifacts import ensure_toy_artifacts
     from covspec.toy.demo_samples import load_samples
@@ -60,21 +60,15 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str |
                 click.secho(f"\n{Path(sample['image']).name}", bold=True)
                 for qa in _pick(sample["questions"], per_image):
                     click.echo(f"Q: {qa['question']}")
-                    click.echo("  covspec:     ", nl=False)
-                    co_stats = GenerationStats()
-                    stream = TextStream(artifact.decode_text)
-                    for tokens in engine.generate(image, qa["question"], settings, stats=co_stats):
-                        click.echo(stream.push(tokens), nl=False)
-                    click.echo("")
-                    co_tokens = stream.tokens
-                    target_stats = GenerationStats()
-                    target_tokens = [t for chunk in generate_target_only(client, image, qa["question"], settings,
-                                                                         target_stats) for t in chunk]
+                    co_stats, target_stats = GenerationStats(), GenerationStats()
+                    co_tokens = _streamed("  covspec:     ", engine.generate(image, qa["question"], settings,
+                                                                             stats=co_stats), artifact.decode_text)
+                    target_tokens = _streamed("  target only: ", generate_target_only(
+                        client, image, qa["question"], settings, target_stats), artifact.decode_text)
                     same = target_tokens == co_tokens
                     identical += same
                     total += 1
                     speedups.append(co_stats.tokens_per_s / max(target_stats.tokens_per_s, 1e-9))
-                    click.echo(f"  target only: {artifact.decode_text(target_tokens)}")
                     click.echo(f"  reference:   {qa['answer']}")
                     click.echo(f"  {'identical' if same else 'DIFFERENT'} | covspec {co_stats.tokens_per_s:.0f} tok/s "
                                f"(mean accepted {co_stats.mean_accepted:.2f}, {co_stats.rounds} rounds, "
@@ -87,6 +81,19 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str |
              if regime else "this machine, loopback") + "; after one untimed warm-up question"
     click.secho(f"\n{identical}/{total} answers identical to the target's own; median speedup "
                 f"{speedups[len(speedups) // 2]:.2f}x over target-only ({where}).", bold=True)
+
+
+def _streamed(label: str, chunks, decode_text) -> list[int]:
+    """Print ``label`` and the answer's text as ``chunks`` of tokens come; the tokens. Both
+    ways stream alike, so printing costs each the same inside its timing."""
+    from covspec.runtime_device.stream import TextStream
+
+    click.echo(label, nl=False)
+    stream = TextStream(decode_text)
+    for tokens in chunks:
+        click.echo(stream.push(tokens), nl=False)
+    click.echo("")
+    return stream.tokens
 
 
 def _warm_up(engine, client, sample: dict, settings) -> None:
