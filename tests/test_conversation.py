@@ -183,7 +183,7 @@ def continued(address: str) -> int:
 @pytest.mark.parametrize("lead", LEADS)
 def test_three_turns_are_the_targets_own_answers_to_the_conversation(toy, edge, toy_draft_int8, picture, lead):
     client = EdgeClient(edge.address, Backoff(timeout_s=10))
-    before = continued(edge.address)
+    before, processed = continued(edge.address), edge.target.processor.image_processor.hits
     try:
         device = CoInference(DraftArtifact.load(toy_draft_int8), client)
         with Conversation(device, picture, GenerationSettings(max_new_tokens=MAX_NEW),
@@ -196,6 +196,7 @@ def test_three_turns_are_the_targets_own_answers_to_the_conversation(toy, edge, 
     finally:
         client.close()
     assert continued(edge.address) - before == len(QUESTIONS) - 1      # every follow-up continued the edge's cache
+    assert edge.target.processor.image_processor.hits - processed == len(QUESTIONS) - 1   # and reused its pixels
 
 
 def test_a_follow_up_travels_without_the_image(toy, edge, toy_draft_int8, picture):

@@ -49,6 +49,7 @@ from covspec.runtime_edge.rounds import pick_verifier, run_forward
 from covspec.runtime_edge.scheduler import CLOSE, OPEN, VERIFY, Budget, Prefilling, Streaming, Waiting, schedule
 from covspec.runtime_edge.session import Round, Session
 from covspec.runtime_edge.target import TargetModel, decode_image
+from covspec.runtime_edge.turns import turn_image
 
 log = logging.getLogger("covspec.edge")
 
@@ -315,12 +316,8 @@ class ModelThread:
                 raise EdgeError(errors.REPLAYED, f"seq {message.seq} is older than this session's last round "
                                                  f"({old.last_seq}); reopen with a new, higher seq.")
         began = time.perf_counter()
-        image_bytes = message.image.tobytes() if message.image.size else getattr(old, "image", b"")
-        if not image_bytes:
-            raise EdgeError(errors.EXPIRED, f"this edge no longer holds the conversation of session {message.session!r} "
-                                            "(it expired after being idle, was evicted for memory, or the edge "
-                                            "restarted); open it again with the image and the whole history.")
-        image = decode_image(image_bytes, self.config.max_image_pixels, self.config.max_image_aspect)
+        image_bytes, image = turn_image(message, old, lambda data: decode_image(
+            data, self.config.max_image_pixels, self.config.max_image_aspect))
         previous = old if message.history is not None else None    # a follow-up turn continues its cache
         if old is not None and previous is None:
             self.end(old, "reopened by its owner")

@@ -126,6 +126,7 @@ class Session:
     stats: SessionStats = field(default_factory=SessionStats)
     conversation: bool = False        # keeps its cache once done, for a follow-up turn (``turns.py``)
     image: bytes = b""                # the image's bytes: a follow-up without them asks about this one
+    picture: object = None            # the image decoded (PIL), kept for the follow-ups (``turns.turn_image``)
     context_ids: list[int] = field(default_factory=list)   # a conversation's context ids (none when pruned)
     prefill: Prefill | None = None    # the prefill under way (``begin`` -> ``opened``), else None
     began: float = 0.0                # when the prefill began (perf_counter)
@@ -191,7 +192,7 @@ class Session:
         session = cls(id=msg.session, mode=msg.mode, max_new_tokens=msg.max_new_tokens,
                       codec=codec_named(msg.wire), sampling=msg.sampling, rng=np.random.default_rng(msg.seed),
                       owner=owner, peer_key=peer_key, version=msg.version, conversation=msg.conversation,
-                      image=image_bytes or msg.image.tobytes(), began=time.perf_counter())
+                      image=image_bytes or msg.image.tobytes(), picture=image, began=time.perf_counter())
         committed = [int(t) for t in msg.committed]
         check_tokens(committed, target.vocab_size, "committed")
         if len(committed) > msg.max_new_tokens:
@@ -349,8 +350,9 @@ class Session:
                                        "issued in `opened`), or open a session of your own.")
 
     def free(self) -> None:
-        """Drop the KV cache (the session keeps its committed tokens and last reply)."""
-        self.cache = self.prefill = None
+        """Drop the KV cache and the decoded image (the session keeps its committed tokens and
+        last reply)."""
+        self.cache = self.prefill = self.picture = None
 
     def log_line(self, reason: str) -> str:
         return self.stats.line(self.id, self.mode, len(self.committed), reason)

@@ -22,6 +22,7 @@ state (Qwen2-VL's ``rope_deltas`` belongs to whichever session prefilled last).
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from covspec.regime.pacing import NO_PACING
 from covspec.runtime_edge.config import ConfigError
 from covspec.runtime_edge.attention import in_place
 from covspec.runtime_edge.kv import SessionKV
+from covspec.runtime_edge.processed_images import RememberedImages
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect: float):
@@ -83,6 +85,9 @@ class TargetModel:
     """A target VLM of any registered family on one device, in one dtype."""
 
     def __init__(self, model, processor, device: str):
+        if getattr(processor, "image_processor", None) is not None:   # an image's follow-ups reuse its pixels
+            processor = copy.copy(processor)                           # (the caller's processor stays as it was)
+            processor.image_processor = RememberedImages(processor.image_processor)
         self.model = model
         self.processor = processor
         self.device = device

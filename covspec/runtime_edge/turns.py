@@ -5,6 +5,8 @@ A device that asks several questions about one image opens its session with
 carries the earlier turns (``history``: questions and answers as text) and, while the
 edge still holds the session, no image bytes (PROTOCOL.md, "Conversations"):
 
+- ``turn_image(msg, old, decode)``: the image a question asks about, its bytes and it
+  decoded; a follow-up without image bytes asks about the session's own, decoded once.
 - ``conversation_template(target, msg)``: the template of the new question, the
   conversation rendered by the target family's own chat template (``families/chat.py``);
   ``EdgeError(BAD_FIELD)`` when the family renders no conversation or a history text
@@ -26,16 +28,31 @@ One thread only (the model thread).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from covspec.families.chat import ConversationError, check_history
-from covspec.protocol.errors import BAD_FIELD, EdgeError
+from covspec.protocol.errors import BAD_FIELD, EXPIRED, EdgeError
 from covspec.protocol.messages import Open
 from covspec.runtime_edge.kv import SessionKV
 from covspec.runtime_edge.prefix_cache import common_length
 from covspec.runtime_edge.target import Context, TargetCache, TargetModel
+
+
+def turn_image(msg: Open, old, decode: Callable[[bytes], object]) -> tuple[bytes, object]:
+    """(the image's bytes, the image decoded) that ``msg`` asks about: its own bytes, or on a
+    follow-up that sends none the image of ``old`` (the session's last turn), whose decoded
+    image is used again when the bytes are the same (so is its preprocessing:
+    ``processed_images.py``). ``EdgeError(EXPIRED)`` when neither holds an image."""
+    data = msg.image.tobytes() if msg.image.size else getattr(old, "image", b"")
+    if not data:
+        raise EdgeError(EXPIRED, f"this edge no longer holds the conversation of session {msg.session!r} "
+                                 "(it expired after being idle, was evicted for memory, or the edge "
+                                 "restarted); open it again with the image and the whole history.")
+    if old is not None and old.picture is not None and old.image == data:
+        return data, old.picture
+    return data, decode(data)
 
 
 def conversation_template(target: TargetModel, msg: Open) -> str | None:
