@@ -9,6 +9,7 @@ their statistics.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import click
@@ -23,12 +24,16 @@ import click
 @click.option("--regime", default=None, metavar="DEVICE@TARGET|FILE",
               help="Emulate a deployment: the edge's forwards and the draft's runs padded to a phone and a "
                    "GPU-served target (`covspec plan --list`). Real time only by default.")
-def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str | None) -> None:
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Times each question is asked both ways (alternating which goes first); the speedup is "
+                   "the ratio of the medians. A short answer takes a few milliseconds, so one timing is noise.")
+def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str | None, repeats: int) -> None:
     """Ask the toy VLM pair about bundled sample images, co-inference vs target alone.
 
     Everything runs on this machine: an edge server with the toy target in a child
     process, and the device side (onnxruntime draft) in this process. With --regime the
-    timings are emulated (and labelled so); the answers are the same.
+    timings are emulated (and labelled so); the answers are the same. Each question is
+    asked --repeats times both ways; the first answers stream, every answer is checked.
     """
     from covspec.cli.device_setup import device_pacing
     from covspec.runtime_device.artifact import DraftArtifact
@@ -60,36 +65,55 @@ def demo(artifacts_dir: Path, per_image: int, max_new_tokens: int, regime: str |
                 click.secho(f"\n{Path(sample['image']).name}", bold=True)
                 for qa in _pick(sample["questions"], per_image):
                     click.echo(f"Q: {qa['question']}")
-                    co_stats, target_stats = GenerationStats(), GenerationStats()
-                    co_tokens = _streamed("  covspec:     ", engine.generate(image, qa["question"], settings,
-                                                                             stats=co_stats), artifact.decode_text)
-                    target_tokens = _streamed("  target only: ", generate_target_only(
-                        client, image, qa["question"], settings, target_stats), artifact.decode_text)
-                    same = target_tokens == co_tokens
+                    def covspec(label: str | None, stats: GenerationStats) -> list[int]:
+                        return _streamed(label, engine.generate(image, qa["question"], settings, stats=stats),
+                                         artifact.decode_text)
+
+                    def target_only(label: str | None, stats: GenerationStats) -> list[int]:
+                        return _streamed(label, generate_target_only(client, image, qa["question"], settings, stats),
+                                         artifact.decode_text)
+
+                    co_stats, target_stats = [GenerationStats()], [GenerationStats()]
+                    co_answers = [covspec("  covspec:     ", co_stats[0])]
+                    target_answers = [target_only("  target only: ", target_stats[0])]
+                    for repeat in range(1, repeats):                     # silent, alternating which goes first
+                        runs = [(covspec, co_stats, co_answers), (target_only, target_stats, target_answers)]
+                        for run, stats, answers in runs[::-1] if repeat % 2 else runs:
+                            stats.append(GenerationStats())
+                            answers.append(run(None, stats[-1]))
+                    same = all(answer == target_answers[0] for answer in co_answers + target_answers)
                     identical += same
                     total += 1
-                    speedups.append(co_stats.tokens_per_s / max(target_stats.tokens_per_s, 1e-9))
+                    co_rate = statistics.median(stats.tokens_per_s for stats in co_stats)
+                    target_rate = statistics.median(stats.tokens_per_s for stats in target_stats)
+                    speedups.append(co_rate / max(target_rate, 1e-9))
                     click.echo(f"  reference:   {qa['answer']}")
-                    click.echo(f"  {'identical' if same else 'DIFFERENT'} | covspec {co_stats.tokens_per_s:.0f} tok/s "
-                               f"(mean accepted {co_stats.mean_accepted:.2f}, {co_stats.rounds} rounds, "
-                               f"{co_stats.bytes_up + co_stats.bytes_down} B) vs target only "
-                               f"{target_stats.tokens_per_s:.0f} tok/s -> {speedups[-1]:.2f}x")
+                    click.echo(f"  {'identical' if same else 'DIFFERENT'} | covspec {co_rate:.0f} tok/s "
+                               f"(mean accepted {co_stats[0].mean_accepted:.2f}, {co_stats[0].rounds} rounds, "
+                               f"{co_stats[0].bytes_up + co_stats[0].bytes_down} B) vs target only "
+                               f"{target_rate:.0f} tok/s -> {speedups[-1]:.2f}x")
         finally:
             client.close()
     speedups.sort()
     where = (f"EMULATED regime {regime}, loopback; {pacing.pacer.overruns} draft runs overran their emulated time"
-             if regime else "this machine, loopback") + "; after one untimed warm-up question"
+             if regime else "this machine, loopback") + f"; medians of {repeats} timings per answer each way" \
+        + "; after one untimed warm-up question"
     click.secho(f"\n{identical}/{total} answers identical to the target's own; median speedup "
                 f"{speedups[len(speedups) // 2]:.2f}x over target-only ({where}).", bold=True)
 
 
-def _streamed(label: str, chunks, decode_text) -> list[int]:
-    """Print ``label`` and the answer's text as ``chunks`` of tokens come; the tokens. Both
-    ways stream alike, so printing costs each the same inside its timing."""
+def _streamed(label: str | None, chunks, decode_text) -> list[int]:
+    """Print ``label`` and the answer's text as ``chunks`` of tokens come (nothing when
+    ``label`` is None); the tokens. Both ways stream alike, so printing costs each the
+    same inside its timing."""
     from covspec.runtime_device.stream import TextStream
 
-    click.echo(label, nl=False)
     stream = TextStream(decode_text)
+    if label is None:
+        for tokens in chunks:
+            stream.push(tokens)
+        return stream.tokens
+    click.echo(label, nl=False)
     for tokens in chunks:
         click.echo(stream.push(tokens), nl=False)
     click.echo("")
