@@ -44,6 +44,23 @@ class _Forward:
     def __init__(self, sessions: Sequence[SessionKV], new: Sequence[int]):
         self.sessions, self.new = list(sessions), list(new)
         self.handed: dict[int, torch.Tensor] = {}
+        self.masks: dict[tuple[int, int | None], torch.Tensor | None] = {}   # by (row, window): every layer's
+
+    def mask(self, row: int, sliding_window: int | None, device) -> torch.Tensor | None:
+        """Row ``row``'s attention mask [n, K] (None: every key seen), made once per forward:
+        causal within the new tokens, with the layer's sliding window."""
+        key = (row, sliding_window)
+        if key not in self.masks:
+            past, count = self.sessions[row].length, self.new[row]
+            mask = None
+            if count > 1 or (sliding_window is not None and past + 1 > sliding_window):
+                at = torch.arange(past, past + count, device=device)[:, None]               # [n, 1] query positions
+                seen = torch.arange(past + count, device=device)[None, :]                   # [1, K]
+                mask = seen <= at
+                if sliding_window is not None:
+                    mask &= seen > at - sliding_window
+            self.masks[key] = mask
+        return self.masks[key]
 
 
 _current: _Forward | None = None
@@ -89,16 +106,9 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         past = session.length
         keys = session.keys[layer][None, :, :past + count]                                   # [1, Hkv, K, D]
         values = session.values[layer][None, :, :past + count]
-        mask = None
-        if count > 1 or (sliding_window is not None and past + 1 > sliding_window):
-            at = torch.arange(past, past + count, device=query.device)[:, None]             # [n, 1] query positions
-            seen = torch.arange(past + count, device=query.device)[None, :]                 # [1, K]
-            mask = seen <= at
-            if sliding_window is not None:
-                mask &= seen > at - sliding_window
         attended = torch.nn.functional.scaled_dot_product_attention(
-            query[row:row + 1, :, :count], keys, values, attn_mask=mask, scale=scaling,
-            enable_gqa=keys.shape[1] != query.shape[1])                                      # [1, H, n, D]
+            query[row:row + 1, :, :count], keys, values, attn_mask=forward.mask(row, sliding_window, query.device),
+            scale=scaling, enable_gqa=keys.shape[1] != query.shape[1])                       # [1, H, n, D]
         out[row, :count] = attended[0].transpose(0, 1)
     return out, None
 
