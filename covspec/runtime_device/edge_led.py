@@ -207,7 +207,7 @@ class EdgeLed:
         if path.tokens and path.tokens[-1] in self.generation.draft.eos_ids:
             return False
         return (len(path.tokens) < self.planner.max_len and path.end < self.settings.max_new_tokens
-                and (self.planner.agreed / self.planner.compared) ** len(path.tokens) >= self.planner.min_survival)
+                and self.planner.survives(len(path.tokens)))
 
     def _extend(self) -> None:
         path, began = self.path, time.perf_counter()
@@ -317,14 +317,14 @@ class EdgeLed:
         if chunk is None:                     # a chunk given up earlier: its round trip is still a measure
             late = self.given_up.pop(reply.seq, None)   # (on a slow link every chunk may be overtaken)
             if late is not None:
-                self.planner.observe_round(time.perf_counter() - late.sent_at, reply.verify_ms / 1000)
+                self._observe_round(late, reply)
             return []
         if chunk.device_leads:                # the edge steps no more: the device leads from this verdict on
             self.successor, generation.session.mode = self.hand_over(), "speculative"
             if self.ahead is not None:
                 self.successor.lead_with(self.ahead)
         if reply.status == "stale":               # answered unrun: the round trip alone
-            self.planner.observe_round(time.perf_counter() - chunk.sent_at, 0.0)
+            self._observe_round(chunk, reply)
             self._judged(chunk)
             generation.stats.stale += 1
             if any(seq > chunk.seq for seq in self.in_flight):
@@ -337,8 +337,7 @@ class EdgeLed:
             return generation.reopen(f"a verdict from {reply.start} when {committed} were committed")
         skip = check_verdict(reply, chunk.start, len(chunk.tokens), committed, self.settings.max_new_tokens,
                              generation.vocab_size, edge_led=True)
-        round_s = time.perf_counter() - chunk.sent_at
-        self.planner.observe_round(round_s, reply.verify_ms / 1000)
+        round_s = self._observe_round(chunk, reply)
         self.planner.observe_verify(reply.verify_ms / 1000)
         self.last_step_at = None              # a verify forward is not an edge step
         generation.stats.rounds += 1
@@ -350,6 +349,13 @@ class EdgeLed:
                           "accepted": reply.accepted, "token": reply.token, "done": reply.done,
                           "round_ms": round(round_s * 1000, 3)})
         return self._commit(chunk.tokens[skip:skip + reply.accepted], reply)
+
+    def _observe_round(self, chunk: Chunk, reply: Result) -> float:
+        """``chunk``'s round trip (seconds since it was sent), measured for the planner less the
+        edge's forward over it (none for a ``stale`` answer)."""
+        round_s = time.perf_counter() - chunk.sent_at
+        self.planner.observe_round(round_s, reply.verify_ms / 1000)
+        return round_s
 
     def _commit(self, accepted: list[int], reply: Result) -> list[int]:
         self.generation.session.progress()

@@ -67,10 +67,15 @@ class LeadPlanner:
             return 0.0
         return (self.rtt_s or 0.0) / max(self.edge_step_s, 1e-6)
 
+    def survives(self, tokens: float) -> bool:
+        """Whether the draft agrees with the target over ``tokens`` tokens in a row with a fair
+        chance: the agreement so far to that power, at least ``min_survival``."""
+        return (self.agreed / self.compared) ** tokens >= self.min_survival
+
     def reachable(self) -> bool:
-        """Whether a chunk already drafted has a fair chance (``min_survival``) to agree with
-        everything the edge commits while it travels (``reach``), so that running ahead pays."""
-        return (self.agreed / self.compared) ** self.reach() >= self.min_survival
+        """Whether a chunk already drafted has a fair chance to agree with everything the edge
+        commits while it travels (``reach``), so that running ahead pays."""
+        return self.survives(self.reach())
 
     def chunk_len(self, verified: int | None = None) -> int:
         """The overlap and ``verified`` tokens past it (default ``draft_len``)."""
@@ -89,7 +94,7 @@ class LeadPlanner:
     def worth_drafting(self) -> bool:
         """Whether to draft a chunk now; below ``min_survival`` still once every
         ``EXPLORE_EVERY`` asks, so that the estimates it rests on stay current."""
-        if (self.agreed / self.compared) ** self.overlap() >= self.min_survival or self.skipped >= EXPLORE_EVERY:
+        if self.survives(self.overlap()) or self.skipped >= EXPLORE_EVERY:
             self.skipped = 0
             return True
         self.skipped += 1
